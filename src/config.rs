@@ -1,0 +1,93 @@
+//! Flags and environment of `account-service serve`, validated once.
+
+use crate::engine::{Durability, EngineConfig};
+use crate::state_machine::StateConfig;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Directory of the write-ahead log (created if missing).
+    #[arg(long, env = "ACCOUNT_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// gRPC listen address (AccountService, AdminService, health, reflection).
+    #[arg(long, env = "ACCOUNT_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Prometheus `/metrics` listen address.
+    #[arg(long, env = "ACCOUNT_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+
+    /// `sync`: a reply leaves only once its journal record is durable (group
+    /// commit). `async`: replies leave before the sync, which follows within
+    /// 5 ms; a crash can lose the last few milliseconds of acknowledged writes.
+    #[arg(long, env = "ACCOUNT_DURABILITY", value_enum, default_value_t = Durability::Sync)]
+    pub durability: Durability,
+
+    /// Kafka bootstrap servers (host:port,...). Unset: no Kafka.
+    #[arg(long, env = "ACCOUNT_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+
+    /// PostgreSQL URL for snapshots and the read model. Unset: no PostgreSQL.
+    #[arg(long, env = "ACCOUNT_POSTGRES_URL")]
+    pub postgres_url: Option<String>,
+
+    /// Capacity of the ingress queue; a full queue answers RESOURCE_EXHAUSTED.
+    #[arg(long, env = "ACCOUNT_QUEUE_CAPACITY", default_value_t = 65_536)]
+    pub queue_capacity: usize,
+
+    /// Most requests in one engine batch (one WAL sync).
+    #[arg(long, env = "ACCOUNT_BATCH_SIZE_MAX", default_value_t = 4_096)]
+    pub batch_size_max: usize,
+
+    /// How long idempotency keys and closed reservations are kept, in seconds.
+    /// Must not change between runs over the same WAL: replay uses it.
+    #[arg(long, env = "ACCOUNT_IDEMPOTENCY_WINDOW_SECS", default_value_t = 86_400)]
+    pub idempotency_window_secs: u64,
+
+    /// WAL segment size in MiB (files are preallocated).
+    #[arg(long, env = "ACCOUNT_WAL_SEGMENT_MIB", default_value_t = 64)]
+    pub wal_segment_mib: u64,
+
+    /// Do not pin the engine thread to a core.
+    #[arg(long, env = "ACCOUNT_NO_PIN")]
+    pub no_pin: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--{0} must be greater than zero")]
+    Zero(&'static str),
+    #[error("--wal-segment-mib must be between 1 and 4096")]
+    SegmentSize,
+}
+
+impl ServeArgs {
+    /// Checks the limits and builds the engine configuration.
+    pub fn engine_config(&self) -> Result<EngineConfig, ConfigError> {
+        if self.queue_capacity == 0 {
+            return Err(ConfigError::Zero("queue-capacity"));
+        }
+        if self.batch_size_max == 0 {
+            return Err(ConfigError::Zero("batch-size-max"));
+        }
+        if self.idempotency_window_secs == 0 {
+            return Err(ConfigError::Zero("idempotency-window-secs"));
+        }
+        if !(1..=4096).contains(&self.wal_segment_mib) {
+            return Err(ConfigError::SegmentSize);
+        }
+        let mut config = EngineConfig::new(&self.data_dir);
+        config.wal.segment_size_bytes = self.wal_segment_mib * 1024 * 1024;
+        config.durability = self.durability;
+        config.queue_capacity = self.queue_capacity;
+        config.batch_size_max = self.batch_size_max;
+        config.pin_core = !self.no_pin;
+        config.state = StateConfig {
+            idempotency_window_ms: (self.idempotency_window_secs * 1000) as i64,
+            ..StateConfig::default()
+        };
+        Ok(config)
+    }
+}

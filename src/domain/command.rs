@@ -1,0 +1,273 @@
+//! Commands: the typed, already-validated inputs of the state machine. Ingress
+//! (gRPC, Kafka) builds them; the engine journals them; `apply` executes them.
+//! Every field is `Copy`: no allocation between the edge and the journal.
+
+use super::{AccountId, Asset, Currency, Id, Symbol};
+use rust_decimal::Decimal;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum AccountStatus {
+    Active = 1,
+    Suspended = 2,
+    Closed = 3,
+}
+
+impl AccountStatus {
+    pub fn from_u8(v: u8) -> Option<AccountStatus> {
+        match v {
+            1 => Some(AccountStatus::Active),
+            2 => Some(AccountStatus::Suspended),
+            3 => Some(AccountStatus::Closed),
+            _ => None,
+        }
+    }
+
+    /// The proto enum value's name without its prefix (the read model's spelling).
+    pub fn name(self) -> &'static str {
+        match self {
+            AccountStatus::Active => "ACTIVE",
+            AccountStatus::Suspended => "SUSPENDED",
+            AccountStatus::Closed => "CLOSED",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum ReservationKind {
+    /// Cash of a currency, for a buy.
+    Cash = 1,
+    /// Shares of a symbol, for a sell.
+    Security = 2,
+}
+
+impl ReservationKind {
+    pub fn from_u8(v: u8) -> Option<ReservationKind> {
+        match v {
+            1 => Some(ReservationKind::Cash),
+            2 => Some(ReservationKind::Security),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ReservationKind::Cash => "CASH",
+            ReservationKind::Security => "SECURITY",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Side {
+    Buy = 1,
+    Sell = 2,
+}
+
+impl Side {
+    pub fn from_u8(v: u8) -> Option<Side> {
+        match v {
+            1 => Some(Side::Buy),
+            2 => Some(Side::Sell),
+            _ => None,
+        }
+    }
+}
+
+/// The inbound Kafka topics, by role (their names are configuration).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub enum Topic {
+    Fills = 1,
+    Deposits = 2,
+    Withdrawals = 3,
+}
+
+impl Topic {
+    pub fn from_u8(v: u8) -> Option<Topic> {
+        match v {
+            1 => Some(Topic::Fills),
+            2 => Some(Topic::Deposits),
+            3 => Some(Topic::Withdrawals),
+            _ => None,
+        }
+    }
+}
+
+/// Where a Kafka-borne command came from. Journaled with the command, so the
+/// consumer offsets are part of the state and recovered exactly with it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct Source {
+    pub topic: Topic,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct Reserve {
+    pub request_id: Id,
+    pub account_id: AccountId,
+    pub order_id: Id,
+    pub kind: ReservationKind,
+    pub asset: Asset,
+    pub amount: Decimal,
+    /// Unix ms; `None` = no expiry.
+    pub expires_at_ms: Option<i64>,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct Unreserve {
+    pub request_id: Id,
+    pub account_id: AccountId,
+    pub order_id: Id,
+    /// `None` = all that remains.
+    pub amount: Option<Decimal>,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct OpenAccount {
+    pub request_id: Id,
+    pub account_id: AccountId,
+    pub base_currency: Currency,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct SetAccountStatus {
+    pub request_id: Id,
+    pub account_id: AccountId,
+    pub status: AccountStatus,
+    pub reason: Id,
+}
+
+/// A deposit or a withdrawal: same shape, see [`Command::Deposit`] / [`Command::Withdraw`].
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct CashMovement {
+    pub event_id: Id,
+    pub account_id: AccountId,
+    pub currency: Currency,
+    pub amount: Decimal,
+    pub source: Option<Source>,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct Fill {
+    pub event_id: Id,
+    pub account_id: AccountId,
+    pub order_id: Id,
+    pub symbol: Symbol,
+    pub side: Side,
+    pub quantity: Decimal,
+    pub price: Decimal,
+    /// Checked at the edge: equals `round(price x quantity)`.
+    pub filled_amount: Decimal,
+    /// `None` = the account's base currency.
+    pub currency: Option<Currency>,
+    pub source: Option<Source>,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub enum Command {
+    OpenAccount(OpenAccount),
+    SetAccountStatus(SetAccountStatus),
+    Reserve(Reserve),
+    Unreserve(Unreserve),
+    Deposit(CashMovement),
+    Withdraw(CashMovement),
+    Fill(Fill),
+    /// Journaled passage of time: expires reservations and prunes idempotency keys
+    /// and closed reservations whose window has passed.
+    Tick,
+}
+
+impl Command {
+    /// The idempotency key (request_id or event_id); `None` for ticks.
+    pub fn key(&self) -> Option<&Id> {
+        match self {
+            Command::OpenAccount(c) => Some(&c.request_id),
+            Command::SetAccountStatus(c) => Some(&c.request_id),
+            Command::Reserve(c) => Some(&c.request_id),
+            Command::Unreserve(c) => Some(&c.request_id),
+            Command::Deposit(c) | Command::Withdraw(c) => Some(&c.event_id),
+            Command::Fill(c) => Some(&c.event_id),
+            Command::Tick => None,
+        }
+    }
+
+    pub fn account_id(&self) -> Option<AccountId> {
+        match self {
+            Command::OpenAccount(c) => Some(c.account_id),
+            Command::SetAccountStatus(c) => Some(c.account_id),
+            Command::Reserve(c) => Some(c.account_id),
+            Command::Unreserve(c) => Some(c.account_id),
+            Command::Deposit(c) | Command::Withdraw(c) => Some(c.account_id),
+            Command::Fill(c) => Some(c.account_id),
+            Command::Tick => None,
+        }
+    }
+
+    pub fn source(&self) -> Option<Source> {
+        match self {
+            Command::Deposit(c) | Command::Withdraw(c) => c.source,
+            Command::Fill(c) => c.source,
+            _ => None,
+        }
+    }
+
+    /// A stable 64-bit fingerprint of the payload, for idempotency: the same key
+    /// with a different fingerprint is a conflict. The Kafka source is left out,
+    /// so the same event by Kafka and by AdminService is the same payload.
+    pub fn fingerprint(&self) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let dec = |h: &mut xxhash_rust::xxh3::Xxh3, d: &Decimal| h.update(&d.normalize().serialize());
+        match self {
+            Command::OpenAccount(c) => {
+                h.update(&[1]);
+                h.update(&c.account_id.0.to_le_bytes());
+                h.update(c.base_currency.as_bytes());
+            }
+            Command::SetAccountStatus(c) => {
+                h.update(&[2, c.status as u8]);
+                h.update(&c.account_id.0.to_le_bytes());
+                h.update(c.reason.as_bytes());
+            }
+            Command::Reserve(c) => {
+                h.update(&[3, c.kind as u8]);
+                h.update(&c.account_id.0.to_le_bytes());
+                h.update(c.order_id.as_bytes());
+                h.update(&[0xff]);
+                h.update(c.asset.as_bytes());
+                dec(&mut h, &c.amount);
+                h.update(&c.expires_at_ms.unwrap_or(0).to_le_bytes());
+            }
+            Command::Unreserve(c) => {
+                h.update(&[4]);
+                h.update(&c.account_id.0.to_le_bytes());
+                h.update(c.order_id.as_bytes());
+                h.update(&[0xff]);
+                match &c.amount {
+                    Some(a) => dec(&mut h, a),
+                    None => h.update(&[0]),
+                }
+            }
+            Command::Deposit(c) | Command::Withdraw(c) => {
+                h.update(&[if matches!(self, Command::Deposit(_)) { 5 } else { 6 }]);
+                h.update(&c.account_id.0.to_le_bytes());
+                h.update(c.currency.as_bytes());
+                dec(&mut h, &c.amount);
+            }
+            Command::Fill(c) => {
+                h.update(&[7, c.side as u8]);
+                h.update(&c.account_id.0.to_le_bytes());
+                h.update(c.order_id.as_bytes());
+                h.update(&[0xff]);
+                h.update(c.symbol.as_bytes());
+                dec(&mut h, &c.quantity);
+                dec(&mut h, &c.price);
+                dec(&mut h, &c.filled_amount);
+                if let Some(cur) = c.currency {
+                    h.update(cur.as_bytes());
+                }
+            }
+            Command::Tick => h.update(&[8]),
+        }
+        h.digest()
+    }
+}

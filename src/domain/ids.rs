@@ -1,0 +1,148 @@
+//! Identifiers. Request, event and order ids are at most [`ID_LEN_MAX`] bytes and
+//! are stored inline ([`Id`] is `Copy`), so a command carries no heap allocation
+//! from ingress through the queue, the journal and the state machine.
+
+use std::fmt;
+
+/// Longest request_id, event_id, order_id or reason accepted at the edge, in bytes.
+pub const ID_LEN_MAX: usize = 64;
+
+/// An account number: strictly positive.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct AccountId(pub i64);
+
+impl AccountId {
+    pub fn new(value: i64) -> Option<AccountId> {
+        (value > 0).then_some(AccountId(value))
+    }
+}
+
+impl fmt::Display for AccountId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum IdError {
+    Empty,
+    TooLong,
+}
+
+impl fmt::Display for IdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdError::Empty => write!(f, "must not be empty"),
+            IdError::TooLong => write!(f, "must be at most {ID_LEN_MAX} bytes"),
+        }
+    }
+}
+
+/// An opaque UTF-8 identifier of 1..=64 bytes, stored inline. Bytes past `len`
+/// are always zero, so the derived `Eq`/`Hash`/`Ord` are correct.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Id {
+    len: u8,
+    bytes: [u8; ID_LEN_MAX],
+}
+
+impl Default for Id {
+    /// The empty id (only valid where the field is optional).
+    fn default() -> Id {
+        Id {
+            len: 0,
+            bytes: [0; ID_LEN_MAX],
+        }
+    }
+}
+
+impl Id {
+    /// An id from a compile-time text known to fit (event reasons).
+    pub fn literal(value: &'static str) -> Id {
+        debug_assert!(value.len() <= ID_LEN_MAX);
+        Self::from_bytes_allow_empty(value.as_bytes()).unwrap_or_default()
+    }
+
+    pub fn new(value: &str) -> Result<Id, IdError> {
+        Self::from_bytes_allow_empty(value.as_bytes()).and_then(|id| {
+            if id.len == 0 {
+                Err(IdError::Empty)
+            } else {
+                Ok(id)
+            }
+        })
+    }
+
+    /// Like [`Id::new`] but accepts the empty string (used for optional text such
+    /// as a status-change reason).
+    pub fn new_allow_empty(value: &str) -> Result<Id, IdError> {
+        Self::from_bytes_allow_empty(value.as_bytes())
+    }
+
+    /// Decodes bytes that were produced by [`Id::as_str`]; `None` if they are not
+    /// valid UTF-8 or too long (a corrupt journal record).
+    pub fn from_utf8(bytes: &[u8]) -> Option<Id> {
+        std::str::from_utf8(bytes).ok()?;
+        Self::from_bytes_allow_empty(bytes).ok()
+    }
+
+    fn from_bytes_allow_empty(bytes: &[u8]) -> Result<Id, IdError> {
+        if bytes.len() > ID_LEN_MAX {
+            return Err(IdError::TooLong);
+        }
+        let mut id = Id {
+            len: bytes.len() as u8,
+            bytes: [0; ID_LEN_MAX],
+        };
+        id.bytes[..bytes.len()].copy_from_slice(bytes);
+        Ok(id)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Constructed only from &str or validated UTF-8.
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_limits() {
+        assert_eq!(Id::new(""), Err(IdError::Empty));
+        assert_eq!(Id::new(&"x".repeat(65)), Err(IdError::TooLong));
+        let id = Id::new(&"é".repeat(32)).unwrap();
+        assert_eq!(id.as_str(), "é".repeat(32));
+        assert_eq!(Id::new("a").unwrap(), Id::new("a").unwrap());
+        assert_ne!(Id::new("a").unwrap(), Id::new("ab").unwrap());
+        assert!(Id::from_utf8(&[0xff]).is_none());
+    }
+
+    #[test]
+    fn account_id_positive() {
+        assert!(AccountId::new(0).is_none());
+        assert!(AccountId::new(-1).is_none());
+        assert_eq!(AccountId::new(7), Some(AccountId(7)));
+    }
+}

@@ -1,0 +1,261 @@
+//! The engine: the one thread that owns the state and the write-ahead log.
+//!
+//! Ingress threads (gRPC handlers, later Kafka consumers) turn validated input
+//! into a [`Request`] and `try_send` it on a bounded crossbeam channel; a full
+//! queue is an immediate [`SubmitError::Overloaded`] (gRPC `RESOURCE_EXHAUSTED`),
+//! never a wait. The writer thread ([`writer`]) takes a batch, journals and
+//! applies each command, makes the batch durable with one sync, and only then
+//! releases the replies. Reads go through the same queue, so they see a
+//! consistent, durable state and never race the writer.
+
+pub mod codec;
+mod recovery;
+mod writer;
+
+use crate::domain::{AccountId, Command, Id};
+use crate::metrics::Metrics;
+use crate::state_machine::{Account, Outcome, Reservation, StateConfig};
+use crossbeam_channel::{Sender, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use tokio::sync::{oneshot, watch};
+
+pub use recovery::replay;
+pub use writer::Writer;
+
+/// When a reply may leave relative to the sync of its journal record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// Replies leave only after the batch's records are durable (default).
+    Sync,
+    /// Replies leave right after apply; the journal is synced at most
+    /// [`ASYNC_SYNC_INTERVAL_MS`] later. A crash can lose the last few
+    /// milliseconds of acknowledged commands.
+    Async,
+}
+
+/// Longest time acknowledged-but-unsynced records may wait in `--durability async`.
+pub const ASYNC_SYNC_INTERVAL_MS: u64 = 5;
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub wal: wal::WalOptions,
+    pub durability: Durability,
+    /// Capacity of the ingress queue, in requests.
+    pub queue_capacity: usize,
+    /// Most requests taken into one batch (one sync).
+    pub batch_size_max: usize,
+    pub state: StateConfig,
+    /// Pin the writer thread to the last core, where the OS allows it.
+    pub pin_core: bool,
+}
+
+impl EngineConfig {
+    pub fn new(data_dir: impl Into<std::path::PathBuf>) -> EngineConfig {
+        EngineConfig {
+            wal: wal::WalOptions::new(data_dir.into().join("wal")),
+            durability: Durability::Sync,
+            queue_capacity: 65_536,
+            batch_size_max: 4_096,
+            state: StateConfig::default(),
+            pin_core: true,
+        }
+    }
+}
+
+/// What a command's reply carries besides the outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    Nothing,
+    /// The command's reservation after it (Reserve, Unreserve).
+    Reservation,
+    /// The whole account after it (admin commands).
+    Account,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Query {
+    Account(AccountId),
+    Reservation(AccountId, Id),
+    /// The state's digest and sequence (replicas and restarts compare them).
+    Digest,
+}
+
+#[derive(Debug)]
+pub enum RequestKind {
+    Command(Command, Want),
+    Query(Query),
+}
+
+/// One entry of the ingress queue.
+#[derive(Debug)]
+pub struct Request {
+    pub kind: RequestKind,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+#[derive(Clone, Debug)]
+pub struct CommandReply {
+    pub outcome: Outcome,
+    pub reservation: Option<Reservation>,
+    pub account: Option<Account>,
+    /// Sequence of the state `account` / `reservation` were read at.
+    pub state_sequence: u64,
+}
+
+#[derive(Clone, Debug)]
+pub enum Reply {
+    Command(Box<CommandReply>),
+    Account(Option<(Box<Account>, u64)>),
+    Reservation(Option<Reservation>),
+    Digest { sequence: u64, digest: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Replaying the WAL: requests are refused with `Unavailable`.
+    Replaying,
+    Serving,
+    /// Stopped, or failed (the error is logged and returned by `join`).
+    Stopped,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("the ingress queue is full")]
+    Overloaded,
+    #[error("replaying the write-ahead log")]
+    NotReady,
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("write-ahead log: {0}")]
+    Wal(#[from] wal::WalError),
+    #[error("journal record {sequence}: {source}")]
+    Decode {
+        sequence: u64,
+        source: codec::CodecError,
+    },
+    #[error("the write-ahead log starts at sequence {first} but the state is at {state}: records are missing")]
+    MissingRecords { first: u64, state: u64 },
+    #[error("engine thread: {0}")]
+    Thread(String),
+}
+
+/// The ingress side of the engine: cheap to clone, one per ingress task.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: Sender<Request>,
+    phase: watch::Receiver<Phase>,
+    stop: Arc<AtomicBool>,
+}
+
+impl EngineHandle {
+    /// Queues a request; never blocks.
+    pub fn submit(&self, kind: RequestKind) -> Result<oneshot::Receiver<Reply>, SubmitError> {
+        match *self.phase.borrow() {
+            Phase::Serving => {}
+            Phase::Replaying => return Err(SubmitError::NotReady),
+            Phase::Stopped => return Err(SubmitError::Stopped),
+        }
+        let (reply, rx) = oneshot::channel();
+        match self.tx.try_send(Request { kind, reply }) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(SubmitError::Overloaded),
+            Err(TrySendError::Disconnected(_)) => Err(SubmitError::Stopped),
+        }
+    }
+
+    /// Queues a request and waits for its (durable) reply.
+    pub async fn call(&self, kind: RequestKind) -> Result<Reply, SubmitError> {
+        self.submit(kind)?.await.map_err(|_| SubmitError::Stopped)
+    }
+
+    pub fn phase(&self) -> watch::Receiver<Phase> {
+        self.phase.clone()
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.tx.len()
+    }
+}
+
+/// The running engine thread.
+pub struct Engine {
+    handle: EngineHandle,
+    thread: Option<JoinHandle<Result<(), EngineError>>>,
+}
+
+impl Engine {
+    /// Starts the writer thread: it opens the WAL, replays it (phase
+    /// `Replaying`), then serves (phase `Serving`).
+    pub fn start(config: EngineConfig, metrics: Arc<Metrics>) -> Result<Engine, EngineError> {
+        assert!(config.queue_capacity > 0 && config.batch_size_max > 0);
+        let (tx, rx) = crossbeam_channel::bounded(config.queue_capacity);
+        let (phase_tx, phase_rx) = watch::channel(Phase::Replaying);
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread_stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || {
+                let result = Writer::open(config, rx, metrics, thread_stop)
+                    .and_then(|writer| writer.run(&phase_tx));
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "engine stopped on error");
+                }
+                phase_tx.send_replace(Phase::Stopped);
+                result
+            })
+            .map_err(|e| EngineError::Thread(e.to_string()))?;
+        Ok(Engine {
+            handle: EngineHandle {
+                tx,
+                phase: phase_rx,
+                stop,
+            },
+            thread: Some(thread),
+        })
+    }
+
+    pub fn handle(&self) -> EngineHandle {
+        self.handle.clone()
+    }
+
+    /// Asks the writer to finish what is queued, sync and exit.
+    pub fn request_stop(&self) {
+        self.handle.stop.store(true, Ordering::Release);
+    }
+
+    /// Stops the writer (draining the queue) and waits for it.
+    pub fn stop(mut self) -> Result<(), EngineError> {
+        self.request_stop();
+        self.join_thread()
+    }
+
+    fn join_thread(&mut self) -> Result<(), EngineError> {
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| EngineError::Thread("engine thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.request_stop();
+        let _ = self.join_thread();
+    }
+}
+
+/// Wall-clock unix milliseconds: read by the engine once per batch and journaled.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

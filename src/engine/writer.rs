@@ -1,0 +1,281 @@
+//! The writer thread's loop. Read `run_batch` top to bottom: it is the whole
+//! pipeline, in order —
+//!
+//! 1. take a batch from the ingress queue (block for the first request, then
+//!    whatever else is already queued, up to `batch_size_max`);
+//! 2. for each command: stamp sequence and timestamp, append it to the WAL,
+//!    apply it to the state, build its reply (held back);
+//! 3. one sync for the whole batch (group commit);
+//! 4. release the held replies — the only place a reply leaves the engine.
+//!
+//! In `--durability async` step 4 comes before step 3 and the sync is spaced by
+//! [`super::ASYNC_SYNC_INTERVAL_MS`].
+
+use super::{
+    codec, now_ms, CommandReply, Durability, EngineConfig, EngineError, Phase, Query, Reply,
+    Request, RequestKind, Want,
+};
+use crate::domain::Command;
+use crate::metrics::Metrics;
+use crate::state_machine::{NoEvents, Outcome, State};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch};
+use wal::Wal;
+
+/// How long the writer waits for a request before it looks at the clock
+/// (expiry ticks, async syncs, stop requests).
+const IDLE_POLL: Duration = Duration::from_millis(2);
+/// Least journaled time between two ticks.
+const TICK_SPACING_MS: i64 = 10;
+
+pub struct Writer {
+    config: EngineConfig,
+    rx: Receiver<Request>,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+    state: State,
+    wal: Wal,
+    /// Reused encoding buffer: no allocation per command.
+    record: Vec<u8>,
+    batch: Vec<Request>,
+    held: Vec<(oneshot::Sender<Reply>, Reply)>,
+    last_tick_ms: i64,
+    last_sync: Instant,
+    /// Records appended since the last sync.
+    unsynced: bool,
+}
+
+impl Writer {
+    /// Opens the WAL. The state is rebuilt by [`Writer::run`], so start-up
+    /// can report `Replaying` meanwhile.
+    pub fn open(
+        config: EngineConfig,
+        rx: Receiver<Request>,
+        metrics: Arc<Metrics>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<Writer, EngineError> {
+        let wal = Wal::open(config.wal.clone())?;
+        let batch_size_max = config.batch_size_max;
+        Ok(Writer {
+            state: State::new(config.state),
+            config,
+            rx,
+            metrics,
+            stop,
+            wal,
+            record: Vec::with_capacity(codec::ENCODED_LEN_MAX),
+            batch: Vec::with_capacity(batch_size_max),
+            held: Vec::with_capacity(batch_size_max),
+            last_tick_ms: 0,
+            last_sync: Instant::now(),
+            unsynced: false,
+        })
+    }
+
+    /// Replays the journal, then serves until a stop is requested and the queue
+    /// is drained. Every exit path syncs what was appended.
+    pub fn run(mut self, phase: &watch::Sender<Phase>) -> Result<(), EngineError> {
+        self.recover()?;
+        if self.config.pin_core {
+            pin_to_last_core();
+        }
+        phase.send_replace(Phase::Serving);
+        self.metrics.ready.set(1);
+        loop {
+            let stopping = self.stop.load(Ordering::Acquire);
+            let drained = self.run_batch()?;
+            if stopping && drained {
+                break;
+            }
+        }
+        self.metrics.ready.set(0);
+        self.sync()?;
+        tracing::info!(sequence = self.state.last_sequence(), "engine stopped; journal synced");
+        Ok(())
+    }
+
+    fn recover(&mut self) -> Result<(), EngineError> {
+        let started = Instant::now();
+        let records = super::replay(&self.wal, &mut self.state)?;
+        let elapsed = started.elapsed();
+        self.metrics.replay_seconds.set(elapsed.as_secs_f64());
+        self.metrics.replay_records.set(records as i64);
+        self.publish_gauges();
+        tracing::info!(
+            records,
+            sequence = self.state.last_sequence(),
+            accounts = self.state.account_count(),
+            elapsed_ms = elapsed.as_millis() as u64,
+            "write-ahead log replayed"
+        );
+        Ok(())
+    }
+
+    /// One turn of the pipeline. Returns true when the queue was found empty.
+    fn run_batch(&mut self) -> Result<bool, EngineError> {
+        // 1. Take a batch.
+        let drained = self.take_batch();
+        let now = now_ms();
+        // 2. Journal + apply each command; hold its reply.
+        let mut batch = std::mem::take(&mut self.batch);
+        for request in batch.drain(..) {
+            let reply = match request.kind {
+                RequestKind::Command(command, want) => {
+                    let outcome = self.execute(&command, now)?;
+                    self.command_reply(&command, outcome, want)
+                }
+                RequestKind::Query(query) => self.query(query),
+            };
+            self.held.push((request.reply, reply));
+        }
+        self.batch = batch;
+        self.maybe_tick(now)?;
+        // 3 + 4. Sync, then release (or the other way round in async mode).
+        match self.config.durability {
+            Durability::Sync => {
+                self.sync()?;
+                self.release();
+            }
+            Durability::Async => {
+                self.release();
+                let due = self.last_sync.elapsed()
+                    >= Duration::from_millis(super::ASYNC_SYNC_INTERVAL_MS);
+                if due || drained {
+                    self.sync()?;
+                }
+            }
+        }
+        Ok(drained)
+    }
+
+    fn take_batch(&mut self) -> bool {
+        debug_assert!(self.batch.is_empty() && self.held.is_empty());
+        match self.rx.recv_timeout(IDLE_POLL) {
+            Ok(first) => self.batch.push(first),
+            Err(RecvTimeoutError::Timeout) => return true,
+            // Every handle is gone: treat as a stop request.
+            Err(RecvTimeoutError::Disconnected) => {
+                self.stop.store(true, Ordering::Release);
+                return true;
+            }
+        }
+        while self.batch.len() < self.config.batch_size_max {
+            match self.rx.try_recv() {
+                Ok(request) => self.batch.push(request),
+                Err(_) => break,
+            }
+        }
+        self.metrics.engine_batch_size.observe(self.batch.len() as f64);
+        self.metrics.engine_queue_depth.set(self.rx.len() as i64);
+        self.rx.is_empty()
+    }
+
+    /// Journals then applies one command: append, then apply, in that order.
+    fn execute(&mut self, command: &Command, now: i64) -> Result<Outcome, EngineError> {
+        let sequence = self.state.last_sequence() + 1;
+        let timestamp_ms = now.max(self.state.last_timestamp_ms());
+        codec::encode(command, timestamp_ms, &mut self.record);
+        self.wal.append(sequence, &self.record)?;
+        self.unsynced = true;
+        let outcome = self.state.apply(command, sequence, timestamp_ms, &mut NoEvents);
+        debug_assert_eq!(self.state.last_sequence(), sequence);
+        self.metrics.engine_commands_total.inc();
+        Ok(outcome)
+    }
+
+    /// Journals a tick when the state has a deadline that has passed.
+    fn maybe_tick(&mut self, now: i64) -> Result<(), EngineError> {
+        let due = self.state.next_deadline_ms().is_some_and(|at| at <= now);
+        if due && now - self.last_tick_ms >= TICK_SPACING_MS {
+            self.last_tick_ms = now;
+            self.execute(&Command::Tick, now)?;
+        }
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), EngineError> {
+        if !self.unsynced {
+            return Ok(());
+        }
+        let started = Instant::now();
+        self.wal.sync()?;
+        self.unsynced = false;
+        self.last_sync = Instant::now();
+        self.metrics
+            .wal_sync_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.publish_gauges();
+        Ok(())
+    }
+
+    /// Sends the held replies. A caller that gave up (timeout) is not an error.
+    fn release(&mut self) {
+        for (tx, reply) in self.held.drain(..) {
+            let _ = tx.send(reply);
+        }
+    }
+
+    fn command_reply(&self, command: &Command, outcome: Outcome, want: Want) -> Reply {
+        let account_id = command.account_id();
+        let reservation = match (want, command) {
+            (Want::Reservation, Command::Reserve(c)) => self.state.reservation(c.account_id, &c.order_id),
+            (Want::Reservation, Command::Unreserve(c)) => {
+                self.state.reservation(c.account_id, &c.order_id)
+            }
+            _ => None,
+        };
+        let account = match (want, account_id) {
+            (Want::Account, Some(id)) => self.state.account(id).cloned(),
+            _ => None,
+        };
+        Reply::Command(Box::new(CommandReply {
+            outcome,
+            reservation: reservation.copied(),
+            account,
+            state_sequence: self.state.last_sequence(),
+        }))
+    }
+
+    fn query(&self, query: Query) -> Reply {
+        match query {
+            Query::Account(id) => Reply::Account(
+                self.state
+                    .account(id)
+                    .map(|a| (Box::new(a.clone()), self.state.last_sequence())),
+            ),
+            Query::Reservation(id, order_id) => {
+                Reply::Reservation(self.state.reservation(id, &order_id).copied())
+            }
+            Query::Digest => Reply::Digest {
+                sequence: self.state.last_sequence(),
+                digest: self.state.digest(),
+            },
+        }
+    }
+
+    fn publish_gauges(&self) {
+        self.metrics
+            .engine_last_sequence
+            .set(self.state.last_sequence() as i64);
+        self.metrics
+            .overdrawn_accounts
+            .set(self.state.overdrawn_accounts() as i64);
+        self.metrics.accounts.set(self.state.account_count() as i64);
+        self.metrics
+            .wal_disk_usage_bytes
+            .set(self.wal.disk_usage_bytes() as i64);
+        self.metrics.wal_segments.set(self.wal.segment_count() as i64);
+    }
+}
+
+/// Pins the current thread to the last core. Best effort: where the OS refuses
+/// (containers without the capability, macOS), the writer runs unpinned.
+fn pin_to_last_core() {
+    let pinned = core_affinity::get_core_ids()
+        .and_then(|ids| ids.last().copied())
+        .is_some_and(core_affinity::set_for_current);
+    tracing::info!(pinned, "engine writer thread affinity");
+}

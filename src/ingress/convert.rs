@@ -1,0 +1,124 @@
+//! Domain values to wire messages. Amounts leave as canonical decimal strings.
+
+use crate::domain::{amount::format, AccountStatus, ReservationKind};
+use crate::state_machine::{Account, Outcome, Reservation, ReservationState, ResultCode};
+use crate::proto::account::v1 as pb;
+
+pub fn result(code: ResultCode) -> pb::Result {
+    use pb::Result as R;
+    match code {
+        ResultCode::Ok => R::Ok,
+        ResultCode::InsufficientFunds => R::InsufficientFunds,
+        ResultCode::InsufficientPosition => R::InsufficientPosition,
+        ResultCode::AccountNotFound => R::AccountNotFound,
+        ResultCode::AccountNotActive => R::AccountNotActive,
+        ResultCode::OrderAlreadyReserved => R::OrderAlreadyReserved,
+        ResultCode::ReservationNotFound => R::ReservationNotFound,
+        ResultCode::IdempotencyConflict => R::IdempotencyConflict,
+        ResultCode::AccountAlreadyExists => R::AccountAlreadyExists,
+        ResultCode::AmountExceedsReservation => R::AmountExceedsReservation,
+        ResultCode::AccountNotEmpty => R::AccountNotEmpty,
+        ResultCode::CurrencyMismatch => R::CurrencyMismatch,
+    }
+}
+
+/// Human text for `message`: empty on a fresh success.
+pub fn message(outcome: &Outcome) -> String {
+    match (outcome.result, outcome.replayed) {
+        (ResultCode::Ok, false) => String::new(),
+        (ResultCode::Ok, true) => "replayed: same key and payload as an earlier request".into(),
+        (code, replayed) => {
+            let text = match code {
+                ResultCode::InsufficientFunds => "available cash is less than the amount",
+                ResultCode::InsufficientPosition => "free shares are fewer than the amount",
+                ResultCode::AccountNotFound => "no such account",
+                ResultCode::AccountNotActive => "the account is not ACTIVE",
+                ResultCode::OrderAlreadyReserved => "this order already has a reservation",
+                ResultCode::ReservationNotFound => "no reservation for this order",
+                ResultCode::IdempotencyConflict => "this key was used with a different payload",
+                ResultCode::AccountAlreadyExists => "the account exists with another base currency",
+                ResultCode::AmountExceedsReservation => "the amount exceeds what remains reserved",
+                ResultCode::AccountNotEmpty => "balances, positions or reservations are not zero",
+                ResultCode::CurrencyMismatch => "the position settles in another currency",
+                ResultCode::Ok => "",
+            };
+            if replayed {
+                format!("{text} (replayed)")
+            } else {
+                text.into()
+            }
+        }
+    }
+}
+
+pub fn status(s: AccountStatus) -> pb::AccountStatus {
+    match s {
+        AccountStatus::Active => pb::AccountStatus::Active,
+        AccountStatus::Suspended => pb::AccountStatus::Suspended,
+        AccountStatus::Closed => pb::AccountStatus::Closed,
+    }
+}
+
+pub fn kind(k: ReservationKind) -> pb::ReservationKind {
+    match k {
+        ReservationKind::Cash => pb::ReservationKind::Cash,
+        ReservationKind::Security => pb::ReservationKind::Security,
+    }
+}
+
+pub fn reservation_state(s: ReservationState) -> pb::ReservationState {
+    match s {
+        ReservationState::Open => pb::ReservationState::Open,
+        ReservationState::Consumed => pb::ReservationState::Consumed,
+        ReservationState::Released => pb::ReservationState::Released,
+        ReservationState::Expired => pb::ReservationState::Expired,
+    }
+}
+
+pub fn reservation(r: &Reservation) -> pb::Reservation {
+    pb::Reservation {
+        account_id: r.account_id.0,
+        order_id: r.order_id.as_str().to_owned(),
+        kind: kind(r.kind) as i32,
+        asset: r.asset.as_str().to_owned(),
+        amount: format(r.amount),
+        remaining: format(r.remaining),
+        consumed: format(r.consumed),
+        released: format(r.released),
+        state: reservation_state(r.state) as i32,
+        expires_at_ms: r.expires_at_ms.unwrap_or(0),
+        sequence: r.sequence,
+    }
+}
+
+pub fn account(a: &Account, sequence: u64) -> pb::Account {
+    pb::Account {
+        account_id: a.account_id.0,
+        status: status(a.status) as i32,
+        base_currency: a.base_currency.as_str().to_owned(),
+        cash: a
+            .cash
+            .iter()
+            .map(|b| pb::CashBalance {
+                currency: b.currency.as_str().to_owned(),
+                available: format(b.available),
+                reserved: format(b.reserved),
+            })
+            .collect(),
+        positions: a
+            .positions
+            .iter()
+            .map(|p| pb::Position {
+                symbol: p.symbol.as_str().to_owned(),
+                quantity: format(p.quantity),
+                reserved_quantity: format(p.reserved_quantity),
+                cost_basis: format(p.cost_basis),
+                average_price: format(p.average_price()),
+                realized_pnl: format(p.realized_pnl),
+                currency: p.currency.as_str().to_owned(),
+            })
+            .collect(),
+        overdrawn: a.overdrawn,
+        sequence,
+    }
+}

@@ -1,0 +1,219 @@
+//! The gRPC services. Each handler validates (INVALID_ARGUMENT naming the field,
+//! nothing journaled), submits to the engine (RESOURCE_EXHAUSTED at once when the
+//! queue is full, UNAVAILABLE while replaying) and converts the durable reply.
+//! Business outcomes travel in `result`, never as gRPC errors.
+
+use super::{convert, validate};
+use crate::domain::{amount::format, Command};
+use crate::engine::{now_ms, EngineHandle, Query, Reply, RequestKind, SubmitError, Want};
+use crate::metrics::Metrics;
+use crate::proto::account::v1 as pb;
+use crate::proto::account::v1::account_service_server::AccountService;
+use crate::proto::account::v1::admin_service_server::AdminService;
+use crate::proto::events;
+use std::sync::Arc;
+use std::time::Instant;
+use tonic::{Request, Response, Status};
+
+/// Implements both `account.v1.AccountService` and `account.v1.AdminService`.
+#[derive(Clone)]
+pub struct Service {
+    engine: EngineHandle,
+    metrics: Arc<Metrics>,
+}
+
+impl Service {
+    pub fn new(engine: EngineHandle, metrics: Arc<Metrics>) -> Service {
+        Service { engine, metrics }
+    }
+
+    /// Runs one RPC: `handle` does the work; latency and outcome are recorded.
+    async fn observe<T, F>(&self, rpc: &'static str, handle: F) -> Result<Response<T>, Status>
+    where
+        F: std::future::Future<Output = Result<(T, &'static str), Status>>,
+    {
+        let started = Instant::now();
+        let result = handle.await;
+        let outcome = match &result {
+            Ok((_, outcome)) => outcome,
+            Err(status) => code_name(status.code()),
+        };
+        self.metrics.observe_rpc(rpc, outcome, started);
+        result.map(|(reply, _)| Response::new(reply))
+    }
+
+    async fn command(&self, command: Command, want: Want) -> Result<Box<crate::engine::CommandReply>, Status> {
+        match self.engine.call(RequestKind::Command(command, want)).await {
+            Ok(Reply::Command(reply)) => Ok(reply),
+            Ok(_) => Err(Status::internal("engine answered a command with a query reply")),
+            Err(e) => Err(submit_status(e)),
+        }
+    }
+
+    async fn admin(&self, command: Command) -> Result<(pb::CommandReply, &'static str), Status> {
+        let reply = self.command(command, Want::Account).await?;
+        let outcome = reply.outcome;
+        Ok((
+            pb::CommandReply {
+                result: convert::result(outcome.result) as i32,
+                replayed: outcome.replayed,
+                sequence: outcome.sequence,
+                message: convert::message(&outcome),
+                account: reply
+                    .account
+                    .as_ref()
+                    .map(|a| convert::account(a, reply.state_sequence)),
+            },
+            outcome.result.name(),
+        ))
+    }
+}
+
+pub fn submit_status(e: SubmitError) -> Status {
+    match e {
+        SubmitError::Overloaded => Status::resource_exhausted("ingress queue is full; retry with the same request_id"),
+        SubmitError::NotReady => Status::unavailable("replaying the write-ahead log; not serving yet"),
+        SubmitError::Stopped => Status::unavailable("the engine has stopped"),
+    }
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::InvalidArgument => "INVALID_ARGUMENT",
+        tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        tonic::Code::Unavailable => "UNAVAILABLE",
+        tonic::Code::NotFound => "NOT_FOUND",
+        _ => "ERROR",
+    }
+}
+
+#[tonic::async_trait]
+impl AccountService for Service {
+    async fn reserve(&self, request: Request<pb::ReserveRequest>) -> Result<Response<pb::ReserveReply>, Status> {
+        self.observe("Reserve", async {
+            let command = validate::reserve(request.get_ref(), now_ms())?;
+            let reply = self.command(Command::Reserve(command), Want::Reservation).await?;
+            let o = reply.outcome;
+            Ok((
+                pb::ReserveReply {
+                    result: convert::result(o.result) as i32,
+                    replayed: o.replayed,
+                    sequence: o.sequence,
+                    reservation: reply.reservation.as_ref().map(convert::reservation),
+                    available: format(o.available),
+                    reserved: format(o.reserved),
+                    message: convert::message(&o),
+                },
+                o.result.name(),
+            ))
+        })
+        .await
+    }
+
+    async fn unreserve(
+        &self,
+        request: Request<pb::UnreserveRequest>,
+    ) -> Result<Response<pb::UnreserveReply>, Status> {
+        self.observe("Unreserve", async {
+            let command = validate::unreserve(request.get_ref())?;
+            let reply = self.command(Command::Unreserve(command), Want::Reservation).await?;
+            let o = reply.outcome;
+            Ok((
+                pb::UnreserveReply {
+                    result: convert::result(o.result) as i32,
+                    replayed: o.replayed,
+                    sequence: o.sequence,
+                    released: format(o.released),
+                    reservation: reply.reservation.as_ref().map(convert::reservation),
+                    available: format(o.available),
+                    reserved: format(o.reserved),
+                    message: convert::message(&o),
+                },
+                o.result.name(),
+            ))
+        })
+        .await
+    }
+
+    async fn get_account(&self, request: Request<pb::GetAccountRequest>) -> Result<Response<pb::Account>, Status> {
+        self.observe("GetAccount", async {
+            let id = validate::account_id("account_id", request.get_ref().account_id)?;
+            match self.engine.call(RequestKind::Query(Query::Account(id))).await {
+                Ok(Reply::Account(Some((account, sequence)))) => Ok((convert::account(&account, sequence), "OK")),
+                Ok(Reply::Account(None)) => Err(Status::not_found(format!("account {id} not found"))),
+                Ok(_) => Err(Status::internal("unexpected engine reply")),
+                Err(e) => Err(submit_status(e)),
+            }
+        })
+        .await
+    }
+
+    async fn get_reservation(
+        &self,
+        request: Request<pb::GetReservationRequest>,
+    ) -> Result<Response<pb::Reservation>, Status> {
+        self.observe("GetReservation", async {
+            let r = request.get_ref();
+            let id = validate::account_id("account_id", r.account_id)?;
+            let order_id = validate::id("order_id", &r.order_id)?;
+            match self.engine.call(RequestKind::Query(Query::Reservation(id, order_id))).await {
+                Ok(Reply::Reservation(Some(res))) => Ok((convert::reservation(&res), "OK")),
+                Ok(Reply::Reservation(None)) => Err(Status::not_found(format!(
+                    "no reservation for account {id} order {order_id}"
+                ))),
+                Ok(_) => Err(Status::internal("unexpected engine reply")),
+                Err(e) => Err(submit_status(e)),
+            }
+        })
+        .await
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for Service {
+    async fn open_account(
+        &self,
+        request: Request<pb::OpenAccountRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        self.observe("OpenAccount", async {
+            let command = validate::open_account(request.get_ref())?;
+            self.admin(Command::OpenAccount(command)).await
+        })
+        .await
+    }
+
+    async fn set_account_status(
+        &self,
+        request: Request<pb::SetAccountStatusRequest>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
+        self.observe("SetAccountStatus", async {
+            let command = validate::set_account_status(request.get_ref())?;
+            self.admin(Command::SetAccountStatus(command)).await
+        })
+        .await
+    }
+
+    async fn deposit(&self, request: Request<events::DepositEvent>) -> Result<Response<pb::CommandReply>, Status> {
+        self.observe("Deposit", async {
+            let command = validate::deposit(request.get_ref(), None)?;
+            self.admin(Command::Deposit(command)).await
+        })
+        .await
+    }
+
+    async fn withdraw(&self, request: Request<events::WithdrawEvent>) -> Result<Response<pb::CommandReply>, Status> {
+        self.observe("Withdraw", async {
+            let command = validate::withdrawal(request.get_ref(), None)?;
+            self.admin(Command::Withdraw(command)).await
+        })
+        .await
+    }
+
+    async fn apply_fill(&self, request: Request<events::FillEvent>) -> Result<Response<pb::CommandReply>, Status> {
+        self.observe("ApplyFill", async {
+            let command = validate::fill(request.get_ref(), None)?;
+            self.admin(Command::Fill(command)).await
+        })
+        .await
+    }
+}

@@ -1,0 +1,134 @@
+//! Prometheus metrics and the `/metrics` endpoint (text exposition format).
+//!
+//! Names carry their unit last (`_seconds`, `_total`, `_bytes`). The engine
+//! thread touches only atomics and one histogram per batch (not per command).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub rpc: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub rpc: &'static str,
+    /// A `Result` name without prefix, or a gRPC code name for errors.
+    pub outcome: &'static str,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 10 µs .. ~5 s
+    Histogram::new(exponential_buckets(0.000_01, 2.0, 20))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub rpc_latency_seconds: HistogramFamily<RpcLabels>,
+    pub rpc_outcomes_total: Family<OutcomeLabels, Counter>,
+    pub engine_queue_depth: Gauge,
+    pub engine_batch_size: Histogram,
+    pub engine_commands_total: Counter,
+    pub engine_last_sequence: Gauge,
+    pub wal_sync_seconds: Histogram,
+    pub wal_disk_usage_bytes: Gauge,
+    pub wal_segments: Gauge,
+    pub replay_seconds: Gauge<f64, AtomicU64>,
+    pub replay_records: Gauge,
+    pub overdrawn_accounts: Gauge,
+    pub accounts: Gauge,
+    pub ready: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("account");
+        let m = Metrics {
+            rpc_latency_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            rpc_outcomes_total: Family::default(),
+            engine_queue_depth: Gauge::default(),
+            engine_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            engine_commands_total: Counter::default(),
+            engine_last_sequence: Gauge::default(),
+            wal_sync_seconds: latency_histogram(),
+            wal_disk_usage_bytes: Gauge::default(),
+            wal_segments: Gauge::default(),
+            replay_seconds: Gauge::default(),
+            replay_records: Gauge::default(),
+            overdrawn_accounts: Gauge::default(),
+            accounts: Gauge::default(),
+            ready: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("rpc_latency_seconds", "gRPC handling latency per RPC, from receipt to reply", m.rpc_latency_seconds.clone());
+        registry.register("rpc_outcomes", "gRPC calls per RPC and outcome", m.rpc_outcomes_total.clone());
+        registry.register("engine_queue_depth", "Requests waiting in the ingress queue", m.engine_queue_depth.clone());
+        registry.register("engine_batch_size", "Requests per engine batch (one WAL sync each)", m.engine_batch_size.clone());
+        registry.register("engine_commands", "Commands journaled and applied", m.engine_commands_total.clone());
+        registry.register("engine_last_sequence", "Sequence of the last journaled command", m.engine_last_sequence.clone());
+        registry.register("wal_sync_seconds", "Latency of one WAL group-commit sync", m.wal_sync_seconds.clone());
+        registry.register("wal_disk_usage_bytes", "Bytes of WAL segment files", m.wal_disk_usage_bytes.clone());
+        registry.register("wal_segments", "WAL segment files on disk", m.wal_segments.clone());
+        registry.register("replay_seconds", "Duration of the last WAL replay at start-up", m.replay_seconds.clone());
+        registry.register("replay_records", "Records replayed at start-up", m.replay_records.clone());
+        registry.register("overdrawn_accounts", "Accounts flagged overdrawn", m.overdrawn_accounts.clone());
+        registry.register("accounts", "Open accounts", m.accounts.clone());
+        registry.register("ready", "1 once the WAL is replayed and the service serves", m.ready.clone());
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
+    /// The text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn observe_rpc(&self, rpc: &'static str, outcome: &'static str, started: std::time::Instant) {
+        self.rpc_latency_seconds
+            .get_or_create(&RpcLabels { rpc })
+            .observe(started.elapsed().as_secs_f64());
+        self.rpc_outcomes_total
+            .get_or_create(&OutcomeLabels { rpc, outcome })
+            .inc();
+    }
+}
+
+/// Serves `GET /metrics` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::{routing::get, Router};
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.encode(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}

@@ -1,0 +1,184 @@
+//! `account-service serve`: the whole pipeline wired in one visible place.
+//!
+//! 1. metrics registry; 2. the engine thread (opens and replays the WAL:
+//! health NOT_SERVING, RPCs UNAVAILABLE meanwhile); 3. gRPC listener with
+//! health and reflection; 4. `/metrics`. SIGTERM / ctrl-c: stop accepting,
+//! finish in-flight calls, drain the engine queue, sync, exit 0.
+
+use crate::config::ServeArgs;
+use crate::engine::{Engine, Phase};
+use crate::ingress::grpc::Service;
+use crate::metrics::{self, Metrics};
+use crate::proto::account::v1::account_service_server::AccountServiceServer;
+use crate::proto::account::v1::admin_service_server::AdminServiceServer;
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    #[error("{what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("{0} is not available in this build yet")]
+    NotBuilt(&'static str),
+    #[error("gRPC listener: {0}")]
+    Incoming(String),
+}
+
+/// Runs the service until SIGTERM / ctrl-c (or the engine fails).
+pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
+    if args.kafka_brokers.is_some() {
+        return Err(ServeError::NotBuilt("Kafka (--kafka-brokers)"));
+    }
+    if args.postgres_url.is_some() {
+        return Err(ServeError::NotBuilt("PostgreSQL (--postgres-url)"));
+    }
+    let engine_config = args.engine_config()?;
+    let metrics = Metrics::new();
+    let grpc_listener = bind("gRPC", args.grpc_addr).await?;
+    let metrics_listener = bind("metrics", args.metrics_addr).await?;
+    tracing::info!(
+        grpc = %grpc_listener.local_addr().map_err(|source| ServeError::Bind { what: "gRPC", addr: args.grpc_addr, source })?,
+        metrics = %args.metrics_addr,
+        data_dir = %args.data_dir.display(),
+        durability = ?args.durability,
+        "starting"
+    );
+
+    let engine = Engine::start(engine_config, metrics.clone())?;
+    let handle = engine.handle();
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let (mut health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    health
+        .set_not_serving::<AccountServiceServer<Service>>()
+        .await;
+    health.set_not_serving::<AdminServiceServer<Service>>().await;
+    tokio::spawn(follow_phase(handle.phase(), health.clone(), stop_tx.clone()));
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let service = Service::new(handle, metrics.clone());
+    tokio::spawn(signal_stop(stop_tx.clone()));
+    let metrics_task = tokio::spawn(metrics::serve(
+        metrics_listener,
+        metrics.clone(),
+        wait_stop(stop_rx.clone()),
+    ));
+
+    let incoming = tonic::transport::server::TcpIncoming::from_listener(grpc_listener, true, None)
+        .map_err(|e| ServeError::Incoming(e.to_string()))?;
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_adaptive_window(Some(true))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(AccountServiceServer::new(service.clone()))
+        .add_service(AdminServiceServer::new(service))
+        .serve_with_incoming_shutdown(incoming, wait_stop(stop_rx.clone()))
+        .await?;
+
+    tracing::info!("gRPC stopped; draining the engine");
+    let engine_result = tokio::task::spawn_blocking(move || engine.stop())
+        .await
+        .unwrap_or_else(|e| Err(crate::engine::EngineError::Thread(e.to_string())));
+    let _ = tokio::time::timeout(Duration::from_secs(2), metrics_task).await;
+    engine_result?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { what, addr, source })
+}
+
+/// Mirrors the engine phase into health; an engine that stops stops the server.
+async fn follow_phase(
+    mut phase: watch::Receiver<Phase>,
+    mut health: tonic_health::server::HealthReporter,
+    stop: watch::Sender<bool>,
+) {
+    loop {
+        let current = *phase.borrow_and_update();
+        match current {
+            Phase::Replaying => {}
+            Phase::Serving => {
+                health
+                    .set_service_status("", tonic_health::ServingStatus::Serving)
+                    .await;
+                health.set_serving::<AccountServiceServer<Service>>().await;
+                health.set_serving::<AdminServiceServer<Service>>().await;
+                tracing::info!("serving");
+            }
+            Phase::Stopped => {
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+                health.set_not_serving::<AccountServiceServer<Service>>().await;
+                health.set_not_serving::<AdminServiceServer<Service>>().await;
+                let _ = stop.send(true);
+                return;
+            }
+        }
+        if phase.changed().await.is_err() {
+            let _ = stop.send(true);
+            return;
+        }
+    }
+}
+
+async fn signal_stop(stop: watch::Sender<bool>) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                let _ = ctrl_c.await;
+                let _ = stop.send(true);
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("stop requested");
+    let _ = stop.send(true);
+}
+
+async fn wait_stop(mut stop: watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,645 @@
+//! The pure state machine: `State::apply(command, sequence, timestamp)`.
+//!
+//! No I/O, no clock, no randomness: live processing, WAL replay and the property
+//! tests run this same function, so replaying the journal rebuilds the state bit
+//! for bit. Time enters only as the `timestamp_ms` stamped on a command when the
+//! engine journaled it. Business rejections are values ([`ResultCode`]), never
+//! errors or panics; `apply` trusts its input (validated at the edge) and asserts
+//! its own invariants (see [`invariants`]).
+
+mod digest;
+pub mod invariants;
+pub mod position;
+mod types;
+
+pub use types::*;
+
+use crate::domain::{
+    AccountId, AccountStatus, CashMovement, Command, Decimal, Fill, Id, OpenAccount,
+    ReservationKind, Reserve, SetAccountStatus, Side, Topic, Unreserve,
+};
+use rustc_hash::FxHashMap;
+use std::collections::{BTreeSet, VecDeque};
+
+/// Limits and windows of the state machine. Part of the deterministic input:
+/// replay must use the values the journal was written with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateConfig {
+    /// How long idempotency keys, and closed reservations (with their
+    /// `(account_id, order_id)`), are kept, in journaled time.
+    pub idempotency_window_ms: i64,
+    /// Most expiries plus prunings one tick performs; the rest waits for the next
+    /// tick, so one tick never stalls the writer.
+    pub tick_work_max: usize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            idempotency_window_ms: 24 * 3600 * 1000,
+            tick_work_max: 10_000,
+        }
+    }
+}
+
+/// What the idempotency table remembers of a key.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct IdempotencyEntry {
+    pub fingerprint: u64,
+    pub outcome: Outcome,
+    pub recorded_at_ms: i64,
+}
+
+/// All accounts, positions, reservations, idempotency keys and consumed Kafka
+/// offsets. Owned by the engine thread alone.
+#[derive(Clone, Debug, Default)]
+pub struct State {
+    config: StateConfig,
+    accounts: FxHashMap<AccountId, Account>,
+    reservations: FxHashMap<ReservationKey, Reservation>,
+    /// Open reservations with an expiry, by expiry.
+    expiries: BTreeSet<(i64, ReservationKey)>,
+    /// Closed reservations in closing order, pruned after the window.
+    closed: VecDeque<(i64, ReservationKey)>,
+    idempotency: FxHashMap<Id, IdempotencyEntry>,
+    /// Keys in recording order (journaled time never decreases), pruned after the window.
+    idempotency_order: VecDeque<(i64, Id)>,
+    /// Last applied offset per inbound (topic, partition).
+    offsets: FxHashMap<(Topic, i32), i64>,
+    last_sequence: u64,
+    last_timestamp_ms: i64,
+    overdrawn_accounts: u64,
+}
+
+impl State {
+    pub fn new(config: StateConfig) -> State {
+        assert!(config.idempotency_window_ms > 0);
+        assert!(config.tick_work_max > 0);
+        State {
+            config,
+            ..State::default()
+        }
+    }
+
+    pub fn config(&self) -> &StateConfig {
+        &self.config
+    }
+
+    /// Sequence of the last applied command (0 before the first).
+    pub fn last_sequence(&self) -> u64 {
+        self.last_sequence
+    }
+
+    pub fn last_timestamp_ms(&self) -> i64 {
+        self.last_timestamp_ms
+    }
+
+    pub fn account(&self, id: AccountId) -> Option<&Account> {
+        self.accounts.get(&id)
+    }
+
+    pub fn accounts(&self) -> impl Iterator<Item = &Account> {
+        self.accounts.values()
+    }
+
+    pub fn account_count(&self) -> usize {
+        self.accounts.len()
+    }
+
+    pub fn reservation(&self, account_id: AccountId, order_id: &Id) -> Option<&Reservation> {
+        self.reservations.get(&ReservationKey {
+            account_id,
+            order_id: *order_id,
+        })
+    }
+
+    pub fn reservations(&self) -> impl Iterator<Item = &Reservation> {
+        self.reservations.values()
+    }
+
+    pub fn idempotency_entries(&self) -> impl Iterator<Item = (&Id, &IdempotencyEntry)> {
+        self.idempotency.iter()
+    }
+
+    pub fn offsets(&self) -> impl Iterator<Item = (Topic, i32, i64)> + '_ {
+        self.offsets.iter().map(|(&(t, p), &o)| (t, p, o))
+    }
+
+    /// Last applied offset of an inbound partition; `None` if never seen.
+    pub fn offset(&self, topic: Topic, partition: i32) -> Option<i64> {
+        self.offsets.get(&(topic, partition)).copied()
+    }
+
+    pub fn overdrawn_accounts(&self) -> u64 {
+        self.overdrawn_accounts
+    }
+
+    /// Earliest journaled time at which a tick has work: an expiry, or a key or
+    /// closed reservation leaving its window. The engine journals a tick then.
+    pub fn next_deadline_ms(&self) -> Option<i64> {
+        let window = self.config.idempotency_window_ms;
+        let expiry = self.expiries.first().map(|(t, _)| *t);
+        let key = self.idempotency_order.front().map(|(t, _)| t + window);
+        let closed = self.closed.front().map(|(t, _)| t + window);
+        [expiry, key, closed].into_iter().flatten().min()
+    }
+
+    /// Applies one journaled command. `sequence` is the next one, `timestamp_ms`
+    /// the journaled time (never decreasing). Events are pushed to `events`.
+    pub fn apply<S: EventSink>(
+        &mut self,
+        command: &Command,
+        sequence: u64,
+        timestamp_ms: i64,
+        events: &mut S,
+    ) -> Outcome {
+        assert_eq!(sequence, self.last_sequence + 1, "sequences are contiguous");
+        debug_assert!(timestamp_ms >= self.last_timestamp_ms, "journaled time never decreases");
+        self.last_sequence = sequence;
+        self.last_timestamp_ms = timestamp_ms.max(self.last_timestamp_ms);
+        let now = self.last_timestamp_ms;
+
+        if let Some(source) = command.source() {
+            let last = self.offsets.entry((source.topic, source.partition)).or_insert(-1);
+            if source.offset <= *last {
+                // A redelivery of a message already applied: nothing happens.
+                let mut outcome = Outcome::new(ResultCode::Ok, sequence);
+                outcome.replayed = true;
+                return outcome;
+            }
+            *last = source.offset;
+        }
+
+        let Some(key) = command.key() else {
+            self.tick(now, events);
+            return Outcome::new(ResultCode::Ok, sequence);
+        };
+        let fingerprint = command.fingerprint();
+        if let Some(entry) = self.idempotency.get(key) {
+            if entry.fingerprint == fingerprint {
+                return Outcome {
+                    replayed: true,
+                    ..entry.outcome
+                };
+            }
+            return Outcome::new(ResultCode::IdempotencyConflict, sequence);
+        }
+
+        let outcome = match command {
+            Command::OpenAccount(c) => self.open_account(c, sequence, events),
+            Command::SetAccountStatus(c) => self.set_status(c, sequence, events),
+            Command::Reserve(c) => self.reserve(c, sequence, events),
+            Command::Unreserve(c) => self.unreserve(c, sequence, now, events),
+            Command::Deposit(c) => self.deposit(c, sequence, events),
+            Command::Withdraw(c) => self.withdraw(c, sequence, events),
+            Command::Fill(c) => self.fill(c, sequence, now, events),
+            Command::Tick => unreachable!("ticks carry no key"),
+        };
+        debug_assert!(!outcome.replayed && outcome.sequence == sequence);
+        self.idempotency.insert(
+            *key,
+            IdempotencyEntry {
+                fingerprint,
+                outcome,
+                recorded_at_ms: now,
+            },
+        );
+        self.idempotency_order.push_back((now, *key));
+        #[cfg(debug_assertions)]
+        if let Some(id) = command.account_id() {
+            invariants::check_account_local(self, id);
+        }
+        outcome
+    }
+
+    fn open_account<S: EventSink>(&mut self, c: &OpenAccount, seq: u64, events: &mut S) -> Outcome {
+        if let Some(existing) = self.accounts.get(&c.account_id) {
+            let result = if existing.base_currency == c.base_currency {
+                ResultCode::Ok
+            } else {
+                ResultCode::AccountAlreadyExists
+            };
+            return Outcome::new(result, seq);
+        }
+        self.accounts
+            .insert(c.account_id, Account::new(c.account_id, c.base_currency));
+        events.push(event(EventKind::AccountOpened, c.account_id).asset(c.base_currency));
+        Outcome::new(ResultCode::Ok, seq)
+    }
+
+    fn set_status<S: EventSink>(&mut self, c: &SetAccountStatus, seq: u64, events: &mut S) -> Outcome {
+        let Some(account) = self.accounts.get_mut(&c.account_id) else {
+            return Outcome::new(ResultCode::AccountNotFound, seq);
+        };
+        if account.status == c.status {
+            return Outcome::new(ResultCode::Ok, seq);
+        }
+        if c.status == AccountStatus::Closed {
+            if account.open_reservations > 0 || !account.is_empty() {
+                return Outcome::new(ResultCode::AccountNotEmpty, seq);
+            }
+        }
+        account.status = c.status;
+        let mut e = event(EventKind::StatusChanged, c.account_id);
+        e.reason = if c.reason.is_empty() {
+            Id::literal(c.status.name())
+        } else {
+            c.reason
+        };
+        events.push(e);
+        Outcome::new(ResultCode::Ok, seq)
+    }
+
+    fn reserve<S: EventSink>(&mut self, c: &Reserve, seq: u64, events: &mut S) -> Outcome {
+        debug_assert!(c.amount > Decimal::ZERO);
+        let Some(account) = self.accounts.get_mut(&c.account_id) else {
+            return Outcome::new(ResultCode::AccountNotFound, seq);
+        };
+        let (available, reserved) = balance_of(account, c.kind, c.asset);
+        let reject = |result| Outcome::new(result, seq).with_balance(c.asset, available, reserved);
+        if account.status != AccountStatus::Active {
+            return reject(ResultCode::AccountNotActive);
+        }
+        let key = ReservationKey {
+            account_id: c.account_id,
+            order_id: c.order_id,
+        };
+        if self.reservations.contains_key(&key) {
+            return reject(ResultCode::OrderAlreadyReserved);
+        }
+        if available < c.amount {
+            return reject(match c.kind {
+                ReservationKind::Cash => ResultCode::InsufficientFunds,
+                ReservationKind::Security => ResultCode::InsufficientPosition,
+            });
+        }
+        match c.kind {
+            ReservationKind::Cash => {
+                let balance = account.cash_entry(c.asset);
+                balance.available -= c.amount;
+                balance.reserved += c.amount;
+            }
+            ReservationKind::Security => {
+                let position = account.positions.iter_mut().find(|p| p.symbol == c.asset);
+                // `available >= amount > 0` above means the position exists.
+                let position = position.expect("a position with free shares exists");
+                position.reserved_quantity += c.amount;
+            }
+        }
+        let (available, reserved) = balance_of(account, c.kind, c.asset);
+        debug_assert!(available >= Decimal::ZERO || account.overdrawn);
+        self.reservations.insert(
+            key,
+            Reservation {
+                account_id: c.account_id,
+                order_id: c.order_id,
+                kind: c.kind,
+                asset: c.asset,
+                amount: c.amount,
+                remaining: c.amount,
+                consumed: Decimal::ZERO,
+                released: Decimal::ZERO,
+                state: ReservationState::Open,
+                expires_at_ms: c.expires_at_ms,
+                sequence: seq,
+                closed_at_ms: 0,
+            },
+        );
+        account.open_reservations += 1;
+        if let Some(at) = c.expires_at_ms {
+            self.expiries.insert((at, key));
+        }
+        events.push(
+            event(EventKind::Reserved, c.account_id)
+                .order(c.order_id)
+                .asset(c.asset)
+                .moved(c.amount, available, reserved),
+        );
+        Outcome::new(ResultCode::Ok, seq).with_balance(c.asset, available, reserved)
+    }
+
+    fn unreserve<S: EventSink>(&mut self, c: &Unreserve, seq: u64, now: i64, events: &mut S) -> Outcome {
+        let Some(account) = self.accounts.get_mut(&c.account_id) else {
+            return Outcome::new(ResultCode::AccountNotFound, seq);
+        };
+        let key = ReservationKey {
+            account_id: c.account_id,
+            order_id: c.order_id,
+        };
+        let Some(reservation) = self.reservations.get_mut(&key) else {
+            return Outcome::new(ResultCode::ReservationNotFound, seq);
+        };
+        if reservation.state != ReservationState::Open {
+            let (available, reserved) = balance_of(account, reservation.kind, reservation.asset);
+            return Outcome::new(ResultCode::Ok, seq).with_balance(reservation.asset, available, reserved);
+        }
+        let amount = c.amount.unwrap_or(reservation.remaining);
+        if amount > reservation.remaining {
+            let (available, reserved) = balance_of(account, reservation.kind, reservation.asset);
+            return Outcome::new(ResultCode::AmountExceedsReservation, seq)
+                .with_balance(reservation.asset, available, reserved);
+        }
+        let (available, reserved) = release(account, reservation, amount);
+        if reservation.remaining.is_zero() {
+            close(reservation, ReservationState::Released, now, &mut self.expiries, &mut self.closed);
+            account.open_reservations -= 1;
+        }
+        events.push(
+            event(EventKind::Unreserved, c.account_id)
+                .order(c.order_id)
+                .asset(reservation.asset)
+                .moved(amount, available, reserved),
+        );
+        let mut outcome = Outcome::new(ResultCode::Ok, seq).with_balance(reservation.asset, available, reserved);
+        outcome.released = amount;
+        outcome
+    }
+
+    fn deposit<S: EventSink>(&mut self, c: &CashMovement, seq: u64, events: &mut S) -> Outcome {
+        debug_assert!(c.amount > Decimal::ZERO);
+        let Some(account) = self.accounts.get_mut(&c.account_id) else {
+            return Outcome::new(ResultCode::AccountNotFound, seq);
+        };
+        if account.status == AccountStatus::Closed {
+            return Outcome::new(ResultCode::AccountNotActive, seq);
+        }
+        let balance = account.cash_entry(c.currency);
+        balance.available += c.amount;
+        let (available, reserved) = (balance.available, balance.reserved);
+        events.push(
+            event(EventKind::Deposited, c.account_id)
+                .asset(c.currency)
+                .moved(c.amount, available, reserved),
+        );
+        refresh_overdrawn(account, &mut self.overdrawn_accounts, events);
+        Outcome::new(ResultCode::Ok, seq).with_balance(c.currency, available, reserved)
+    }
+
+    fn withdraw<S: EventSink>(&mut self, c: &CashMovement, seq: u64, events: &mut S) -> Outcome {
+        debug_assert!(c.amount > Decimal::ZERO);
+        let Some(account) = self.accounts.get_mut(&c.account_id) else {
+            return Outcome::new(ResultCode::AccountNotFound, seq);
+        };
+        let (available, reserved) = balance_of(account, ReservationKind::Cash, c.currency);
+        let result = if account.status != AccountStatus::Active {
+            ResultCode::AccountNotActive
+        } else if available < c.amount {
+            ResultCode::InsufficientFunds
+        } else {
+            ResultCode::Ok
+        };
+        if result != ResultCode::Ok {
+            let mut e = event(EventKind::WithdrawalRejected, c.account_id)
+                .asset(c.currency)
+                .moved(Decimal::ZERO, available, reserved);
+            e.reason = Id::literal(result.name());
+            events.push(e);
+            return Outcome::new(result, seq).with_balance(c.currency, available, reserved);
+        }
+        let balance = account.cash_entry(c.currency);
+        balance.available -= c.amount;
+        let (available, reserved) = (balance.available, balance.reserved);
+        debug_assert!(available >= Decimal::ZERO);
+        events.push(
+            event(EventKind::Withdrawn, c.account_id)
+                .asset(c.currency)
+                .moved(c.amount, available, reserved),
+        );
+        Outcome::new(ResultCode::Ok, seq).with_balance(c.currency, available, reserved)
+    }
+
+    /// A fill already happened on the exchange: it is applied even without (or
+    /// beyond) a reservation, taking the shortfall from what is free, and flags the
+    /// account overdrawn if that goes negative.
+    fn fill<S: EventSink>(&mut self, c: &Fill, seq: u64, now: i64, events: &mut S) -> Outcome {
+        debug_assert!(c.quantity > Decimal::ZERO && c.filled_amount >= Decimal::ZERO);
+        let Some(account) = self.accounts.get_mut(&c.account_id) else {
+            return Outcome::new(ResultCode::AccountNotFound, seq);
+        };
+        let currency = c.currency.unwrap_or(account.base_currency);
+        if account.position(c.symbol).is_some_and(|p| p.currency != currency) {
+            return Outcome::new(ResultCode::CurrencyMismatch, seq);
+        }
+        let key = ReservationKey {
+            account_id: c.account_id,
+            order_id: c.order_id,
+        };
+        let (kind, asset, wanted) = match c.side {
+            Side::Buy => (ReservationKind::Cash, currency, c.filled_amount),
+            Side::Sell => (ReservationKind::Security, c.symbol, c.quantity),
+        };
+        let reservation = self
+            .reservations
+            .get_mut(&key)
+            .filter(|r| r.state == ReservationState::Open && r.kind == kind && r.asset == asset);
+        let consumed = match reservation {
+            Some(r) => {
+                let consumed = r.remaining.min(wanted);
+                r.remaining -= consumed;
+                r.consumed += consumed;
+                if r.remaining.is_zero() {
+                    close(r, ReservationState::Consumed, now, &mut self.expiries, &mut self.closed);
+                    account.open_reservations -= 1;
+                }
+                consumed
+            }
+            None => Decimal::ZERO,
+        };
+
+        let cash = account.cash_entry(currency);
+        match c.side {
+            Side::Buy => {
+                cash.reserved -= consumed;
+                cash.available -= c.filled_amount - consumed;
+            }
+            Side::Sell => cash.available += c.filled_amount,
+        }
+        let (cash_available, cash_reserved) = (cash.available, cash.reserved);
+        let position = account.position_entry(c.symbol, currency);
+        let dq = match c.side {
+            Side::Buy => c.quantity,
+            Side::Sell => {
+                position.reserved_quantity -= consumed;
+                -c.quantity
+            }
+        };
+        position::trade(position, dq, c.filled_amount);
+        let (free, locked) = (position.free_quantity(), position.reserved_quantity);
+
+        let fill = event(EventKind::FillApplied, c.account_id).order(c.order_id);
+        events.push(fill.asset(currency).moved(c.filled_amount, cash_available, cash_reserved));
+        events.push(fill.asset(c.symbol).moved(c.quantity, free, locked));
+        refresh_overdrawn(account, &mut self.overdrawn_accounts, events);
+        Outcome::new(ResultCode::Ok, seq).with_balance(currency, cash_available, cash_reserved)
+    }
+
+    /// Expires due reservations, then prunes keys and closed reservations whose
+    /// window has passed; at most `tick_work_max` items in all.
+    fn tick<S: EventSink>(&mut self, now: i64, events: &mut S) {
+        let mut budget = self.config.tick_work_max;
+        while budget > 0 {
+            let Some(&(at, key)) = self.expiries.first() else { break };
+            if at > now {
+                break;
+            }
+            budget -= 1;
+            let reservation = self.reservations.get_mut(&key);
+            let account = self.accounts.get_mut(&key.account_id);
+            let (Some(reservation), Some(account)) = (reservation, account) else {
+                unreachable!("an indexed expiry has its reservation and account");
+            };
+            debug_assert_eq!(reservation.state, ReservationState::Open);
+            let amount = reservation.remaining;
+            let (available, reserved) = release(account, reservation, amount);
+            close(reservation, ReservationState::Expired, now, &mut self.expiries, &mut self.closed);
+            account.open_reservations -= 1;
+            events.push(
+                event(EventKind::ReservationExpired, key.account_id)
+                    .order(key.order_id)
+                    .asset(reservation.asset)
+                    .moved(amount, available, reserved),
+            );
+        }
+        let window = self.config.idempotency_window_ms;
+        while budget > 0 {
+            let Some(&(at, key)) = self.idempotency_order.front() else { break };
+            if at + window > now {
+                break;
+            }
+            budget -= 1;
+            self.idempotency_order.pop_front();
+            let removed = self.idempotency.remove(&key);
+            debug_assert!(removed.is_some());
+        }
+        while budget > 0 {
+            let Some(&(at, key)) = self.closed.front() else { break };
+            if at + window > now {
+                break;
+            }
+            budget -= 1;
+            self.closed.pop_front();
+            let removed = self.reservations.remove(&key);
+            debug_assert!(removed.is_some_and(|r| r.state != ReservationState::Open));
+        }
+    }
+}
+
+/// (available, reserved) of a cash currency or (free, reserved) shares of a symbol.
+fn balance_of(account: &Account, kind: ReservationKind, asset: crate::domain::Asset) -> (Decimal, Decimal) {
+    match kind {
+        ReservationKind::Cash => account
+            .cash(asset)
+            .map_or((Decimal::ZERO, Decimal::ZERO), |b| (b.available, b.reserved)),
+        ReservationKind::Security => account
+            .position(asset)
+            .map_or((Decimal::ZERO, Decimal::ZERO), |p| (p.free_quantity(), p.reserved_quantity)),
+    }
+}
+
+/// Moves `amount` of an open reservation back to free; returns the asset's
+/// (available, reserved) after.
+fn release(account: &mut Account, reservation: &mut Reservation, amount: Decimal) -> (Decimal, Decimal) {
+    assert!(amount <= reservation.remaining, "release at most what remains");
+    debug_assert_eq!(reservation.state, ReservationState::Open);
+    reservation.remaining -= amount;
+    reservation.released += amount;
+    match reservation.kind {
+        ReservationKind::Cash => {
+            let balance = account.cash_entry(reservation.asset);
+            balance.reserved -= amount;
+            balance.available += amount;
+            (balance.available, balance.reserved)
+        }
+        ReservationKind::Security => {
+            // Reserve found free shares, and positions are never removed.
+            let position = account
+                .positions
+                .iter_mut()
+                .find(|p| p.symbol == reservation.asset)
+                .expect("a security reservation's position exists");
+            position.reserved_quantity -= amount;
+            (position.free_quantity(), position.reserved_quantity)
+        }
+    }
+}
+
+fn close(
+    reservation: &mut Reservation,
+    state: ReservationState,
+    now: i64,
+    expiries: &mut BTreeSet<(i64, ReservationKey)>,
+    closed: &mut VecDeque<(i64, ReservationKey)>,
+) {
+    debug_assert_eq!(reservation.state, ReservationState::Open);
+    debug_assert!(state != ReservationState::Open);
+    reservation.state = state;
+    reservation.closed_at_ms = now;
+    if let Some(at) = reservation.expires_at_ms {
+        expiries.remove(&(at, reservation.key()));
+    }
+    closed.push_back((now, reservation.key()));
+}
+
+fn refresh_overdrawn<S: EventSink>(account: &mut Account, overdrawn_accounts: &mut u64, events: &mut S) {
+    let overdrawn = account.computes_overdrawn();
+    if overdrawn == account.overdrawn {
+        return;
+    }
+    account.overdrawn = overdrawn;
+    if overdrawn {
+        *overdrawn_accounts += 1;
+        let mut e = event(EventKind::Overdrawn, account.account_id);
+        e.reason = Id::literal("fill beyond available");
+        events.push(e);
+    } else {
+        debug_assert!(*overdrawn_accounts > 0);
+        *overdrawn_accounts -= 1;
+    }
+}
+
+fn event(kind: EventKind, account_id: AccountId) -> Event {
+    Event {
+        kind,
+        account_id,
+        order_id: None,
+        asset: None,
+        amount: Decimal::ZERO,
+        available_after: Decimal::ZERO,
+        reserved_after: Decimal::ZERO,
+        reason: Id::default(),
+    }
+}
+
+impl Event {
+    fn order(mut self, order_id: Id) -> Event {
+        self.order_id = Some(order_id);
+        self
+    }
+
+    fn asset(mut self, asset: crate::domain::Asset) -> Event {
+        self.asset = Some(asset);
+        self
+    }
+
+    fn moved(mut self, amount: Decimal, available_after: Decimal, reserved_after: Decimal) -> Event {
+        self.amount = amount;
+        self.available_after = available_after;
+        self.reserved_after = reserved_after;
+        self
+    }
+}
+
+/// Internal access for the invariant checker and snapshots.
+impl State {
+    pub(crate) fn expiries(&self) -> &BTreeSet<(i64, ReservationKey)> {
+        &self.expiries
+    }
+
+    pub(crate) fn idempotency_order_len(&self) -> usize {
+        self.idempotency_order.len()
+    }
+
+    pub(crate) fn closed_len(&self) -> usize {
+        self.closed.len()
+    }
+}

@@ -1,0 +1,339 @@
+//! The state's rows and the values `apply` returns.
+
+use crate::domain::{AccountId, AccountStatus, Asset, Currency, Decimal, Id, ReservationKind, Symbol};
+
+/// Business outcome of a command. Mirrors `account.v1.Result` value for value.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum ResultCode {
+    Ok = 1,
+    InsufficientFunds = 2,
+    InsufficientPosition = 3,
+    AccountNotFound = 4,
+    AccountNotActive = 5,
+    OrderAlreadyReserved = 6,
+    ReservationNotFound = 7,
+    IdempotencyConflict = 8,
+    AccountAlreadyExists = 9,
+    AmountExceedsReservation = 10,
+    AccountNotEmpty = 11,
+    /// A fill settles in a currency other than the one its position was opened in.
+    CurrencyMismatch = 12,
+}
+
+impl ResultCode {
+    pub fn is_ok(self) -> bool {
+        self == ResultCode::Ok
+    }
+
+    pub fn from_u8(v: u8) -> Option<ResultCode> {
+        use ResultCode::*;
+        Some(match v {
+            1 => Ok,
+            2 => InsufficientFunds,
+            3 => InsufficientPosition,
+            4 => AccountNotFound,
+            5 => AccountNotActive,
+            6 => OrderAlreadyReserved,
+            7 => ReservationNotFound,
+            8 => IdempotencyConflict,
+            9 => AccountAlreadyExists,
+            10 => AmountExceedsReservation,
+            11 => AccountNotEmpty,
+            12 => CurrencyMismatch,
+            _ => return None,
+        })
+    }
+
+    /// Upper-snake name without the `RESULT_` prefix, for messages, DLQ reasons and metrics.
+    pub fn name(self) -> &'static str {
+        use ResultCode::*;
+        match self {
+            Ok => "OK",
+            InsufficientFunds => "INSUFFICIENT_FUNDS",
+            InsufficientPosition => "INSUFFICIENT_POSITION",
+            AccountNotFound => "ACCOUNT_NOT_FOUND",
+            AccountNotActive => "ACCOUNT_NOT_ACTIVE",
+            OrderAlreadyReserved => "ORDER_ALREADY_RESERVED",
+            ReservationNotFound => "RESERVATION_NOT_FOUND",
+            IdempotencyConflict => "IDEMPOTENCY_CONFLICT",
+            AccountAlreadyExists => "ACCOUNT_ALREADY_EXISTS",
+            AmountExceedsReservation => "AMOUNT_EXCEEDS_RESERVATION",
+            AccountNotEmpty => "ACCOUNT_NOT_EMPTY",
+            CurrencyMismatch => "CURRENCY_MISMATCH",
+        }
+    }
+}
+
+/// What a command did, as the caller sees it. `Copy` and small: it is also what
+/// the idempotency table keeps, so a replay answers exactly the original outcome.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Outcome {
+    pub result: ResultCode,
+    /// True when this is the stored outcome of an earlier command with the same key.
+    pub replayed: bool,
+    /// Sequence of the command that produced the outcome (the original one for a replay).
+    pub sequence: u64,
+    /// The asset whose balances follow (cash currency or symbol), if any.
+    pub asset: Option<Asset>,
+    pub available: Decimal,
+    pub reserved: Decimal,
+    /// What an Unreserve released.
+    pub released: Decimal,
+}
+
+impl Outcome {
+    pub fn new(result: ResultCode, sequence: u64) -> Outcome {
+        Outcome {
+            result,
+            replayed: false,
+            sequence,
+            asset: None,
+            available: Decimal::ZERO,
+            reserved: Decimal::ZERO,
+            released: Decimal::ZERO,
+        }
+    }
+
+    pub fn with_balance(mut self, asset: Asset, available: Decimal, reserved: Decimal) -> Outcome {
+        self.asset = Some(asset);
+        self.available = available;
+        self.reserved = reserved;
+        self
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum ReservationState {
+    Open = 1,
+    Consumed = 2,
+    Released = 3,
+    Expired = 4,
+}
+
+impl ReservationState {
+    pub fn from_u8(v: u8) -> Option<ReservationState> {
+        use ReservationState::*;
+        Some(match v {
+            1 => Open,
+            2 => Consumed,
+            3 => Released,
+            4 => Expired,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        use ReservationState::*;
+        match self {
+            Open => "OPEN",
+            Consumed => "CONSUMED",
+            Released => "RELEASED",
+            Expired => "EXPIRED",
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct ReservationKey {
+    pub account_id: AccountId,
+    pub order_id: Id,
+}
+
+/// One order's lock on cash or shares. `amount = remaining + consumed + released`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Reservation {
+    pub account_id: AccountId,
+    pub order_id: Id,
+    pub kind: ReservationKind,
+    pub asset: Asset,
+    pub amount: Decimal,
+    pub remaining: Decimal,
+    pub consumed: Decimal,
+    pub released: Decimal,
+    pub state: ReservationState,
+    /// Unix ms; `None` = no expiry.
+    pub expires_at_ms: Option<i64>,
+    /// Sequence of the Reserve that created it.
+    pub sequence: u64,
+    /// Journaled time it left `Open` (0 while open): the idempotency window starts there.
+    pub closed_at_ms: i64,
+}
+
+impl Reservation {
+    pub fn key(&self) -> ReservationKey {
+        ReservationKey {
+            account_id: self.account_id,
+            order_id: self.order_id,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct CashBalance {
+    pub currency: Currency,
+    pub available: Decimal,
+    pub reserved: Decimal,
+}
+
+/// A holding. Cost basis is the exact total cost of what is held (negative for a
+/// short opened by an oversell); the average price is derived, never stored.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Position {
+    pub symbol: Symbol,
+    pub quantity: Decimal,
+    pub reserved_quantity: Decimal,
+    pub cost_basis: Decimal,
+    pub realized_pnl: Decimal,
+    /// Settlement currency, fixed by the first fill.
+    pub currency: Currency,
+}
+
+impl Position {
+    /// `cost_basis / quantity`, half-even to 8 fractional digits; 0 when flat.
+    pub fn average_price(&self) -> Decimal {
+        if self.quantity.is_zero() {
+            return Decimal::ZERO;
+        }
+        crate::domain::amount::round(self.cost_basis / self.quantity)
+    }
+
+    /// Shares not locked by an open sell reservation.
+    pub fn free_quantity(&self) -> Decimal {
+        self.quantity - self.reserved_quantity
+    }
+}
+
+/// An account and everything it holds. Cash balances and positions are short
+/// vectors scanned linearly: a retail account holds a handful, and a `Vec` costs
+/// a fraction of a map's memory (design 6: 1 M accounts, 5 M positions).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Account {
+    pub account_id: AccountId,
+    pub status: AccountStatus,
+    pub base_currency: Currency,
+    pub overdrawn: bool,
+    pub cash: Vec<CashBalance>,
+    pub positions: Vec<Position>,
+    /// Reservations of this account still `Open` (closing needs none).
+    pub open_reservations: u32,
+}
+
+impl Account {
+    pub fn new(account_id: AccountId, base_currency: Currency) -> Account {
+        Account {
+            account_id,
+            status: AccountStatus::Active,
+            base_currency,
+            overdrawn: false,
+            cash: Vec::new(),
+            positions: Vec::new(),
+            open_reservations: 0,
+        }
+    }
+
+    pub fn cash(&self, currency: Currency) -> Option<&CashBalance> {
+        self.cash.iter().find(|b| b.currency == currency)
+    }
+
+    pub fn position(&self, symbol: Symbol) -> Option<&Position> {
+        self.positions.iter().find(|p| p.symbol == symbol)
+    }
+
+    /// The balance in `currency`, created at zero if absent.
+    pub fn cash_entry(&mut self, currency: Currency) -> &mut CashBalance {
+        let i = match self.cash.iter().position(|b| b.currency == currency) {
+            Some(i) => i,
+            None => {
+                self.cash.push(CashBalance {
+                    currency,
+                    available: Decimal::ZERO,
+                    reserved: Decimal::ZERO,
+                });
+                self.cash.len() - 1
+            }
+        };
+        &mut self.cash[i]
+    }
+
+    /// The position in `symbol`, created flat (settling in `currency`) if absent.
+    pub fn position_entry(&mut self, symbol: Symbol, currency: Currency) -> &mut Position {
+        let i = match self.positions.iter().position(|p| p.symbol == symbol) {
+            Some(i) => i,
+            None => {
+                self.positions.push(Position {
+                    symbol,
+                    quantity: Decimal::ZERO,
+                    reserved_quantity: Decimal::ZERO,
+                    cost_basis: Decimal::ZERO,
+                    realized_pnl: Decimal::ZERO,
+                    currency,
+                });
+                self.positions.len() - 1
+            }
+        };
+        &mut self.positions[i]
+    }
+
+    /// Negative available cash, or fewer shares than are locked (an oversell).
+    pub fn computes_overdrawn(&self) -> bool {
+        self.cash.iter().any(|b| b.available.is_sign_negative() && !b.available.is_zero())
+            || self.positions.iter().any(|p| p.free_quantity() < Decimal::ZERO)
+    }
+
+    /// Closing needs every balance, position and reservation at zero.
+    pub fn is_empty(&self) -> bool {
+        self.cash.iter().all(|b| b.available.is_zero() && b.reserved.is_zero())
+            && self
+                .positions
+                .iter()
+                .all(|p| p.quantity.is_zero() && p.reserved_quantity.is_zero())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum EventKind {
+    Reserved = 1,
+    Unreserved = 2,
+    ReservationExpired = 3,
+    FillApplied = 4,
+    Deposited = 5,
+    Withdrawn = 6,
+    WithdrawalRejected = 7,
+    Overdrawn = 8,
+    AccountOpened = 9,
+    StatusChanged = 10,
+}
+
+/// An account event, as `apply` derives it. The sequence, timestamp and cause id
+/// come from the journaled command it belongs to; `event_id` is
+/// `"<sequence>-<index>"`, so re-deriving after a restart gives the same ids.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Event {
+    pub kind: EventKind,
+    pub account_id: AccountId,
+    pub order_id: Option<Id>,
+    pub asset: Option<Asset>,
+    pub amount: Decimal,
+    pub available_after: Decimal,
+    pub reserved_after: Decimal,
+    pub reason: Id,
+}
+
+/// Where `apply` puts the events it derives. The engine passes a reusable `Vec`
+/// when events are published, and [`NoEvents`] when nobody listens.
+pub trait EventSink {
+    fn push(&mut self, event: Event);
+}
+
+impl EventSink for Vec<Event> {
+    fn push(&mut self, event: Event) {
+        Vec::push(self, event)
+    }
+}
+
+/// Discards events.
+pub struct NoEvents;
+
+impl EventSink for NoEvents {
+    fn push(&mut self, _event: Event) {}
+}

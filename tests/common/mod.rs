@@ -1,0 +1,164 @@
+//! Builders shared by the black-box tests.
+#![allow(dead_code)]
+
+pub mod server;
+pub mod strategies;
+
+use account_service::domain::*;
+use account_service::state_machine::{Event, NoEvents, Outcome, State, StateConfig};
+use std::str::FromStr;
+
+pub fn d(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+pub fn id(s: &str) -> Id {
+    Id::new(s).unwrap()
+}
+
+pub fn usd() -> Asset {
+    Asset::currency("USD").unwrap()
+}
+
+pub fn eur() -> Asset {
+    Asset::currency("EUR").unwrap()
+}
+
+pub fn sym(s: &str) -> Asset {
+    Asset::symbol(s).unwrap()
+}
+
+/// A state plus the sequence/clock bookkeeping the engine normally does.
+pub struct Harness {
+    pub state: State,
+    pub now_ms: i64,
+    pub events: Vec<Event>,
+}
+
+impl Harness {
+    pub fn new() -> Harness {
+        Harness::with_config(StateConfig::default())
+    }
+
+    pub fn with_config(config: StateConfig) -> Harness {
+        Harness {
+            state: State::new(config),
+            now_ms: 1_700_000_000_000,
+            events: Vec::new(),
+        }
+    }
+
+    pub fn run(&mut self, command: Command) -> Outcome {
+        self.events.clear();
+        let seq = self.state.last_sequence() + 1;
+        let outcome = self.state.apply(&command, seq, self.now_ms, &mut self.events);
+        if let Err(e) = account_service::state_machine::invariants::check(&self.state) {
+            panic!("invariant broken after {command:?}: {e}");
+        }
+        outcome
+    }
+
+    pub fn run_quiet(&mut self, command: Command) -> Outcome {
+        let seq = self.state.last_sequence() + 1;
+        self.state.apply(&command, seq, self.now_ms, &mut NoEvents)
+    }
+
+    pub fn open(&mut self, account: i64) -> Outcome {
+        self.run(open(&format!("open-{account}"), account, usd()))
+    }
+
+    pub fn deposit(&mut self, key: &str, account: i64, amount: &str) -> Outcome {
+        self.run(deposit(key, account, usd(), amount))
+    }
+}
+
+pub fn open(key: &str, account: i64, currency: Asset) -> Command {
+    Command::OpenAccount(OpenAccount {
+        request_id: id(key),
+        account_id: AccountId(account),
+        base_currency: currency,
+    })
+}
+
+pub fn status(key: &str, account: i64, status: AccountStatus) -> Command {
+    Command::SetAccountStatus(SetAccountStatus {
+        request_id: id(key),
+        account_id: AccountId(account),
+        status,
+        reason: Id::default(),
+    })
+}
+
+pub fn deposit(key: &str, account: i64, currency: Asset, amount: &str) -> Command {
+    Command::Deposit(CashMovement {
+        event_id: id(key),
+        account_id: AccountId(account),
+        currency,
+        amount: d(amount),
+        source: None,
+    })
+}
+
+pub fn withdraw(key: &str, account: i64, currency: Asset, amount: &str) -> Command {
+    Command::Withdraw(CashMovement {
+        event_id: id(key),
+        account_id: AccountId(account),
+        currency,
+        amount: d(amount),
+        source: None,
+    })
+}
+
+pub fn reserve_cash(key: &str, account: i64, order: &str, amount: &str) -> Command {
+    reserve(key, account, order, ReservationKind::Cash, usd(), amount, None)
+}
+
+pub fn reserve_shares(key: &str, account: i64, order: &str, symbol: &str, amount: &str) -> Command {
+    reserve(key, account, order, ReservationKind::Security, sym(symbol), amount, None)
+}
+
+pub fn reserve(
+    key: &str,
+    account: i64,
+    order: &str,
+    kind: ReservationKind,
+    asset: Asset,
+    amount: &str,
+    expires_at_ms: Option<i64>,
+) -> Command {
+    Command::Reserve(Reserve {
+        request_id: id(key),
+        account_id: AccountId(account),
+        order_id: id(order),
+        kind,
+        asset,
+        amount: d(amount),
+        expires_at_ms,
+    })
+}
+
+pub fn unreserve(key: &str, account: i64, order: &str, amount: Option<&str>) -> Command {
+    Command::Unreserve(Unreserve {
+        request_id: id(key),
+        account_id: AccountId(account),
+        order_id: id(order),
+        amount: amount.map(d),
+    })
+}
+
+/// A fill whose filled_amount is price x quantity, rounded half-even.
+pub fn fill(key: &str, account: i64, order: &str, symbol: &str, side: Side, quantity: &str, price: &str) -> Command {
+    let filled = amount::round(d(price) * d(quantity));
+    Command::Fill(Fill {
+        event_id: id(key),
+        account_id: AccountId(account),
+        order_id: id(order),
+        symbol: sym(symbol),
+        side,
+        quantity: d(quantity),
+        price: d(price),
+        filled_amount: filled,
+        currency: None,
+        source: None,
+    })
+}

@@ -1,0 +1,288 @@
+//! One test per domain rule (design section 3), with hand-computed decimals.
+
+mod common;
+
+use account_service::domain::*;
+use account_service::state_machine::{EventKind, ReservationState, ResultCode};
+use common::*;
+
+fn cash(h: &Harness, account: i64) -> (Decimal, Decimal) {
+    let b = h.state.account(AccountId(account)).unwrap().cash(usd()).unwrap();
+    (b.available, b.reserved)
+}
+
+fn position(h: &Harness, account: i64, symbol: &str) -> account_service::state_machine::Position {
+    *h.state.account(AccountId(account)).unwrap().position(sym(symbol)).unwrap()
+}
+
+#[test]
+fn open_account_is_idempotent_by_currency() {
+    let mut h = Harness::new();
+    assert_eq!(h.run(open("a", 1, usd())).result, ResultCode::Ok);
+    assert_eq!(h.events[0].kind, EventKind::AccountOpened);
+    assert_eq!(h.run(open("b", 1, usd())).result, ResultCode::Ok);
+    assert!(h.events.is_empty(), "re-opening changes nothing");
+    assert_eq!(h.run(open("c", 1, eur())).result, ResultCode::AccountAlreadyExists);
+}
+
+#[test]
+fn reserve_cash_moves_available_to_reserved() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "1000.50");
+    let o = h.run(reserve_cash("r1", 1, "o1", "250.25"));
+    assert_eq!(o.result, ResultCode::Ok);
+    assert_eq!((o.available, o.reserved), (d("750.25"), d("250.25")));
+    assert_eq!(cash(&h, 1), (d("750.25"), d("250.25")));
+    let r = h.state.reservation(AccountId(1), &id("o1")).unwrap();
+    assert_eq!(r.state, ReservationState::Open);
+    assert_eq!(r.remaining, d("250.25"));
+    assert_eq!(h.events[0].kind, EventKind::Reserved);
+}
+
+#[test]
+fn reserve_rejections() {
+    let mut h = Harness::new();
+    assert_eq!(h.run(reserve_cash("r0", 9, "o", "1")).result, ResultCode::AccountNotFound);
+    h.open(1);
+    h.deposit("d1", 1, "100");
+    assert_eq!(h.run(reserve_cash("r1", 1, "o1", "100.00000001")).result, ResultCode::InsufficientFunds);
+    assert_eq!(h.run(reserve_cash("r2", 1, "o1", "60")).result, ResultCode::Ok);
+    assert_eq!(h.run(reserve_cash("r3", 1, "o1", "1")).result, ResultCode::OrderAlreadyReserved);
+    assert_eq!(h.run(reserve_shares("r4", 1, "o2", "ACME", "1")).result, ResultCode::InsufficientPosition);
+    let no_euros = reserve("r5", 1, "o3", ReservationKind::Cash, eur(), "1", None);
+    assert_eq!(h.run(no_euros).result, ResultCode::InsufficientFunds);
+    h.run(status("s1", 1, AccountStatus::Suspended));
+    assert_eq!(h.run(reserve_cash("r6", 1, "o4", "1")).result, ResultCode::AccountNotActive);
+    // Rejections change nothing.
+    assert_eq!(cash(&h, 1), (d("40"), d("60")));
+}
+
+#[test]
+fn unreserve_partial_then_rest() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "100");
+    h.run(reserve_cash("r1", 1, "o1", "80"));
+    let o = h.run(unreserve("u1", 1, "o1", Some("30.5")));
+    assert_eq!((o.result, o.released), (ResultCode::Ok, d("30.5")));
+    assert_eq!(cash(&h, 1), (d("50.5"), d("49.5")));
+    assert_eq!(h.run(unreserve("u2", 1, "o1", Some("49.50000001"))).result, ResultCode::AmountExceedsReservation);
+    let o = h.run(unreserve("u3", 1, "o1", None));
+    assert_eq!(o.released, d("49.5"));
+    assert_eq!(cash(&h, 1), (d("100"), d("0")));
+    let r = h.state.reservation(AccountId(1), &id("o1")).unwrap();
+    assert_eq!((r.state, r.released, r.remaining), (ReservationState::Released, d("80"), d("0")));
+    // A closed reservation: OK, released 0; its order id stays taken.
+    let o = h.run(unreserve("u4", 1, "o1", None));
+    assert_eq!((o.result, o.released), (ResultCode::Ok, d("0")));
+    assert_eq!(h.run(reserve_cash("r2", 1, "o1", "1")).result, ResultCode::OrderAlreadyReserved);
+    assert_eq!(h.run(unreserve("u5", 1, "nope", None)).result, ResultCode::ReservationNotFound);
+}
+
+#[test]
+fn buy_fill_consumes_reservation_and_builds_position() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "10000");
+    h.run(reserve_cash("r1", 1, "o1", "1010")); // 10 x 100 + 10 fee
+    let o = h.run(fill("f1", 1, "o1", "ACME", Side::Buy, "4", "100.25"));
+    assert_eq!(o.result, ResultCode::Ok);
+    // 4 x 100.25 = 401 consumed from the 1010 reserved
+    assert_eq!(cash(&h, 1), (d("8990"), d("609")));
+    h.run(fill("f2", 1, "o1", "ACME", Side::Buy, "6", "99.5")); // 597
+    assert_eq!(cash(&h, 1), (d("8990"), d("12")));
+    let p = position(&h, 1, "ACME");
+    assert_eq!((p.quantity, p.cost_basis), (d("10"), d("998")));
+    assert_eq!(p.average_price(), d("99.8"));
+    // The order ends: the 12 left (fee estimate) comes back.
+    let o = h.run(unreserve("u1", 1, "o1", None));
+    assert_eq!(o.released, d("12"));
+    assert_eq!(cash(&h, 1), (d("9002"), d("0")));
+    let r = h.state.reservation(AccountId(1), &id("o1")).unwrap();
+    assert_eq!((r.consumed, r.released), (d("998"), d("12")));
+}
+
+#[test]
+fn sell_fill_consumes_shares_and_books_pnl() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "1000");
+    h.run(fill("f1", 1, "b1", "ACME", Side::Buy, "10", "50")); // no reservation: from available
+    assert_eq!(cash(&h, 1), (d("500"), d("0")));
+    h.run(reserve_shares("r1", 1, "s1", "ACME", "6"));
+    assert_eq!(position(&h, 1, "ACME").reserved_quantity, d("6"));
+    h.run(fill("f2", 1, "s1", "ACME", Side::Sell, "6", "55"));
+    let p = position(&h, 1, "ACME");
+    assert_eq!((p.quantity, p.reserved_quantity), (d("4"), d("0")));
+    assert_eq!((p.cost_basis, p.realized_pnl), (d("200"), d("30")));
+    assert_eq!(cash(&h, 1), (d("830"), d("0")));
+    assert_eq!(
+        h.state.reservation(AccountId(1), &id("s1")).unwrap().state,
+        ReservationState::Consumed
+    );
+    // Sold to zero: cost basis exactly zero.
+    h.run(fill("f3", 1, "s2", "ACME", Side::Sell, "4", "45"));
+    let p = position(&h, 1, "ACME");
+    assert_eq!((p.quantity, p.cost_basis, p.realized_pnl), (d("0"), d("0"), d("10")));
+}
+
+#[test]
+fn fill_beyond_available_flags_overdrawn_and_deposit_clears_it() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "100");
+    h.run(reserve_cash("r1", 1, "o1", "100"));
+    h.run(fill("f1", 1, "o1", "ACME", Side::Buy, "3", "40")); // 120: 100 reserved + 20 short
+    assert_eq!(cash(&h, 1), (d("-20"), d("0")));
+    assert!(h.state.account(AccountId(1)).unwrap().overdrawn);
+    assert!(h.events.iter().any(|e| e.kind == EventKind::Overdrawn));
+    assert_eq!(h.state.overdrawn_accounts(), 1);
+    h.deposit("d2", 1, "20");
+    assert!(!h.state.account(AccountId(1)).unwrap().overdrawn);
+    assert_eq!(h.state.overdrawn_accounts(), 0);
+}
+
+#[test]
+fn fill_in_another_currency_than_the_position_is_rejected() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "100");
+    h.run(fill("f1", 1, "o1", "ACME", Side::Buy, "1", "10"));
+    let mut f = fill("f2", 1, "o2", "ACME", Side::Buy, "1", "10");
+    if let Command::Fill(ref mut x) = f {
+        x.currency = Some(eur());
+    }
+    assert_eq!(h.run(f).result, ResultCode::CurrencyMismatch);
+    assert_eq!(position(&h, 1, "ACME").quantity, d("1"));
+}
+
+#[test]
+fn deposits_and_withdrawals() {
+    let mut h = Harness::new();
+    assert_eq!(h.deposit("d0", 1, "5").result, ResultCode::AccountNotFound);
+    h.open(1);
+    h.deposit("d1", 1, "100.10");
+    let o = h.run(withdraw("w1", 1, usd(), "100.10000001"));
+    assert_eq!(o.result, ResultCode::InsufficientFunds);
+    assert_eq!(h.events[0].kind, EventKind::WithdrawalRejected);
+    let o = h.run(withdraw("w2", 1, usd(), "0.1"));
+    assert_eq!((o.result, o.available), (ResultCode::Ok, d("100")));
+    // Suspended: deposits apply, withdrawals do not.
+    h.run(status("s", 1, AccountStatus::Suspended));
+    assert_eq!(h.deposit("d2", 1, "1").result, ResultCode::Ok);
+    assert_eq!(h.run(withdraw("w3", 1, usd(), "1")).result, ResultCode::AccountNotActive);
+}
+
+#[test]
+fn suspended_account_still_unreserves_and_fills() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "100");
+    h.run(reserve_cash("r1", 1, "o1", "50"));
+    h.run(status("s", 1, AccountStatus::Suspended));
+    assert_eq!(h.run(fill("f1", 1, "o1", "ACME", Side::Buy, "1", "20")).result, ResultCode::Ok);
+    assert_eq!(h.run(unreserve("u1", 1, "o1", None)).released, d("30"));
+}
+
+#[test]
+fn closing_needs_everything_at_zero() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "10");
+    h.run(reserve_cash("r1", 1, "o1", "10"));
+    assert_eq!(h.run(status("c1", 1, AccountStatus::Closed)).result, ResultCode::AccountNotEmpty);
+    h.run(unreserve("u1", 1, "o1", None));
+    assert_eq!(h.run(status("c2", 1, AccountStatus::Closed)).result, ResultCode::AccountNotEmpty);
+    h.run(withdraw("w1", 1, usd(), "10"));
+    assert_eq!(h.run(status("c3", 1, AccountStatus::Closed)).result, ResultCode::Ok);
+    assert_eq!(h.state.account(AccountId(1)).unwrap().status, AccountStatus::Closed);
+    assert_eq!(h.deposit("d2", 1, "1").result, ResultCode::AccountNotActive);
+}
+
+#[test]
+fn idempotency_replays_and_conflicts() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "100");
+    let first = h.run(reserve_cash("r1", 1, "o1", "10"));
+    let again = h.run(reserve_cash("r1", 1, "o1", "10"));
+    assert!(again.replayed && !first.replayed);
+    assert_eq!(again.sequence, first.sequence);
+    assert_eq!((again.available, again.reserved), (first.available, first.reserved));
+    assert!(h.events.is_empty(), "a replay produces no event");
+    assert_eq!(cash(&h, 1), (d("90"), d("10")));
+    let conflict = h.run(reserve_cash("r1", 1, "o1", "11"));
+    assert_eq!(conflict.result, ResultCode::IdempotencyConflict);
+    // A rejection replays as the same rejection, even once it would succeed.
+    let rejected = h.run(reserve_cash("r2", 1, "o2", "1000"));
+    assert_eq!(rejected.result, ResultCode::InsufficientFunds);
+    h.deposit("d2", 1, "5000");
+    let replay = h.run(reserve_cash("r2", 1, "o2", "1000"));
+    assert_eq!((replay.result, replay.replayed, replay.sequence), (ResultCode::InsufficientFunds, true, rejected.sequence));
+    // Same amount written differently is the same payload.
+    assert!(h.run(reserve_cash("r1", 1, "o1", "10.000")).replayed);
+    // Event ids share one table across deposits, withdrawals and fills.
+    assert_eq!(h.run(withdraw("d1", 1, usd(), "100")).result, ResultCode::IdempotencyConflict);
+}
+
+#[test]
+fn expiry_by_journaled_tick() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "100");
+    let at = h.now_ms + 1_000;
+    h.run(reserve("r1", 1, "o1", ReservationKind::Cash, usd(), "40", Some(at)));
+    assert_eq!(h.state.next_deadline_ms(), Some(at));
+    h.now_ms = at - 1;
+    h.run(Command::Tick);
+    assert_eq!(cash(&h, 1), (d("60"), d("40")));
+    h.now_ms = at;
+    h.run(Command::Tick);
+    assert_eq!(cash(&h, 1), (d("100"), d("0")));
+    assert_eq!(h.events[0].kind, EventKind::ReservationExpired);
+    assert_eq!(h.events[0].amount, d("40"));
+    let r = h.state.reservation(AccountId(1), &id("o1")).unwrap();
+    assert_eq!((r.state, r.released), (ReservationState::Expired, d("40")));
+}
+
+#[test]
+fn keys_and_closed_reservations_leave_after_the_window() {
+    let window = 60_000;
+    let mut h = Harness::with_config(account_service::state_machine::StateConfig {
+        idempotency_window_ms: window,
+        tick_work_max: 10_000,
+    });
+    h.open(1);
+    h.deposit("d1", 1, "100");
+    h.run(reserve_cash("r1", 1, "o1", "10"));
+    h.run(unreserve("u1", 1, "o1", None));
+    h.now_ms += window - 1;
+    h.run(Command::Tick);
+    assert!(h.run(reserve_cash("r1", 1, "o1", "10")).replayed, "still in the window");
+    h.now_ms += 2;
+    h.run(Command::Tick);
+    assert!(h.state.reservation(AccountId(1), &id("o1")).is_none());
+    let fresh = h.run(reserve_cash("r1", 1, "o1", "10"));
+    assert!(!fresh.replayed && fresh.result.is_ok(), "the key and the order id are free again");
+}
+
+#[test]
+fn redelivered_kafka_offset_changes_nothing() {
+    let mut h = Harness::new();
+    h.open(1);
+    let source = Some(Source { topic: Topic::Deposits, partition: 0, offset: 5 });
+    let mut dep = deposit("k1", 1, usd(), "10");
+    if let Command::Deposit(ref mut c) = dep {
+        c.source = source;
+    }
+    assert!(!h.run(dep).replayed);
+    // A different event at an offset already applied (a redelivery): skipped.
+    let mut again = deposit("k2", 1, usd(), "10");
+    if let Command::Deposit(ref mut c) = again {
+        c.source = source;
+    }
+    assert!(h.run(again).replayed);
+    assert_eq!(cash(&h, 1), (d("10"), d("0")));
+    assert_eq!(h.state.offset(Topic::Deposits, 0), Some(5));
+}
