@@ -12,6 +12,9 @@ use crate::metrics::{self, Metrics};
 use crate::proto::account::v1::account_service_server::AccountServiceServer;
 use crate::proto::account::v1::admin_service_server::AdminServiceServer;
 use std::time::Duration;
+
+/// How long a stop waits for clients to finish and close their connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +92,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
 
     let incoming = tonic::transport::server::TcpIncoming::from_listener(grpc_listener, true, None)
         .map_err(|e| ServeError::Incoming(e.to_string()))?;
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_adaptive_window(Some(true))
         .add_service(health_service)
@@ -97,8 +100,17 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         .add_service(reflection_v1alpha)
         .add_service(AccountServiceServer::new(service.clone()))
         .add_service(AdminServiceServer::new(service))
-        .serve_with_incoming_shutdown(incoming, wait_stop(stop_rx.clone()))
-        .await?;
+        .serve_with_incoming_shutdown(incoming, wait_stop(stop_rx.clone()));
+    // Graceful: in-flight calls finish; connections a client keeps open get
+    // SHUTDOWN_GRACE before the engine is drained regardless.
+    let grace = async {
+        wait_stop(stop_rx.clone()).await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        result = server => result?,
+        () = grace => tracing::warn!("connections still open after the grace period; closing"),
+    }
 
     tracing::info!("gRPC stopped; draining the engine");
     let engine_result = tokio::task::spawn_blocking(move || engine.stop())

@@ -107,30 +107,40 @@ async fn kill9_loses_no_acknowledged_write_and_retries_replay() {
     admin.open_account(open("open-1", 1)).await.unwrap();
     admin.deposit(deposit("dep-1", 1, "1000000")).await.unwrap();
 
-    // Many concurrent reserves; kill -9 while they are in flight.
+    // 16 concurrent clients reserve in a loop; kill -9 once 500 are
+    // acknowledged, with more in flight.
     let channel = server.channel().await;
+    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
-    for i in 0..2_000 {
+    for worker in 0..16 {
         let mut client = pb::account_service_client::AccountServiceClient::new(channel.clone());
+        let acked = acked.clone();
         tasks.push(tokio::spawn(async move {
-            let r = client.reserve(reserve(&format!("req-{i}"), 1, &format!("ord-{i}"), "1.5")).await;
-            (i, r.map(|r| r.into_inner()))
+            let mut done = Vec::new();
+            for n in 0.. {
+                let i = worker * 1_000_000 + n;
+                match client.reserve(reserve(&format!("req-{i}"), 1, &format!("ord-{i}"), "1.5")).await {
+                    Ok(reply) => {
+                        let reply = reply.into_inner();
+                        assert_eq!(reply.result, pb::Result::Ok as i32);
+                        done.push((i, reply.sequence));
+                        acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(_) => return done,
+                }
+            }
+            done
         }));
-        if i == 1_000 {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
     }
-    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    while acked.load(std::sync::atomic::Ordering::Relaxed) < 500 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
     server.kill9();
     let mut acknowledged = Vec::new();
     for t in tasks {
-        let (i, r) = t.await.unwrap();
-        if let Ok(reply) = r {
-            assert_eq!(reply.result, pb::Result::Ok as i32);
-            acknowledged.push((i, reply.sequence));
-        }
+        acknowledged.extend(t.await.unwrap());
     }
-    assert!(!acknowledged.is_empty(), "some reserves were acknowledged before the kill");
+    assert!(acknowledged.len() >= 500);
 
     let server = Server::start(dir.path(), &[]).await;
     let mut accounts = server.accounts().await;

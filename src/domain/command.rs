@@ -214,60 +214,92 @@ impl Command {
     /// A stable 64-bit fingerprint of the payload, for idempotency: the same key
     /// with a different fingerprint is a conflict. The Kafka source is left out,
     /// so the same event by Kafka and by AdminService is the same payload.
+    /// Amounts are normalized first, so "10" and "10.00" are the same payload.
+    /// One-shot xxh3 over a stack buffer: no allocation, no streaming state.
     pub fn fingerprint(&self) -> u64 {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
-        let dec = |h: &mut xxhash_rust::xxh3::Xxh3, d: &Decimal| h.update(&d.normalize().serialize());
+        let mut buf = Fingerprint::default();
         match self {
             Command::OpenAccount(c) => {
-                h.update(&[1]);
-                h.update(&c.account_id.0.to_le_bytes());
-                h.update(c.base_currency.as_bytes());
+                buf.put(&[1]);
+                buf.put(&c.account_id.0.to_le_bytes());
+                buf.put(c.base_currency.as_bytes());
             }
             Command::SetAccountStatus(c) => {
-                h.update(&[2, c.status as u8]);
-                h.update(&c.account_id.0.to_le_bytes());
-                h.update(c.reason.as_bytes());
+                buf.put(&[2, c.status as u8]);
+                buf.put(&c.account_id.0.to_le_bytes());
+                buf.put(c.reason.as_bytes());
             }
             Command::Reserve(c) => {
-                h.update(&[3, c.kind as u8]);
-                h.update(&c.account_id.0.to_le_bytes());
-                h.update(c.order_id.as_bytes());
-                h.update(&[0xff]);
-                h.update(c.asset.as_bytes());
-                dec(&mut h, &c.amount);
-                h.update(&c.expires_at_ms.unwrap_or(0).to_le_bytes());
+                buf.put(&[3, c.kind as u8]);
+                buf.put(&c.account_id.0.to_le_bytes());
+                buf.text(c.order_id.as_bytes());
+                buf.text(c.asset.as_bytes());
+                buf.dec(&c.amount);
+                buf.put(&c.expires_at_ms.unwrap_or(0).to_le_bytes());
             }
             Command::Unreserve(c) => {
-                h.update(&[4]);
-                h.update(&c.account_id.0.to_le_bytes());
-                h.update(c.order_id.as_bytes());
-                h.update(&[0xff]);
+                buf.put(&[4]);
+                buf.put(&c.account_id.0.to_le_bytes());
+                buf.text(c.order_id.as_bytes());
                 match &c.amount {
-                    Some(a) => dec(&mut h, a),
-                    None => h.update(&[0]),
+                    Some(a) => buf.dec(a),
+                    None => buf.put(&[0]),
                 }
             }
             Command::Deposit(c) | Command::Withdraw(c) => {
-                h.update(&[if matches!(self, Command::Deposit(_)) { 5 } else { 6 }]);
-                h.update(&c.account_id.0.to_le_bytes());
-                h.update(c.currency.as_bytes());
-                dec(&mut h, &c.amount);
+                buf.put(&[if matches!(self, Command::Deposit(_)) { 5 } else { 6 }]);
+                buf.put(&c.account_id.0.to_le_bytes());
+                buf.text(c.currency.as_bytes());
+                buf.dec(&c.amount);
             }
             Command::Fill(c) => {
-                h.update(&[7, c.side as u8]);
-                h.update(&c.account_id.0.to_le_bytes());
-                h.update(c.order_id.as_bytes());
-                h.update(&[0xff]);
-                h.update(c.symbol.as_bytes());
-                dec(&mut h, &c.quantity);
-                dec(&mut h, &c.price);
-                dec(&mut h, &c.filled_amount);
+                buf.put(&[7, c.side as u8]);
+                buf.put(&c.account_id.0.to_le_bytes());
+                buf.text(c.order_id.as_bytes());
+                buf.text(c.symbol.as_bytes());
+                buf.dec(&c.quantity);
+                buf.dec(&c.price);
+                buf.dec(&c.filled_amount);
                 if let Some(cur) = c.currency {
-                    h.update(cur.as_bytes());
+                    buf.text(cur.as_bytes());
                 }
             }
-            Command::Tick => h.update(&[8]),
+            Command::Tick => buf.put(&[8]),
         }
-        h.digest()
+        xxhash_rust::xxh3::xxh3_64(&buf.bytes[..buf.len])
+    }
+}
+
+/// The fingerprint's input: every field of the largest command fits (a fill:
+/// 2 + 8 + 65 + 13 + 3 x 16 + 4 bytes).
+struct Fingerprint {
+    bytes: [u8; 192],
+    len: usize,
+}
+
+impl Default for Fingerprint {
+    fn default() -> Self {
+        Fingerprint {
+            bytes: [0; 192],
+            len: 0,
+        }
+    }
+}
+
+impl Fingerprint {
+    fn put(&mut self, b: &[u8]) {
+        self.bytes[self.len..self.len + b.len()].copy_from_slice(b);
+        self.len += b.len();
+    }
+
+    /// Length-prefixed, so adjacent texts cannot run into each other.
+    fn text(&mut self, b: &[u8]) {
+        debug_assert!(b.len() <= u8::MAX as usize);
+        self.put(&[b.len() as u8]);
+        self.put(b);
+    }
+
+    fn dec(&mut self, d: &Decimal) {
+        self.put(&d.normalize().serialize());
     }
 }
