@@ -61,10 +61,11 @@ impl Bench {
         let seq = self.state.last_sequence() + 1;
         self.state.apply(command, seq, self.now, &mut NoEvents);
         self.counter += 1;
-        if self.counter % 1_000 == 0 {
+        if self.counter.is_multiple_of(1_000) {
             self.now += 1;
             let seq = self.state.last_sequence() + 1;
-            self.state.apply(&Command::Tick, seq, self.now, &mut NoEvents);
+            self.state
+                .apply(&Command::Tick, seq, self.now, &mut NoEvents);
         }
     }
 
@@ -114,7 +115,9 @@ fn timed(bench: &mut Bench, iters: u64, pick: &[bool; 3]) -> Duration {
     let mut done = 0;
     while done < orders {
         let n = CHUNK.min(orders - done);
-        let chunk: Vec<[Command; 3]> = (0..n).map(|i| bench.order(bench.counter + done + i)).collect();
+        let chunk: Vec<[Command; 3]> = (0..n)
+            .map(|i| bench.order(bench.counter + done + i))
+            .collect();
         for stage in 0..3 {
             let started = Instant::now();
             for order in &chunk {
@@ -131,13 +134,24 @@ fn timed(bench: &mut Bench, iters: u64, pick: &[bool; 3]) -> Duration {
 
 fn apply(c: &mut Criterion) {
     let mut group = c.benchmark_group("apply");
-    group.sample_size(10).measurement_time(Duration::from_secs(5)).warm_up_time(Duration::from_secs(1));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(5))
+        .warm_up_time(Duration::from_secs(1));
     group.throughput(Throughput::Elements(1));
     let mut bench = Bench::new();
-    group.bench_function("reserve", |b| b.iter_custom(|iters| timed(&mut bench, iters, &[true, false, false])));
-    group.bench_function("fill", |b| b.iter_custom(|iters| timed(&mut bench, iters, &[false, true, false])));
-    group.bench_function("unreserve", |b| b.iter_custom(|iters| timed(&mut bench, iters, &[false, false, true])));
-    group.bench_function("mixed", |b| b.iter_custom(|iters| timed(&mut bench, iters, &[true, true, true])));
+    group.bench_function("reserve", |b| {
+        b.iter_custom(|iters| timed(&mut bench, iters, &[true, false, false]))
+    });
+    group.bench_function("fill", |b| {
+        b.iter_custom(|iters| timed(&mut bench, iters, &[false, true, false]))
+    });
+    group.bench_function("unreserve", |b| {
+        b.iter_custom(|iters| timed(&mut bench, iters, &[false, false, true]))
+    });
+    group.bench_function("mixed", |b| {
+        b.iter_custom(|iters| timed(&mut bench, iters, &[true, true, true]))
+    });
     group.finish();
 }
 

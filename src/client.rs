@@ -199,7 +199,11 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 account_id,
                 base_currency: currency,
             };
-            let reply = admin(&conn).await?.open_account(request).await.map_err(status_error)?;
+            let reply = admin(&conn)
+                .await?
+                .open_account(request)
+                .await
+                .map_err(status_error)?;
             command_reply(&reply.into_inner())
         }
         ClientCommand::Account(AccountCommand::Get { account_id, conn }) => {
@@ -229,7 +233,11 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 status: status as i32,
                 reason,
             };
-            let reply = admin(&conn).await?.set_account_status(request).await.map_err(status_error)?;
+            let reply = admin(&conn)
+                .await?
+                .set_account_status(request)
+                .await
+                .map_err(status_error)?;
             command_reply(&reply.into_inner())
         }
         ClientCommand::Reservation(ReservationCommand::Get {
@@ -239,7 +247,10 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
         }) => {
             let reply = accounts(&conn)
                 .await?
-                .get_reservation(pb::GetReservationRequest { account_id, order_id })
+                .get_reservation(pb::GetReservationRequest {
+                    account_id,
+                    order_id,
+                })
                 .await
                 .map_err(status_error)?;
             reservation(&reply.into_inner(), "")
@@ -253,7 +264,11 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 timestamp: crate::engine::now_ms(),
                 reference: String::new(),
             };
-            let reply = admin(&a.conn).await?.deposit(request).await.map_err(status_error)?;
+            let reply = admin(&a.conn)
+                .await?
+                .deposit(request)
+                .await
+                .map_err(status_error)?;
             command_reply(&reply.into_inner())
         }
         ClientCommand::Withdraw(a) => {
@@ -265,7 +280,11 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 timestamp: crate::engine::now_ms(),
                 reference: String::new(),
             };
-            let reply = admin(&a.conn).await?.withdraw(request).await.map_err(status_error)?;
+            let reply = admin(&a.conn)
+                .await?
+                .withdraw(request)
+                .await
+                .map_err(status_error)?;
             command_reply(&reply.into_inner())
         }
         ClientCommand::Reserve(a) => {
@@ -283,7 +302,12 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 amount: a.amount,
                 expires_at_ms: a.expires_at_ms,
             };
-            let r = accounts(&a.conn).await?.reserve(request).await.map_err(status_error)?.into_inner();
+            let r = accounts(&a.conn)
+                .await?
+                .reserve(request)
+                .await
+                .map_err(status_error)?
+                .into_inner();
             let mut out = head(r.result, r.replayed, r.sequence, &r.message);
             let _ = writeln!(out, "available: {}\nreserved: {}", r.available, r.reserved);
             if let Some(res) = &r.reservation {
@@ -298,9 +322,18 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 order_id: a.order_id,
                 amount: a.amount,
             };
-            let r = accounts(&a.conn).await?.unreserve(request).await.map_err(status_error)?.into_inner();
+            let r = accounts(&a.conn)
+                .await?
+                .unreserve(request)
+                .await
+                .map_err(status_error)?
+                .into_inner();
             let mut out = head(r.result, r.replayed, r.sequence, &r.message);
-            let _ = writeln!(out, "released: {}\navailable: {}\nreserved: {}", r.released, r.available, r.reserved);
+            let _ = writeln!(
+                out,
+                "released: {}\navailable: {}\nreserved: {}",
+                r.released, r.available, r.reserved
+            );
             if let Some(res) = &r.reservation {
                 out.push_str(&reservation(res, "reservation."));
             }
@@ -332,7 +365,11 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 timestamp: crate::engine::now_ms(),
                 currency: a.currency,
             };
-            let reply = admin(&a.conn).await?.apply_fill(request).await.map_err(status_error)?;
+            let reply = admin(&a.conn)
+                .await?
+                .apply_fill(request)
+                .await
+                .map_err(status_error)?;
             command_reply(&reply.into_inner())
         }
     };
@@ -341,11 +378,15 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
 }
 
 fn result_name(result: i32) -> String {
-    pb::Result::try_from(result).map_or_else(|_| result.to_string(), |r| r.as_str_name().to_string())
+    pb::Result::try_from(result)
+        .map_or_else(|_| result.to_string(), |r| r.as_str_name().to_string())
 }
 
 fn head(result: i32, replayed: bool, sequence: u64, message: &str) -> String {
-    let mut out = format!("result: {}\nreplayed: {replayed}\nsequence: {sequence}\n", result_name(result));
+    let mut out = format!(
+        "result: {}\nreplayed: {replayed}\nsequence: {sequence}\n",
+        result_name(result)
+    );
     if !message.is_empty() {
         let _ = writeln!(out, "message: {message}");
     }
@@ -367,7 +408,11 @@ fn account(a: &pb::Account) -> String {
         a.account_id, a.base_currency, a.overdrawn, a.sequence
     );
     for c in &a.cash {
-        let _ = writeln!(out, "cash.{}: available={} reserved={}", c.currency, c.available, c.reserved);
+        let _ = writeln!(
+            out,
+            "cash.{}: available={} reserved={}",
+            c.currency, c.available, c.reserved
+        );
     }
     for p in &a.positions {
         let _ = writeln!(

@@ -43,7 +43,11 @@ pub struct ServeArgs {
 
     /// How long idempotency keys and closed reservations are kept, in seconds.
     /// Must not change between runs over the same WAL: replay uses it.
-    #[arg(long, env = "ACCOUNT_IDEMPOTENCY_WINDOW_SECS", default_value_t = 86_400)]
+    #[arg(
+        long,
+        env = "ACCOUNT_IDEMPOTENCY_WINDOW_SECS",
+        default_value_t = 86_400
+    )]
     pub idempotency_window_secs: u64,
 
     /// WAL segment size in MiB (files are preallocated).

@@ -4,7 +4,11 @@ use account_service::{client, config::ServeArgs, server};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "account-service", version, about = "Brokerage account core: reservations, fills, cash and positions")]
+#[command(
+    name = "account-service",
+    version,
+    about = "Brokerage account core: reservations, fills, cash and positions"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Top,

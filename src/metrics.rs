@@ -53,7 +53,9 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("account");
         let m = Metrics {
-            rpc_latency_seconds: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            rpc_latency_seconds: Family::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            ),
             rpc_outcomes_total: Family::default(),
             engine_queue_depth: Gauge::default(),
             engine_batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
@@ -69,20 +71,72 @@ impl Metrics {
             ready: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("rpc_latency_seconds", "gRPC handling latency per RPC, from receipt to reply", m.rpc_latency_seconds.clone());
-        registry.register("rpc_outcomes", "gRPC calls per RPC and outcome", m.rpc_outcomes_total.clone());
-        registry.register("engine_queue_depth", "Requests waiting in the ingress queue", m.engine_queue_depth.clone());
-        registry.register("engine_batch_size", "Requests per engine batch (one WAL sync each)", m.engine_batch_size.clone());
-        registry.register("engine_commands", "Commands journaled and applied", m.engine_commands_total.clone());
-        registry.register("engine_last_sequence", "Sequence of the last journaled command", m.engine_last_sequence.clone());
-        registry.register("wal_sync_seconds", "Latency of one WAL group-commit sync", m.wal_sync_seconds.clone());
-        registry.register("wal_disk_usage_bytes", "Bytes of WAL segment files", m.wal_disk_usage_bytes.clone());
-        registry.register("wal_segments", "WAL segment files on disk", m.wal_segments.clone());
-        registry.register("replay_seconds", "Duration of the last WAL replay at start-up", m.replay_seconds.clone());
-        registry.register("replay_records", "Records replayed at start-up", m.replay_records.clone());
-        registry.register("overdrawn_accounts", "Accounts flagged overdrawn", m.overdrawn_accounts.clone());
+        registry.register(
+            "rpc_latency_seconds",
+            "gRPC handling latency per RPC, from receipt to reply",
+            m.rpc_latency_seconds.clone(),
+        );
+        registry.register(
+            "rpc_outcomes",
+            "gRPC calls per RPC and outcome",
+            m.rpc_outcomes_total.clone(),
+        );
+        registry.register(
+            "engine_queue_depth",
+            "Requests waiting in the ingress queue",
+            m.engine_queue_depth.clone(),
+        );
+        registry.register(
+            "engine_batch_size",
+            "Requests per engine batch (one WAL sync each)",
+            m.engine_batch_size.clone(),
+        );
+        registry.register(
+            "engine_commands",
+            "Commands journaled and applied",
+            m.engine_commands_total.clone(),
+        );
+        registry.register(
+            "engine_last_sequence",
+            "Sequence of the last journaled command",
+            m.engine_last_sequence.clone(),
+        );
+        registry.register(
+            "wal_sync_seconds",
+            "Latency of one WAL group-commit sync",
+            m.wal_sync_seconds.clone(),
+        );
+        registry.register(
+            "wal_disk_usage_bytes",
+            "Bytes of WAL segment files",
+            m.wal_disk_usage_bytes.clone(),
+        );
+        registry.register(
+            "wal_segments",
+            "WAL segment files on disk",
+            m.wal_segments.clone(),
+        );
+        registry.register(
+            "replay_seconds",
+            "Duration of the last WAL replay at start-up",
+            m.replay_seconds.clone(),
+        );
+        registry.register(
+            "replay_records",
+            "Records replayed at start-up",
+            m.replay_records.clone(),
+        );
+        registry.register(
+            "overdrawn_accounts",
+            "Accounts flagged overdrawn",
+            m.overdrawn_accounts.clone(),
+        );
         registry.register("accounts", "Open accounts", m.accounts.clone());
-        registry.register("ready", "1 once the WAL is replayed and the service serves", m.ready.clone());
+        registry.register(
+            "ready",
+            "1 once the WAL is replayed and the service serves",
+            m.ready.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -98,7 +152,12 @@ impl Metrics {
         out
     }
 
-    pub fn observe_rpc(&self, rpc: &'static str, outcome: &'static str, started: std::time::Instant) {
+    pub fn observe_rpc(
+        &self,
+        rpc: &'static str,
+        outcome: &'static str,
+        started: std::time::Instant,
+    ) {
         self.rpc_latency_seconds
             .get_or_create(&RpcLabels { rpc })
             .observe(started.elapsed().as_secs_f64());
@@ -130,5 +189,7 @@ pub async fn serve(
             }
         }),
     );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }

@@ -1,9 +1,13 @@
 //! `account-service serve`: the whole pipeline wired in one visible place.
 //!
-//! 1. metrics registry; 2. the engine thread (opens and replays the WAL:
-//! health NOT_SERVING, RPCs UNAVAILABLE meanwhile); 3. gRPC listener with
-//! health and reflection; 4. `/metrics`. SIGTERM / ctrl-c: stop accepting,
-//! finish in-flight calls, drain the engine queue, sync, exit 0.
+//! 1. metrics registry;
+//! 2. the engine thread (opens and replays the WAL: health NOT_SERVING, RPCs
+//!    UNAVAILABLE meanwhile);
+//! 3. gRPC listener with health and reflection;
+//! 4. `/metrics`.
+//!
+//! SIGTERM / ctrl-c: stop accepting, finish in-flight calls, drain the engine
+//! queue, sync, exit 0.
 
 use crate::config::ServeArgs;
 use crate::engine::{Engine, Phase};
@@ -70,8 +74,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     health
         .set_not_serving::<AccountServiceServer<Service>>()
         .await;
-    health.set_not_serving::<AdminServiceServer<Service>>().await;
-    tokio::spawn(follow_phase(handle.phase(), health.clone(), stop_tx.clone()));
+    health
+        .set_not_serving::<AdminServiceServer<Service>>()
+        .await;
+    tokio::spawn(follow_phase(
+        handle.phase(),
+        health.clone(),
+        stop_tx.clone(),
+    ));
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -122,7 +132,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     Ok(())
 }
 
-async fn bind(what: &'static str, addr: std::net::SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
+async fn bind(
+    what: &'static str,
+    addr: std::net::SocketAddr,
+) -> Result<tokio::net::TcpListener, ServeError> {
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| ServeError::Bind { what, addr, source })
@@ -150,8 +163,12 @@ async fn follow_phase(
                 health
                     .set_service_status("", tonic_health::ServingStatus::NotServing)
                     .await;
-                health.set_not_serving::<AccountServiceServer<Service>>().await;
-                health.set_not_serving::<AdminServiceServer<Service>>().await;
+                health
+                    .set_not_serving::<AccountServiceServer<Service>>()
+                    .await;
+                health
+                    .set_not_serving::<AdminServiceServer<Service>>()
+                    .await;
                 let _ = stop.send(true);
                 return;
             }
@@ -167,15 +184,16 @@ async fn signal_stop(stop: watch::Sender<bool>) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                let _ = ctrl_c.await;
-                let _ = stop.send(true);
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    let _ = stop.send(true);
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

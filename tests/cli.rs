@@ -30,21 +30,74 @@ async fn readme_session_with_the_client_subcommands() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]).await;
 
-    let out = ok(&server, &["account", "open", "--account-id", "42", "--currency", "USD"]);
-    assert!(out.contains("result: RESULT_OK"), "{out}");
-    ok(&server, &["deposit", "--account-id", "42", "--currency", "USD", "--amount", "10000"]);
     let out = ok(
         &server,
-        &["reserve", "--account-id", "42", "--order-id", "ord-1", "--kind", "cash", "--asset", "USD", "--amount", "1010.00", "--request-id", "res-1"],
-    );
-    assert!(out.contains("result: RESULT_OK") && out.contains("available: 8990") && out.contains("reserved: 1010"), "{out}");
-    assert!(out.contains("reservation.state: RESERVATION_STATE_OPEN"), "{out}");
-    let out = ok(
-        &server,
-        &["fill", "--account-id", "42", "--order-id", "ord-1", "--symbol", "ACME", "--side", "buy", "--quantity", "10", "--price", "100"],
+        &["account", "open", "--account-id", "42", "--currency", "USD"],
     );
     assert!(out.contains("result: RESULT_OK"), "{out}");
-    let out = ok(&server, &["unreserve", "--account-id", "42", "--order-id", "ord-1"]);
+    ok(
+        &server,
+        &[
+            "deposit",
+            "--account-id",
+            "42",
+            "--currency",
+            "USD",
+            "--amount",
+            "10000",
+        ],
+    );
+    let out = ok(
+        &server,
+        &[
+            "reserve",
+            "--account-id",
+            "42",
+            "--order-id",
+            "ord-1",
+            "--kind",
+            "cash",
+            "--asset",
+            "USD",
+            "--amount",
+            "1010.00",
+            "--request-id",
+            "res-1",
+        ],
+    );
+    assert!(
+        out.contains("result: RESULT_OK")
+            && out.contains("available: 8990")
+            && out.contains("reserved: 1010"),
+        "{out}"
+    );
+    assert!(
+        out.contains("reservation.state: RESERVATION_STATE_OPEN"),
+        "{out}"
+    );
+    let out = ok(
+        &server,
+        &[
+            "fill",
+            "--account-id",
+            "42",
+            "--order-id",
+            "ord-1",
+            "--symbol",
+            "ACME",
+            "--side",
+            "buy",
+            "--quantity",
+            "10",
+            "--price",
+            "100",
+        ],
+    );
+    assert!(out.contains("result: RESULT_OK"), "{out}");
+    let out = ok(
+        &server,
+        &["unreserve", "--account-id", "42", "--order-id", "ord-1"],
+    );
     assert!(out.contains("released: 10"), "{out}");
     let out = ok(&server, &["account", "get", "--account-id", "42"]);
     assert!(out.contains("cash.USD: available=9000 reserved=0"), "{out}");
@@ -52,19 +105,49 @@ async fn readme_session_with_the_client_subcommands() {
         out.contains("position.ACME: quantity=10 reserved_quantity=0 cost_basis=1000 average_price=100 realized_pnl=0 currency=USD"),
         "{out}"
     );
-    let out = ok(&server, &["reservation", "get", "--account-id", "42", "--order-id", "ord-1"]);
-    assert!(out.contains("state: RESERVATION_STATE_RELEASED") && out.contains("consumed: 1000"), "{out}");
+    let out = ok(
+        &server,
+        &[
+            "reservation",
+            "get",
+            "--account-id",
+            "42",
+            "--order-id",
+            "ord-1",
+        ],
+    );
+    assert!(
+        out.contains("state: RESERVATION_STATE_RELEASED") && out.contains("consumed: 1000"),
+        "{out}"
+    );
 
     // A retry with the same request id is a replay.
     let out = ok(
         &server,
-        &["reserve", "--account-id", "42", "--order-id", "ord-1", "--kind", "cash", "--asset", "USD", "--amount", "1010.00", "--request-id", "res-1"],
+        &[
+            "reserve",
+            "--account-id",
+            "42",
+            "--order-id",
+            "ord-1",
+            "--kind",
+            "cash",
+            "--asset",
+            "USD",
+            "--amount",
+            "1010.00",
+            "--request-id",
+            "res-1",
+        ],
     );
     assert!(out.contains("replayed: true"), "{out}");
 
     // Errors exit non-zero and say why.
     let (success, _, stderr) = cli(&server, &["deposit", "--account-id", "42", "--amount=-5"]);
-    assert!(!success && stderr.contains("InvalidArgument") && stderr.contains("amount"), "{stderr}");
+    assert!(
+        !success && stderr.contains("InvalidArgument") && stderr.contains("amount"),
+        "{stderr}"
+    );
     let (success, _, stderr) = cli(&server, &["account", "get", "--account-id", "7"]);
     assert!(!success && stderr.contains("NotFound"), "{stderr}");
 }

@@ -9,7 +9,11 @@ use common::server::Server;
 use tonic::Code;
 
 fn open(request_id: &str, account_id: i64) -> pb::OpenAccountRequest {
-    pb::OpenAccountRequest { request_id: request_id.into(), account_id, base_currency: "USD".into() }
+    pb::OpenAccountRequest {
+        request_id: request_id.into(),
+        account_id,
+        base_currency: "USD".into(),
+    }
 }
 
 fn deposit(event_id: &str, account_id: i64, amount: &str) -> events::DepositEvent {
@@ -35,7 +39,15 @@ fn reserve(request_id: &str, account_id: i64, order_id: &str, amount: &str) -> p
     }
 }
 
-fn fill(event_id: &str, account_id: i64, order_id: &str, side: &str, qty: &str, price: &str, amount: &str) -> events::FillEvent {
+fn fill(
+    event_id: &str,
+    account_id: i64,
+    order_id: &str,
+    side: &str,
+    qty: &str,
+    price: &str,
+    amount: &str,
+) -> events::FillEvent {
     events::FillEvent {
         event_id: event_id.into(),
         order_id: order_id.into(),
@@ -57,25 +69,49 @@ async fn order_lifecycle_and_graceful_restart() {
     let mut admin = server.admin().await;
     let mut accounts = server.accounts().await;
 
-    let r = admin.open_account(open("open-1", 1)).await.unwrap().into_inner();
+    let r = admin
+        .open_account(open("open-1", 1))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.result, pb::Result::Ok as i32);
     admin.deposit(deposit("dep-1", 1, "10000")).await.unwrap();
-    let r = accounts.reserve(reserve("res-1", 1, "ord-1", "1010")).await.unwrap().into_inner();
+    let r = accounts
+        .reserve(reserve("res-1", 1, "ord-1", "1010"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.result, pb::Result::Ok as i32);
-    assert_eq!((r.available.as_str(), r.reserved.as_str()), ("8990", "1010"));
+    assert_eq!(
+        (r.available.as_str(), r.reserved.as_str()),
+        ("8990", "1010")
+    );
     let res = r.reservation.unwrap();
     assert_eq!(res.state, pb::ReservationState::Open as i32);
     assert_eq!(res.remaining, "1010");
 
-    let f = admin.apply_fill(fill("fill-1", 1, "ord-1", "BUY", "10", "100", "1000")).await.unwrap().into_inner();
+    let f = admin
+        .apply_fill(fill("fill-1", 1, "ord-1", "BUY", "10", "100", "1000"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(f.result, pb::Result::Ok as i32);
     let u = accounts
-        .unreserve(pb::UnreserveRequest { request_id: "unr-1".into(), account_id: 1, order_id: "ord-1".into(), amount: String::new() })
+        .unreserve(pb::UnreserveRequest {
+            request_id: "unr-1".into(),
+            account_id: 1,
+            order_id: "ord-1".into(),
+            amount: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(u.released, "10");
-    let a = accounts.get_account(pb::GetAccountRequest { account_id: 1 }).await.unwrap().into_inner();
+    let a = accounts
+        .get_account(pb::GetAccountRequest { account_id: 1 })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(a.cash[0].available, "9000");
     assert_eq!(a.cash[0].reserved, "0");
     assert_eq!(a.positions[0].quantity, "10");
@@ -86,17 +122,30 @@ async fn order_lifecycle_and_graceful_restart() {
     assert!(server.terminate().success(), "SIGTERM exits 0");
     let server = Server::start(dir.path(), &[]).await;
     let mut accounts = server.accounts().await;
-    let after = accounts.get_account(pb::GetAccountRequest { account_id: 1 }).await.unwrap().into_inner();
+    let after = accounts
+        .get_account(pb::GetAccountRequest { account_id: 1 })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(before, after);
-    let missing = accounts.get_account(pb::GetAccountRequest { account_id: 2 }).await.unwrap_err();
+    let missing = accounts
+        .get_account(pb::GetAccountRequest { account_id: 2 })
+        .await
+        .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
     let res = accounts
-        .get_reservation(pb::GetReservationRequest { account_id: 1, order_id: "ord-1".into() })
+        .get_reservation(pb::GetReservationRequest {
+            account_id: 1,
+            order_id: "ord-1".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(res.state, pb::ReservationState::Released as i32);
-    assert_eq!((res.consumed.as_str(), res.released.as_str()), ("1000", "10"));
+    assert_eq!(
+        (res.consumed.as_str(), res.released.as_str()),
+        ("1000", "10")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,7 +168,10 @@ async fn kill9_loses_no_acknowledged_write_and_retries_replay() {
             let mut done = Vec::new();
             for n in 0.. {
                 let i = worker * 1_000_000 + n;
-                match client.reserve(reserve(&format!("req-{i}"), 1, &format!("ord-{i}"), "1.5")).await {
+                match client
+                    .reserve(reserve(&format!("req-{i}"), 1, &format!("ord-{i}"), "1.5"))
+                    .await
+                {
                     Ok(reply) => {
                         let reply = reply.into_inner();
                         assert_eq!(reply.result, pb::Result::Ok as i32);
@@ -146,7 +198,10 @@ async fn kill9_loses_no_acknowledged_write_and_retries_replay() {
     let mut accounts = server.accounts().await;
     for &(i, sequence) in &acknowledged {
         let res = accounts
-            .get_reservation(pb::GetReservationRequest { account_id: 1, order_id: format!("ord-{i}") })
+            .get_reservation(pb::GetReservationRequest {
+                account_id: 1,
+                order_id: format!("ord-{i}"),
+            })
             .await
             .unwrap_or_else(|e| panic!("acknowledged ord-{i} lost: {e}"))
             .into_inner();
@@ -154,15 +209,26 @@ async fn kill9_loses_no_acknowledged_write_and_retries_replay() {
     }
     // A retry of an acknowledged request answers the original, marked replayed.
     let (i, sequence) = acknowledged[acknowledged.len() / 2];
-    let retry = accounts.reserve(reserve(&format!("req-{i}"), 1, &format!("ord-{i}"), "1.5")).await.unwrap().into_inner();
+    let retry = accounts
+        .reserve(reserve(&format!("req-{i}"), 1, &format!("ord-{i}"), "1.5"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(retry.replayed);
     assert_eq!(retry.sequence, sequence);
     // Balances agree with what survived: reserved = 1.5 x surviving reservations.
-    let a = accounts.get_account(pb::GetAccountRequest { account_id: 1 }).await.unwrap().into_inner();
+    let a = accounts
+        .get_account(pb::GetAccountRequest { account_id: 1 })
+        .await
+        .unwrap()
+        .into_inner();
     let reserved: rust_decimal::Decimal = a.cash[0].reserved.parse().unwrap();
     let available: rust_decimal::Decimal = a.cash[0].available.parse().unwrap();
     assert_eq!(reserved + available, rust_decimal::Decimal::from(1_000_000));
-    assert!(reserved >= rust_decimal::Decimal::new(15, 1) * rust_decimal::Decimal::from(acknowledged.len()));
+    assert!(
+        reserved
+            >= rust_decimal::Decimal::new(15, 1) * rust_decimal::Decimal::from(acknowledged.len())
+    );
 }
 
 /// Every malformed field of every RPC is INVALID_ARGUMENT naming the field,
@@ -175,30 +241,75 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     let mut accounts = server.accounts().await;
     admin.open_account(open("open-1", 1)).await.unwrap();
     admin.deposit(deposit("dep-1", 1, "100")).await.unwrap();
-    let state = accounts.get_account(pb::GetAccountRequest { account_id: 1 }).await.unwrap().into_inner();
+    let state = accounts
+        .get_account(pb::GetAccountRequest { account_id: 1 })
+        .await
+        .unwrap()
+        .into_inner();
 
     fn check(field: &str, r: Result<impl std::fmt::Debug, tonic::Status>) {
         let e = r.expect_err(field);
         assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
-        assert!(e.message().starts_with(&format!("{field}:")), "{field}: {}", e.message());
+        assert!(
+            e.message().starts_with(&format!("{field}:")),
+            "{field}: {}",
+            e.message()
+        );
     }
 
     let long = "x".repeat(65);
     let cases: Vec<(&str, pb::ReserveRequest)> = vec![
-        ("request_id", pb::ReserveRequest { request_id: String::new(), ..reserve("r", 1, "o", "1") }),
-        ("request_id", pb::ReserveRequest { request_id: long.clone(), ..reserve("r", 1, "o", "1") }),
+        (
+            "request_id",
+            pb::ReserveRequest {
+                request_id: String::new(),
+                ..reserve("r", 1, "o", "1")
+            },
+        ),
+        (
+            "request_id",
+            pb::ReserveRequest {
+                request_id: long.clone(),
+                ..reserve("r", 1, "o", "1")
+            },
+        ),
         ("account_id", reserve("r", 0, "o", "1")),
         ("account_id", reserve("r", -5, "o", "1")),
         ("order_id", reserve("r", 1, "", "1")),
-        ("kind", pb::ReserveRequest { kind: 0, ..reserve("r", 1, "o", "1") }),
-        ("asset", pb::ReserveRequest { asset: "usd".into(), ..reserve("r", 1, "o", "1") }),
-        ("asset", pb::ReserveRequest { kind: 2, asset: "bad sym".into(), ..reserve("r", 1, "o", "1") }),
+        (
+            "kind",
+            pb::ReserveRequest {
+                kind: 0,
+                ..reserve("r", 1, "o", "1")
+            },
+        ),
+        (
+            "asset",
+            pb::ReserveRequest {
+                asset: "usd".into(),
+                ..reserve("r", 1, "o", "1")
+            },
+        ),
+        (
+            "asset",
+            pb::ReserveRequest {
+                kind: 2,
+                asset: "bad sym".into(),
+                ..reserve("r", 1, "o", "1")
+            },
+        ),
         ("amount", reserve("r", 1, "o", "0")),
         ("amount", reserve("r", 1, "o", "1e3")),
         ("amount", reserve("r", 1, "o", "-1")),
         ("amount", reserve("r", 1, "o", "1.123456789")),
         ("amount", reserve("r", 1, "o", "1234567890123456789")),
-        ("expires_at_ms", pb::ReserveRequest { expires_at_ms: 1_000, ..reserve("r", 1, "o", "1") }),
+        (
+            "expires_at_ms",
+            pb::ReserveRequest {
+                expires_at_ms: 1_000,
+                ..reserve("r", 1, "o", "1")
+            },
+        ),
     ];
     for (field, request) in cases {
         check(field, accounts.reserve(request).await);
@@ -211,23 +322,88 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     };
     check("amount", accounts.unreserve(unreserve("0", "o")).await);
     check("order_id", accounts.unreserve(unreserve("", &long)).await);
-    check("account_id", accounts.get_account(pb::GetAccountRequest { account_id: 0 }).await);
-    check("order_id", accounts.get_reservation(pb::GetReservationRequest { account_id: 1, order_id: String::new() }).await);
-    check("base_currency", admin.open_account(pb::OpenAccountRequest { base_currency: "US".into(), ..open("x", 2) }).await);
+    check(
+        "account_id",
+        accounts
+            .get_account(pb::GetAccountRequest { account_id: 0 })
+            .await,
+    );
+    check(
+        "order_id",
+        accounts
+            .get_reservation(pb::GetReservationRequest {
+                account_id: 1,
+                order_id: String::new(),
+            })
+            .await,
+    );
+    check(
+        "base_currency",
+        admin
+            .open_account(pb::OpenAccountRequest {
+                base_currency: "US".into(),
+                ..open("x", 2)
+            })
+            .await,
+    );
     check(
         "status",
         admin
-            .set_account_status(pb::SetAccountStatusRequest { request_id: "s".into(), account_id: 1, status: 0, reason: String::new() })
+            .set_account_status(pb::SetAccountStatusRequest {
+                request_id: "s".into(),
+                account_id: 1,
+                status: 0,
+                reason: String::new(),
+            })
             .await,
     );
-    check("currency", admin.deposit(events::DepositEvent { currency: "usd".into(), ..deposit("d", 1, "1") }).await);
+    check(
+        "currency",
+        admin
+            .deposit(events::DepositEvent {
+                currency: "usd".into(),
+                ..deposit("d", 1, "1")
+            })
+            .await,
+    );
     check("amount", admin.deposit(deposit("d", 1, "")).await);
-    check("event_id", admin.withdraw(events::WithdrawEvent { event_id: String::new(), account_id: 1, currency: "USD".into(), amount: "1".into(), timestamp: 0, reference: String::new() }).await);
-    check("side", admin.apply_fill(fill("f", 1, "o", "HOLD", "1", "1", "1")).await);
-    check("filled_amount", admin.apply_fill(fill("f", 1, "o", "BUY", "3", "1.5", "4.4")).await);
-    check("quantity", admin.apply_fill(fill("f", 1, "o", "BUY", "0", "1.5", "0")).await);
+    check(
+        "event_id",
+        admin
+            .withdraw(events::WithdrawEvent {
+                event_id: String::new(),
+                account_id: 1,
+                currency: "USD".into(),
+                amount: "1".into(),
+                timestamp: 0,
+                reference: String::new(),
+            })
+            .await,
+    );
+    check(
+        "side",
+        admin
+            .apply_fill(fill("f", 1, "o", "HOLD", "1", "1", "1"))
+            .await,
+    );
+    check(
+        "filled_amount",
+        admin
+            .apply_fill(fill("f", 1, "o", "BUY", "3", "1.5", "4.4"))
+            .await,
+    );
+    check(
+        "quantity",
+        admin
+            .apply_fill(fill("f", 1, "o", "BUY", "0", "1.5", "0"))
+            .await,
+    );
 
-    let after = accounts.get_account(pb::GetAccountRequest { account_id: 1 }).await.unwrap().into_inner();
+    let after = accounts
+        .get_account(pb::GetAccountRequest { account_id: 1 })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(state, after, "nothing journaled for bad input");
 }
 
@@ -237,15 +413,38 @@ async fn business_rejections_are_results_not_errors() {
     let server = Server::start(dir.path(), &[]).await;
     let mut admin = server.admin().await;
     let mut accounts = server.accounts().await;
-    let r = accounts.reserve(reserve("r0", 7, "o", "1")).await.unwrap().into_inner();
+    let r = accounts
+        .reserve(reserve("r0", 7, "o", "1"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.result, pb::Result::AccountNotFound as i32);
     admin.open_account(open("open-7", 7)).await.unwrap();
-    let r = accounts.reserve(reserve("r1", 7, "o", "1")).await.unwrap().into_inner();
+    let r = accounts
+        .reserve(reserve("r1", 7, "o", "1"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.result, pb::Result::InsufficientFunds as i32);
-    let again = accounts.reserve(reserve("r1", 7, "o", "1")).await.unwrap().into_inner();
+    let again = accounts
+        .reserve(reserve("r1", 7, "o", "1"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(again.replayed && again.result == pb::Result::InsufficientFunds as i32);
-    let conflict = accounts.reserve(reserve("r1", 7, "o", "2")).await.unwrap().into_inner();
+    let conflict = accounts
+        .reserve(reserve("r1", 7, "o", "2"))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(conflict.result, pb::Result::IdempotencyConflict as i32);
-    let other = admin.open_account(pb::OpenAccountRequest { base_currency: "EUR".into(), ..open("open-7b", 7) }).await.unwrap().into_inner();
+    let other = admin
+        .open_account(pb::OpenAccountRequest {
+            base_currency: "EUR".into(),
+            ..open("open-7b", 7)
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(other.result, pb::Result::AccountAlreadyExists as i32);
 }

@@ -5,19 +5,29 @@ mod common;
 
 use account_service::domain::*;
 use account_service::state_machine::{ResultCode, StateConfig};
-use common::*;
 use common::strategies::*;
+use common::*;
 use proptest::prelude::*;
 use std::collections::HashMap;
 
 /// Net cash that entered each currency through accepted commands.
-fn flow(command: &Command, currency_of_base: impl Fn(AccountId) -> Option<Asset>) -> Option<(Asset, Decimal)> {
+fn flow(
+    command: &Command,
+    currency_of_base: impl Fn(AccountId) -> Option<Asset>,
+) -> Option<(Asset, Decimal)> {
     match command {
         Command::Deposit(c) => Some((c.currency, c.amount)),
         Command::Withdraw(c) => Some((c.currency, -c.amount)),
         Command::Fill(f) => {
             let cur = f.currency.or_else(|| currency_of_base(f.account_id))?;
-            Some((cur, if f.side == Side::Buy { -f.filled_amount } else { f.filled_amount }))
+            Some((
+                cur,
+                if f.side == Side::Buy {
+                    -f.filled_amount
+                } else {
+                    f.filled_amount
+                },
+            ))
         }
         _ => None,
     }

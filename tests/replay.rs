@@ -26,11 +26,17 @@ async fn serving(engine: &Engine) {
 }
 
 async fn query(engine: &Engine, q: Query) -> Reply {
-    engine.handle().call(RequestKind::Query(q)).await.expect("query")
+    engine
+        .handle()
+        .call(RequestKind::Query(q))
+        .await
+        .expect("query")
 }
 
 async fn snapshot(engine: &Engine) -> (u64, u64, Vec<String>) {
-    let Reply::Digest { sequence, digest } = query(engine, Query::Digest).await else { panic!("digest") };
+    let Reply::Digest { sequence, digest } = query(engine, Query::Digest).await else {
+        panic!("digest")
+    };
     let mut accounts = Vec::new();
     for id in 1..=common::strategies::ACCOUNTS + 1 {
         if let Reply::Account(a) = query(engine, Query::Account(AccountId(id))).await {
@@ -49,7 +55,12 @@ async fn restart_rebuilds_the_same_state() {
     let mut commands = vec![];
     for a in 1..=common::strategies::ACCOUNTS {
         commands.push(common::open(&format!("open-{a}"), a, common::usd()));
-        commands.push(common::deposit(&format!("fund-{a}"), a, common::usd(), "100000"));
+        commands.push(common::deposit(
+            &format!("fund-{a}"),
+            a,
+            common::usd(),
+            "100000",
+        ));
     }
     for _ in 0..5_000 {
         commands.push(strategy.new_tree(&mut runner).unwrap().current());
@@ -61,7 +72,12 @@ async fn restart_rebuilds_the_same_state() {
     for wave in commands.chunks(500) {
         let pending: Vec<_> = wave
             .iter()
-            .map(|c| engine.handle().submit(RequestKind::Command(*c, Want::Nothing)).unwrap())
+            .map(|c| {
+                engine
+                    .handle()
+                    .submit(RequestKind::Command(*c, Want::Nothing))
+                    .unwrap()
+            })
             .collect();
         for p in pending {
             p.await.unwrap();
@@ -86,7 +102,11 @@ async fn a_replayed_request_answers_the_original_outcome_after_restart() {
     let run = |engine: &Engine, c: Command| {
         let h = engine.handle();
         async move {
-            match h.call(RequestKind::Command(c, Want::Reservation)).await.unwrap() {
+            match h
+                .call(RequestKind::Command(c, Want::Reservation))
+                .await
+                .unwrap()
+            {
                 Reply::Command(r) => r.outcome,
                 other => panic!("{other:?}"),
             }
@@ -101,6 +121,9 @@ async fn a_replayed_request_answers_the_original_outcome_after_restart() {
     serving(&engine).await;
     let again = run(&engine, common::reserve_cash("r", 1, "ord", "40")).await;
     assert!(again.replayed);
-    assert_eq!((again.sequence, again.available, again.reserved), (first.sequence, first.available, first.reserved));
+    assert_eq!(
+        (again.sequence, again.available, again.reserved),
+        (first.sequence, first.available, first.reserved)
+    );
     engine.stop().unwrap();
 }

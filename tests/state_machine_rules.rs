@@ -7,12 +7,21 @@ use account_service::state_machine::{EventKind, ReservationState, ResultCode};
 use common::*;
 
 fn cash(h: &Harness, account: i64) -> (Decimal, Decimal) {
-    let b = h.state.account(AccountId(account)).unwrap().cash(usd()).unwrap();
+    let b = h
+        .state
+        .account(AccountId(account))
+        .unwrap()
+        .cash(usd())
+        .unwrap();
     (b.available, b.reserved)
 }
 
 fn position(h: &Harness, account: i64, symbol: &str) -> account_service::state_machine::Position {
-    *h.state.account(AccountId(account)).unwrap().position(sym(symbol)).unwrap()
+    *h.state
+        .account(AccountId(account))
+        .unwrap()
+        .position(sym(symbol))
+        .unwrap()
 }
 
 #[test]
@@ -22,7 +31,10 @@ fn open_account_is_idempotent_by_currency() {
     assert_eq!(h.events[0].kind, EventKind::AccountOpened);
     assert_eq!(h.run(open("b", 1, usd())).result, ResultCode::Ok);
     assert!(h.events.is_empty(), "re-opening changes nothing");
-    assert_eq!(h.run(open("c", 1, eur())).result, ResultCode::AccountAlreadyExists);
+    assert_eq!(
+        h.run(open("c", 1, eur())).result,
+        ResultCode::AccountAlreadyExists
+    );
 }
 
 #[test]
@@ -43,17 +55,35 @@ fn reserve_cash_moves_available_to_reserved() {
 #[test]
 fn reserve_rejections() {
     let mut h = Harness::new();
-    assert_eq!(h.run(reserve_cash("r0", 9, "o", "1")).result, ResultCode::AccountNotFound);
+    assert_eq!(
+        h.run(reserve_cash("r0", 9, "o", "1")).result,
+        ResultCode::AccountNotFound
+    );
     h.open(1);
     h.deposit("d1", 1, "100");
-    assert_eq!(h.run(reserve_cash("r1", 1, "o1", "100.00000001")).result, ResultCode::InsufficientFunds);
-    assert_eq!(h.run(reserve_cash("r2", 1, "o1", "60")).result, ResultCode::Ok);
-    assert_eq!(h.run(reserve_cash("r3", 1, "o1", "1")).result, ResultCode::OrderAlreadyReserved);
-    assert_eq!(h.run(reserve_shares("r4", 1, "o2", "ACME", "1")).result, ResultCode::InsufficientPosition);
+    assert_eq!(
+        h.run(reserve_cash("r1", 1, "o1", "100.00000001")).result,
+        ResultCode::InsufficientFunds
+    );
+    assert_eq!(
+        h.run(reserve_cash("r2", 1, "o1", "60")).result,
+        ResultCode::Ok
+    );
+    assert_eq!(
+        h.run(reserve_cash("r3", 1, "o1", "1")).result,
+        ResultCode::OrderAlreadyReserved
+    );
+    assert_eq!(
+        h.run(reserve_shares("r4", 1, "o2", "ACME", "1")).result,
+        ResultCode::InsufficientPosition
+    );
     let no_euros = reserve("r5", 1, "o3", ReservationKind::Cash, eur(), "1", None);
     assert_eq!(h.run(no_euros).result, ResultCode::InsufficientFunds);
     h.run(status("s1", 1, AccountStatus::Suspended));
-    assert_eq!(h.run(reserve_cash("r6", 1, "o4", "1")).result, ResultCode::AccountNotActive);
+    assert_eq!(
+        h.run(reserve_cash("r6", 1, "o4", "1")).result,
+        ResultCode::AccountNotActive
+    );
     // Rejections change nothing.
     assert_eq!(cash(&h, 1), (d("40"), d("60")));
 }
@@ -67,17 +97,29 @@ fn unreserve_partial_then_rest() {
     let o = h.run(unreserve("u1", 1, "o1", Some("30.5")));
     assert_eq!((o.result, o.released), (ResultCode::Ok, d("30.5")));
     assert_eq!(cash(&h, 1), (d("50.5"), d("49.5")));
-    assert_eq!(h.run(unreserve("u2", 1, "o1", Some("49.50000001"))).result, ResultCode::AmountExceedsReservation);
+    assert_eq!(
+        h.run(unreserve("u2", 1, "o1", Some("49.50000001"))).result,
+        ResultCode::AmountExceedsReservation
+    );
     let o = h.run(unreserve("u3", 1, "o1", None));
     assert_eq!(o.released, d("49.5"));
     assert_eq!(cash(&h, 1), (d("100"), d("0")));
     let r = h.state.reservation(AccountId(1), &id("o1")).unwrap();
-    assert_eq!((r.state, r.released, r.remaining), (ReservationState::Released, d("80"), d("0")));
+    assert_eq!(
+        (r.state, r.released, r.remaining),
+        (ReservationState::Released, d("80"), d("0"))
+    );
     // A closed reservation: OK, released 0; its order id stays taken.
     let o = h.run(unreserve("u4", 1, "o1", None));
     assert_eq!((o.result, o.released), (ResultCode::Ok, d("0")));
-    assert_eq!(h.run(reserve_cash("r2", 1, "o1", "1")).result, ResultCode::OrderAlreadyReserved);
-    assert_eq!(h.run(unreserve("u5", 1, "nope", None)).result, ResultCode::ReservationNotFound);
+    assert_eq!(
+        h.run(reserve_cash("r2", 1, "o1", "1")).result,
+        ResultCode::OrderAlreadyReserved
+    );
+    assert_eq!(
+        h.run(unreserve("u5", 1, "nope", None)).result,
+        ResultCode::ReservationNotFound
+    );
 }
 
 #[test]
@@ -124,7 +166,10 @@ fn sell_fill_consumes_shares_and_books_pnl() {
     // Sold to zero: cost basis exactly zero.
     h.run(fill("f3", 1, "s2", "ACME", Side::Sell, "4", "45"));
     let p = position(&h, 1, "ACME");
-    assert_eq!((p.quantity, p.cost_basis, p.realized_pnl), (d("0"), d("0"), d("10")));
+    assert_eq!(
+        (p.quantity, p.cost_basis, p.realized_pnl),
+        (d("0"), d("0"), d("10"))
+    );
 }
 
 #[test]
@@ -171,7 +216,10 @@ fn deposits_and_withdrawals() {
     // Suspended: deposits apply, withdrawals do not.
     h.run(status("s", 1, AccountStatus::Suspended));
     assert_eq!(h.deposit("d2", 1, "1").result, ResultCode::Ok);
-    assert_eq!(h.run(withdraw("w3", 1, usd(), "1")).result, ResultCode::AccountNotActive);
+    assert_eq!(
+        h.run(withdraw("w3", 1, usd(), "1")).result,
+        ResultCode::AccountNotActive
+    );
 }
 
 #[test]
@@ -181,7 +229,11 @@ fn suspended_account_still_unreserves_and_fills() {
     h.deposit("d1", 1, "100");
     h.run(reserve_cash("r1", 1, "o1", "50"));
     h.run(status("s", 1, AccountStatus::Suspended));
-    assert_eq!(h.run(fill("f1", 1, "o1", "ACME", Side::Buy, "1", "20")).result, ResultCode::Ok);
+    assert_eq!(
+        h.run(fill("f1", 1, "o1", "ACME", Side::Buy, "1", "20"))
+            .result,
+        ResultCode::Ok
+    );
     assert_eq!(h.run(unreserve("u1", 1, "o1", None)).released, d("30"));
 }
 
@@ -191,12 +243,24 @@ fn closing_needs_everything_at_zero() {
     h.open(1);
     h.deposit("d1", 1, "10");
     h.run(reserve_cash("r1", 1, "o1", "10"));
-    assert_eq!(h.run(status("c1", 1, AccountStatus::Closed)).result, ResultCode::AccountNotEmpty);
+    assert_eq!(
+        h.run(status("c1", 1, AccountStatus::Closed)).result,
+        ResultCode::AccountNotEmpty
+    );
     h.run(unreserve("u1", 1, "o1", None));
-    assert_eq!(h.run(status("c2", 1, AccountStatus::Closed)).result, ResultCode::AccountNotEmpty);
+    assert_eq!(
+        h.run(status("c2", 1, AccountStatus::Closed)).result,
+        ResultCode::AccountNotEmpty
+    );
     h.run(withdraw("w1", 1, usd(), "10"));
-    assert_eq!(h.run(status("c3", 1, AccountStatus::Closed)).result, ResultCode::Ok);
-    assert_eq!(h.state.account(AccountId(1)).unwrap().status, AccountStatus::Closed);
+    assert_eq!(
+        h.run(status("c3", 1, AccountStatus::Closed)).result,
+        ResultCode::Ok
+    );
+    assert_eq!(
+        h.state.account(AccountId(1)).unwrap().status,
+        AccountStatus::Closed
+    );
     assert_eq!(h.deposit("d2", 1, "1").result, ResultCode::AccountNotActive);
 }
 
@@ -209,7 +273,10 @@ fn idempotency_replays_and_conflicts() {
     let again = h.run(reserve_cash("r1", 1, "o1", "10"));
     assert!(again.replayed && !first.replayed);
     assert_eq!(again.sequence, first.sequence);
-    assert_eq!((again.available, again.reserved), (first.available, first.reserved));
+    assert_eq!(
+        (again.available, again.reserved),
+        (first.available, first.reserved)
+    );
     assert!(h.events.is_empty(), "a replay produces no event");
     assert_eq!(cash(&h, 1), (d("90"), d("10")));
     let conflict = h.run(reserve_cash("r1", 1, "o1", "11"));
@@ -219,11 +286,17 @@ fn idempotency_replays_and_conflicts() {
     assert_eq!(rejected.result, ResultCode::InsufficientFunds);
     h.deposit("d2", 1, "5000");
     let replay = h.run(reserve_cash("r2", 1, "o2", "1000"));
-    assert_eq!((replay.result, replay.replayed, replay.sequence), (ResultCode::InsufficientFunds, true, rejected.sequence));
+    assert_eq!(
+        (replay.result, replay.replayed, replay.sequence),
+        (ResultCode::InsufficientFunds, true, rejected.sequence)
+    );
     // Same amount written differently is the same payload.
     assert!(h.run(reserve_cash("r1", 1, "o1", "10.000")).replayed);
     // Event ids share one table across deposits, withdrawals and fills.
-    assert_eq!(h.run(withdraw("d1", 1, usd(), "100")).result, ResultCode::IdempotencyConflict);
+    assert_eq!(
+        h.run(withdraw("d1", 1, usd(), "100")).result,
+        ResultCode::IdempotencyConflict
+    );
 }
 
 #[test]
@@ -232,7 +305,15 @@ fn expiry_by_journaled_tick() {
     h.open(1);
     h.deposit("d1", 1, "100");
     let at = h.now_ms + 1_000;
-    h.run(reserve("r1", 1, "o1", ReservationKind::Cash, usd(), "40", Some(at)));
+    h.run(reserve(
+        "r1",
+        1,
+        "o1",
+        ReservationKind::Cash,
+        usd(),
+        "40",
+        Some(at),
+    ));
     assert_eq!(h.state.next_deadline_ms(), Some(at));
     h.now_ms = at - 1;
     h.run(Command::Tick);
@@ -259,19 +340,29 @@ fn keys_and_closed_reservations_leave_after_the_window() {
     h.run(unreserve("u1", 1, "o1", None));
     h.now_ms += window - 1;
     h.run(Command::Tick);
-    assert!(h.run(reserve_cash("r1", 1, "o1", "10")).replayed, "still in the window");
+    assert!(
+        h.run(reserve_cash("r1", 1, "o1", "10")).replayed,
+        "still in the window"
+    );
     h.now_ms += 2;
     h.run(Command::Tick);
     assert!(h.state.reservation(AccountId(1), &id("o1")).is_none());
     let fresh = h.run(reserve_cash("r1", 1, "o1", "10"));
-    assert!(!fresh.replayed && fresh.result.is_ok(), "the key and the order id are free again");
+    assert!(
+        !fresh.replayed && fresh.result.is_ok(),
+        "the key and the order id are free again"
+    );
 }
 
 #[test]
 fn redelivered_kafka_offset_changes_nothing() {
     let mut h = Harness::new();
     h.open(1);
-    let source = Some(Source { topic: Topic::Deposits, partition: 0, offset: 5 });
+    let source = Some(Source {
+        topic: Topic::Deposits,
+        partition: 0,
+        offset: 5,
+    });
     let mut dep = deposit("k1", 1, usd(), "10");
     if let Command::Deposit(ref mut c) = dep {
         c.source = source;

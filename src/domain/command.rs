@@ -247,7 +247,11 @@ impl Command {
                 }
             }
             Command::Deposit(c) | Command::Withdraw(c) => {
-                buf.put(&[if matches!(self, Command::Deposit(_)) { 5 } else { 6 }]);
+                buf.put(&[if matches!(self, Command::Deposit(_)) {
+                    5
+                } else {
+                    6
+                }]);
                 buf.put(&c.account_id.0.to_le_bytes());
                 buf.text(c.currency.as_bytes());
                 buf.dec(&c.amount);

@@ -194,7 +194,12 @@ pub fn decode(bytes: &[u8]) -> Result<(Command, i64), CodecError> {
             source: r.source()?,
         }),
         TAG_TICK => Command::Tick,
-        _ => return Err(CodecError::Invalid { field: "tag", at: 1 }),
+        _ => {
+            return Err(CodecError::Invalid {
+                field: "tag",
+                at: 1,
+            })
+        }
     };
     if r.at != bytes.len() {
         return Err(CodecError::Invalid {
@@ -270,7 +275,10 @@ impl<'a> Reader<'a> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
-            _ => Err(CodecError::Invalid { field: "option flag", at }),
+            _ => Err(CodecError::Invalid {
+                field: "option flag",
+                at,
+            }),
         }
     }
     fn i64(&mut self) -> Result<i64, CodecError> {
@@ -278,7 +286,10 @@ impl<'a> Reader<'a> {
     }
     fn account(&mut self) -> Result<AccountId, CodecError> {
         let at = self.at;
-        AccountId::new(self.i64()?).ok_or(CodecError::Invalid { field: "account_id", at })
+        AccountId::new(self.i64()?).ok_or(CodecError::Invalid {
+            field: "account_id",
+            at,
+        })
     }
     fn text(&mut self) -> Result<&'a [u8], CodecError> {
         let n = self.u8()? as usize;
@@ -295,7 +306,11 @@ impl<'a> Reader<'a> {
     fn dec(&mut self) -> Result<Decimal, CodecError> {
         Ok(Decimal::deserialize(self.array()?))
     }
-    fn enumerated<T>(&mut self, field: &'static str, f: fn(u8) -> Option<T>) -> Result<T, CodecError> {
+    fn enumerated<T>(
+        &mut self,
+        field: &'static str,
+        f: fn(u8) -> Option<T>,
+    ) -> Result<T, CodecError> {
         let at = self.at;
         f(self.u8()?).ok_or(CodecError::Invalid { field, at })
     }
@@ -325,7 +340,11 @@ mod tests {
         let acme = Asset::symbol("ACME").unwrap();
         let d = |s| Decimal::from_str(s).unwrap();
         vec![
-            Command::OpenAccount(OpenAccount { request_id: id("r1"), account_id: AccountId(7), base_currency: usd }),
+            Command::OpenAccount(OpenAccount {
+                request_id: id("r1"),
+                account_id: AccountId(7),
+                base_currency: usd,
+            }),
             Command::SetAccountStatus(SetAccountStatus {
                 request_id: id("r2"),
                 account_id: AccountId(7),
@@ -341,15 +360,30 @@ mod tests {
                 amount: d("10.50"),
                 expires_at_ms: Some(1_700_000_000_000),
             }),
-            Command::Unreserve(Unreserve { request_id: id("r4"), account_id: AccountId(7), order_id: id("o1"), amount: None }),
+            Command::Unreserve(Unreserve {
+                request_id: id("r4"),
+                account_id: AccountId(7),
+                order_id: id("o1"),
+                amount: None,
+            }),
             Command::Deposit(CashMovement {
                 event_id: id("e1"),
                 account_id: AccountId(7),
                 currency: usd,
                 amount: d("0.00000001"),
-                source: Some(Source { topic: Topic::Deposits, partition: 3, offset: 99 }),
+                source: Some(Source {
+                    topic: Topic::Deposits,
+                    partition: 3,
+                    offset: 99,
+                }),
             }),
-            Command::Withdraw(CashMovement { event_id: id("e2"), account_id: AccountId(7), currency: usd, amount: d("5"), source: None }),
+            Command::Withdraw(CashMovement {
+                event_id: id("e2"),
+                account_id: AccountId(7),
+                currency: usd,
+                amount: d("5"),
+                source: None,
+            }),
             Command::Fill(Fill {
                 event_id: id("e3"),
                 account_id: AccountId(7),

@@ -93,7 +93,10 @@ impl Writer {
         }
         self.metrics.ready.set(0);
         self.sync()?;
-        tracing::info!(sequence = self.state.last_sequence(), "engine stopped; journal synced");
+        tracing::info!(
+            sequence = self.state.last_sequence(),
+            "engine stopped; journal synced"
+        );
         Ok(())
     }
 
@@ -168,7 +171,9 @@ impl Writer {
                 Err(_) => break,
             }
         }
-        self.metrics.engine_batch_size.observe(self.batch.len() as f64);
+        self.metrics
+            .engine_batch_size
+            .observe(self.batch.len() as f64);
         self.metrics.engine_queue_depth.set(self.rx.len() as i64);
         self.rx.is_empty()
     }
@@ -180,7 +185,9 @@ impl Writer {
         codec::encode(command, timestamp_ms, &mut self.record);
         self.wal.append(sequence, &self.record)?;
         self.unsynced = true;
-        let outcome = self.state.apply(command, sequence, timestamp_ms, &mut NoEvents);
+        let outcome = self
+            .state
+            .apply(command, sequence, timestamp_ms, &mut NoEvents);
         debug_assert_eq!(self.state.last_sequence(), sequence);
         self.metrics.engine_commands_total.inc();
         Ok(outcome)
@@ -221,7 +228,9 @@ impl Writer {
     fn command_reply(&self, command: &Command, outcome: Outcome, want: Want) -> Reply {
         let account_id = command.account_id();
         let reservation = match (want, command) {
-            (Want::Reservation, Command::Reserve(c)) => self.state.reservation(c.account_id, &c.order_id),
+            (Want::Reservation, Command::Reserve(c)) => {
+                self.state.reservation(c.account_id, &c.order_id)
+            }
             (Want::Reservation, Command::Unreserve(c)) => {
                 self.state.reservation(c.account_id, &c.order_id)
             }
@@ -267,7 +276,9 @@ impl Writer {
         self.metrics
             .wal_disk_usage_bytes
             .set(self.wal.disk_usage_bytes() as i64);
-        self.metrics.wal_segments.set(self.wal.segment_count() as i64);
+        self.metrics
+            .wal_segments
+            .set(self.wal.segment_count() as i64);
     }
 }
 

@@ -1,8 +1,8 @@
 //! Domain values to wire messages. Amounts leave as canonical decimal strings.
 
 use crate::domain::{amount::format, AccountStatus, ReservationKind};
-use crate::state_machine::{Account, Outcome, Reservation, ReservationState, ResultCode};
 use crate::proto::account::v1 as pb;
+use crate::state_machine::{Account, Outcome, Reservation, ReservationState, ResultCode};
 
 pub fn result(code: ResultCode) -> pb::Result {
     use pb::Result as R;

@@ -42,10 +42,16 @@ impl Service {
         result.map(|(reply, _)| Response::new(reply))
     }
 
-    async fn command(&self, command: Command, want: Want) -> Result<Box<crate::engine::CommandReply>, Status> {
+    async fn command(
+        &self,
+        command: Command,
+        want: Want,
+    ) -> Result<Box<crate::engine::CommandReply>, Status> {
         match self.engine.call(RequestKind::Command(command, want)).await {
             Ok(Reply::Command(reply)) => Ok(reply),
-            Ok(_) => Err(Status::internal("engine answered a command with a query reply")),
+            Ok(_) => Err(Status::internal(
+                "engine answered a command with a query reply",
+            )),
             Err(e) => Err(submit_status(e)),
         }
     }
@@ -71,8 +77,12 @@ impl Service {
 
 pub fn submit_status(e: SubmitError) -> Status {
     match e {
-        SubmitError::Overloaded => Status::resource_exhausted("ingress queue is full; retry with the same request_id"),
-        SubmitError::NotReady => Status::unavailable("replaying the write-ahead log; not serving yet"),
+        SubmitError::Overloaded => {
+            Status::resource_exhausted("ingress queue is full; retry with the same request_id")
+        }
+        SubmitError::NotReady => {
+            Status::unavailable("replaying the write-ahead log; not serving yet")
+        }
         SubmitError::Stopped => Status::unavailable("the engine has stopped"),
     }
 }
@@ -89,10 +99,15 @@ fn code_name(code: tonic::Code) -> &'static str {
 
 #[tonic::async_trait]
 impl AccountService for Service {
-    async fn reserve(&self, request: Request<pb::ReserveRequest>) -> Result<Response<pb::ReserveReply>, Status> {
+    async fn reserve(
+        &self,
+        request: Request<pb::ReserveRequest>,
+    ) -> Result<Response<pb::ReserveReply>, Status> {
         self.observe("Reserve", async {
             let command = validate::reserve(request.get_ref(), now_ms())?;
-            let reply = self.command(Command::Reserve(command), Want::Reservation).await?;
+            let reply = self
+                .command(Command::Reserve(command), Want::Reservation)
+                .await?;
             let o = reply.outcome;
             Ok((
                 pb::ReserveReply {
@@ -116,7 +131,9 @@ impl AccountService for Service {
     ) -> Result<Response<pb::UnreserveReply>, Status> {
         self.observe("Unreserve", async {
             let command = validate::unreserve(request.get_ref())?;
-            let reply = self.command(Command::Unreserve(command), Want::Reservation).await?;
+            let reply = self
+                .command(Command::Unreserve(command), Want::Reservation)
+                .await?;
             let o = reply.outcome;
             Ok((
                 pb::UnreserveReply {
@@ -135,12 +152,23 @@ impl AccountService for Service {
         .await
     }
 
-    async fn get_account(&self, request: Request<pb::GetAccountRequest>) -> Result<Response<pb::Account>, Status> {
+    async fn get_account(
+        &self,
+        request: Request<pb::GetAccountRequest>,
+    ) -> Result<Response<pb::Account>, Status> {
         self.observe("GetAccount", async {
             let id = validate::account_id("account_id", request.get_ref().account_id)?;
-            match self.engine.call(RequestKind::Query(Query::Account(id))).await {
-                Ok(Reply::Account(Some((account, sequence)))) => Ok((convert::account(&account, sequence), "OK")),
-                Ok(Reply::Account(None)) => Err(Status::not_found(format!("account {id} not found"))),
+            match self
+                .engine
+                .call(RequestKind::Query(Query::Account(id)))
+                .await
+            {
+                Ok(Reply::Account(Some((account, sequence)))) => {
+                    Ok((convert::account(&account, sequence), "OK"))
+                }
+                Ok(Reply::Account(None)) => {
+                    Err(Status::not_found(format!("account {id} not found")))
+                }
                 Ok(_) => Err(Status::internal("unexpected engine reply")),
                 Err(e) => Err(submit_status(e)),
             }
@@ -156,7 +184,11 @@ impl AccountService for Service {
             let r = request.get_ref();
             let id = validate::account_id("account_id", r.account_id)?;
             let order_id = validate::id("order_id", &r.order_id)?;
-            match self.engine.call(RequestKind::Query(Query::Reservation(id, order_id))).await {
+            match self
+                .engine
+                .call(RequestKind::Query(Query::Reservation(id, order_id)))
+                .await
+            {
                 Ok(Reply::Reservation(Some(res))) => Ok((convert::reservation(&res), "OK")),
                 Ok(Reply::Reservation(None)) => Err(Status::not_found(format!(
                     "no reservation for account {id} order {order_id}"
@@ -193,7 +225,10 @@ impl AdminService for Service {
         .await
     }
 
-    async fn deposit(&self, request: Request<events::DepositEvent>) -> Result<Response<pb::CommandReply>, Status> {
+    async fn deposit(
+        &self,
+        request: Request<events::DepositEvent>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
         self.observe("Deposit", async {
             let command = validate::deposit(request.get_ref(), None)?;
             self.admin(Command::Deposit(command)).await
@@ -201,7 +236,10 @@ impl AdminService for Service {
         .await
     }
 
-    async fn withdraw(&self, request: Request<events::WithdrawEvent>) -> Result<Response<pb::CommandReply>, Status> {
+    async fn withdraw(
+        &self,
+        request: Request<events::WithdrawEvent>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
         self.observe("Withdraw", async {
             let command = validate::withdrawal(request.get_ref(), None)?;
             self.admin(Command::Withdraw(command)).await
@@ -209,7 +247,10 @@ impl AdminService for Service {
         .await
     }
 
-    async fn apply_fill(&self, request: Request<events::FillEvent>) -> Result<Response<pb::CommandReply>, Status> {
+    async fn apply_fill(
+        &self,
+        request: Request<events::FillEvent>,
+    ) -> Result<Response<pb::CommandReply>, Status> {
         self.observe("ApplyFill", async {
             let command = validate::fill(request.get_ref(), None)?;
             self.admin(Command::Fill(command)).await

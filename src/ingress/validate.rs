@@ -4,8 +4,8 @@
 
 use crate::domain::amount::{self, parse_amount, parse_positive};
 use crate::domain::{
-    AccountId, AccountStatus, Asset, CashMovement, Decimal, Fill, Id, OpenAccount,
-    ReservationKind, Reserve, SetAccountStatus, Side, Source, Unreserve,
+    AccountId, AccountStatus, Asset, CashMovement, Decimal, Fill, Id, OpenAccount, ReservationKind,
+    Reserve, SetAccountStatus, Side, Source, Unreserve,
 };
 use crate::proto::account::v1 as pb;
 use crate::proto::events;
@@ -72,7 +72,12 @@ pub fn reserve(r: &pb::ReserveRequest, now_ms: i64) -> Result<Reserve, FieldErro
     };
     let expires_at_ms = match r.expires_at_ms {
         0 => None,
-        at if at < 0 => return Err(err("expires_at_ms", "must be 0 (none) or unix milliseconds")),
+        at if at < 0 => {
+            return Err(err(
+                "expires_at_ms",
+                "must be 0 (none) or unix milliseconds",
+            ))
+        }
         at if at <= now_ms => return Err(err("expires_at_ms", "is already past")),
         at => Some(at),
     };
@@ -126,11 +131,17 @@ pub fn set_account_status(r: &pb::SetAccountStatusRequest) -> Result<SetAccountS
     })
 }
 
-pub fn deposit(r: &events::DepositEvent, source: Option<Source>) -> Result<CashMovement, FieldError> {
+pub fn deposit(
+    r: &events::DepositEvent,
+    source: Option<Source>,
+) -> Result<CashMovement, FieldError> {
     cash_movement(&r.event_id, r.account_id, &r.currency, &r.amount, source)
 }
 
-pub fn withdrawal(r: &events::WithdrawEvent, source: Option<Source>) -> Result<CashMovement, FieldError> {
+pub fn withdrawal(
+    r: &events::WithdrawEvent,
+    source: Option<Source>,
+) -> Result<CashMovement, FieldError> {
     cash_movement(&r.event_id, r.account_id, &r.currency, &r.amount, source)
 }
 
@@ -158,7 +169,8 @@ pub fn fill(r: &events::FillEvent, source: Option<Source>) -> Result<Fill, Field
     };
     let quantity = positive("quantity", &r.quantity)?;
     let price = positive("fill_price", &r.fill_price)?;
-    let filled_amount = parse_amount(&r.filled_amount).map_err(|e| err("filled_amount", e.to_string()))?;
+    let filled_amount =
+        parse_amount(&r.filled_amount).map_err(|e| err("filled_amount", e.to_string()))?;
     let notional = price
         .checked_mul(quantity)
         .map(amount::round)
@@ -225,7 +237,8 @@ mod tests {
 
     #[test]
     fn each_fill_field_is_named() {
-        let cases: [(&str, fn(&mut events::FillEvent)); 9] = [
+        type Breaker = fn(&mut events::FillEvent);
+        let cases: [(&str, Breaker); 9] = [
             ("event_id", |f| f.event_id.clear()),
             ("order_id", |f| f.order_id = "x".repeat(65)),
             ("account_id", |f| f.account_id = 0),

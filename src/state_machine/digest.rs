@@ -34,7 +34,12 @@ impl State {
             for p in positions {
                 h.update(p.symbol.as_bytes());
                 h.update(p.currency.as_bytes());
-                for v in [p.quantity, p.reserved_quantity, p.cost_basis, p.realized_pnl] {
+                for v in [
+                    p.quantity,
+                    p.reserved_quantity,
+                    p.cost_basis,
+                    p.realized_pnl,
+                ] {
                     dec(&mut h, v);
                 }
             }

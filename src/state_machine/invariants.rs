@@ -17,28 +17,51 @@ use rustc_hash::FxHashMap;
 
 /// Cheap checks of one account (no scan of the reservations).
 pub fn check_account_local(state: &State, id: AccountId) {
-    let Some(account) = state.account(id) else { return };
-    assert_eq!(account.overdrawn, account.computes_overdrawn(), "overdrawn flag of {id}");
+    let Some(account) = state.account(id) else {
+        return;
+    };
+    assert_eq!(
+        account.overdrawn,
+        account.computes_overdrawn(),
+        "overdrawn flag of {id}"
+    );
     for b in &account.cash {
         assert!(b.reserved >= Decimal::ZERO, "reserved cash >= 0 on {id}");
-        assert!(account.overdrawn || b.available >= Decimal::ZERO, "available >= 0 on {id}");
+        assert!(
+            account.overdrawn || b.available >= Decimal::ZERO,
+            "available >= 0 on {id}"
+        );
     }
     for p in &account.positions {
-        assert!(p.reserved_quantity >= Decimal::ZERO, "reserved shares >= 0 on {id}");
-        assert!(account.overdrawn || p.reserved_quantity <= p.quantity, "reserved <= quantity on {id}");
-        assert!(!p.quantity.is_zero() || p.cost_basis.is_zero(), "flat position has no cost on {id}");
+        assert!(
+            p.reserved_quantity >= Decimal::ZERO,
+            "reserved shares >= 0 on {id}"
+        );
+        assert!(
+            account.overdrawn || p.reserved_quantity <= p.quantity,
+            "reserved <= quantity on {id}"
+        );
+        assert!(
+            !p.quantity.is_zero() || p.cost_basis.is_zero(),
+            "flat position has no cost on {id}"
+        );
     }
 }
 
 /// Every invariant over the whole state. `Err` names the first one broken.
 pub fn check(state: &State) -> Result<(), String> {
-    let mut cash_locked: FxHashMap<(AccountId, crate::domain::Asset), Decimal> = FxHashMap::default();
-    let mut shares_locked: FxHashMap<(AccountId, crate::domain::Asset), Decimal> = FxHashMap::default();
+    let mut cash_locked: FxHashMap<(AccountId, crate::domain::Asset), Decimal> =
+        FxHashMap::default();
+    let mut shares_locked: FxHashMap<(AccountId, crate::domain::Asset), Decimal> =
+        FxHashMap::default();
     let mut open_count: FxHashMap<AccountId, u32> = FxHashMap::default();
     for r in state.reservations() {
         let id = r.account_id;
         if r.amount != r.remaining + r.consumed + r.released {
-            return Err(format!("{id}/{}: amount != remaining + consumed + released", r.order_id));
+            return Err(format!(
+                "{id}/{}: amount != remaining + consumed + released",
+                r.order_id
+            ));
         }
         if r.remaining < Decimal::ZERO || r.consumed < Decimal::ZERO || r.released < Decimal::ZERO {
             return Err(format!("{id}/{}: negative part", r.order_id));
@@ -48,7 +71,10 @@ pub fn check(state: &State) -> Result<(), String> {
             return Err(format!("{id}/{}: open iff remaining > 0", r.order_id));
         }
         if state.account(id).is_none() {
-            return Err(format!("{id}/{}: reservation of an unknown account", r.order_id));
+            return Err(format!(
+                "{id}/{}: reservation of an unknown account",
+                r.order_id
+            ));
         }
         if !open {
             continue;
@@ -78,7 +104,10 @@ pub fn check(state: &State) -> Result<(), String> {
         for b in &a.cash {
             let want = cash_locked.remove(&(id, b.currency)).unwrap_or_default();
             if b.reserved != want {
-                return Err(format!("{id} {}: reserved {} != open reservations {want}", b.currency, b.reserved));
+                return Err(format!(
+                    "{id} {}: reserved {} != open reservations {want}",
+                    b.currency, b.reserved
+                ));
             }
             if b.available < Decimal::ZERO && !a.overdrawn {
                 return Err(format!("{id} {}: negative available", b.currency));
@@ -87,7 +116,10 @@ pub fn check(state: &State) -> Result<(), String> {
         for p in &a.positions {
             let want = shares_locked.remove(&(id, p.symbol)).unwrap_or_default();
             if p.reserved_quantity != want {
-                return Err(format!("{id} {}: reserved_quantity != open reservations", p.symbol));
+                return Err(format!(
+                    "{id} {}: reserved_quantity != open reservations",
+                    p.symbol
+                ));
             }
             if p.reserved_quantity > p.quantity && !a.overdrawn {
                 return Err(format!("{id} {}: reserved_quantity > quantity", p.symbol));
@@ -98,7 +130,9 @@ pub fn check(state: &State) -> Result<(), String> {
         }
     }
     if let Some(((id, asset), _)) = cash_locked.iter().chain(shares_locked.iter()).next() {
-        return Err(format!("{id} {asset}: open reservation without a balance row"));
+        return Err(format!(
+            "{id} {asset}: open reservation without a balance row"
+        ));
     }
     if overdrawn != state.overdrawn_accounts() {
         return Err("overdrawn account counter".into());
@@ -109,7 +143,10 @@ pub fn check(state: &State) -> Result<(), String> {
     if state.idempotency_order_len() != state.idempotency_entries().count() {
         return Err("idempotency order and table disagree".into());
     }
-    let closed = state.reservations().filter(|r| r.state != ReservationState::Open).count();
+    let closed = state
+        .reservations()
+        .filter(|r| r.state != ReservationState::Open)
+        .count();
     if closed != state.closed_len() {
         return Err("closed reservation queue and table disagree".into());
     }

@@ -154,13 +154,19 @@ impl State {
         events: &mut S,
     ) -> Outcome {
         assert_eq!(sequence, self.last_sequence + 1, "sequences are contiguous");
-        debug_assert!(timestamp_ms >= self.last_timestamp_ms, "journaled time never decreases");
+        debug_assert!(
+            timestamp_ms >= self.last_timestamp_ms,
+            "journaled time never decreases"
+        );
         self.last_sequence = sequence;
         self.last_timestamp_ms = timestamp_ms.max(self.last_timestamp_ms);
         let now = self.last_timestamp_ms;
 
         if let Some(source) = command.source() {
-            let last = self.offsets.entry((source.topic, source.partition)).or_insert(-1);
+            let last = self
+                .offsets
+                .entry((source.topic, source.partition))
+                .or_insert(-1);
             if source.offset <= *last {
                 // A redelivery of a message already applied: nothing happens.
                 let mut outcome = Outcome::new(ResultCode::Ok, sequence);
@@ -227,17 +233,21 @@ impl State {
         Outcome::new(ResultCode::Ok, seq)
     }
 
-    fn set_status<S: EventSink>(&mut self, c: &SetAccountStatus, seq: u64, events: &mut S) -> Outcome {
+    fn set_status<S: EventSink>(
+        &mut self,
+        c: &SetAccountStatus,
+        seq: u64,
+        events: &mut S,
+    ) -> Outcome {
         let Some(account) = self.accounts.get_mut(&c.account_id) else {
             return Outcome::new(ResultCode::AccountNotFound, seq);
         };
         if account.status == c.status {
             return Outcome::new(ResultCode::Ok, seq);
         }
-        if c.status == AccountStatus::Closed {
-            if account.open_reservations > 0 || !account.is_empty() {
-                return Outcome::new(ResultCode::AccountNotEmpty, seq);
-            }
+        let empty = account.open_reservations == 0 && account.is_empty();
+        if c.status == AccountStatus::Closed && !empty {
+            return Outcome::new(ResultCode::AccountNotEmpty, seq);
         }
         account.status = c.status;
         let mut e = event(EventKind::StatusChanged, c.account_id);
@@ -318,7 +328,13 @@ impl State {
         Outcome::new(ResultCode::Ok, seq).with_balance(c.asset, available, reserved)
     }
 
-    fn unreserve<S: EventSink>(&mut self, c: &Unreserve, seq: u64, now: i64, events: &mut S) -> Outcome {
+    fn unreserve<S: EventSink>(
+        &mut self,
+        c: &Unreserve,
+        seq: u64,
+        now: i64,
+        events: &mut S,
+    ) -> Outcome {
         let Some(account) = self.accounts.get_mut(&c.account_id) else {
             return Outcome::new(ResultCode::AccountNotFound, seq);
         };
@@ -331,17 +347,30 @@ impl State {
         };
         if reservation.state != ReservationState::Open {
             let (available, reserved) = balance_of(account, reservation.kind, reservation.asset);
-            return Outcome::new(ResultCode::Ok, seq).with_balance(reservation.asset, available, reserved);
+            return Outcome::new(ResultCode::Ok, seq).with_balance(
+                reservation.asset,
+                available,
+                reserved,
+            );
         }
         let amount = c.amount.unwrap_or(reservation.remaining);
         if amount > reservation.remaining {
             let (available, reserved) = balance_of(account, reservation.kind, reservation.asset);
-            return Outcome::new(ResultCode::AmountExceedsReservation, seq)
-                .with_balance(reservation.asset, available, reserved);
+            return Outcome::new(ResultCode::AmountExceedsReservation, seq).with_balance(
+                reservation.asset,
+                available,
+                reserved,
+            );
         }
         let (available, reserved) = release(account, reservation, amount);
         if reservation.remaining.is_zero() {
-            close(reservation, ReservationState::Released, now, &mut self.expiries, &mut self.closed);
+            close(
+                reservation,
+                ReservationState::Released,
+                now,
+                &mut self.expiries,
+                &mut self.closed,
+            );
             account.open_reservations -= 1;
         }
         events.push(
@@ -350,7 +379,8 @@ impl State {
                 .asset(reservation.asset)
                 .moved(amount, available, reserved),
         );
-        let mut outcome = Outcome::new(ResultCode::Ok, seq).with_balance(reservation.asset, available, reserved);
+        let mut outcome =
+            Outcome::new(ResultCode::Ok, seq).with_balance(reservation.asset, available, reserved);
         outcome.released = amount;
         outcome
     }
@@ -417,7 +447,10 @@ impl State {
             return Outcome::new(ResultCode::AccountNotFound, seq);
         };
         let currency = c.currency.unwrap_or(account.base_currency);
-        if account.position(c.symbol).is_some_and(|p| p.currency != currency) {
+        if account
+            .position(c.symbol)
+            .is_some_and(|p| p.currency != currency)
+        {
             return Outcome::new(ResultCode::CurrencyMismatch, seq);
         }
         let key = ReservationKey {
@@ -438,7 +471,13 @@ impl State {
                 r.remaining -= consumed;
                 r.consumed += consumed;
                 if r.remaining.is_zero() {
-                    close(r, ReservationState::Consumed, now, &mut self.expiries, &mut self.closed);
+                    close(
+                        r,
+                        ReservationState::Consumed,
+                        now,
+                        &mut self.expiries,
+                        &mut self.closed,
+                    );
                     account.open_reservations -= 1;
                 }
                 consumed
@@ -467,7 +506,10 @@ impl State {
         let (free, locked) = (position.free_quantity(), position.reserved_quantity);
 
         let fill = event(EventKind::FillApplied, c.account_id).order(c.order_id);
-        events.push(fill.asset(currency).moved(c.filled_amount, cash_available, cash_reserved));
+        events.push(
+            fill.asset(currency)
+                .moved(c.filled_amount, cash_available, cash_reserved),
+        );
         events.push(fill.asset(c.symbol).moved(c.quantity, free, locked));
         refresh_overdrawn(account, &mut self.overdrawn_accounts, events);
         Outcome::new(ResultCode::Ok, seq).with_balance(currency, cash_available, cash_reserved)
@@ -478,7 +520,9 @@ impl State {
     fn tick<S: EventSink>(&mut self, now: i64, events: &mut S) {
         let mut budget = self.config.tick_work_max;
         while budget > 0 {
-            let Some(&(at, key)) = self.expiries.first() else { break };
+            let Some(&(at, key)) = self.expiries.first() else {
+                break;
+            };
             if at > now {
                 break;
             }
@@ -491,7 +535,13 @@ impl State {
             debug_assert_eq!(reservation.state, ReservationState::Open);
             let amount = reservation.remaining;
             let (available, reserved) = release(account, reservation, amount);
-            close(reservation, ReservationState::Expired, now, &mut self.expiries, &mut self.closed);
+            close(
+                reservation,
+                ReservationState::Expired,
+                now,
+                &mut self.expiries,
+                &mut self.closed,
+            );
             account.open_reservations -= 1;
             events.push(
                 event(EventKind::ReservationExpired, key.account_id)
@@ -502,7 +552,9 @@ impl State {
         }
         let window = self.config.idempotency_window_ms;
         while budget > 0 {
-            let Some(&(at, key)) = self.idempotency_order.front() else { break };
+            let Some(&(at, key)) = self.idempotency_order.front() else {
+                break;
+            };
             if at + window > now {
                 break;
             }
@@ -512,7 +564,9 @@ impl State {
             debug_assert!(removed.is_some());
         }
         while budget > 0 {
-            let Some(&(at, key)) = self.closed.front() else { break };
+            let Some(&(at, key)) = self.closed.front() else {
+                break;
+            };
             if at + window > now {
                 break;
             }
@@ -525,21 +579,36 @@ impl State {
 }
 
 /// (available, reserved) of a cash currency or (free, reserved) shares of a symbol.
-fn balance_of(account: &Account, kind: ReservationKind, asset: crate::domain::Asset) -> (Decimal, Decimal) {
+fn balance_of(
+    account: &Account,
+    kind: ReservationKind,
+    asset: crate::domain::Asset,
+) -> (Decimal, Decimal) {
     match kind {
         ReservationKind::Cash => account
             .cash(asset)
-            .map_or((Decimal::ZERO, Decimal::ZERO), |b| (b.available, b.reserved)),
+            .map_or((Decimal::ZERO, Decimal::ZERO), |b| {
+                (b.available, b.reserved)
+            }),
         ReservationKind::Security => account
             .position(asset)
-            .map_or((Decimal::ZERO, Decimal::ZERO), |p| (p.free_quantity(), p.reserved_quantity)),
+            .map_or((Decimal::ZERO, Decimal::ZERO), |p| {
+                (p.free_quantity(), p.reserved_quantity)
+            }),
     }
 }
 
 /// Moves `amount` of an open reservation back to free; returns the asset's
 /// (available, reserved) after.
-fn release(account: &mut Account, reservation: &mut Reservation, amount: Decimal) -> (Decimal, Decimal) {
-    assert!(amount <= reservation.remaining, "release at most what remains");
+fn release(
+    account: &mut Account,
+    reservation: &mut Reservation,
+    amount: Decimal,
+) -> (Decimal, Decimal) {
+    assert!(
+        amount <= reservation.remaining,
+        "release at most what remains"
+    );
     debug_assert_eq!(reservation.state, ReservationState::Open);
     reservation.remaining -= amount;
     reservation.released += amount;
@@ -580,7 +649,11 @@ fn close(
     closed.push_back((now, reservation.key()));
 }
 
-fn refresh_overdrawn<S: EventSink>(account: &mut Account, overdrawn_accounts: &mut u64, events: &mut S) {
+fn refresh_overdrawn<S: EventSink>(
+    account: &mut Account,
+    overdrawn_accounts: &mut u64,
+    events: &mut S,
+) {
     let overdrawn = account.computes_overdrawn();
     if overdrawn == account.overdrawn {
         return;
@@ -621,7 +694,12 @@ impl Event {
         self
     }
 
-    fn moved(mut self, amount: Decimal, available_after: Decimal, reserved_after: Decimal) -> Event {
+    fn moved(
+        mut self,
+        amount: Decimal,
+        available_after: Decimal,
+        reserved_after: Decimal,
+    ) -> Event {
         self.amount = amount;
         self.available_after = available_after;
         self.reserved_after = reserved_after;

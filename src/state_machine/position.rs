@@ -36,8 +36,15 @@ fn pro_rata(value: Decimal, part: Decimal, whole: Decimal) -> Decimal {
 /// Applies a trade of signed quantity `dq` (buy > 0, never 0) worth `amount` (> 0).
 pub fn trade(position: &mut Position, dq: Decimal, amount: Decimal) {
     assert!(!dq.is_zero(), "a trade moves shares");
-    assert!(amount >= Decimal::ZERO, "a trade's cash amount is not negative");
-    let value = if dq.is_sign_positive() { amount } else { -amount };
+    assert!(
+        amount >= Decimal::ZERO,
+        "a trade's cash amount is not negative"
+    );
+    let value = if dq.is_sign_positive() {
+        amount
+    } else {
+        -amount
+    };
     let q = position.quantity;
     let same_direction = q.is_zero() || q.is_sign_positive() == dq.is_sign_positive();
     if same_direction {
@@ -50,7 +57,11 @@ pub fn trade(position: &mut Position, dq: Decimal, amount: Decimal) {
     let closing_value = pro_rata(value, closed, dq.abs());
     position.realized_pnl += -closing_value - removed;
     position.cost_basis -= removed;
-    let signed_closed = if dq.is_sign_positive() { closed } else { -closed };
+    let signed_closed = if dq.is_sign_positive() {
+        closed
+    } else {
+        -closed
+    };
     position.quantity += signed_closed;
     if position.quantity.is_zero() {
         debug_assert!(position.cost_basis.is_zero(), "flat position keeps no cost");

@@ -1,6 +1,8 @@
 //! The state's rows and the values `apply` returns.
 
-use crate::domain::{AccountId, AccountStatus, Asset, Currency, Decimal, Id, ReservationKind, Symbol};
+use crate::domain::{
+    AccountId, AccountStatus, Asset, Currency, Decimal, Id, ReservationKind, Symbol,
+};
 
 /// Business outcome of a command. Mirrors `account.v1.Result` value for value.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
@@ -276,13 +278,20 @@ impl Account {
 
     /// Negative available cash, or fewer shares than are locked (an oversell).
     pub fn computes_overdrawn(&self) -> bool {
-        self.cash.iter().any(|b| b.available.is_sign_negative() && !b.available.is_zero())
-            || self.positions.iter().any(|p| p.free_quantity() < Decimal::ZERO)
+        self.cash
+            .iter()
+            .any(|b| b.available.is_sign_negative() && !b.available.is_zero())
+            || self
+                .positions
+                .iter()
+                .any(|p| p.free_quantity() < Decimal::ZERO)
     }
 
     /// Closing needs every balance, position and reservation at zero.
     pub fn is_empty(&self) -> bool {
-        self.cash.iter().all(|b| b.available.is_zero() && b.reserved.is_zero())
+        self.cash
+            .iter()
+            .all(|b| b.available.is_zero() && b.reserved.is_zero())
             && self
                 .positions
                 .iter()

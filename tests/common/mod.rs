@@ -51,7 +51,9 @@ impl Harness {
     pub fn run(&mut self, command: Command) -> Outcome {
         self.events.clear();
         let seq = self.state.last_sequence() + 1;
-        let outcome = self.state.apply(&command, seq, self.now_ms, &mut self.events);
+        let outcome = self
+            .state
+            .apply(&command, seq, self.now_ms, &mut self.events);
         if let Err(e) = account_service::state_machine::invariants::check(&self.state) {
             panic!("invariant broken after {command:?}: {e}");
         }
@@ -110,11 +112,27 @@ pub fn withdraw(key: &str, account: i64, currency: Asset, amount: &str) -> Comma
 }
 
 pub fn reserve_cash(key: &str, account: i64, order: &str, amount: &str) -> Command {
-    reserve(key, account, order, ReservationKind::Cash, usd(), amount, None)
+    reserve(
+        key,
+        account,
+        order,
+        ReservationKind::Cash,
+        usd(),
+        amount,
+        None,
+    )
 }
 
 pub fn reserve_shares(key: &str, account: i64, order: &str, symbol: &str, amount: &str) -> Command {
-    reserve(key, account, order, ReservationKind::Security, sym(symbol), amount, None)
+    reserve(
+        key,
+        account,
+        order,
+        ReservationKind::Security,
+        sym(symbol),
+        amount,
+        None,
+    )
 }
 
 pub fn reserve(
@@ -147,7 +165,15 @@ pub fn unreserve(key: &str, account: i64, order: &str, amount: Option<&str>) -> 
 }
 
 /// A fill whose filled_amount is price x quantity, rounded half-even.
-pub fn fill(key: &str, account: i64, order: &str, symbol: &str, side: Side, quantity: &str, price: &str) -> Command {
+pub fn fill(
+    key: &str,
+    account: i64,
+    order: &str,
+    symbol: &str,
+    side: Side,
+    quantity: &str,
+    price: &str,
+) -> Command {
     let filled = amount::round(d(price) * d(quantity));
     Command::Fill(Fill {
         event_id: id(key),

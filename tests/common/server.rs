@@ -10,7 +10,11 @@ use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 pub struct Server {
@@ -58,7 +62,11 @@ impl Server {
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.addr()).unwrap().connect().await.unwrap()
+        Channel::from_shared(self.addr())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 
     pub async fn accounts(&self) -> AccountServiceClient<Channel> {
@@ -70,7 +78,9 @@ impl Server {
     }
 
     pub async fn wait_serving(&mut self) {
-        use tonic_health::pb::{health_client::HealthClient, health_check_response::ServingStatus, HealthCheckRequest};
+        use tonic_health::pb::{
+            health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -78,13 +88,21 @@ impl Server {
             }
             if let Ok(channel) = Channel::from_shared(self.addr()).unwrap().connect().await {
                 let mut health = HealthClient::new(channel);
-                if let Ok(r) = health.check(HealthCheckRequest { service: String::new() }).await {
+                if let Ok(r) = health
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                {
                     if r.into_inner().status == ServingStatus::Serving as i32 {
                         return;
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "account-service not serving within 60 s");
+            assert!(
+                Instant::now() < deadline,
+                "account-service not serving within 60 s"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -41,6 +41,7 @@ pub fn symbol() -> impl Strategy<Value = Asset> {
 }
 
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Step {
     Run(Command),
     Advance(i64),
@@ -86,4 +87,3 @@ pub fn steps() -> impl Strategy<Value = Vec<Step>> {
         1..200,
     )
 }
-

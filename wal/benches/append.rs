@@ -10,7 +10,10 @@ const PAYLOAD: [u8; 128] = [7; 128];
 
 fn append_sync(c: &mut Criterion) {
     let mut group = c.benchmark_group("wal/append_sync");
-    group.sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(4))
+        .warm_up_time(Duration::from_secs(1));
     for batch in [1u64, 16, 256] {
         let dir = tempfile::tempdir().unwrap();
         let mut wal = Wal::open(WalOptions::new(dir.path())).unwrap();
@@ -31,7 +34,9 @@ fn append_sync(c: &mut Criterion) {
 
 fn replay(c: &mut Criterion) {
     let mut group = c.benchmark_group("wal/replay");
-    group.sample_size(10).measurement_time(Duration::from_secs(4));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(4));
     let records = 200_000u64;
     let dir = tempfile::tempdir().unwrap();
     {

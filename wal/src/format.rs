@@ -85,7 +85,11 @@ pub fn write_record(out: &mut [u8], sequence: u64, payload: &[u8]) -> usize {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Frame<'a> {
     /// A valid record and the bytes it occupies.
-    Record { sequence: u64, payload: &'a [u8], len: usize },
+    Record {
+        sequence: u64,
+        payload: &'a [u8],
+        len: usize,
+    },
     /// Zeros: the end of the written data.
     End,
     /// Something that is neither: a torn write or corruption.
@@ -122,10 +126,17 @@ pub fn read_frame(data: &[u8], payload_max: u32) -> Frame<'_> {
     if crc != record_crc(payload_len, sequence, payload) {
         return Frame::Bad("checksum mismatch");
     }
-    if data[RECORD_HEADER_LEN + payload_len as usize..len].iter().any(|b| *b != 0) {
+    if data[RECORD_HEADER_LEN + payload_len as usize..len]
+        .iter()
+        .any(|b| *b != 0)
+    {
         return Frame::Bad("non-zero padding");
     }
-    Frame::Record { sequence, payload, len }
+    Frame::Record {
+        sequence,
+        payload,
+        len,
+    }
 }
 
 #[cfg(test)]
@@ -137,7 +148,14 @@ mod tests {
         let mut buf = [0u8; 64];
         let len = write_record(&mut buf, 7, b"hello");
         assert_eq!(len, 24);
-        assert_eq!(read_frame(&buf, 1024), Frame::Record { sequence: 7, payload: b"hello", len: 24 });
+        assert_eq!(
+            read_frame(&buf, 1024),
+            Frame::Record {
+                sequence: 7,
+                payload: b"hello",
+                len: 24
+            }
+        );
         assert_eq!(read_frame(&buf[len..], 1024), Frame::End);
         buf[17] ^= 1;
         assert_eq!(read_frame(&buf, 1024), Frame::Bad("checksum mismatch"));

@@ -76,9 +76,14 @@ pub struct Wal {
 impl Wal {
     /// Opens (creating the directory if needed), locks and validates the log.
     pub fn open(options: WalOptions) -> Result<Wal, WalError> {
-        let min_segment = (format::SEGMENT_HEADER_LEN + format::record_len(options.record_size_max as usize)) as u64;
+        let min_segment = (format::SEGMENT_HEADER_LEN
+            + format::record_len(options.record_size_max as usize))
+            as u64;
         assert!(options.record_size_max > 0, "record_size_max > 0");
-        assert!(options.segment_size_bytes >= min_segment, "a segment holds a record of the maximum size");
+        assert!(
+            options.segment_size_bytes >= min_segment,
+            "a segment holds a record of the maximum size"
+        );
         let dir = options.dir.clone();
         fs::create_dir_all(&dir).map_err(io(&dir))?;
         let lock_path = dir.join("LOCK");
@@ -123,7 +128,8 @@ impl Wal {
             if let Some((offset, reason)) = scan.bad {
                 let is_last = i + 1 == paths.len();
                 let next = scan.meta.last_sequence + 1;
-                let valid_after = segment::valid_record_after(path, offset, next, options.record_size_max)?;
+                let valid_after =
+                    segment::valid_record_after(path, offset, next, options.record_size_max)?;
                 if !is_last || valid_after {
                     return Err(corrupt(offset, reason));
                 }
@@ -148,7 +154,10 @@ impl Wal {
             _lock: lock,
         };
         wal.prepare_spare();
-        debug_assert!(wal.closed.iter().all(|m| m.last_sequence <= wal.last_sequence));
+        debug_assert!(wal
+            .closed
+            .iter()
+            .all(|m| m.last_sequence <= wal.last_sequence));
         Ok(wal)
     }
 
@@ -172,7 +181,10 @@ impl Wal {
     pub fn append(&mut self, sequence: u64, payload: &[u8]) -> Result<(), WalError> {
         let expected = self.last_sequence + 1;
         if sequence != expected && !(self.is_empty() && sequence >= 1) {
-            return Err(WalError::SequenceGap { expected, got: sequence });
+            return Err(WalError::SequenceGap {
+                expected,
+                got: sequence,
+            });
         }
         if payload.is_empty() {
             return Err(WalError::EmptyRecord);
@@ -185,7 +197,12 @@ impl Wal {
         }
         let needed = format::record_len(payload.len());
         let fits = self.active.as_ref().is_some_and(|a| a.room() >= needed);
-        if !fits || self.active.as_ref().is_some_and(|a| a.meta.last_sequence + 1 != sequence) {
+        if !fits
+            || self
+                .active
+                .as_ref()
+                .is_some_and(|a| a.meta.last_sequence + 1 != sequence)
+        {
             self.roll(sequence)?;
         }
         let active = self.active.as_mut().expect("roll leaves an active segment");
@@ -221,10 +238,22 @@ impl Wal {
                 continue;
             }
             let map = segment::map_read(&meta.path)?;
-            visited += replay_data(&map[..meta.data_end], &meta.path, from_sequence, self.options.record_size_max, &mut f)?;
+            visited += replay_data(
+                &map[..meta.data_end],
+                &meta.path,
+                from_sequence,
+                self.options.record_size_max,
+                &mut f,
+            )?;
         }
         if let Some(active) = &self.active {
-            visited += replay_data(active.data(), &active.meta.path, from_sequence, self.options.record_size_max, &mut f)?;
+            visited += replay_data(
+                active.data(),
+                &active.meta.path,
+                from_sequence,
+                self.options.record_size_max,
+                &mut f,
+            )?;
         }
         Ok(visited)
     }
@@ -232,7 +261,11 @@ impl Wal {
     /// Deletes closed segments whose records all have a sequence below
     /// `sequence` (never the active segment). Returns how many were deleted.
     pub fn delete_segments_before(&mut self, sequence: u64) -> Result<usize, WalError> {
-        let keep_from = self.closed.iter().position(|m| m.last_sequence >= sequence).unwrap_or(self.closed.len());
+        let keep_from = self
+            .closed
+            .iter()
+            .position(|m| m.last_sequence >= sequence)
+            .unwrap_or(self.closed.len());
         for meta in &self.closed[..keep_from] {
             fs::remove_file(&meta.path).map_err(io(&meta.path))?;
         }
@@ -324,7 +357,13 @@ impl Drop for Wal {
     }
 }
 
-fn replay_data<E, F>(data: &[u8], path: &Path, from: u64, payload_max: u32, f: &mut F) -> Result<u64, E>
+fn replay_data<E, F>(
+    data: &[u8],
+    path: &Path,
+    from: u64,
+    payload_max: u32,
+    f: &mut F,
+) -> Result<u64, E>
 where
     F: FnMut(u64, &[u8]) -> Result<(), E>,
     E: From<WalError>,
@@ -333,7 +372,11 @@ where
     let mut visited = 0;
     while at < data.len() {
         match format::read_frame(&data[at..], payload_max) {
-            format::Frame::Record { sequence, payload, len } => {
+            format::Frame::Record {
+                sequence,
+                payload,
+                len,
+            } => {
                 if sequence >= from {
                     f(sequence, payload)?;
                     visited += 1;

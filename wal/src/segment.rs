@@ -14,7 +14,8 @@ pub fn segment_name(first_sequence: u64) -> String {
 
 pub fn parse_segment_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(".wal")?;
-    (digits.len() == 20 && digits.bytes().all(|c| c.is_ascii_digit())).then(|| digits.parse().ok())?
+    (digits.len() == 20 && digits.bytes().all(|c| c.is_ascii_digit()))
+        .then(|| digits.parse().ok())?
 }
 
 /// Writes a zero-filled file of `size` bytes and syncs it, so later appends
@@ -42,8 +43,12 @@ pub fn sync_dir(dir: &Path) -> Result<(), WalError> {
 
 /// Turns a preallocated file into segment `first_sequence`: header, sync, rename, dir sync.
 pub fn install(dir: &Path, spare: &Path, first_sequence: u64) -> Result<PathBuf, WalError> {
-    let mut file = OpenOptions::new().write(true).open(spare).map_err(io(spare))?;
-    file.write_all(&format::segment_header(first_sequence)).map_err(io(spare))?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .open(spare)
+        .map_err(io(spare))?;
+    file.write_all(&format::segment_header(first_sequence))
+        .map_err(io(spare))?;
     file.sync_data().map_err(io(spare))?;
     let path = dir.join(segment_name(first_sequence));
     fs::rename(spare, &path).map_err(io(&path))?;
@@ -116,7 +121,12 @@ pub fn scan(path: &Path, payload_max: u32) -> Result<Scan, WalError> {
 /// Whether a valid record with a sequence in `[from, from + window)` exists at
 /// any aligned offset of `path` after `offset`: the test between a torn tail
 /// (nothing valid follows) and corruption in the middle of the log.
-pub fn valid_record_after(path: &Path, offset: usize, from: u64, payload_max: u32) -> Result<bool, WalError> {
+pub fn valid_record_after(
+    path: &Path,
+    offset: usize,
+    from: u64,
+    payload_max: u32,
+) -> Result<bool, WalError> {
     const WINDOW: u64 = 1 << 24;
     let map = map_read(path)?;
     let mut at = offset + ALIGN;
@@ -134,7 +144,11 @@ pub fn valid_record_after(path: &Path, offset: usize, from: u64, payload_max: u3
 /// Zeroes `path` from `offset` to its end (only the pages that are not zero
 /// already) and syncs: cuts a torn tail so the next append starts there.
 pub fn zero_from(path: &Path, offset: usize) -> Result<(), WalError> {
-    let file = OpenOptions::new().read(true).write(true).open(path).map_err(io(path))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(io(path))?;
     // SAFETY: as in `map_read`; this process holds the directory lock.
     let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io(path))?;
     let mut at = offset;
@@ -166,7 +180,11 @@ impl Active {
         let map = unsafe { MmapMut::map_mut(&file) }.map_err(io(&meta.path))?;
         debug_assert_eq!(map.len() as u64, meta.file_len);
         let synced_to = meta.data_end;
-        Ok(Active { meta, map, synced_to })
+        Ok(Active {
+            meta,
+            map,
+            synced_to,
+        })
     }
 
     pub fn room(&self) -> usize {

@@ -81,8 +81,17 @@ fn appends_are_checked() {
     let dir = tempfile::tempdir().unwrap();
     let mut wal = Wal::open(options(dir.path())).unwrap();
     wal.append(1, b"a").unwrap();
-    assert!(matches!(wal.append(3, b"b"), Err(WalError::SequenceGap { expected: 2, got: 3 })));
-    assert!(matches!(wal.append(2, &[0; 513]), Err(WalError::RecordTooLarge { .. })));
+    assert!(matches!(
+        wal.append(3, b"b"),
+        Err(WalError::SequenceGap {
+            expected: 2,
+            got: 3
+        })
+    ));
+    assert!(matches!(
+        wal.append(2, &[0; 513]),
+        Err(WalError::RecordTooLarge { .. })
+    ));
     assert!(matches!(wal.append(2, b""), Err(WalError::EmptyRecord)));
     wal.append(2, b"b").unwrap();
 }
@@ -95,14 +104,20 @@ fn an_empty_log_starts_at_any_sequence() {
     wal.sync().unwrap();
     drop(wal);
     let wal = Wal::open(options(dir.path())).unwrap();
-    assert_eq!((wal.first_sequence(), wal.last_sequence()), (Some(1_000), 1_000));
+    assert_eq!(
+        (wal.first_sequence(), wal.last_sequence()),
+        (Some(1_000), 1_000)
+    );
 }
 
 #[test]
 fn second_open_is_locked() {
     let dir = tempfile::tempdir().unwrap();
     let _wal = Wal::open(options(dir.path())).unwrap();
-    assert!(matches!(Wal::open(options(dir.path())), Err(WalError::Locked(_))));
+    assert!(matches!(
+        Wal::open(options(dir.path())),
+        Err(WalError::Locked(_))
+    ));
 }
 
 /// Cuts the log at every byte of its last segment, both by zeroing from the cut
@@ -113,7 +128,11 @@ fn torn_tail_is_cut_at_every_offset() {
     let template = tempfile::tempdir().unwrap();
     write(template.path(), 1, 40);
     let segs = segments(template.path());
-    assert_eq!(segs.len(), 2, "two segments: the tail test spans a roll-over");
+    assert_eq!(
+        segs.len(),
+        2,
+        "two segments: the tail test spans a roll-over"
+    );
     let last = segs.last().unwrap();
     let original = fs::read(last).unwrap();
     let data_end = {
@@ -196,10 +215,20 @@ fn flipped_byte_at_every_offset() {
                 let records = read_all(&wal, 1);
                 check_prefix(&records);
                 // Only damage to the last record can look like a torn tail.
-                assert!(records.len() == 20 || offset >= starts[19], "offset {offset} silently dropped records");
-                assert!(records.len() == 19, "offset {offset}: damage went unnoticed");
+                assert!(
+                    records.len() == 20 || offset >= starts[19],
+                    "offset {offset} silently dropped records"
+                );
+                assert!(
+                    records.len() == 19,
+                    "offset {offset}: damage went unnoticed"
+                );
             }
-            Err(WalError::Corrupt { segment, offset: at, .. }) => {
+            Err(WalError::Corrupt {
+                segment,
+                offset: at,
+                ..
+            }) => {
                 assert_eq!(segment, target);
                 let record = starts.iter().rposition(|s| *s <= offset);
                 match record {
@@ -223,7 +252,9 @@ fn corruption_in_a_closed_segment_is_an_error_naming_it() {
     bytes[32 + 20] ^= 1; // inside the first record's payload
     fs::write(victim, &bytes).unwrap();
     match Wal::open(options(dir.path())) {
-        Err(WalError::Corrupt { segment, offset, .. }) => {
+        Err(WalError::Corrupt {
+            segment, offset, ..
+        }) => {
             assert_eq!(&segment, victim);
             assert_eq!(offset, 32);
         }
