@@ -151,3 +151,30 @@ async fn readme_session_with_the_client_subcommands() {
     let (success, _, stderr) = cli(&server, &["account", "get", "--account-id", "7"]);
     assert!(!success && stderr.contains("NotFound"), "{stderr}");
 }
+
+#[tokio::test]
+async fn metrics_endpoint_exports_the_core_series() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    ok(&server, &["account", "open", "--account-id", "1"]);
+    ok(&server, &["deposit", "--account-id", "1", "--amount", "5"]);
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.metrics_port)).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"), "{body}");
+    for series in [
+        "account_rpc_latency_seconds_bucket{",
+        "rpc=\"OpenAccount\"",
+        "account_rpc_outcomes_total{rpc=\"Deposit\",outcome=\"OK\"} 1",
+        "account_engine_queue_depth",
+        "account_engine_batch_size_bucket",
+        "account_wal_sync_seconds_bucket",
+        "account_replay_seconds",
+        "account_accounts 1",
+        "account_ready 1",
+    ] {
+        assert!(body.contains(series), "missing {series} in\n{body}");
+    }
+}
