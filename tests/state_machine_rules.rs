@@ -377,3 +377,18 @@ fn redelivered_kafka_offset_changes_nothing() {
     assert_eq!(cash(&h, 1), (d("10"), d("0")));
     assert_eq!(h.state.offset(Topic::Deposits, 0), Some(5));
 }
+
+/// Found by the property test: cash released by an unreserve or an expiry can
+/// cover a negative balance, and must clear the overdrawn flag.
+#[test]
+fn released_cash_clears_overdrawn() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "10");
+    h.run(reserve_cash("r1", 1, "o1", "5"));
+    h.run(fill("f1", 1, "o2", "ACME", Side::Buy, "1", "7")); // no reservation: 5 - 7 = -2
+    assert!(h.state.account(AccountId(1)).unwrap().overdrawn);
+    h.run(unreserve("u1", 1, "o1", None)); // +5 -> 3
+    assert!(!h.state.account(AccountId(1)).unwrap().overdrawn);
+    assert_eq!(h.state.overdrawn_accounts(), 0);
+}

@@ -388,6 +388,8 @@ impl State {
                 .asset(reservation.asset)
                 .moved(amount, available, reserved),
         );
+        // Released cash can cover a negative balance.
+        refresh_overdrawn(account, &mut self.overdrawn_accounts, events);
         let mut outcome =
             Outcome::new(ResultCode::Ok, seq).with_balance(reservation.asset, available, reserved);
         outcome.released = amount;
@@ -558,6 +560,7 @@ impl State {
                     .asset(reservation.asset)
                     .moved(amount, available, reserved),
             );
+            refresh_overdrawn(account, &mut self.overdrawn_accounts, events);
         }
         let window = self.config.idempotency_window_ms;
         while budget > 0 {
