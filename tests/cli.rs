@@ -160,10 +160,15 @@ async fn metrics_endpoint_exports_the_core_series() {
     ok(&server, &["account", "open", "--account-id", "1"]);
     ok(&server, &["deposit", "--account-id", "1", "--amount", "5"]);
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.metrics_port)).unwrap();
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
     let mut body = String::new();
     stream.read_to_string(&mut body).unwrap();
-    assert!(body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
     for series in [
         "account_rpc_latency_seconds_bucket{",
         "rpc=\"OpenAccount\"",

@@ -53,8 +53,11 @@ pub struct EngineConfig {
 
 impl EngineConfig {
     pub fn new(data_dir: impl Into<std::path::PathBuf>) -> EngineConfig {
+        let mut wal = wal::WalOptions::new(data_dir.into().join("wal"));
+        // A journal record is one encoded command.
+        wal.record_size_max = codec::ENCODED_LEN_MAX as u32;
         EngineConfig {
-            wal: wal::WalOptions::new(data_dir.into().join("wal")),
+            wal,
             durability: Durability::Sync,
             queue_capacity: 65_536,
             batch_size_max: 4_096,
