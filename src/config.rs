@@ -1,5 +1,6 @@
 //! Flags and environment of `account-service serve`, validated once.
 
+use crate::domain::Topic;
 use crate::engine::{Durability, EngineConfig};
 use crate::state_machine::StateConfig;
 use std::net::SocketAddr;
@@ -28,6 +29,44 @@ pub struct ServeArgs {
     /// Kafka bootstrap servers (host:port,...). Unset: no Kafka.
     #[arg(long, env = "ACCOUNT_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
+
+    /// Consumer group of the inbound topics. Informational only: the offsets
+    /// that count are journaled with each command (exactly once across restarts);
+    /// the group's committed offsets just let lag tooling see progress.
+    #[arg(long, env = "ACCOUNT_KAFKA_GROUP", default_value = "account-service")]
+    pub kafka_group: String,
+
+    /// Inbound fills (FillEvent). Its dead letters go to `<topic>.dlq`.
+    #[arg(
+        long,
+        env = "ACCOUNT_KAFKA_FILLS_TOPIC",
+        default_value = "trading.fills"
+    )]
+    pub kafka_fills_topic: String,
+
+    /// Inbound deposits (DepositEvent). Dead letters: `<topic>.dlq`.
+    #[arg(
+        long,
+        env = "ACCOUNT_KAFKA_DEPOSITS_TOPIC",
+        default_value = "payment.deposits"
+    )]
+    pub kafka_deposits_topic: String,
+
+    /// Inbound withdrawals (WithdrawEvent). Dead letters: `<topic>.dlq`.
+    #[arg(
+        long,
+        env = "ACCOUNT_KAFKA_WITHDRAWALS_TOPIC",
+        default_value = "payment.withdrawals"
+    )]
+    pub kafka_withdrawals_topic: String,
+
+    /// Outbound AccountEvents, keyed by account_id.
+    #[arg(
+        long,
+        env = "ACCOUNT_KAFKA_EVENTS_TOPIC",
+        default_value = "trading.account.events"
+    )]
+    pub kafka_events_topic: String,
 
     /// PostgreSQL URL for snapshots and the read model. Unset: no PostgreSQL.
     #[arg(long, env = "ACCOUNT_POSTGRES_URL")]
@@ -59,15 +98,87 @@ pub struct ServeArgs {
     pub no_pin: bool,
 }
 
+/// Kafka wiring: brokers, consumer group and topic names (defaults: the seed's).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group: String,
+    pub fills_topic: String,
+    pub deposits_topic: String,
+    pub withdrawals_topic: String,
+    pub events_topic: String,
+}
+
+impl KafkaConfig {
+    /// The seed's topic names and the default group.
+    pub fn new(brokers: impl Into<String>) -> KafkaConfig {
+        KafkaConfig {
+            brokers: brokers.into(),
+            group: "account-service".into(),
+            fills_topic: "trading.fills".into(),
+            deposits_topic: "payment.deposits".into(),
+            withdrawals_topic: "payment.withdrawals".into(),
+            events_topic: "trading.account.events".into(),
+        }
+    }
+
+    pub fn topic_name(&self, topic: Topic) -> &str {
+        match topic {
+            Topic::Fills => &self.fills_topic,
+            Topic::Deposits => &self.deposits_topic,
+            Topic::Withdrawals => &self.withdrawals_topic,
+        }
+    }
+
+    /// The role of an inbound topic name.
+    pub fn topic_of(&self, name: &str) -> Option<Topic> {
+        Topic::ALL.into_iter().find(|&t| self.topic_name(t) == name)
+    }
+
+    pub fn dlq_topic(&self, topic: Topic) -> String {
+        format!("{}.dlq", self.topic_name(topic))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("--{0} must be greater than zero")]
     Zero(&'static str),
     #[error("--wal-segment-mib must be between 1 and 4096")]
     SegmentSize,
+    #[error("Kafka topic names must be distinct and non-empty")]
+    Topics,
 }
 
 impl ServeArgs {
+    /// The Kafka wiring, if `--kafka-brokers` is set.
+    pub fn kafka_config(&self) -> Result<Option<KafkaConfig>, ConfigError> {
+        let Some(brokers) = &self.kafka_brokers else {
+            return Ok(None);
+        };
+        let config = KafkaConfig {
+            brokers: brokers.clone(),
+            group: self.kafka_group.clone(),
+            fills_topic: self.kafka_fills_topic.clone(),
+            deposits_topic: self.kafka_deposits_topic.clone(),
+            withdrawals_topic: self.kafka_withdrawals_topic.clone(),
+            events_topic: self.kafka_events_topic.clone(),
+        };
+        let mut names = vec![
+            &config.fills_topic,
+            &config.deposits_topic,
+            &config.withdrawals_topic,
+            &config.events_topic,
+        ];
+        let distinct = names.len();
+        names.sort();
+        names.dedup();
+        if names.len() != distinct || names.iter().any(|n| n.is_empty()) || brokers.is_empty() {
+            return Err(ConfigError::Topics);
+        }
+        Ok(Some(config))
+    }
+
     /// Checks the limits and builds the engine configuration.
     pub fn engine_config(&self) -> Result<EngineConfig, ConfigError> {
         if self.queue_capacity == 0 {

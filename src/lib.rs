@@ -8,10 +8,12 @@
 //! ```text
 //! gRPC (tonic, tokio) ─┐                          ┌─► replies (after durable)
 //! admin / queries ─────┼─► bounded crossbeam ─► ENGINE THREAD (pinned, single writer)
-//! (Kafka consumers) ───┘     queue              │  1 take a batch
+//! Kafka consumers ─────┘     queue              │  1 take a batch
 //!                                               │  2 stamp sequence + timestamp, append to WAL
 //!                                               │  3 apply to in-memory state (pure function)
 //!                                               │  4 one sync for the batch, then release replies
+//!                                               └─► outbox publisher ─► trading.account.events,
+//!                                                   (after the sync)     <topic>.dlq
 //! ```
 //!
 //! Who owns what:
@@ -24,14 +26,17 @@
 //! * [`engine`]: the one writer thread. It alone owns the [`state_machine::State`]
 //!   and the [`wal::Wal`]. `engine::writer` is the one place where a reply is
 //!   released, and only after the batch's journal records are durable.
-//! * [`ingress`]: gRPC services; decoding and validation (INVALID_ARGUMENT naming
-//!   the field; nothing reaches the engine for it).
+//! * [`ingress`]: gRPC services and Kafka consumers; decoding and validation
+//!   (INVALID_ARGUMENT naming the field, or a journaled dead letter).
+//! * [`egress`]: the outbox publisher: account events and dead letters derived
+//!   from the journal, published after the sync, with a durable watermark.
 //! * [`metrics`]: Prometheus registry and the `/metrics` endpoint.
 //! * [`server`]: wires it all together for `account-service serve`.
 
 pub mod client;
 pub mod config;
 pub mod domain;
+pub mod egress;
 pub mod engine;
 pub mod ingress;
 pub mod metrics;

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub overdrawn_accounts: Gauge,
     pub accounts: Gauge,
     pub ready: Gauge,
+    /// Consumers, dead-letter queues and the outbox (zero without Kafka).
+    pub kafka: KafkaMetrics,
 }
 
 impl Metrics {
@@ -69,6 +71,7 @@ impl Metrics {
             overdrawn_accounts: Gauge::default(),
             accounts: Gauge::default(),
             ready: Gauge::default(),
+            kafka: KafkaMetrics::new(),
             registry: Registry::default(),
         };
         registry.register(
@@ -137,6 +140,7 @@ impl Metrics {
             "1 once the WAL is replayed and the service serves",
             m.ready.clone(),
         );
+        m.kafka.register(&mut registry);
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -192,4 +196,103 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub topic: String,
+    pub partition: i32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DlqLabels {
+    /// The source topic (the record went to `<topic>.dlq`).
+    pub topic: String,
+    /// `NOT_PROTOBUF`, `INVALID_FIELD`, or the engine's result name.
+    pub reason: &'static str,
+}
+
+/// Kafka consumers, dead-letter queues and the outbox publisher.
+pub struct KafkaMetrics {
+    pub consumer_lag_records: Family<PartitionLabels, Gauge>,
+    pub consumer_lag_ms: Family<PartitionLabels, Gauge>,
+    pub consumer_lag_seconds: Histogram,
+    pub consumer_messages_total: Counter,
+    pub consumer_pauses_total: Counter,
+    pub dlq_messages_total: Family<DlqLabels, Counter>,
+    pub outbox_backlog_records: Gauge,
+    pub outbox_backlog_age_seconds: Gauge<f64, AtomicU64>,
+    pub outbox_watermark: Gauge,
+    pub outbox_published_total: Counter,
+}
+
+impl KafkaMetrics {
+    fn new() -> KafkaMetrics {
+        KafkaMetrics {
+            consumer_lag_records: Family::default(),
+            consumer_lag_ms: Family::default(),
+            // 100 µs .. ~100 s
+            consumer_lag_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 20)),
+            consumer_messages_total: Counter::default(),
+            consumer_pauses_total: Counter::default(),
+            dlq_messages_total: Family::default(),
+            outbox_backlog_records: Gauge::default(),
+            outbox_backlog_age_seconds: Gauge::default(),
+            outbox_watermark: Gauge::default(),
+            outbox_published_total: Counter::default(),
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "kafka_consumer_lag_records",
+            "Records between a partition's high watermark and the consumer's position",
+            self.consumer_lag_records.clone(),
+        );
+        registry.register(
+            "kafka_consumer_lag_ms",
+            "Age of the last consumed message of a partition at consumption (from its timestamp)",
+            self.consumer_lag_ms.clone(),
+        );
+        registry.register(
+            "kafka_consumer_lag_seconds",
+            "Age of each consumed message at consumption (from its timestamp)",
+            self.consumer_lag_seconds.clone(),
+        );
+        registry.register(
+            "kafka_consumer_messages",
+            "Inbound Kafka messages submitted to the engine",
+            self.consumer_messages_total.clone(),
+        );
+        registry.register(
+            "kafka_consumer_pauses",
+            "Times the consumer paused its partitions because the engine queue was full",
+            self.consumer_pauses_total.clone(),
+        );
+        registry.register(
+            "dlq_messages",
+            "Messages published to a dead-letter queue, per source topic and reason",
+            self.dlq_messages_total.clone(),
+        );
+        registry.register(
+            "outbox_backlog_records",
+            "Durable account events and dead letters not yet acknowledged by the broker",
+            self.outbox_backlog_records.clone(),
+        );
+        registry.register(
+            "outbox_backlog_age_seconds",
+            "Journaled age of the oldest record not yet acknowledged by the broker",
+            self.outbox_backlog_age_seconds.clone(),
+        );
+        registry.register(
+            "outbox_watermark",
+            "Sequence through which every outbox record is acknowledged (durable)",
+            self.outbox_watermark.clone(),
+        );
+        registry.register(
+            "outbox_published",
+            "Outbox records acknowledged by the broker",
+            self.outbox_published_total.clone(),
+        );
+    }
 }

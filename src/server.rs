@@ -3,15 +3,19 @@
 //! 1. metrics registry;
 //! 2. the engine thread (opens and replays the WAL: health NOT_SERVING, RPCs
 //!    UNAVAILABLE meanwhile);
-//! 3. gRPC listener with health and reflection;
-//! 4. `/metrics`.
+//! 3. with `--kafka-brokers`: the outbox publisher (before the engine, which
+//!    hands it what replay re-derives) and the consumers (once it serves);
+//! 4. gRPC listener with health and reflection;
+//! 5. `/metrics`.
 //!
-//! SIGTERM / ctrl-c: stop accepting, finish in-flight calls, drain the engine
-//! queue, sync, exit 0.
+//! SIGTERM / ctrl-c: stop the consumers, stop accepting, finish in-flight
+//! calls, drain the engine queue, sync, let the outbox drain, exit 0.
 
 use crate::config::ServeArgs;
+use crate::egress::Outbox;
 use crate::engine::{Engine, Phase};
 use crate::ingress::grpc::Service;
+use crate::ingress::kafka::KafkaConsumer;
 use crate::metrics::{self, Metrics};
 use crate::proto::account::v1::account_service_server::AccountServiceServer;
 use crate::proto::account::v1::admin_service_server::AdminServiceServer;
@@ -41,17 +45,19 @@ pub enum ServeError {
     NotBuilt(&'static str),
     #[error("gRPC listener: {0}")]
     Incoming(String),
+    #[error(transparent)]
+    Outbox(#[from] crate::egress::OutboxError),
+    #[error("Kafka consumer: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
 }
 
 /// Runs the service until SIGTERM / ctrl-c (or the engine fails).
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
-    if args.kafka_brokers.is_some() {
-        return Err(ServeError::NotBuilt("Kafka (--kafka-brokers)"));
-    }
     if args.postgres_url.is_some() {
         return Err(ServeError::NotBuilt("PostgreSQL (--postgres-url)"));
     }
-    let engine_config = args.engine_config()?;
+    let mut engine_config = args.engine_config()?;
+    let kafka = args.kafka_config()?;
     let metrics = Metrics::new();
     let grpc_listener = bind("gRPC", args.grpc_addr).await?;
     let metrics_listener = bind("metrics", args.metrics_addr).await?;
@@ -63,8 +69,20 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         "starting"
     );
 
+    let outbox = match &kafka {
+        Some(k) => {
+            let (outbox, sink) = Outbox::start(k, &args.data_dir, metrics.clone())?;
+            engine_config.outbox = Some(sink);
+            Some(outbox)
+        }
+        None => None,
+    };
     let engine = Engine::start(engine_config, metrics.clone())?;
     let handle = engine.handle();
+    let consumer = match kafka {
+        Some(k) => Some(KafkaConsumer::start(k, handle.clone(), metrics.clone())?),
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let (mut health, health_service) = tonic_health::server::health_reporter();
@@ -123,9 +141,19 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     }
 
     tracing::info!("gRPC stopped; draining the engine");
-    let engine_result = tokio::task::spawn_blocking(move || engine.stop())
-        .await
-        .unwrap_or_else(|e| Err(crate::engine::EngineError::Thread(e.to_string())));
+    let engine_result = tokio::task::spawn_blocking(move || {
+        if let Some(consumer) = consumer {
+            consumer.stop();
+        }
+        let result = engine.stop();
+        // The writer is gone: the outbox drains what it handed over, then ends.
+        if let Some(outbox) = outbox {
+            outbox.join();
+        }
+        result
+    })
+    .await
+    .unwrap_or_else(|e| Err(crate::engine::EngineError::Thread(e.to_string())));
     let _ = tokio::time::timeout(Duration::from_secs(2), metrics_task).await;
     engine_result?;
     tracing::info!("stopped");

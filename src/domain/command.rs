@@ -82,6 +82,8 @@ pub enum Topic {
 }
 
 impl Topic {
+    pub const ALL: [Topic; 3] = [Topic::Fills, Topic::Deposits, Topic::Withdrawals];
+
     pub fn from_u8(v: u8) -> Option<Topic> {
         match v {
             1 => Some(Topic::Fills),
@@ -99,6 +101,45 @@ pub struct Source {
     pub topic: Topic,
     pub partition: i32,
     pub offset: i64,
+}
+
+/// Why the consumer could not turn a Kafka message into a command. Journaled
+/// (see [`Command::DeadLetter`]); the DLQ header's text is re-derived from the
+/// message itself, so only the class is kept.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum DeadLetterReason {
+    /// The payload is not a protobuf message of the topic's type.
+    NotProtobuf = 1,
+    /// It decodes, but a field fails validation (bad decimal, unknown side,
+    /// `filled_amount` != price x quantity, ...).
+    InvalidField = 2,
+}
+
+impl DeadLetterReason {
+    pub fn from_u8(v: u8) -> Option<DeadLetterReason> {
+        match v {
+            1 => Some(DeadLetterReason::NotProtobuf),
+            2 => Some(DeadLetterReason::InvalidField),
+            _ => None,
+        }
+    }
+
+    /// Metric label and DLQ reason class.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeadLetterReason::NotProtobuf => "NOT_PROTOBUF",
+            DeadLetterReason::InvalidField => "INVALID_FIELD",
+        }
+    }
+}
+
+/// A Kafka message that goes to its topic's dead-letter queue. Journaled like
+/// any Kafka command so that its offset is consumed exactly once and the DLQ
+/// record is re-derived from the journal after a restart, never re-decided.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct DeadLetter {
+    pub source: Source,
+    pub reason: DeadLetterReason,
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -175,6 +216,8 @@ pub enum Command {
     /// Journaled passage of time: expires reservations and prunes idempotency keys
     /// and closed reservations whose window has passed.
     Tick,
+    /// A malformed Kafka message: consumes its offset and changes nothing else.
+    DeadLetter(DeadLetter),
 }
 
 impl Command {
@@ -187,7 +230,7 @@ impl Command {
             Command::Unreserve(c) => Some(&c.request_id),
             Command::Deposit(c) | Command::Withdraw(c) => Some(&c.event_id),
             Command::Fill(c) => Some(&c.event_id),
-            Command::Tick => None,
+            Command::Tick | Command::DeadLetter(_) => None,
         }
     }
 
@@ -199,7 +242,7 @@ impl Command {
             Command::Unreserve(c) => Some(c.account_id),
             Command::Deposit(c) | Command::Withdraw(c) => Some(c.account_id),
             Command::Fill(c) => Some(c.account_id),
-            Command::Tick => None,
+            Command::Tick | Command::DeadLetter(_) => None,
         }
     }
 
@@ -207,6 +250,7 @@ impl Command {
         match self {
             Command::Deposit(c) | Command::Withdraw(c) => c.source,
             Command::Fill(c) => c.source,
+            Command::DeadLetter(c) => Some(c.source),
             _ => None,
         }
     }
@@ -269,6 +313,7 @@ impl Command {
                 }
             }
             Command::Tick => buf.put(&[8]),
+            Command::DeadLetter(c) => buf.put(&[9, c.reason as u8]),
         }
         xxhash_rust::xxh3::xxh3_64(&buf.bytes[..buf.len])
     }

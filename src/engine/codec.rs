@@ -11,6 +11,7 @@
 //! option<T>       = u8 0 | u8 1, T
 //! source          = topic u8, partition i32 LE, offset i64 LE
 //! enums           = u8 of the domain enum's discriminant
+//! dead letter     = source (always present), reason u8
 //! ```
 //!
 //! Fixed-width little-endian fields, no allocation either way; decoding checks
@@ -18,8 +19,9 @@
 //! command (a bug, or a future version) is a typed error, not a panic.
 
 use crate::domain::{
-    AccountId, AccountStatus, Asset, CashMovement, Command, Decimal, Fill, Id, OpenAccount,
-    ReservationKind, Reserve, SetAccountStatus, Side, Source, Topic, Unreserve,
+    AccountId, AccountStatus, Asset, CashMovement, Command, DeadLetter, DeadLetterReason, Decimal,
+    Fill, Id, OpenAccount, ReservationKind, Reserve, SetAccountStatus, Side, Source, Topic,
+    Unreserve,
 };
 
 pub const FORMAT_VERSION: u8 = 1;
@@ -45,6 +47,7 @@ const TAG_DEPOSIT: u8 = 5;
 const TAG_WITHDRAW: u8 = 6;
 const TAG_FILL: u8 = 7;
 const TAG_TICK: u8 = 8;
+const TAG_DEAD_LETTER: u8 = 9;
 
 /// Appends the encoding of `(command, timestamp_ms)` to `out` (cleared first).
 pub fn encode(command: &Command, timestamp_ms: i64, out: &mut Vec<u8>) {
@@ -58,6 +61,7 @@ pub fn encode(command: &Command, timestamp_ms: i64, out: &mut Vec<u8>) {
         Command::Withdraw(_) => TAG_WITHDRAW,
         Command::Fill(_) => TAG_FILL,
         Command::Tick => TAG_TICK,
+        Command::DeadLetter(_) => TAG_DEAD_LETTER,
     };
     out.extend_from_slice(&[FORMAT_VERSION, tag]);
     out.extend_from_slice(&timestamp_ms.to_le_bytes());
@@ -127,6 +131,10 @@ pub fn encode(command: &Command, timestamp_ms: i64, out: &mut Vec<u8>) {
             w.source(c.source);
         }
         Command::Tick => {}
+        Command::DeadLetter(c) => {
+            w.source(Some(c.source));
+            w.u8(c.reason as u8);
+        }
     }
     debug_assert!(out.len() <= ENCODED_LEN_MAX);
 }
@@ -194,6 +202,17 @@ pub fn decode(bytes: &[u8]) -> Result<(Command, i64), CodecError> {
             source: r.source()?,
         }),
         TAG_TICK => Command::Tick,
+        TAG_DEAD_LETTER => {
+            let at = r.at;
+            let source = r.source()?.ok_or(CodecError::Invalid {
+                field: "dead letter source",
+                at,
+            })?;
+            Command::DeadLetter(DeadLetter {
+                source,
+                reason: r.enumerated("dead letter reason", DeadLetterReason::from_u8)?,
+            })
+        }
         _ => {
             return Err(CodecError::Invalid {
                 field: "tag",
@@ -397,6 +416,14 @@ mod tests {
                 source: None,
             }),
             Command::Tick,
+            Command::DeadLetter(DeadLetter {
+                source: Source {
+                    topic: Topic::Fills,
+                    partition: 2,
+                    offset: 12_345,
+                },
+                reason: DeadLetterReason::InvalidField,
+            }),
         ]
     }
 

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use tokio::sync::{oneshot, watch};
 
-pub use recovery::replay;
+pub use recovery::{replay, replay_with_outbox};
 pub use writer::Writer;
 
 /// When a reply may leave relative to the sync of its journal record.
@@ -49,6 +49,9 @@ pub struct EngineConfig {
     pub state: StateConfig,
     /// Pin the writer thread to the last core, where the OS allows it.
     pub pin_core: bool,
+    /// Where derived account events and dead letters go once durable (Kafka
+    /// outbox); `None`: nobody listens and `apply` discards them.
+    pub outbox: Option<crate::egress::OutboxSink>,
 }
 
 impl EngineConfig {
@@ -63,6 +66,7 @@ impl EngineConfig {
             batch_size_max: 4_096,
             state: StateConfig::default(),
             pin_core: true,
+            outbox: None,
         }
     }
 }
@@ -83,6 +87,8 @@ pub enum Query {
     Reservation(AccountId, Id),
     /// The state's digest and sequence (replicas and restarts compare them).
     Digest,
+    /// The last applied offset of every inbound Kafka partition the state has seen.
+    Offsets,
 }
 
 #[derive(Debug)]
@@ -113,6 +119,7 @@ pub enum Reply {
     Account(Option<(Box<Account>, u64)>),
     Reservation(Option<Reservation>),
     Digest { sequence: u64, digest: u64 },
+    Offsets(Vec<(crate::domain::Topic, i32, i64)>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,6 +191,10 @@ impl EngineHandle {
 
     pub fn queue_len(&self) -> usize {
         self.tx.len()
+    }
+
+    pub fn queue_capacity(&self) -> usize {
+        self.tx.capacity().unwrap_or(usize::MAX)
     }
 }
 

@@ -2,11 +2,33 @@
 //! `apply` the live path uses.
 
 use super::{codec, EngineError};
+use crate::egress::Collector;
 use crate::state_machine::{NoEvents, State};
 use wal::Wal;
 
 /// Replays every record after `state.last_sequence()`. Returns how many.
 pub fn replay(wal: &Wal, state: &mut State) -> Result<u64, EngineError> {
+    replay_with_outbox(wal, state, None)
+}
+
+/// [`replay`], re-deriving the account events and dead letters of every record
+/// above the outbox's durable watermark and handing them to the publisher:
+/// what the broker had not acknowledged before the restart is published again
+/// (with the same event ids). Needs the state at or below the watermark: a
+/// snapshot beyond it cannot re-derive what lies between (logged as an error).
+pub fn replay_with_outbox(
+    wal: &Wal,
+    state: &mut State,
+    mut outbox: Option<&mut Collector>,
+) -> Result<u64, EngineError> {
+    let watermark = outbox.as_ref().map_or(u64::MAX, |o| o.watermark());
+    if state.last_sequence() > watermark {
+        tracing::error!(
+            state = state.last_sequence(),
+            watermark,
+            "recovered state is past the outbox watermark: events in between cannot be re-derived"
+        );
+    }
     let from = state.last_sequence() + 1;
     if let Some(first) = wal.first_sequence() {
         if first > from {
@@ -19,9 +41,20 @@ pub fn replay(wal: &Wal, state: &mut State) -> Result<u64, EngineError> {
     let records = wal.replay(from, |sequence, payload| {
         let (command, timestamp_ms) =
             codec::decode(payload).map_err(|source| EngineError::Decode { sequence, source })?;
-        state.apply(&command, sequence, timestamp_ms, &mut NoEvents);
+        match outbox.as_deref_mut() {
+            Some(outbox) if sequence > watermark => {
+                outbox.apply(state, &command, sequence, timestamp_ms);
+                outbox.hand_off_if_full(sequence);
+            }
+            _ => {
+                state.apply(&command, sequence, timestamp_ms, &mut NoEvents);
+            }
+        }
         Ok::<(), EngineError>(())
     })?;
+    if let Some(outbox) = outbox {
+        outbox.hand_off(state.last_sequence());
+    }
     debug_assert_eq!(state.last_sequence(), wal.last_sequence().max(from - 1));
     Ok(records)
 }

@@ -6,7 +6,9 @@
 //! 2. for each command: stamp sequence and timestamp, append it to the WAL,
 //!    apply it to the state, build its reply (held back);
 //! 3. one sync for the whole batch (group commit);
-//! 4. release the held replies — the only place a reply leaves the engine.
+//! 4. release the held replies — the only place a reply leaves the engine —
+//!    and hand the batch's account events and dead letters to the outbox
+//!    (in `Writer::sync`, so never before the records are durable).
 //!
 //! In `--durability async` step 4 comes before step 3 and the sync is spaced by
 //! [`super::ASYNC_SYNC_INTERVAL_MS`].
@@ -16,6 +18,7 @@ use super::{
     Request, RequestKind, Want,
 };
 use crate::domain::Command;
+use crate::egress::Collector;
 use crate::metrics::Metrics;
 use crate::state_machine::{NoEvents, Outcome, State};
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -46,6 +49,8 @@ pub struct Writer {
     last_sync: Instant,
     /// Records appended since the last sync.
     unsynced: bool,
+    /// Account events and dead letters of applied commands, held until synced.
+    outbox: Option<Collector>,
 }
 
 impl Writer {
@@ -59,7 +64,9 @@ impl Writer {
     ) -> Result<Writer, EngineError> {
         let wal = Wal::open(config.wal.clone())?;
         let batch_size_max = config.batch_size_max;
+        let outbox = config.outbox.clone().map(Collector::new);
         Ok(Writer {
+            outbox,
             state: State::new(config.state),
             config,
             rx,
@@ -102,7 +109,7 @@ impl Writer {
 
     fn recover(&mut self) -> Result<(), EngineError> {
         let started = Instant::now();
-        let records = super::replay(&self.wal, &mut self.state)?;
+        let records = super::replay_with_outbox(&self.wal, &mut self.state, self.outbox.as_mut())?;
         let elapsed = started.elapsed();
         self.metrics.replay_seconds.set(elapsed.as_secs_f64());
         self.metrics.replay_records.set(records as i64);
@@ -185,9 +192,12 @@ impl Writer {
         codec::encode(command, timestamp_ms, &mut self.record);
         self.wal.append(sequence, &self.record)?;
         self.unsynced = true;
-        let outcome = self
-            .state
-            .apply(command, sequence, timestamp_ms, &mut NoEvents);
+        let outcome = match &mut self.outbox {
+            Some(outbox) => outbox.apply(&mut self.state, command, sequence, timestamp_ms),
+            None => self
+                .state
+                .apply(command, sequence, timestamp_ms, &mut NoEvents),
+        };
         debug_assert_eq!(self.state.last_sequence(), sequence);
         self.metrics.engine_commands_total.inc();
         Ok(outcome)
@@ -210,6 +220,9 @@ impl Writer {
         let started = Instant::now();
         self.wal.sync()?;
         self.unsynced = false;
+        if let Some(outbox) = &mut self.outbox {
+            outbox.hand_off(self.state.last_sequence());
+        }
         self.last_sync = Instant::now();
         self.metrics
             .wal_sync_seconds
@@ -262,7 +275,16 @@ impl Writer {
                 sequence: self.state.last_sequence(),
                 digest: self.state.digest(),
             },
+            Query::Offsets => Reply::Offsets(self.state.offsets().collect()),
         }
+    }
+
+    /// The lowest sequence WAL retention must keep: the first one whose
+    /// account events or dead letters the broker may not have acknowledged
+    /// (`None` without an outbox). Retention deletes below
+    /// `min(snapshot sequence + 1, this)`.
+    pub fn outbox_floor(&self) -> Option<u64> {
+        self.outbox.as_ref().map(|o| o.watermark() + 1)
     }
 
     fn publish_gauges(&self) {

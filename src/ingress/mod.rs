@@ -1,5 +1,6 @@
-//! Ingress: the gRPC services, and validation shared with the Kafka consumers.
+//! Ingress: the gRPC services, the Kafka consumers, and the validation they share.
 
 pub mod convert;
 pub mod grpc;
+pub mod kafka;
 pub mod validate;

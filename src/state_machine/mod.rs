@@ -19,6 +19,7 @@ use crate::domain::{
     ReservationKind, Reserve, SetAccountStatus, Side, Topic, Unreserve,
 };
 use rustc_hash::FxHashMap;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, VecDeque};
 
 /// Limits and windows of the state machine. Part of the deterministic input:
@@ -184,6 +185,10 @@ impl State {
             }
             *last = source.offset;
         }
+        if let Command::DeadLetter(_) = command {
+            // Only the offset moves: the DLQ record is derived from the journal.
+            return Outcome::new(ResultCode::Ok, sequence);
+        }
 
         let Some(key) = command.key() else {
             self.tick(now, events);
@@ -208,7 +213,7 @@ impl State {
             Command::Deposit(c) => self.deposit(c, sequence, events),
             Command::Withdraw(c) => self.withdraw(c, sequence, events),
             Command::Fill(c) => self.fill(c, sequence, now, events),
-            Command::Tick => unreachable!("ticks carry no key"),
+            Command::Tick | Command::DeadLetter(_) => unreachable!("no key"),
         };
         debug_assert!(!outcome.replayed && outcome.sequence == sequence);
         self.idempotency.insert(
@@ -283,9 +288,11 @@ impl State {
             account_id: c.account_id,
             order_id: c.order_id,
         };
-        if self.reservations.contains_key(&key) {
-            return reject(ResultCode::OrderAlreadyReserved);
-        }
+        // One probe: the vacant slot is filled below.
+        let slot = match self.reservations.entry(key) {
+            Entry::Occupied(_) => return reject(ResultCode::OrderAlreadyReserved),
+            Entry::Vacant(slot) => slot,
+        };
         if available < c.amount {
             return reject(match c.kind {
                 ReservationKind::Cash => ResultCode::InsufficientFunds,
@@ -307,23 +314,20 @@ impl State {
         }
         let (available, reserved) = balance_of(account, c.kind, c.asset);
         debug_assert!(available >= Decimal::ZERO || account.overdrawn);
-        self.reservations.insert(
-            key,
-            Reservation {
-                account_id: c.account_id,
-                order_id: c.order_id,
-                kind: c.kind,
-                asset: c.asset,
-                amount: c.amount,
-                remaining: c.amount,
-                consumed: Decimal::ZERO,
-                released: Decimal::ZERO,
-                state: ReservationState::Open,
-                expires_at_ms: c.expires_at_ms,
-                sequence: seq,
-                closed_at_ms: 0,
-            },
-        );
+        slot.insert(Reservation {
+            account_id: c.account_id,
+            order_id: c.order_id,
+            kind: c.kind,
+            asset: c.asset,
+            amount: c.amount,
+            remaining: c.amount,
+            consumed: Decimal::ZERO,
+            released: Decimal::ZERO,
+            state: ReservationState::Open,
+            expires_at_ms: c.expires_at_ms,
+            sequence: seq,
+            closed_at_ms: 0,
+        });
         account.open_reservations += 1;
         if let Some(at) = c.expires_at_ms {
             self.expiries.insert((at, key));

@@ -1,6 +1,7 @@
 //! Builders shared by the black-box tests.
 #![allow(dead_code)]
 
+pub mod kafka;
 pub mod server;
 pub mod strategies;
 

@@ -1,0 +1,241 @@
+//! The engine's side of the outbox: what `apply` derived from each journaled
+//! command (account events, dead letters), held until the command is durable
+//! and then handed to the publisher thread.
+//!
+//! ```text
+//! writer thread                              publisher thread
+//! ─────────────                              ────────────────
+//! append to WAL, Collector::apply ──┐
+//!   (events + DLQ facts, in memory) │
+//! sync (group commit) ──────────────┴─► OutboxBatch ─► produce ─► broker ack
+//!                                       (unbounded)              │
+//!                          watermark file + AtomicU64 ◄──────────┘
+//! ```
+//!
+//! Nothing is handed over before the sync that makes its command durable. The
+//! channel is unbounded on purpose: a broker outage must never block the
+//! writer (design 2: Reserve keeps answering); the backlog is metered and, if
+//! the process dies, re-derived from the WAL above the durable watermark.
+
+use crate::domain::{Command, DeadLetterReason, Id, Source};
+use crate::state_machine::{Event, EventSink, Outcome, ResultCode, State};
+use crossbeam_channel::Sender;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Why a Kafka message goes to its dead-letter queue.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum DlqReason {
+    /// Decided at the edge and journaled as [`Command::DeadLetter`].
+    Edge(DeadLetterReason),
+    /// The engine could not apply it and nobody else was told (no event):
+    /// unknown account, currency mismatch, idempotency conflict, closed account.
+    Rejected(ResultCode),
+}
+
+impl DlqReason {
+    /// Low-cardinality name: the metric label and the start of `dlq.reason`.
+    pub fn name(self) -> &'static str {
+        match self {
+            DlqReason::Edge(r) => r.name(),
+            DlqReason::Rejected(code) => code.name(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub enum OutboxItem {
+    /// The `index`-th event of its command: event id `"<sequence>-<index>"`.
+    Event {
+        index: u32,
+        event: Event,
+    },
+    DeadLetter {
+        source: Source,
+        reason: DlqReason,
+    },
+}
+
+/// One thing to publish, with the journaled facts of the command it came from.
+#[derive(Clone, Copy, PartialEq, Debug)]
+pub struct OutboxRecord {
+    pub sequence: u64,
+    pub timestamp_ms: i64,
+    /// request_id or event_id of the command; empty for ticks.
+    pub cause_id: Id,
+    pub item: OutboxItem,
+}
+
+/// Everything derived from the commands up to `through_sequence` (inclusive)
+/// that was not in an earlier batch. Commands without records still advance
+/// `through_sequence`, so the watermark moves through quiet stretches.
+#[derive(Debug, Default)]
+pub struct OutboxBatch {
+    pub through_sequence: u64,
+    pub records: Vec<OutboxRecord>,
+}
+
+/// The writer's handle on the publisher: the feed, and the durable watermark.
+#[derive(Clone)]
+pub struct OutboxSink {
+    tx: Sender<OutboxBatch>,
+    watermark: Arc<AtomicU64>,
+}
+
+impl fmt::Debug for OutboxSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OutboxSink")
+            .field("watermark", &self.watermark())
+            .field("queued_batches", &self.tx.len())
+            .finish()
+    }
+}
+
+impl OutboxSink {
+    pub fn new(tx: Sender<OutboxBatch>, watermark: Arc<AtomicU64>) -> OutboxSink {
+        OutboxSink { tx, watermark }
+    }
+
+    /// Every record of a command with `sequence <= watermark()` has been
+    /// acknowledged by the broker, and that fact is on disk. WAL retention must
+    /// keep every record above it (see `Writer::outbox_floor`).
+    pub fn watermark(&self) -> u64 {
+        self.watermark.load(Ordering::Acquire)
+    }
+}
+
+/// Replay hands records over in chunks of at most this many, so re-deriving a
+/// long backlog after a restart does not build one huge vector.
+const HAND_OFF_CHUNK_RECORDS: usize = 65_536;
+
+/// Lives in the writer: collects records while commands are applied and hands
+/// them over after the sync.
+pub struct Collector {
+    sink: OutboxSink,
+    records: Vec<OutboxRecord>,
+    handed_through: u64,
+}
+
+impl Collector {
+    pub fn new(sink: OutboxSink) -> Collector {
+        Collector {
+            handed_through: sink.watermark(),
+            sink,
+            records: Vec::with_capacity(1024),
+        }
+    }
+
+    /// The durable watermark (see [`OutboxSink::watermark`]).
+    pub fn watermark(&self) -> u64 {
+        self.sink.watermark()
+    }
+
+    /// `state.apply`, keeping the command's events and its dead letter, if any.
+    pub fn apply(
+        &mut self,
+        state: &mut State,
+        command: &Command,
+        sequence: u64,
+        timestamp_ms: i64,
+    ) -> Outcome {
+        let cause_id = command.key().copied().unwrap_or_default();
+        let before = self.records.len();
+        let mut sink = Sink {
+            records: &mut self.records,
+            sequence,
+            timestamp_ms,
+            cause_id,
+            index: 0,
+        };
+        let outcome = state.apply(command, sequence, timestamp_ms, &mut sink);
+        let emitted = self.records.len() - before;
+        if let Some(reason) = dead_letter_reason(command, &outcome, emitted) {
+            let source = command
+                .source()
+                .expect("only Kafka commands are dead-lettered");
+            self.records.push(OutboxRecord {
+                sequence,
+                timestamp_ms,
+                cause_id,
+                item: OutboxItem::DeadLetter { source, reason },
+            });
+        }
+        outcome
+    }
+
+    /// Hands over everything collected; call only once every command through
+    /// `through_sequence` is durable.
+    pub fn hand_off(&mut self, through_sequence: u64) {
+        if self.records.is_empty() && through_sequence <= self.handed_through {
+            return;
+        }
+        debug_assert!(through_sequence >= self.handed_through);
+        debug_assert!(self.records.iter().all(|r| r.sequence <= through_sequence));
+        let capacity = self.records.len().clamp(1024, HAND_OFF_CHUNK_RECORDS);
+        let records = std::mem::replace(&mut self.records, Vec::with_capacity(capacity));
+        // A publisher that is gone (shutting down) loses nothing: the WAL keeps
+        // the records above the watermark and the next start re-derives them.
+        let _ = self.sink.tx.send(OutboxBatch {
+            through_sequence,
+            records,
+        });
+        self.handed_through = through_sequence;
+    }
+
+    /// During replay: hands over a full chunk early (the WAL records are on disk).
+    pub fn hand_off_if_full(&mut self, through_sequence: u64) {
+        if self.records.len() >= HAND_OFF_CHUNK_RECORDS {
+            self.hand_off(through_sequence);
+        }
+    }
+
+    /// Records applied but not yet handed over (waiting for the sync).
+    pub fn held(&self) -> usize {
+        self.records.len()
+    }
+}
+
+/// The dead-letter rule: a Kafka message that was not applied and produced no
+/// event (a rejected withdrawal is published as an event instead). A
+/// redelivery or a duplicate event id (`replayed`) is neither.
+pub fn dead_letter_reason(
+    command: &Command,
+    outcome: &Outcome,
+    emitted: usize,
+) -> Option<DlqReason> {
+    if outcome.replayed {
+        return None;
+    }
+    match command {
+        Command::DeadLetter(c) => Some(DlqReason::Edge(c.reason)),
+        _ if command.source().is_some() && !outcome.result.is_ok() && emitted == 0 => {
+            Some(DlqReason::Rejected(outcome.result))
+        }
+        _ => None,
+    }
+}
+
+/// An [`EventSink`] that stamps each event with its command's facts.
+struct Sink<'a> {
+    records: &'a mut Vec<OutboxRecord>,
+    sequence: u64,
+    timestamp_ms: i64,
+    cause_id: Id,
+    index: u32,
+}
+
+impl EventSink for Sink<'_> {
+    fn push(&mut self, event: Event) {
+        self.records.push(OutboxRecord {
+            sequence: self.sequence,
+            timestamp_ms: self.timestamp_ms,
+            cause_id: self.cause_id,
+            item: OutboxItem::Event {
+                index: self.index,
+                event,
+            },
+        });
+        self.index += 1;
+    }
+}
