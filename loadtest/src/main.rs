@@ -1,1 +1,147 @@
-fn main() {}
+//! `loadtest`: open-loop load for the account service. See loadtest/README.md.
+
+use clap::{Parser, Subcommand};
+use loadtest::modes::{self, Ctx, LoadArgs, Mix};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "loadtest",
+    about = "Open-loop load generator for the account service (latency from the intended send time)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Reserve at --rate for --duration (accounts opened and funded first).
+    Reserve(LoadArgs),
+    /// Reserve / Unreserve / ApplyFill / GetAccount in proportions.
+    Mixed {
+        #[command(flatten)]
+        load: LoadArgs,
+        #[arg(long, default_value = "reserve=50,unreserve=30,fill=10,get=10")]
+        mix: Mix,
+    },
+    /// Step the Reserve rate up until p99 or errors pass the limits; report the highest sustained.
+    Max {
+        #[command(flatten)]
+        load: LoadArgs,
+        #[arg(long, default_value_t = 1000.0)]
+        start_rate: f64,
+        /// Each step multiplies the rate by this.
+        #[arg(long, default_value_t = 1.5)]
+        step: f64,
+        #[arg(long, default_value_t = 5.0)]
+        step_duration: f64,
+        #[arg(long, default_value_t = 20.0)]
+        p99_limit_ms: f64,
+        #[arg(long, default_value_t = 12)]
+        max_steps: u32,
+    },
+    /// Serve the same proto, answering at once: the unary gRPC ceiling.
+    EchoServer {
+        #[arg(long, default_value = "127.0.0.1:50061")]
+        listen: std::net::SocketAddr,
+    },
+    /// fdatasync latency of the disk under --dir (4 KiB writes).
+    SyncProbe {
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+        #[arg(long, default_value_t = 2000)]
+        count: u64,
+        #[arg(long)]
+        json_out: Option<std::path::PathBuf>,
+    },
+}
+
+fn emit(summary: &Value, json_out: &Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let line = serde_json::to_string(summary)?;
+    println!("{line}");
+    if let Some(path) = json_out {
+        std::fs::write(path, format!("{line}\n"))?;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().mode {
+        Mode::Reserve(load) => {
+            let ctx = Ctx::connect(load).await?;
+            ctx.setup().await?;
+            let (recorder, elapsed) = modes::reserve(&ctx, ctx.args.rate, ctx.args.duration).await;
+            let mut summary = recorder.summary("reserve", ctx.args.rate, elapsed);
+            summary["connections"] = json!(ctx.args.connections);
+            emit(&summary, &ctx.args.json_out)?;
+        }
+        Mode::Mixed { load, mix } => {
+            let ctx = Ctx::connect(load).await?;
+            ctx.setup().await?;
+            let (recorder, elapsed) = modes::mixed(&ctx, mix).await;
+            let mut summary = recorder.summary("mixed", ctx.args.rate, elapsed);
+            summary["mix"] = json!(format!("{mix:?}"));
+            emit(&summary, &ctx.args.json_out)?;
+        }
+        Mode::Max {
+            load,
+            start_rate,
+            step,
+            step_duration,
+            p99_limit_ms,
+            max_steps,
+        } => {
+            anyhow::ensure!(step > 1.0, "--step must be above 1");
+            let ctx = Ctx::connect(load).await?;
+            ctx.setup().await?;
+            let mut rate = start_rate;
+            let mut steps = Vec::new();
+            let mut best: Option<Value> = None;
+            for _ in 0..max_steps {
+                let (recorder, elapsed) = modes::reserve(&ctx, rate, step_duration).await;
+                let s = recorder.summary("max", rate, elapsed);
+                let sent = s["sent"].as_u64().unwrap_or(0).max(1) as f64;
+                let error_share = s["errors"].as_u64().unwrap_or(0) as f64 / sent;
+                let p99_ms = s["latency_us"]["p99"].as_u64().unwrap_or(0) as f64 / 1000.0;
+                let throughput = s["throughput"].as_f64().unwrap_or(0.0);
+                eprintln!("step rate={rate:.0} throughput={throughput:.0} p99_ms={p99_ms:.2} errors={error_share:.4}");
+                steps.push(json!({"rate": rate, "throughput": throughput, "p99_us": s["latency_us"]["p99"], "errors": s["errors"]}));
+                if p99_ms > p99_limit_ms || error_share > 0.01 || throughput < 0.95 * rate {
+                    break;
+                }
+                best = Some(s);
+                rate *= step;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let mut summary = best.unwrap_or_else(|| json!({"mode": "max", "target_rate": start_rate, "sent": 0, "ok": 0, "rejected": 0, "errors": 0, "throughput": 0.0, "latency_us": {}}));
+            summary["max_sustained_rate"] = summary["target_rate"].clone();
+            summary["steps"] = json!(steps);
+            emit(&summary, &ctx.args.json_out)?;
+        }
+        Mode::EchoServer { listen } => {
+            eprintln!("echo server on {listen}");
+            loadtest::echo::serve(listen).await?;
+        }
+        Mode::SyncProbe {
+            dir,
+            count,
+            json_out,
+        } => {
+            let temp = tempfile_dir(dir)?;
+            let summary = loadtest::sync_probe::run(&temp, count)?;
+            emit(&summary, &json_out)?;
+        }
+    }
+    Ok(())
+}
+
+fn tempfile_dir(dir: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
+    let dir = dir.unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("loadtest-sync-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}

@@ -1,0 +1,187 @@
+//! The tool cannot rot: every mode runs for a moment against the echo server
+//! (and one against the real service) and prints the JSON summary. Figures are
+//! never asserted, only that the summary is complete and coherent.
+
+use serde_json::Value;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "server did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn echo_server() -> (Guard, String) {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["echo-server", "--listen", &format!("127.0.0.1:{port}")])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(port);
+    (Guard(child), format!("http://127.0.0.1:{port}"))
+}
+
+fn run(args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "one JSON line: {stdout}");
+    let v: Value = serde_json::from_str(lines[0]).unwrap();
+    for key in [
+        "mode",
+        "target_rate",
+        "sent",
+        "ok",
+        "rejected",
+        "errors",
+        "throughput",
+        "latency_us",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key} in {v}");
+    }
+    v
+}
+
+fn coherent(v: &Value) {
+    let l = &v["latency_us"];
+    let p = |k: &str| l[k].as_u64().unwrap();
+    assert!(
+        p("p50") <= p("p90")
+            && p("p90") <= p("p99")
+            && p("p99") <= p("p999")
+            && p("p999") <= p("max"),
+        "{v}"
+    );
+    assert!(
+        v["sent"].as_u64().unwrap() > 0 && v["ok"].as_u64().unwrap() > 0,
+        "{v}"
+    );
+}
+
+#[test]
+fn reserve_mixed_and_max_against_the_echo_server() {
+    let (_server, addr) = echo_server();
+    let common = [
+        "--addr",
+        &addr,
+        "--accounts",
+        "10",
+        "--warmup",
+        "0",
+        "--connections",
+        "2",
+    ];
+    let v = run(&[
+        &["reserve", "--rate", "200", "--duration", "2"][..],
+        &common[..],
+    ]
+    .concat());
+    assert_eq!(v["mode"], "reserve");
+    assert_eq!(v["errors"], 0, "{v}");
+    coherent(&v);
+    let v = run(&[
+        &["mixed", "--rate", "200", "--duration", "1"][..],
+        &common[..],
+    ]
+    .concat());
+    assert_eq!(v["mode"], "mixed");
+    coherent(&v);
+    let v = run(&[
+        &[
+            "max",
+            "--start-rate",
+            "200",
+            "--step-duration",
+            "1",
+            "--max-steps",
+            "2",
+        ][..],
+        &common[..],
+    ]
+    .concat());
+    assert_eq!(v["steps"].as_array().unwrap().len(), 2, "{v}");
+    assert!(v["max_sustained_rate"].as_f64().unwrap() >= 200.0, "{v}");
+}
+
+#[test]
+fn reserve_against_the_real_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, metrics) = (free_port(), free_port());
+    let service = env!("CARGO_BIN_EXE_loadtest").replace("loadtest", "account-service");
+    let child = Command::new(&service)
+        .args(["serve", "--no-pin", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics}"),
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{service}: {e} (build the workspace first)"));
+    let _guard = Guard(child);
+    wait_port(grpc);
+    std::thread::sleep(Duration::from_millis(300)); // replay of an empty WAL
+    let addr = format!("http://127.0.0.1:{grpc}");
+    let v = run(&[
+        "reserve",
+        "--addr",
+        &addr,
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+        "--accounts",
+        "5",
+        "--warmup",
+        "0",
+    ]);
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["rejected"], 0, "{v}");
+    coherent(&v);
+}
+
+#[test]
+fn sync_probe_measures_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = run(&[
+        "sync-probe",
+        "--count",
+        "20",
+        "--dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(v["mode"], "sync-probe");
+    assert_eq!(v["ok"], 20);
+    coherent(&v);
+}
