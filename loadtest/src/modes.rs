@@ -71,6 +71,8 @@ pub struct Ctx {
     /// Orders reserved and not yet released (for mixed mode).
     open_orders: Mutex<Vec<(i64, String)>>,
     pub unreserves: AtomicU64,
+    /// Request numbers, unique over the whole run (ids derive from them).
+    next_request: AtomicU64,
 }
 
 impl Ctx {
@@ -97,6 +99,7 @@ impl Ctx {
             next_channel: AtomicUsize::new(0),
             open_orders: Mutex::new(Vec::new()),
             unreserves: AtomicU64::new(0),
+            next_request: AtomicU64::new(0),
         }))
     }
 
@@ -258,7 +261,7 @@ pub async fn open_loop<F, Fut>(
     op: F,
 ) -> Duration
 where
-    F: Fn(Arc<Ctx>, u64) -> Fut,
+    F: Fn(Arc<Ctx>, u64) -> Fut + Send + 'static,
     Fut: Future<Output = Class> + Send + 'static,
 {
     let args = &ctx.args;
@@ -268,37 +271,60 @@ where
     let inflight = Arc::new(AtomicUsize::new(0));
     let timeout = Duration::from_millis(args.timeout_ms);
     let progress = tokio::spawn(progress(recorder.clone()));
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..total {
-        let due = schedule.due(i);
-        tokio::time::sleep_until(due).await;
-        let measured = i >= warmup;
-        if measured {
-            recorder.sent.fetch_add(1, Ordering::Relaxed);
-        }
-        if inflight.load(Ordering::Relaxed) >= args.max_inflight {
-            if measured {
-                recorder.record(Class::Error, Duration::ZERO);
+    // The schedule runs on its own thread with nanosleep precision: tokio's
+    // timer wheel has 1 ms ticks, which would add up to 1 ms of lateness to
+    // every latency.
+    let runtime = tokio::runtime::Handle::current();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let scheduler = {
+        let (ctx, recorder, inflight) = (ctx.clone(), recorder.clone(), inflight.clone());
+        std::thread::spawn(move || {
+            for i in 0..total {
+                let due = schedule.due(i);
+                sleep_until_precise(due.into_std());
+                let measured = i >= warmup;
+                if measured {
+                    recorder.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                if inflight.load(Ordering::Relaxed) >= ctx.args.max_inflight {
+                    if measured {
+                        recorder.record(Class::Error, Duration::ZERO);
+                    }
+                    continue;
+                }
+                inflight.fetch_add(1, Ordering::Relaxed);
+                let n = ctx.next_request.fetch_add(1, Ordering::Relaxed);
+                let call = op(ctx.clone(), n);
+                let (recorder, inflight, done) =
+                    (recorder.clone(), inflight.clone(), done_tx.clone());
+                runtime.spawn(async move {
+                    let class = tokio::time::timeout(timeout, call)
+                        .await
+                        .unwrap_or(Class::Error);
+                    if measured {
+                        recorder.record(class, due.elapsed());
+                    }
+                    inflight.fetch_sub(1, Ordering::Relaxed);
+                    drop(done);
+                });
             }
-            continue;
-        }
-        inflight.fetch_add(1, Ordering::Relaxed);
-        let call = op(ctx.clone(), i);
-        let (recorder, inflight) = (recorder.clone(), inflight.clone());
-        tasks.spawn(async move {
-            let class = tokio::time::timeout(timeout, call)
-                .await
-                .unwrap_or(Class::Error);
-            if measured {
-                recorder.record(class, due.elapsed());
-            }
-            inflight.fetch_sub(1, Ordering::Relaxed);
-        });
-        while tasks.try_join_next().is_some() {}
-    }
-    while tasks.join_next().await.is_some() {}
+        })
+    };
+    // Every call holds a sender: the channel closes when the scheduler has
+    // finished and the last call has ended.
+    let _ = done_rx.recv().await;
+    let _ = tokio::task::spawn_blocking(move || scheduler.join()).await;
     progress.abort();
     schedule.due(total) - schedule.due(warmup)
+}
+
+/// Sleeps until `due` with nanosleep (tens of µs of slack, no spinning: the
+/// generator shares the machine with the server).
+fn sleep_until_precise(due: std::time::Instant) {
+    let now = std::time::Instant::now();
+    if due > now {
+        std::thread::sleep(due - now);
+    }
 }
 
 async fn progress(recorder: Arc<Recorder>) {

@@ -3,10 +3,14 @@
 //! An append-only log of opaque records, each with a contiguous sequence
 //! number, in mmap'd, preallocated segment files (format: [`format`]).
 //!
-//! * **Group commit.** [`Wal::append`] copies a record into the mapping (no
-//!   system call, no allocation); [`Wal::sync`] makes everything appended so far
-//!   durable with one `msync` of exactly the dirty range. The caller appends a
-//!   whole batch, then syncs once.
+//! * **Group commit.** [`Wal::append`] frames a record into a reused buffer (no
+//!   system call, no allocation); [`Wal::sync`] writes the batch with one
+//!   `pwrite` and makes it durable with one `fdatasync`. The caller appends a
+//!   whole batch, then syncs once. Segments are read through read-only `mmap`s
+//!   (replay hands out slices of the mapping); they are not written through a
+//!   mapping because `msync` of a writable shared mapping write-protects the
+//!   synced pages again, with a TLB-shootdown interrupt on every core of the
+//!   process per sync (see `segment::Active`).
 //! * **Recovery.** [`Wal::open`] validates every segment. A torn or corrupt tail
 //!   (bad length or CRC, then nothing valid after it) is cut off at the last good
 //!   record. A bad record followed by a valid one is never skipped: it is a hard
@@ -22,11 +26,12 @@
 //! Limits: records are 1 byte .. `record_size_max` (default 1 MiB); a segment
 //! must hold at least one record of the maximum size.
 //!
-//! Known limit: after a power loss, pages of the last *unsynced* batch may
-//! reach the disk in any order, leaving a hole followed by valid records of
-//! that (never acknowledged) batch; `open` reports that as corruption rather
-//! than guess. A process crash (kill -9) cannot cause it: the page cache keeps
-//! every write.
+//! Known limits: records appended but not yet synced live in memory, so a
+//! crash loses them (they were never acknowledged in `--durability sync`; in
+//! `async` this is the documented loss window). After a power loss, pages of
+//! the last unsynced write may reach the disk in any order, leaving a hole
+//! followed by valid records of that (never acknowledged) batch; `open`
+//! reports that as corruption rather than guess.
 
 mod error;
 pub mod format;
@@ -212,8 +217,8 @@ impl Wal {
         Ok(())
     }
 
-    /// Makes every appended record durable: one msync of the dirty range (plus
-    /// the remainder of a segment closed since the last sync).
+    /// Makes every appended record durable: one pwrite and one fdatasync (plus
+    /// those of a segment closed since the last sync).
     pub fn sync(&mut self) -> Result<(), WalError> {
         if let Some(mut closed) = self.unsynced_closed.take() {
             closed.sync()?;

@@ -163,10 +163,22 @@ pub fn zero_from(path: &Path, offset: usize) -> Result<(), WalError> {
 }
 
 /// The segment being appended to.
+///
+/// Appends are framed into `pending` (memory) and written with one `pwrite` at
+/// sync, followed by `fdatasync`; the file is mapped read-only for replay. A
+/// writable shared mapping would make every sync write-protect the synced pages
+/// again (`page_mkclean`), costing a TLB-shootdown interrupt on every core
+/// running the process and a page fault on the next append: measured as the
+/// engine thread's largest cost before this change (BENCHMARKS.md).
 pub struct Active {
     pub meta: SegmentMeta,
-    map: MmapMut,
-    synced_to: usize,
+    file: File,
+    map: Mmap,
+    /// Framed records not yet written to the file, starting at `pending_from`.
+    pending: Vec<u8>,
+    pending_from: usize,
+    /// Bytes written to the file since the last fdatasync.
+    unsynced: bool,
 }
 
 impl Active {
@@ -176,14 +188,18 @@ impl Active {
             .write(true)
             .open(&meta.path)
             .map_err(io(&meta.path))?;
-        // SAFETY: as in `map_read`; the writer is the only user of this mapping.
-        let map = unsafe { MmapMut::map_mut(&file) }.map_err(io(&meta.path))?;
+        // SAFETY: as in `map_read`; the file is preallocated, never truncated
+        // while mapped, and only this process writes it.
+        let map = unsafe { Mmap::map(&file) }.map_err(io(&meta.path))?;
         debug_assert_eq!(map.len() as u64, meta.file_len);
-        let synced_to = meta.data_end;
+        let pending_from = meta.data_end;
         Ok(Active {
             meta,
+            file,
             map,
-            synced_to,
+            pending: Vec::with_capacity(1 << 20),
+            pending_from,
+            unsynced: false,
         })
     }
 
@@ -193,30 +209,51 @@ impl Active {
 
     pub fn append(&mut self, sequence: u64, payload: &[u8]) {
         debug_assert_eq!(sequence, self.meta.last_sequence + 1);
-        let at = self.meta.data_end;
-        let len = format::write_record(&mut self.map[at..], sequence, payload);
+        debug_assert!(self.room() >= format::record_len(payload.len()));
+        if self.pending.is_empty() {
+            self.pending_from = self.meta.data_end;
+        }
+        let start = self.pending.len();
+        self.pending
+            .resize(start + format::record_len(payload.len()), 0);
+        let len = format::write_record(&mut self.pending[start..], sequence, payload);
         self.meta.data_end += len;
         self.meta.last_sequence = sequence;
+        debug_assert_eq!(self.pending_from + self.pending.len(), self.meta.data_end);
     }
 
     pub fn is_dirty(&self) -> bool {
-        self.synced_to < self.meta.data_end
+        !self.pending.is_empty() || self.unsynced
     }
 
-    /// msync of exactly the bytes appended since the last sync.
-    pub fn sync(&mut self) -> Result<(), WalError> {
-        if !self.is_dirty() {
+    /// Writes the pending records (one pwrite) without syncing.
+    pub fn write(&mut self) -> Result<(), WalError> {
+        use std::os::unix::fs::FileExt;
+        if self.pending.is_empty() {
             return Ok(());
         }
-        let from = self.synced_to;
-        self.map
-            .flush_range(from, self.meta.data_end - from)
+        self.file
+            .write_all_at(&self.pending, self.pending_from as u64)
             .map_err(io(&self.meta.path))?;
-        self.synced_to = self.meta.data_end;
+        self.pending.clear();
+        self.pending_from = self.meta.data_end;
+        self.unsynced = true;
         Ok(())
     }
 
+    /// Writes what is pending, then one fdatasync.
+    pub fn sync(&mut self) -> Result<(), WalError> {
+        self.write()?;
+        if self.unsynced {
+            self.file.sync_data().map_err(io(&self.meta.path))?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+
+    /// The written data (for replay at open, when nothing is pending).
     pub fn data(&self) -> &[u8] {
+        debug_assert!(self.pending.is_empty());
         &self.map[..self.meta.data_end]
     }
 }

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Runs the design-section-6 gRPC measurements side by side in one run and
+# writes one JSON line per measurement to loadtest/results/<name>.json:
+# disk fdatasync latency, the echo-server ceiling, the service (sync and async
+# durability) at fixed rates and at its maximum.
+#   loadtest/run-benchmarks.sh [SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-10}
+out=loadtest/results
+mkdir -p "$out"
+cargo build --release -q -p loadtest -p account-service
+lt=target/release/loadtest
+svc=target/release/account-service
+pids=()
+cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "${data:-}"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "no listener on $1" >&2; exit 1; }
+
+data=$(mktemp -d)
+$lt sync-probe --dir "$data" --count 2000 --json-out $out/sync-probe.json
+
+# The ceiling: an empty server of the same proto.
+p=$(port); $lt echo-server --listen 127.0.0.1:$p 2>/dev/null & pids+=($!); wait_port $p
+$lt max --addr http://127.0.0.1:$p --start-rate 2000 --step 1.25 --step-duration 5 --p99-limit-ms 20 \
+    --accounts 1000 --json-out $out/echo-max.json 2>/dev/null
+kill "${pids[-1]}"
+
+run_service() { # name durability then loadtest args
+    local name=$1 durability=$2; shift 2
+    local g=$(port) m=$(port) dir=$(mktemp -d -p "$data")
+    $svc serve --data-dir "$dir" --grpc-addr 127.0.0.1:$g --metrics-addr 127.0.0.1:$m --durability "$durability" 2>/dev/null & pids+=($!)
+    wait_port $g; sleep 0.5
+    $lt "$@" --addr http://127.0.0.1:$g --accounts 1000 --json-out $out/$name.json 2>/dev/null
+    kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+}
+run_service reserve-sync-1k sync reserve --rate 1000 --duration "$secs"
+run_service reserve-async-10k async reserve --rate 10000 --duration "$secs"
+run_service reserve-sync-max sync max --start-rate 2000 --step 1.25 --step-duration 5 --p99-limit-ms 20
+for f in $out/*.json; do echo "$(basename "$f" .json): $(cat "$f")"; done
