@@ -2,7 +2,7 @@
 # Runs the design-section-6 gRPC measurements side by side in one run and
 # writes one JSON line per measurement to loadtest/results/<name>.json:
 # disk fdatasync latency, the echo-server ceiling, the service (sync and async
-# durability) at fixed rates and at its maximum.
+# durability) at fixed rates and at its maximum, and the seed's design as a peer.
 #   loadtest/run-benchmarks.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,4 +38,7 @@ run_service() { # name durability then loadtest args
 run_service reserve-sync-1k sync reserve --rate 1000 --duration "$secs"
 run_service reserve-async-10k async reserve --rate 10000 --duration "$secs"
 run_service reserve-sync-max sync max --start-rate 2000 --step 1.25 --step-duration 5 --p99-limit-ms 20
+# The seed's design (PostgreSQL transaction per Reserve), same rates.
+loadtest/peers/seed-pg/run.sh --rate 1000 --duration "$secs" > $out/seed-pg-1k.json
+loadtest/peers/seed-pg/run.sh --rate 5000 --duration "$secs" --clients 16 > $out/seed-pg-5k.json
 for f in $out/*.json; do echo "$(basename "$f" .json): $(cat "$f")"; done
