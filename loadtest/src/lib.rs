@@ -13,6 +13,7 @@
 //! examples of the service crate; see BENCHMARKS.md.
 
 pub mod echo;
+pub mod inproc;
 pub mod modes;
 pub mod recorder;
 pub mod schedule;

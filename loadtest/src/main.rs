@@ -47,6 +47,20 @@ enum Mode {
         #[arg(long, default_value = "127.0.0.1:50061")]
         listen: std::net::SocketAddr,
     },
+    /// The state machine alone, in process: `apply` commands/s on one core.
+    Engine {
+        #[arg(long, default_value_t = 3_000_000)]
+        commands: u64,
+        #[arg(long)]
+        json_out: Option<std::path::PathBuf>,
+    },
+    /// Journal --records commands, restart the engine, time the replay to serving.
+    Replay {
+        #[arg(long, default_value_t = 1_000_000)]
+        records: u64,
+        #[arg(long)]
+        json_out: Option<std::path::PathBuf>,
+    },
     /// fdatasync latency of the disk under --dir (4 KiB writes).
     SyncProbe {
         #[arg(long)]
@@ -124,6 +138,15 @@ async fn main() -> anyhow::Result<()> {
         Mode::EchoServer { listen } => {
             eprintln!("echo server on {listen}");
             loadtest::echo::serve(listen).await?;
+        }
+        Mode::Engine { commands, json_out } => {
+            let summary =
+                tokio::task::spawn_blocking(move || loadtest::inproc::engine(commands)).await?;
+            emit(&summary, &json_out)?;
+        }
+        Mode::Replay { records, json_out } => {
+            let summary = loadtest::inproc::replay(records).await;
+            emit(&summary, &json_out)?;
         }
         Mode::SyncProbe {
             dir,

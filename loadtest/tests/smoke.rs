@@ -185,3 +185,32 @@ fn sync_probe_measures_the_disk() {
     assert_eq!(v["ok"], 20);
     coherent(&v);
 }
+
+#[test]
+fn in_process_engine_and_replay_modes() {
+    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["engine", "--commands", "20000"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["mode"], "engine");
+    assert!(v["commands_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
+        .args(["replay", "--records", "3000"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["mode"], "replay");
+    // The 10,000 accounts' setup (2 commands each) plus the records.
+    assert_eq!(v["records"], 23_000, "{v}");
+}

@@ -1,12 +1,11 @@
-//! Cold-restart time: journal N commands (reserve / fill / unreserve cycles
-//! over 10,000 funded accounts) through the engine, stop it, start it again
-//! and time the replay until it serves.
-//!
-//! `cargo run --release --example replay [-- RECORDS]` prints one JSON line.
+//! In-process modes: the engine alone (`engine`: `apply` with no I/O, one
+//! core) and a cold restart (`replay`: journal N commands, restart, time the
+//! WAL replay until the engine serves).
 
 use account_service::domain::*;
 use account_service::engine::{Engine, EngineConfig, Phase, RequestKind, Want};
 use account_service::metrics::Metrics;
+use account_service::state_machine::{NoEvents, State, StateConfig};
 use std::time::Instant;
 
 const ACCOUNTS: u64 = 10_000;
@@ -57,12 +56,67 @@ fn command(n: u64) -> Command {
     }
 }
 
-#[tokio::main]
-async fn main() {
-    let records: u64 = std::env::args()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+/// Applies `commands` reserve / fill / unreserve commands (a third each) to a
+/// state of 10,000 funded accounts, generated ahead in chunks so only `apply`
+/// is timed. A tick every 1,000 commands prunes a 1 s idempotency window.
+pub fn engine(commands: u64) -> serde_json::Value {
+    let mut state = State::new(StateConfig {
+        idempotency_window_ms: 1_000,
+        tick_work_max: 100_000,
+    });
+    let mut now = 1_700_000_000_000i64;
+    let usd = Asset::currency("USD").unwrap();
+    let apply = |state: &mut State, c: &Command, now: i64| {
+        let seq = state.last_sequence() + 1;
+        state.apply(c, seq, now, &mut NoEvents);
+    };
+    for a in 1..=ACCOUNTS {
+        let account_id = AccountId(a as i64);
+        apply(
+            &mut state,
+            &Command::OpenAccount(OpenAccount {
+                request_id: id(format!("a{a}")),
+                account_id,
+                base_currency: usd,
+            }),
+            now,
+        );
+        let fund = CashMovement {
+            event_id: id(format!("d{a}")),
+            account_id,
+            currency: usd,
+            amount: Decimal::from(1_000_000_000),
+            source: None,
+        };
+        apply(&mut state, &Command::Deposit(fund), now);
+    }
+    let mut timed = std::time::Duration::ZERO;
+    let mut n = 0;
+    while n < commands {
+        let chunk: Vec<Command> = (n..(n + 100_000).min(commands)).map(command).collect();
+        let started = Instant::now();
+        for (i, c) in chunk.iter().enumerate() {
+            apply(&mut state, c, now);
+            if (n + i as u64) % 1_000 == 999 {
+                now += 1;
+                apply(&mut state, &Command::Tick, now);
+            }
+        }
+        timed += started.elapsed();
+        n += chunk.len() as u64;
+    }
+    serde_json::json!({
+        "mode": "engine",
+        "commands": commands,
+        "seconds": (timed.as_secs_f64() * 1000.0).round() / 1000.0,
+        "commands_per_s": (commands as f64 / timed.as_secs_f64()).round(),
+        "ns_per_command": (timed.as_nanos() as f64 / commands as f64).round(),
+    })
+}
+
+/// Journals `records` commands through the engine, stops it, starts it again and
+/// times the replay until it serves.
+pub async fn replay(records: u64) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let mut config = EngineConfig::new(dir.path());
     config.pin_core = false;
@@ -114,8 +168,11 @@ async fn main() {
     let restart_s = started.elapsed().as_secs_f64();
     let replayed = metrics.replay_records.get();
     engine.stop().unwrap();
-    println!(
-        "{{\"mode\":\"replay\",\"records\":{replayed},\"write_s\":{write_s:.2},\"restart_to_serving_s\":{restart_s:.3},\"replay_records_per_s\":{:.0}}}",
-        replayed as f64 / restart_s
-    );
+    serde_json::json!({
+        "mode": "replay",
+        "records": replayed,
+        "write_s": (write_s * 100.0).round() / 100.0,
+        "restart_to_serving_s": (restart_s * 1000.0).round() / 1000.0,
+        "replay_records_per_s": (replayed as f64 / restart_s).round(),
+    })
 }
