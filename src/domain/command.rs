@@ -258,7 +258,7 @@ impl Command {
     /// A stable 64-bit fingerprint of the payload, for idempotency: the same key
     /// with a different fingerprint is a conflict. The Kafka source is left out,
     /// so the same event by Kafka and by AdminService is the same payload.
-    /// Amounts are normalized first, so "10" and "10.00" are the same payload.
+    /// Amounts are compared at a fixed scale, so "10" and "10.00" are the same payload.
     /// One-shot xxh3 over a stack buffer: no allocation, no streaming state.
     pub fn fingerprint(&self) -> u64 {
         let mut buf = Fingerprint::default();
@@ -348,7 +348,12 @@ impl Fingerprint {
         self.put(b);
     }
 
+    /// At a fixed scale of 8 ("10" and "10.00" give the same bytes): one
+    /// multiplication, where `normalize` would divide digit by digit.
     fn dec(&mut self, d: &Decimal) {
-        self.put(&d.normalize().serialize());
+        let mut fixed = *d;
+        fixed.rescale(crate::domain::amount::SCALE_MAX);
+        debug_assert_eq!(fixed, *d, "amounts have at most 8 fractional digits");
+        self.put(&fixed.serialize());
     }
 }
