@@ -26,6 +26,13 @@ enum Mode {
         #[arg(long, default_value = "reserve=50,unreserve=30,fill=10,get=10")]
         mix: Mix,
     },
+    /// FillEvents to Kafka at --rate; lag until each fill's AccountEvent is read back.
+    Fills {
+        #[command(flatten)]
+        load: LoadArgs,
+        #[command(flatten)]
+        kafka: loadtest::fills::FillsArgs,
+    },
     /// Step the Reserve rate up until p99 or errors pass the limits; report the highest sustained.
     Max {
         #[command(flatten)]
@@ -98,6 +105,20 @@ async fn main() -> anyhow::Result<()> {
             let (recorder, elapsed) = modes::mixed(&ctx, mix).await;
             let mut summary = recorder.summary("mixed", ctx.args.rate, elapsed);
             summary["mix"] = json!(format!("{mix:?}"));
+            emit(&summary, &ctx.args.json_out)?;
+        }
+        Mode::Fills { mut load, kafka } => {
+            // Every fill sent is matched when its event comes back: no warm-up
+            // phase, so warm-up events cannot be counted as measured ones.
+            load.warmup = 0.0;
+            if kafka.create_topics {
+                loadtest::fills::create_topics(&kafka).await?;
+            }
+            let ctx = Ctx::connect(load).await?;
+            ctx.setup().await?;
+            let (lag, elapsed) = loadtest::fills::run(&ctx, &kafka).await?;
+            let mut summary = lag.summary("fills", ctx.args.rate, elapsed);
+            summary["latency_from"] = json!("intended send time -> FILL_APPLIED event read back");
             emit(&summary, &ctx.args.json_out)?;
         }
         Mode::Max {

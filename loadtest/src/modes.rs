@@ -261,7 +261,7 @@ pub async fn open_loop<F, Fut>(
     op: F,
 ) -> Duration
 where
-    F: Fn(Arc<Ctx>, u64) -> Fut + Send + 'static,
+    F: Fn(Arc<Ctx>, u64, Instant) -> Fut + Send + 'static,
     Fut: Future<Output = Class> + Send + 'static,
 {
     let args = &ctx.args;
@@ -294,7 +294,7 @@ where
                 }
                 inflight.fetch_add(1, Ordering::Relaxed);
                 let n = ctx.next_request.fetch_add(1, Ordering::Relaxed);
-                let call = op(ctx.clone(), n);
+                let call = op(ctx.clone(), n, due);
                 let (recorder, inflight, done) =
                     (recorder.clone(), inflight.clone(), done_tx.clone());
                 runtime.spawn(async move {
@@ -349,7 +349,7 @@ async fn progress(recorder: Arc<Recorder>) {
 /// Reserve at the rate; each reserved order is then released (not measured).
 pub async fn reserve(ctx: &Arc<Ctx>, rate: f64, duration: f64) -> (Arc<Recorder>, Duration) {
     let recorder = Arc::new(Recorder::default());
-    let elapsed = open_loop(ctx, rate, duration, &recorder, |ctx, i| async move {
+    let elapsed = open_loop(ctx, rate, duration, &recorder, |ctx, i, _| async move {
         let class = ctx.reserve(i).await;
         if class == Class::Ok
             && rand::thread_rng().gen_bool(ctx.args.unreserve_share.clamp(0.0, 1.0))
@@ -410,7 +410,7 @@ pub async fn mixed(ctx: &Arc<Ctx>, mix: Mix) -> (Arc<Recorder>, Duration) {
         ctx.args.rate,
         ctx.args.duration,
         &recorder,
-        move |ctx, i| async move {
+        move |ctx, i, _| async move {
             let pick = rand::thread_rng().gen_range(0..total);
             if pick < mix.reserve {
                 ctx.reserve(i).await

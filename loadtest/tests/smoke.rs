@@ -214,3 +214,118 @@ fn in_process_engine_and_replay_modes() {
     // The 10,000 accounts' setup (2 commands each) plus the records.
     assert_eq!(v["records"], 23_000, "{v}");
 }
+
+/// `fills` end to end: a tansu broker and the service with Kafka on, both
+/// started here; fills produced at a small rate come back as account events.
+#[test]
+fn fills_through_a_real_broker() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::ClientConfig;
+
+    let tansu = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|p| p.join("tansu")).find(|p| p.is_file()))
+        .or_else(|| {
+            let p = std::path::PathBuf::from(std::env::var_os("HOME")?).join(".cargo/bin/tansu");
+            p.is_file().then_some(p)
+        })
+        .expect("tansu is not installed: cargo install tansu --locked --features libsql,dynostore (.ci/run does it)");
+    let broker_dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("tcp://127.0.0.1:{port}");
+    let broker = Command::new(tansu)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .args(["--storage-engine", "sqlite://tansu.db"])
+        .current_dir(broker_dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _broker = Guard(broker);
+    let bootstrap = format!("127.0.0.1:{port}");
+    let config = || {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &bootstrap);
+        c
+    };
+    let probe: BaseConsumer = config().create().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while probe
+        .fetch_metadata(None, Duration::from_millis(500))
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "tansu not ready");
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let admin: AdminClient<DefaultClientContext> = config().create().unwrap();
+        let topics: Vec<NewTopic> = [
+            "trading.fills",
+            "payment.deposits",
+            "payment.withdrawals",
+            "trading.account.events",
+        ]
+        .iter()
+        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1)))
+        .collect();
+        for r in admin
+            .create_topics(&topics, &AdminOptions::new())
+            .await
+            .unwrap()
+        {
+            r.unwrap();
+        }
+    });
+
+    let data = tempfile::tempdir().unwrap();
+    let (grpc, metrics) = (free_port(), free_port());
+    let service = env!("CARGO_BIN_EXE_loadtest").replace("loadtest", "account-service");
+    let child = Command::new(&service)
+        .args([
+            "serve",
+            "--no-pin",
+            "--kafka-brokers",
+            &bootstrap,
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .args([
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics}"),
+        ])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _service = Guard(child);
+    wait_port(grpc);
+    std::thread::sleep(Duration::from_millis(500));
+    let addr = format!("http://127.0.0.1:{grpc}");
+    let v = run(&[
+        "fills",
+        "--addr",
+        &addr,
+        "--brokers",
+        &bootstrap,
+        "--rate",
+        "100",
+        "--duration",
+        "2",
+        "--accounts",
+        "5",
+        "--warmup",
+        "0",
+    ]);
+    assert_eq!(v["mode"], "fills");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["ok"], v["sent"], "every fill came back as an event: {v}");
+    coherent(&v);
+}
