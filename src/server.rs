@@ -86,15 +86,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = watch::channel(false);
 
     let (mut health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
-    health
-        .set_not_serving::<AccountServiceServer<Service>>()
-        .await;
-    health
-        .set_not_serving::<AdminServiceServer<Service>>()
-        .await;
+    set_health(&mut health, tonic_health::ServingStatus::NotServing).await;
     tokio::spawn(follow_phase(
         handle.phase(),
         health.clone(),
@@ -180,23 +172,11 @@ async fn follow_phase(
         match current {
             Phase::Replaying => {}
             Phase::Serving => {
-                health
-                    .set_service_status("", tonic_health::ServingStatus::Serving)
-                    .await;
-                health.set_serving::<AccountServiceServer<Service>>().await;
-                health.set_serving::<AdminServiceServer<Service>>().await;
+                set_health(&mut health, tonic_health::ServingStatus::Serving).await;
                 tracing::info!("serving");
             }
             Phase::Stopped => {
-                health
-                    .set_service_status("", tonic_health::ServingStatus::NotServing)
-                    .await;
-                health
-                    .set_not_serving::<AccountServiceServer<Service>>()
-                    .await;
-                health
-                    .set_not_serving::<AdminServiceServer<Service>>()
-                    .await;
+                set_health(&mut health, tonic_health::ServingStatus::NotServing).await;
                 let _ = stop.send(true);
                 return;
             }
@@ -205,6 +185,20 @@ async fn follow_phase(
             let _ = stop.send(true);
             return;
         }
+    }
+}
+
+/// The overall status ("") and both services' statuses move together.
+async fn set_health(
+    health: &mut tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    health.set_service_status("", status).await;
+    for service in [
+        <AccountServiceServer<Service> as tonic::server::NamedService>::NAME,
+        <AdminServiceServer<Service> as tonic::server::NamedService>::NAME,
+    ] {
+        health.set_service_status(service, status).await;
     }
 }
 
