@@ -140,7 +140,7 @@ pub fn check(state: &State) -> Result<(), String> {
     if state.expiries().len() > state.reservations().count() {
         return Err("expiry index larger than the reservations".into());
     }
-    if state.idempotency_order_len() != state.idempotency_entries().count() {
+    if !state.idempotency_consistent() {
         return Err("idempotency order and table disagree".into());
     }
     let closed = state

@@ -9,6 +9,7 @@
 
 mod digest;
 pub mod invariants;
+mod keys;
 pub mod position;
 mod types;
 
@@ -62,9 +63,7 @@ pub struct State {
     expiries: BTreeSet<(i64, ReservationKey)>,
     /// Closed reservations in closing order, pruned after the window.
     closed: VecDeque<(i64, ReservationKey)>,
-    idempotency: FxHashMap<Id, IdempotencyEntry>,
-    /// Keys in recording order (journaled time never decreases), pruned after the window.
-    idempotency_order: VecDeque<(i64, Id)>,
+    idempotency: keys::KeyTable,
     /// Last applied offset per inbound (topic, partition).
     offsets: FxHashMap<(Topic, i32), i64>,
     last_sequence: u64,
@@ -118,6 +117,7 @@ impl State {
         self.reservations.values()
     }
 
+    /// Keys in their window, oldest first.
     pub fn idempotency_entries(&self) -> impl Iterator<Item = (&Id, &IdempotencyEntry)> {
         self.idempotency.iter()
     }
@@ -141,7 +141,6 @@ impl State {
         self.reservations.shrink_to_fit();
         self.closed.shrink_to_fit();
         self.idempotency.shrink_to_fit();
-        self.idempotency_order.shrink_to_fit();
     }
 
     /// Earliest journaled time at which a tick has work: an expiry, or a key or
@@ -149,7 +148,7 @@ impl State {
     pub fn next_deadline_ms(&self) -> Option<i64> {
         let window = self.config.idempotency_window_ms;
         let expiry = self.expiries.first().map(|(t, _)| *t);
-        let key = self.idempotency_order.front().map(|(t, _)| t + window);
+        let key = self.idempotency.oldest_ms().map(|t| t + window);
         let closed = self.closed.front().map(|(t, _)| t + window);
         [expiry, key, closed].into_iter().flatten().min()
     }
@@ -224,7 +223,6 @@ impl State {
                 recorded_at_ms: now,
             },
         );
-        self.idempotency_order.push_back((now, *key));
         #[cfg(debug_assertions)]
         if let Some(id) = command.account_id() {
             invariants::check_account_local(self, id);
@@ -568,16 +566,14 @@ impl State {
         }
         let window = self.config.idempotency_window_ms;
         while budget > 0 {
-            let Some(&(at, key)) = self.idempotency_order.front() else {
+            let Some(at) = self.idempotency.oldest_ms() else {
                 break;
             };
             if at + window > now {
                 break;
             }
             budget -= 1;
-            self.idempotency_order.pop_front();
-            let removed = self.idempotency.remove(&key);
-            debug_assert!(removed.is_some());
+            self.idempotency.pop_oldest();
         }
         while budget > 0 {
             let Some(&(at, key)) = self.closed.front() else {
@@ -729,8 +725,8 @@ impl State {
         &self.expiries
     }
 
-    pub(crate) fn idempotency_order_len(&self) -> usize {
-        self.idempotency_order.len()
+    pub(crate) fn idempotency_consistent(&self) -> bool {
+        self.idempotency.is_consistent()
     }
 
     pub(crate) fn closed_len(&self) -> usize {

@@ -1,0 +1,130 @@
+//! The idempotency table: every key recorded in its window, in recording order.
+//!
+//! Keys live in a ring (`VecDeque`) in the order they were recorded — which is
+//! also the order the window prunes them — and a hash map from a 128-bit hash
+//! of the key to the key's position in the ring. A map entry is 32 bytes
+//! instead of the 64-byte id plus the whole entry, so more of the map stays in
+//! cache (each command probes it once for the lookup and once for the insert),
+//! and recording a key writes the ring sequentially.
+//!
+//! The full key is kept in the ring and compared on lookup. A 128-bit hash
+//! collision (odds ~2^-64 with billions of keys) makes the newer key shadow the
+//! older in the map; pruning then leaves the newer key's slot alone.
+
+use super::IdempotencyEntry;
+use crate::domain::Id;
+use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
+
+#[derive(Clone, Copy, Debug)]
+struct Record {
+    hash: u128,
+    key: Id,
+    entry: IdempotencyEntry,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct KeyTable {
+    /// Key hash -> absolute position in `ring`.
+    positions: FxHashMap<u128, u64>,
+    ring: VecDeque<Record>,
+    /// Absolute position of `ring`'s front.
+    base: u64,
+}
+
+fn hash(key: &Id) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(key.as_bytes())
+}
+
+impl KeyTable {
+    pub fn get(&self, key: &Id) -> Option<&IdempotencyEntry> {
+        let position = *self.positions.get(&hash(key))?;
+        let record = &self.ring[(position - self.base) as usize];
+        (record.key == *key).then_some(&record.entry)
+    }
+
+    /// Records a key not present; `entry.recorded_at_ms` never decreases.
+    pub fn insert(&mut self, key: Id, entry: IdempotencyEntry) {
+        debug_assert!(self.get(&key).is_none());
+        debug_assert!(self
+            .ring
+            .back()
+            .is_none_or(|r| r.entry.recorded_at_ms <= entry.recorded_at_ms));
+        let hash = hash(&key);
+        self.positions
+            .insert(hash, self.base + self.ring.len() as u64);
+        self.ring.push_back(Record { hash, key, entry });
+    }
+
+    /// Recording time of the oldest key.
+    pub fn oldest_ms(&self) -> Option<i64> {
+        self.ring.front().map(|r| r.entry.recorded_at_ms)
+    }
+
+    /// Forgets the oldest key.
+    pub fn pop_oldest(&mut self) {
+        let Some(record) = self.ring.pop_front() else {
+            return;
+        };
+        // Leave the slot alone if a colliding newer key took it over.
+        if self.positions.get(&record.hash) == Some(&self.base) {
+            self.positions.remove(&record.hash);
+        }
+        self.base += 1;
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&Id, &IdempotencyEntry)> {
+        self.ring.iter().map(|r| (&r.key, &r.entry))
+    }
+
+    /// Map and ring agree (the invariant checker's view).
+    pub fn is_consistent(&self) -> bool {
+        self.positions.len() == self.ring.len()
+    }
+
+    pub fn shrink_to_fit(&mut self) {
+        self.positions.shrink_to_fit();
+        self.ring.shrink_to_fit();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state_machine::{Outcome, ResultCode};
+
+    fn entry(at: i64, sequence: u64) -> IdempotencyEntry {
+        IdempotencyEntry {
+            fingerprint: sequence * 7,
+            outcome: Outcome::new(ResultCode::Ok, sequence),
+            recorded_at_ms: at,
+        }
+    }
+
+    #[test]
+    fn keys_leave_oldest_first() {
+        let mut t = KeyTable::default();
+        let (a, b, c) = (
+            Id::new("a").unwrap(),
+            Id::new("b").unwrap(),
+            Id::new("c").unwrap(),
+        );
+        t.insert(a, entry(10, 1));
+        t.insert(b, entry(10, 2));
+        t.insert(c, entry(20, 3));
+        assert_eq!(t.get(&b).unwrap().outcome.sequence, 2);
+        assert_eq!(t.oldest_ms(), Some(10));
+        t.pop_oldest();
+        assert!(t.get(&a).is_none());
+        assert_eq!(t.get(&c).unwrap().fingerprint, 21);
+        let order: Vec<_> = t.iter().map(|(k, _)| k.as_str().to_owned()).collect();
+        assert_eq!(order, ["b", "c"]);
+        t.pop_oldest();
+        t.pop_oldest();
+        t.pop_oldest(); // empty: no-op
+        assert!(t.is_consistent() && t.oldest_ms().is_none());
+        // Positions stay right after the base has moved.
+        t.insert(a, entry(30, 4));
+        assert_eq!(t.get(&a).unwrap().outcome.sequence, 4);
+    }
+}
