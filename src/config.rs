@@ -68,9 +68,15 @@ pub struct ServeArgs {
     )]
     pub kafka_events_topic: String,
 
-    /// PostgreSQL URL for snapshots and the read model. Unset: no PostgreSQL.
+    /// PostgreSQL URL for snapshots and the read model
+    /// (e.g. `host=127.0.0.1 port=5432 user=postgres dbname=accounts` or
+    /// `postgres://user@host/db`). Unset: no PostgreSQL, the WAL keeps everything.
     #[arg(long, env = "ACCOUNT_POSTGRES_URL")]
     pub postgres_url: Option<String>,
+
+    /// Time between two incremental snapshots to PostgreSQL, in ms.
+    #[arg(long, env = "ACCOUNT_SNAPSHOT_INTERVAL_MS", default_value_t = 1000)]
+    pub snapshot_interval_ms: u64,
 
     /// Capacity of the ingress queue; a full queue answers RESOURCE_EXHAUSTED.
     #[arg(long, env = "ACCOUNT_QUEUE_CAPACITY", default_value_t = 65_536)]
@@ -193,7 +199,17 @@ impl ServeArgs {
         if !(1..=4096).contains(&self.wal_segment_mib) {
             return Err(ConfigError::SegmentSize);
         }
+        if self.snapshot_interval_ms == 0 {
+            return Err(ConfigError::Zero("snapshot-interval-ms"));
+        }
         let mut config = EngineConfig::new(&self.data_dir);
+        config.snapshot = self
+            .postgres_url
+            .clone()
+            .map(|url| crate::snapshot::SnapshotConfig {
+                url,
+                interval_ms: self.snapshot_interval_ms,
+            });
         config.wal.segment_size_bytes = self.wal_segment_mib * 1024 * 1024;
         config.durability = self.durability;
         config.queue_capacity = self.queue_capacity;

@@ -42,4 +42,5 @@ pub mod ingress;
 pub mod metrics;
 pub mod proto;
 pub mod server;
+pub mod snapshot;
 pub mod state_machine;

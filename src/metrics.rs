@@ -47,6 +47,10 @@ pub struct Metrics {
     pub overdrawn_accounts: Gauge,
     pub accounts: Gauge,
     pub ready: Gauge,
+    pub snapshot_age_seconds: Gauge<f64, AtomicU64>,
+    pub snapshot_sequence: Gauge,
+    pub snapshot_seconds: Histogram,
+    pub snapshot_failures_total: Counter,
     /// Consumers, dead-letter queues and the outbox (zero without Kafka).
     pub kafka: KafkaMetrics,
 }
@@ -71,6 +75,10 @@ impl Metrics {
             overdrawn_accounts: Gauge::default(),
             accounts: Gauge::default(),
             ready: Gauge::default(),
+            snapshot_age_seconds: Gauge::default(),
+            snapshot_sequence: Gauge::default(),
+            snapshot_seconds: latency_histogram(),
+            snapshot_failures_total: Counter::default(),
             kafka: KafkaMetrics::new(),
             registry: Registry::default(),
         };
@@ -139,6 +147,26 @@ impl Metrics {
             "ready",
             "1 once the WAL is replayed and the service serves",
             m.ready.clone(),
+        );
+        registry.register(
+            "snapshot_age_seconds",
+            "Time since the last durable PostgreSQL snapshot",
+            m.snapshot_age_seconds.clone(),
+        );
+        registry.register(
+            "snapshot_sequence",
+            "Sequence of the last durable PostgreSQL snapshot",
+            m.snapshot_sequence.clone(),
+        );
+        registry.register(
+            "snapshot_seconds",
+            "Duration of one snapshot transaction",
+            m.snapshot_seconds.clone(),
+        );
+        registry.register(
+            "snapshot_failures",
+            "Snapshot writes that failed (retried)",
+            m.snapshot_failures_total.clone(),
         );
         m.kafka.register(&mut registry);
         Arc::new(Metrics { registry, ..m })

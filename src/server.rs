@@ -53,9 +53,6 @@ pub enum ServeError {
 
 /// Runs the service until SIGTERM / ctrl-c (or the engine fails).
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
-    if args.postgres_url.is_some() {
-        return Err(ServeError::NotBuilt("PostgreSQL (--postgres-url)"));
-    }
     let mut engine_config = args.engine_config()?;
     let kafka = args.kafka_config()?;
     let metrics = Metrics::new();

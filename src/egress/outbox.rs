@@ -103,6 +103,11 @@ impl OutboxSink {
     pub fn watermark(&self) -> u64 {
         self.watermark.load(Ordering::Acquire)
     }
+
+    /// The shared watermark itself (snapshots wait for it; see `snapshot`).
+    pub fn watermark_handle(&self) -> Arc<AtomicU64> {
+        self.watermark.clone()
+    }
 }
 
 /// Replay hands records over in chunks of at most this many, so re-deriving a

@@ -52,6 +52,8 @@ pub struct EngineConfig {
     /// Where derived account events and dead letters go once durable (Kafka
     /// outbox); `None`: nobody listens and `apply` discards them.
     pub outbox: Option<crate::egress::OutboxSink>,
+    /// PostgreSQL snapshots (`--postgres-url`); `None`: the WAL keeps everything.
+    pub snapshot: Option<crate::snapshot::SnapshotConfig>,
 }
 
 impl EngineConfig {
@@ -67,6 +69,7 @@ impl EngineConfig {
             state: StateConfig::default(),
             pin_core: true,
             outbox: None,
+            snapshot: None,
         }
     }
 }
@@ -152,6 +155,8 @@ pub enum EngineError {
     },
     #[error("the write-ahead log starts at sequence {first} but the state is at {state}: records are missing")]
     MissingRecords { first: u64, state: u64 },
+    #[error("loading the snapshot: {0}")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("engine thread: {0}")]
     Thread(String),
 }

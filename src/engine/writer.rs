@@ -51,6 +51,10 @@ pub struct Writer {
     unsynced: bool,
     /// Account events and dead letters of applied commands, held until synced.
     outbox: Option<Collector>,
+    snapshotter: Option<crate::snapshot::Snapshotter>,
+    last_snapshot: Instant,
+    /// Sequence of the snapshot the WAL was last trimmed to.
+    retained_from: u64,
 }
 
 impl Writer {
@@ -67,6 +71,9 @@ impl Writer {
         let outbox = config.outbox.clone().map(Collector::new);
         Ok(Writer {
             outbox,
+            snapshotter: None,
+            last_snapshot: Instant::now(),
+            retained_from: 0,
             state: State::new(config.state),
             config,
             rx,
@@ -109,6 +116,9 @@ impl Writer {
 
     fn recover(&mut self) -> Result<(), EngineError> {
         let started = Instant::now();
+        if let Some(config) = self.config.snapshot.clone() {
+            self.load_snapshot(config)?;
+        }
         let records = super::replay_with_outbox(&self.wal, &mut self.state, self.outbox.as_mut())?;
         let elapsed = started.elapsed();
         self.metrics.replay_seconds.set(elapsed.as_secs_f64());
@@ -121,6 +131,75 @@ impl Writer {
             elapsed_ms = elapsed.as_millis() as u64,
             "write-ahead log replayed"
         );
+        Ok(())
+    }
+
+    /// Loads the newest snapshot (the WAL then replays only what follows it)
+    /// and starts the snapshotter.
+    fn load_snapshot(
+        &mut self,
+        config: crate::snapshot::SnapshotConfig,
+    ) -> Result<(), EngineError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| EngineError::Thread(e.to_string()))?;
+        let started = Instant::now();
+        let rows = runtime.block_on(crate::snapshot::load(&config.url))?;
+        let at = rows.as_ref().map_or(0, |r| r.sequence);
+        if let Some(rows) = rows {
+            self.state = State::restore(self.config.state, rows);
+            tracing::info!(
+                sequence = at,
+                accounts = self.state.account_count(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "snapshot loaded"
+            );
+        }
+        self.state.track_changes();
+        let watermark = self.config.outbox.as_ref().map(|o| o.watermark_handle());
+        self.snapshotter = Some(crate::snapshot::Snapshotter::start(
+            config,
+            self.metrics.clone(),
+            watermark,
+            at,
+        ));
+        self.retained_from = at;
+        Ok(())
+    }
+
+    /// Every snapshot interval, hands the changed rows to the snapshotter; once
+    /// a snapshot is durable, deletes the WAL segments it covers (never above
+    /// the outbox watermark).
+    fn maybe_snapshot(&mut self) -> Result<(), EngineError> {
+        let Some(snapshotter) = &self.snapshotter else {
+            return Ok(());
+        };
+        let interval = self
+            .config
+            .snapshot
+            .as_ref()
+            .map_or(1000, |c| c.interval_ms);
+        // A snapshot never gets ahead of the durable journal.
+        if !self.unsynced && self.last_snapshot.elapsed() >= Duration::from_millis(interval) {
+            self.last_snapshot = Instant::now();
+            snapshotter.offer(self.state.take_delta());
+        }
+        let durable = snapshotter.durable_sequence();
+        if durable > self.retained_from {
+            let floor = self
+                .outbox_floor()
+                .map_or(durable + 1, |f| f.min(durable + 1));
+            let deleted = self.wal.delete_segments_before(floor)?;
+            if deleted > 0 {
+                tracing::info!(
+                    deleted,
+                    below = floor,
+                    "WAL segments covered by a snapshot deleted"
+                );
+            }
+            self.retained_from = durable;
+        }
         Ok(())
     }
 
@@ -158,6 +237,8 @@ impl Writer {
                 }
             }
         }
+        // 5. Off the hot path: hand changed rows to the snapshotter.
+        self.maybe_snapshot()?;
         Ok(drained)
     }
 

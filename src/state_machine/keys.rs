@@ -73,6 +73,39 @@ impl KeyTable {
         self.base += 1;
     }
 
+    /// Ring position of the oldest key (positions never repeat).
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+
+    /// Ring position the next key will take.
+    pub fn end(&self) -> u64 {
+        self.base + self.ring.len() as u64
+    }
+
+    /// Keys at positions `from..`, with their positions.
+    pub fn since(&self, from: u64) -> impl Iterator<Item = (u64, &Id, &IdempotencyEntry)> {
+        let skip = from.saturating_sub(self.base) as usize;
+        self.ring
+            .iter()
+            .enumerate()
+            .skip(skip)
+            .map(move |(i, r)| (self.base + i as u64, &r.key, &r.entry))
+    }
+
+    /// A table holding `keys` (sorted by position, contiguous from `base`).
+    pub fn restore(base: u64, keys: Vec<(u64, Id, IdempotencyEntry)>) -> KeyTable {
+        let mut table = KeyTable {
+            base,
+            ..KeyTable::default()
+        };
+        for (position, key, entry) in keys {
+            assert_eq!(position, table.end(), "snapshot keys are contiguous");
+            table.insert(key, entry);
+        }
+        table
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&Id, &IdempotencyEntry)> {
         self.ring.iter().map(|r| (&r.key, &r.entry))
     }

@@ -10,6 +10,9 @@
 mod digest;
 pub mod invariants;
 mod keys;
+mod snapshot;
+
+pub use snapshot::{Delta, Rows};
 pub mod position;
 mod types;
 
@@ -69,6 +72,8 @@ pub struct State {
     last_sequence: u64,
     last_timestamp_ms: i64,
     overdrawn_accounts: u64,
+    /// Rows changed since the last snapshot delta (when snapshots are on).
+    dirty: snapshot::Dirty,
 }
 
 impl State {
@@ -222,6 +227,19 @@ impl State {
                 outcome,
                 recorded_at_ms: now,
             },
+        );
+        let reservation = match command {
+            Command::Reserve(c) => Some((c.account_id, c.order_id)),
+            Command::Unreserve(c) => Some((c.account_id, c.order_id)),
+            Command::Fill(c) => Some((c.account_id, c.order_id)),
+            _ => None,
+        };
+        self.mark(
+            command.account_id(),
+            reservation.map(|(account_id, order_id)| ReservationKey {
+                account_id,
+                order_id,
+            }),
         );
         #[cfg(debug_assertions)]
         if let Some(id) = command.account_id() {
@@ -563,6 +581,7 @@ impl State {
                     .moved(amount, available, reserved),
             );
             refresh_overdrawn(account, &mut self.overdrawn_accounts, events);
+            self.mark(Some(key.account_id), Some(key));
         }
         let window = self.config.idempotency_window_ms;
         while budget > 0 {
@@ -586,6 +605,7 @@ impl State {
             self.closed.pop_front();
             let removed = self.reservations.remove(&key);
             debug_assert!(removed.is_some_and(|r| r.state != ReservationState::Open));
+            self.mark_removed(key);
         }
     }
 }

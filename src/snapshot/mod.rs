@@ -1,0 +1,163 @@
+//! PostgreSQL snapshots: the read model, and a fast restart.
+//!
+//! Every `--snapshot-interval-ms` the engine hands the rows changed since the
+//! last snapshot ([`Delta`], consistent at one sequence) to the snapshotter
+//! thread, which writes them in ONE transaction together with
+//! `snapshot_meta.sequence`. Start-up loads the newest snapshot and replays only
+//! the WAL records after it. PostgreSQL being down or slow never touches the
+//! hot path: deltas merge while they wait and the write retries with back-off.
+//! Once a snapshot is durable, WAL segments wholly below it (and below the
+//! Kafka outbox's watermark) are deleted by the writer.
+//!
+//! With Kafka on, a snapshot commits only once the outbox watermark has reached
+//! its sequence: after a restart, the events between the watermark and the
+//! snapshot could no longer be derived from the WAL.
+//!
+//! Tables use the proto's names and enum names without prefix (`'ACTIVE'`,
+//! `'CASH'`, `'OPEN'`); amounts are `NUMERIC`. They double as the read model.
+
+mod schema;
+mod store;
+
+pub use store::{load, SnapshotError};
+
+use crate::metrics::Metrics;
+use crate::state_machine::Delta;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct SnapshotConfig {
+    pub url: String,
+    /// Time between two deltas handed to the snapshotter.
+    pub interval_ms: u64,
+}
+
+/// The engine's side of the snapshotter.
+pub struct Snapshotter {
+    deltas: Sender<Delta>,
+    /// Sequence of the newest durable snapshot (0: none yet).
+    durable: Arc<AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Snapshotter {
+    /// Starts the thread. `watermark`, when Kafka is on, gates each commit.
+    pub fn start(
+        config: SnapshotConfig,
+        metrics: Arc<Metrics>,
+        watermark: Option<Arc<AtomicU64>>,
+        durable_at_start: u64,
+    ) -> Snapshotter {
+        let (deltas, rx) = crossbeam_channel::unbounded();
+        let durable = Arc::new(AtomicU64::new(durable_at_start));
+        let thread_durable = durable.clone();
+        let thread = std::thread::Builder::new()
+            .name("snapshotter".into())
+            .spawn(move || run(config, rx, metrics, watermark, thread_durable))
+            .ok();
+        Snapshotter {
+            deltas,
+            durable,
+            thread,
+        }
+    }
+
+    /// Hands a delta over; never blocks.
+    pub fn offer(&self, delta: Delta) {
+        let _ = self.deltas.send(delta);
+    }
+
+    pub fn durable_sequence(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Snapshotter {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread after a last write attempt.
+        let (dead, _) = crossbeam_channel::unbounded();
+        self.deltas = dead;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(
+    config: SnapshotConfig,
+    rx: Receiver<Delta>,
+    metrics: Arc<Metrics>,
+    watermark: Option<Arc<AtomicU64>>,
+    durable: Arc<AtomicU64>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "snapshotter runtime");
+            return;
+        }
+    };
+    let mut pending: Option<Delta> = None;
+    let mut backoff = Duration::from_millis(100);
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut last_success = Instant::now();
+    loop {
+        let closed = match rx.recv_timeout(backoff.min(Duration::from_millis(500))) {
+            Ok(delta) => {
+                merge(&mut pending, delta);
+                while let Ok(more) = rx.try_recv() {
+                    merge(&mut pending, more);
+                }
+                false
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        metrics
+            .snapshot_age_seconds
+            .set(last_success.elapsed().as_secs_f64());
+        if let Some(delta) = &pending {
+            let gated = watermark
+                .as_ref()
+                .is_some_and(|w| w.load(Ordering::Acquire) < delta.sequence);
+            if !gated {
+                let started = Instant::now();
+                match runtime.block_on(store::write(&config.url, &mut client, delta)) {
+                    Ok(()) => {
+                        durable.store(delta.sequence, Ordering::Release);
+                        metrics.snapshot_sequence.set(delta.sequence as i64);
+                        metrics
+                            .snapshot_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                        last_success = Instant::now();
+                        pending = None;
+                        backoff = Duration::from_millis(100);
+                    }
+                    Err(e) => {
+                        client = None;
+                        metrics.snapshot_failures_total.inc();
+                        tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "snapshot failed; retrying (the WAL keeps everything meanwhile)");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+fn merge(pending: &mut Option<Delta>, delta: Delta) {
+    match pending {
+        Some(p) => p.merge(delta),
+        None => *pending = Some(delta),
+    }
+}

@@ -1,0 +1,62 @@
+//! Versioned migrations, applied at start-up in one transaction each.
+
+/// `(version, statements)`; append new versions, never edit old ones.
+pub const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE accounts (
+        account_id bigint PRIMARY KEY,
+        status text NOT NULL,
+        base_currency text NOT NULL,
+        overdrawn boolean NOT NULL);
+     CREATE TABLE cash_balances (
+        account_id bigint NOT NULL,
+        currency text NOT NULL,
+        available numeric NOT NULL,
+        reserved numeric NOT NULL,
+        PRIMARY KEY (account_id, currency));
+     CREATE TABLE positions (
+        account_id bigint NOT NULL,
+        symbol text NOT NULL,
+        quantity numeric NOT NULL,
+        reserved_quantity numeric NOT NULL,
+        cost_basis numeric NOT NULL,
+        realized_pnl numeric NOT NULL,
+        currency text NOT NULL,
+        PRIMARY KEY (account_id, symbol));
+     CREATE TABLE reservations (
+        account_id bigint NOT NULL,
+        order_id text NOT NULL,
+        kind text NOT NULL,
+        asset text NOT NULL,
+        amount numeric NOT NULL,
+        remaining numeric NOT NULL,
+        consumed numeric NOT NULL,
+        released numeric NOT NULL,
+        state text NOT NULL,
+        expires_at_ms bigint NOT NULL,
+        sequence bigint NOT NULL,
+        closed_at_ms bigint NOT NULL,
+        PRIMARY KEY (account_id, order_id));
+     CREATE TABLE idempotency_keys (
+        position bigint PRIMARY KEY,
+        key text NOT NULL UNIQUE,
+        fingerprint bigint NOT NULL,
+        result smallint NOT NULL,
+        sequence bigint NOT NULL,
+        asset text,
+        available numeric NOT NULL,
+        reserved numeric NOT NULL,
+        released numeric NOT NULL,
+        recorded_at_ms bigint NOT NULL);
+     CREATE TABLE kafka_offsets (
+        topic smallint NOT NULL,
+        partition integer NOT NULL,
+        \"offset\" bigint NOT NULL,
+        PRIMARY KEY (topic, partition));
+     CREATE TABLE snapshot_meta (
+        id integer PRIMARY KEY CHECK (id = 1),
+        sequence bigint NOT NULL,
+        timestamp_ms bigint NOT NULL,
+        keys_base bigint NOT NULL,
+        written_at timestamptz NOT NULL DEFAULT now());",
+)];

@@ -1,0 +1,178 @@
+//! What a snapshot needs from the state: the rows changed since the last one
+//! (dirty tracking, switched on only when snapshots are), and the inverse —
+//! rebuilding an exact `State` from the rows of a snapshot.
+//!
+//! Tracking costs one hash-set insert per command (two for reservation
+//! commands); taking a delta copies only the changed rows.
+
+use super::*;
+use rustc_hash::FxHashSet;
+
+#[derive(Clone, Debug, Default)]
+pub(super) struct Dirty {
+    pub enabled: bool,
+    pub accounts: FxHashSet<AccountId>,
+    pub reservations: FxHashSet<ReservationKey>,
+    /// Pruned since the last delta (unless re-created since).
+    pub removed: FxHashSet<ReservationKey>,
+    /// Ring position of the first key not yet handed out.
+    pub keys_from: u64,
+}
+
+/// The rows changed since the previous delta, consistent at `sequence`.
+#[derive(Clone, Debug, Default)]
+pub struct Delta {
+    pub sequence: u64,
+    pub timestamp_ms: i64,
+    pub accounts: Vec<Account>,
+    pub reservations: Vec<Reservation>,
+    pub removed_reservations: Vec<ReservationKey>,
+    /// New keys with their ring positions.
+    pub keys: Vec<(u64, Id, IdempotencyEntry)>,
+    /// Keys at ring positions below this have left the window.
+    pub keys_base: u64,
+    pub offsets: Vec<(Topic, i32, i64)>,
+}
+
+impl Delta {
+    /// Folds a later delta into this one (the snapshotter merges what waited
+    /// while PostgreSQL was unavailable).
+    pub fn merge(&mut self, later: Delta) {
+        assert!(later.sequence >= self.sequence, "deltas merge in order");
+        let later_accounts: FxHashSet<AccountId> =
+            later.accounts.iter().map(|a| a.account_id).collect();
+        self.accounts
+            .retain(|a| !later_accounts.contains(&a.account_id));
+        self.accounts.extend(later.accounts);
+        let later_keys: FxHashSet<ReservationKey> = later
+            .reservations
+            .iter()
+            .map(|r| r.key())
+            .chain(later.removed_reservations.iter().copied())
+            .collect();
+        self.reservations.retain(|r| !later_keys.contains(&r.key()));
+        self.removed_reservations
+            .retain(|k| !later_keys.contains(k));
+        self.reservations.extend(later.reservations);
+        self.removed_reservations.extend(later.removed_reservations);
+        self.keys.extend(later.keys);
+        self.keys
+            .retain(|(position, _, _)| *position >= later.keys_base);
+        self.keys_base = later.keys_base;
+        self.offsets = later.offsets;
+        self.sequence = later.sequence;
+        self.timestamp_ms = later.timestamp_ms;
+    }
+}
+
+/// The rows of a snapshot, as loaded.
+#[derive(Clone, Debug, Default)]
+pub struct Rows {
+    pub sequence: u64,
+    pub timestamp_ms: i64,
+    pub accounts: Vec<Account>,
+    pub reservations: Vec<Reservation>,
+    pub keys: Vec<(u64, Id, IdempotencyEntry)>,
+    pub keys_base: u64,
+    pub offsets: Vec<(Topic, i32, i64)>,
+}
+
+impl State {
+    /// Starts tracking changed rows for [`State::take_delta`].
+    pub fn track_changes(&mut self) {
+        self.dirty.enabled = true;
+        self.dirty.keys_from = self.idempotency.end();
+    }
+
+    pub(super) fn mark(&mut self, account: Option<AccountId>, reservation: Option<ReservationKey>) {
+        if !self.dirty.enabled {
+            return;
+        }
+        if let Some(id) = account {
+            self.dirty.accounts.insert(id);
+        }
+        if let Some(key) = reservation {
+            self.dirty.reservations.insert(key);
+            self.dirty.removed.remove(&key);
+        }
+    }
+
+    pub(super) fn mark_removed(&mut self, key: ReservationKey) {
+        if self.dirty.enabled {
+            self.dirty.reservations.remove(&key);
+            self.dirty.removed.insert(key);
+        }
+    }
+
+    /// The rows changed since the previous call, consistent at `last_sequence()`.
+    pub fn take_delta(&mut self) -> Delta {
+        assert!(self.dirty.enabled, "track_changes first");
+        let dirty = std::mem::take(&mut self.dirty);
+        let keys_from = dirty.keys_from.max(self.idempotency.base());
+        let delta = Delta {
+            sequence: self.last_sequence,
+            timestamp_ms: self.last_timestamp_ms,
+            accounts: dirty
+                .accounts
+                .iter()
+                .filter_map(|id| self.accounts.get(id).cloned())
+                .collect(),
+            reservations: dirty
+                .reservations
+                .iter()
+                .filter_map(|k| self.reservations.get(k).copied())
+                .collect(),
+            removed_reservations: dirty.removed.into_iter().collect(),
+            keys: self
+                .idempotency
+                .since(keys_from)
+                .map(|(p, k, e)| (p, *k, *e))
+                .collect(),
+            keys_base: self.idempotency.base(),
+            offsets: self.offsets().collect(),
+        };
+        self.dirty.enabled = true;
+        self.dirty.keys_from = self.idempotency.end();
+        delta
+    }
+
+    /// Rebuilds the exact state a snapshot was taken of: the rows, plus the
+    /// indexes derived from them (expiries, the closed-reservation queue in
+    /// closing order, the key ring in recording order, counters).
+    pub fn restore(config: StateConfig, rows: Rows) -> State {
+        let mut state = State::new(config);
+        state.last_sequence = rows.sequence;
+        state.last_timestamp_ms = rows.timestamp_ms;
+        for mut account in rows.accounts {
+            account.open_reservations = 0;
+            state.overdrawn_accounts += u64::from(account.overdrawn);
+            state.accounts.insert(account.account_id, account);
+        }
+        let mut closed = Vec::new();
+        for r in rows.reservations {
+            let key = r.key();
+            if r.state == ReservationState::Open {
+                if let Some(at) = r.expires_at_ms {
+                    state.expiries.insert((at, key));
+                }
+                if let Some(a) = state.accounts.get_mut(&r.account_id) {
+                    a.open_reservations += 1;
+                }
+            } else {
+                closed.push((r.closed_at_ms, key));
+            }
+            state.reservations.insert(key, r);
+        }
+        closed.sort();
+        state.closed = closed.into_iter().collect();
+        let mut keys = rows.keys;
+        keys.sort_by_key(|(position, _, _)| *position);
+        state.idempotency = keys::KeyTable::restore(rows.keys_base, keys);
+        state.offsets = rows
+            .offsets
+            .into_iter()
+            .map(|(t, p, o)| ((t, p), o))
+            .collect();
+        state
+    }
+}
