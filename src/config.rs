@@ -78,6 +78,15 @@ pub struct ServeArgs {
     #[arg(long, env = "ACCOUNT_SNAPSHOT_INTERVAL_MS", default_value_t = 1000)]
     pub snapshot_interval_ms: u64,
 
+    /// Also snapshot once this many records were journaled since the last
+    /// snapshot, whichever comes first.
+    #[arg(
+        long,
+        env = "ACCOUNT_SNAPSHOT_EVERY_RECORDS",
+        default_value_t = 500_000
+    )]
+    pub snapshot_every_records: u64,
+
     /// Capacity of the ingress queue; a full queue answers RESOURCE_EXHAUSTED.
     #[arg(long, env = "ACCOUNT_QUEUE_CAPACITY", default_value_t = 65_536)]
     pub queue_capacity: usize,
@@ -202,6 +211,9 @@ impl ServeArgs {
         if self.snapshot_interval_ms == 0 {
             return Err(ConfigError::Zero("snapshot-interval-ms"));
         }
+        if self.snapshot_every_records == 0 {
+            return Err(ConfigError::Zero("snapshot-every-records"));
+        }
         let mut config = EngineConfig::new(&self.data_dir);
         config.snapshot = self
             .postgres_url
@@ -209,6 +221,7 @@ impl ServeArgs {
             .map(|url| crate::snapshot::SnapshotConfig {
                 url,
                 interval_ms: self.snapshot_interval_ms,
+                every_records: self.snapshot_every_records,
             });
         config.wal.segment_size_bytes = self.wal_segment_mib * 1024 * 1024;
         config.durability = self.durability;

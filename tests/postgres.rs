@@ -20,8 +20,8 @@ fn config(dir: &std::path::Path, pg: Option<&Postgres>) -> EngineConfig {
     let mut c = EngineConfig::new(dir);
     c.pin_core = false;
     c.snapshot = pg.map(|pg| SnapshotConfig {
-        url: pg.url(),
         interval_ms: 50,
+        ..SnapshotConfig::new(pg.url())
     });
     c
 }
@@ -300,7 +300,7 @@ async fn kill9_during_snapshot_writes_restarts_correctly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wal_segments_covered_by_a_snapshot_are_deleted() {
+async fn wal_segments_covered_by_a_snapshot_are_deleted_and_then_restart_waits_for_postgres() {
     let pg = Postgres::start();
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path(), Some(&pg));
@@ -334,7 +334,52 @@ async fn wal_segments_covered_by_a_snapshot_are_deleted() {
     }
     engine.stop().unwrap();
     // Restart needs only the snapshot and what is left of the WAL.
-    let (engine, _) = start(c).await;
+    let (engine, _) = start(c.clone()).await;
     assert_eq!(digest(&engine).await, (at, expected));
+    engine.stop().unwrap();
+
+    // With PostgreSQL down, the trimmed WAL alone cannot rebuild the state:
+    // the engine must not serve until the snapshot can be loaded.
+    pg.stop_server();
+    let engine = Engine::start(c, Metrics::new()).unwrap();
+    let mut phase = engine.handle().phase();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_ne!(
+        *phase.borrow_and_update(),
+        Phase::Serving,
+        "served without its snapshot"
+    );
+    pg.start_server();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while *phase.borrow_and_update() != Phase::Serving {
+            phase.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("serving once PostgreSQL is back");
+    assert_eq!(digest(&engine).await, (at, expected));
+    engine.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_down_at_start_with_the_whole_wal_replays_it_all() {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let c = config(dir.path(), Some(&pg));
+    let (engine, _) = start(c.clone()).await;
+    run(&engine, &random_commands(500, true)).await;
+    let (at, expected) = digest(&engine).await;
+    pg.wait_snapshot(at, Duration::from_secs(30)).await;
+    engine.stop().unwrap();
+
+    pg.stop_server();
+    let (engine, metrics) = start(c).await;
+    assert_eq!(digest(&engine).await, (at, expected));
+    assert_eq!(metrics.replay_records.get() as u64, at, "replayed from 1");
+    // Commands go on; the snapshotter catches up once PostgreSQL is back.
+    run(&engine, &random_commands(100, false)).await;
+    let (now, _) = digest(&engine).await;
+    pg.start_server();
+    pg.wait_snapshot(now, Duration::from_secs(60)).await;
     engine.stop().unwrap();
 }

@@ -155,6 +155,8 @@ pub enum EngineError {
     },
     #[error("the write-ahead log starts at sequence {first} but the state is at {state}: records are missing")]
     MissingRecords { first: u64, state: u64 },
+    #[error("the write-ahead log ends at sequence {last} but the snapshot is at {state}: the data directory is older than the snapshot")]
+    WalBehindState { last: u64, state: u64 },
     #[error("loading the snapshot: {0}")]
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("engine thread: {0}")]

@@ -30,6 +30,14 @@ pub fn replay_with_outbox(
         );
     }
     let from = state.last_sequence() + 1;
+    // A log that ends before the snapshot lost records the snapshot holds
+    // (an old copy of the data directory?): appending would fork history.
+    if wal.last_sequence() != 0 && wal.last_sequence() < state.last_sequence() {
+        return Err(EngineError::WalBehindState {
+            last: wal.last_sequence(),
+            state: state.last_sequence(),
+        });
+    }
     if let Some(first) = wal.first_sequence() {
         if first > from {
             return Err(EngineError::MissingRecords {

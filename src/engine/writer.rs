@@ -55,6 +55,8 @@ pub struct Writer {
     last_snapshot: Instant,
     /// Sequence of the snapshot the WAL was last trimmed to.
     retained_from: u64,
+    /// Sequence of the last delta handed to the snapshotter.
+    snapshot_offered_at: u64,
 }
 
 impl Writer {
@@ -74,6 +76,7 @@ impl Writer {
             snapshotter: None,
             last_snapshot: Instant::now(),
             retained_from: 0,
+            snapshot_offered_at: 0,
             state: State::new(config.state),
             config,
             rx,
@@ -136,6 +139,12 @@ impl Writer {
 
     /// Loads the newest snapshot (the WAL then replays only what follows it)
     /// and starts the snapshotter.
+    ///
+    /// PostgreSQL unreachable at start: when the WAL still holds the whole
+    /// history (it starts at sequence 1) a full replay gives the same state, so
+    /// the engine goes on and the snapshotter catches up later. Otherwise the
+    /// snapshot is needed: the load retries with back-off, the service stays
+    /// `NOT_SERVING`, until PostgreSQL answers or a stop is requested.
     fn load_snapshot(
         &mut self,
         config: crate::snapshot::SnapshotConfig,
@@ -145,7 +154,26 @@ impl Writer {
             .build()
             .map_err(|e| EngineError::Thread(e.to_string()))?;
         let started = Instant::now();
-        let rows = runtime.block_on(crate::snapshot::load(&config.url))?;
+        let mut backoff = Duration::from_millis(100);
+        let rows = loop {
+            match runtime.block_on(crate::snapshot::load(&config.url)) {
+                Ok(rows) => break rows,
+                Err(e) if self.wal.first_sequence().is_some_and(|first| first == 1) => {
+                    tracing::warn!(error = %e, "snapshot not loaded; the WAL holds the whole history, replaying all of it");
+                    break None;
+                }
+                Err(e) if self.stop.load(Ordering::Acquire) || !e.is_transient() => {
+                    return Err(e.into())
+                }
+                Err(e) => {
+                    self.metrics.snapshot_failures_total.inc();
+                    tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64,
+                        "snapshot needed (the WAL starts after it) but PostgreSQL is unavailable; retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(crate::snapshot::BACKOFF_MAX);
+                }
+            }
+        };
         let at = rows.as_ref().map_or(0, |r| r.sequence);
         if let Some(rows) = rows {
             self.state = State::restore(self.config.state, rows);
@@ -165,6 +193,7 @@ impl Writer {
             at,
         ));
         self.retained_from = at;
+        self.snapshot_offered_at = at;
         Ok(())
     }
 
@@ -175,14 +204,16 @@ impl Writer {
         let Some(snapshotter) = &self.snapshotter else {
             return Ok(());
         };
-        let interval = self
-            .config
-            .snapshot
-            .as_ref()
-            .map_or(1000, |c| c.interval_ms);
+        let Some(config) = self.config.snapshot.as_ref() else {
+            return Ok(());
+        };
+        let sequence = self.state.last_sequence();
+        let due = self.last_snapshot.elapsed() >= Duration::from_millis(config.interval_ms)
+            || sequence - self.snapshot_offered_at >= config.every_records;
         // A snapshot never gets ahead of the durable journal.
-        if !self.unsynced && self.last_snapshot.elapsed() >= Duration::from_millis(interval) {
+        if due && !self.unsynced && sequence > self.snapshot_offered_at {
             self.last_snapshot = Instant::now();
+            self.snapshot_offered_at = sequence;
             snapshotter.offer(self.state.take_delta());
         }
         let durable = snapshotter.durable_sequence();

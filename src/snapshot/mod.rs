@@ -21,6 +21,9 @@ mod store;
 
 pub use store::{load, SnapshotError};
 
+/// How long a failed write or start-up load waits at most before retrying.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
 use crate::metrics::Metrics;
 use crate::state_machine::Delta;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -33,6 +36,19 @@ pub struct SnapshotConfig {
     pub url: String,
     /// Time between two deltas handed to the snapshotter.
     pub interval_ms: u64,
+    /// A delta is also handed over once this many records were journaled
+    /// since the previous one, whichever comes first.
+    pub every_records: u64,
+}
+
+impl SnapshotConfig {
+    pub fn new(url: impl Into<String>) -> SnapshotConfig {
+        SnapshotConfig {
+            url: url.into(),
+            interval_ms: 1_000,
+            every_records: 500_000,
+        }
+    }
 }
 
 /// The engine's side of the snapshotter.
@@ -144,7 +160,7 @@ fn run(
                         metrics.snapshot_failures_total.inc();
                         tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "snapshot failed; retrying (the WAL keeps everything meanwhile)");
                         std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
                     }
                 }
             }

@@ -18,9 +18,30 @@ pub enum SnapshotError {
     Row(&'static str),
 }
 
+impl SnapshotError {
+    /// Whether retrying may help (PostgreSQL unreachable or restarting),
+    /// as opposed to rows that cannot be read.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            // No server answer (refused, reset, closed), or a server-side
+            // class that passes: connection (08), resources (53), operator
+            // intervention such as "starting up" (57).
+            SnapshotError::Postgres(e) => e
+                .as_db_error()
+                .is_none_or(|db| matches!(&db.code().code()[..2], "08" | "53" | "57")),
+            SnapshotError::Row(_) => false,
+        }
+    }
+}
+
 /// Connects and applies the migrations not applied yet.
 async fn connect(url: &str) -> Result<Client, SnapshotError> {
-    let (mut client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let mut config: tokio_postgres::Config = url.parse()?;
+    if config.get_connect_timeout().is_none() {
+        // A host that drops packets must not hold a snapshot (or start-up) forever.
+        config.connect_timeout(std::time::Duration::from_secs(5));
+    }
+    let (mut client, connection) = config.connect(NoTls).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "PostgreSQL connection closed");
@@ -53,6 +74,10 @@ async fn connect(url: &str) -> Result<Client, SnapshotError> {
     Ok(client)
 }
 
+/// Rows per statement: each table is written with a few `UNNEST` statements
+/// (one round trip per chunk), never one per row.
+const CHUNK: usize = 20_000;
+
 /// Writes one delta and the new `snapshot_meta` in one transaction.
 pub async fn write(
     url: &str,
@@ -66,126 +91,29 @@ pub async fn write(
         return Ok(());
     };
     let tx = client.transaction().await?;
-    let upsert_account = tx
-        .prepare(
-            "INSERT INTO accounts (account_id, status, base_currency, overdrawn) VALUES ($1, $2, $3, $4)
-             ON CONFLICT (account_id) DO UPDATE SET status = $2, base_currency = $3, overdrawn = $4",
-        )
-        .await?;
-    let insert_cash = tx
-        .prepare("INSERT INTO cash_balances (account_id, currency, available, reserved) VALUES ($1, $2, $3, $4)")
-        .await?;
-    let insert_position = tx
-        .prepare(
-            "INSERT INTO positions (account_id, symbol, quantity, reserved_quantity, cost_basis, realized_pnl, currency)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        )
-        .await?;
-    for a in &delta.accounts {
-        let id = a.account_id.0;
-        tx.execute(
-            &upsert_account,
-            &[
-                &id,
-                &a.status.name(),
-                &a.base_currency.as_str(),
-                &a.overdrawn,
-            ],
-        )
-        .await?;
-        tx.execute("DELETE FROM cash_balances WHERE account_id = $1", &[&id])
-            .await?;
-        tx.execute("DELETE FROM positions WHERE account_id = $1", &[&id])
-            .await?;
-        for b in &a.cash {
-            tx.execute(
-                &insert_cash,
-                &[&id, &b.currency.as_str(), &b.available, &b.reserved],
-            )
-            .await?;
-        }
-        for p in &a.positions {
-            tx.execute(
-                &insert_position,
-                &[
-                    &id,
-                    &p.symbol.as_str(),
-                    &p.quantity,
-                    &p.reserved_quantity,
-                    &p.cost_basis,
-                    &p.realized_pnl,
-                    &p.currency.as_str(),
-                ],
-            )
-            .await?;
-        }
+    for chunk in delta.accounts.chunks(CHUNK) {
+        write_accounts(&tx, chunk).await?;
     }
-    let upsert_reservation = tx
-        .prepare(
-            "INSERT INTO reservations (account_id, order_id, kind, asset, amount, remaining, consumed, released, state,
-                                       expires_at_ms, sequence, closed_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-             ON CONFLICT (account_id, order_id) DO UPDATE SET kind = $3, asset = $4, amount = $5, remaining = $6,
-                 consumed = $7, released = $8, state = $9, expires_at_ms = $10, sequence = $11, closed_at_ms = $12",
-        )
-        .await?;
-    for r in &delta.reservations {
+    for chunk in delta.reservations.chunks(CHUNK) {
+        write_reservations(&tx, chunk).await?;
+    }
+    for chunk in delta.removed_reservations.chunks(CHUNK) {
+        let accounts: Vec<i64> = chunk.iter().map(|k| k.account_id.0).collect();
+        let orders: Vec<&str> = chunk.iter().map(|k| k.order_id.as_str()).collect();
         tx.execute(
-            &upsert_reservation,
-            &[
-                &r.account_id.0,
-                &r.order_id.as_str(),
-                &r.kind.name(),
-                &r.asset.as_str(),
-                &r.amount,
-                &r.remaining,
-                &r.consumed,
-                &r.released,
-                &r.state.name(),
-                &r.expires_at_ms.unwrap_or(0),
-                &(r.sequence as i64),
-                &r.closed_at_ms,
-            ],
+            "DELETE FROM reservations r USING unnest($1::bigint[], $2::text[]) AS d(account_id, order_id)
+              WHERE r.account_id = d.account_id AND r.order_id = d.order_id",
+            &[&accounts, &orders],
         )
         .await?;
     }
-    for k in &delta.removed_reservations {
-        tx.execute(
-            "DELETE FROM reservations WHERE account_id = $1 AND order_id = $2",
-            &[&k.account_id.0, &k.order_id.as_str()],
-        )
-        .await?;
-    }
-    let insert_key = tx
-        .prepare(
-            "INSERT INTO idempotency_keys (position, key, fingerprint, result, sequence, asset, available, reserved,
-                                           released, recorded_at_ms)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (position) DO NOTHING",
-        )
-        .await?;
     tx.execute(
         "DELETE FROM idempotency_keys WHERE position < $1",
         &[&(delta.keys_base as i64)],
     )
     .await?;
-    for (position, key, e) in &delta.keys {
-        let o = &e.outcome;
-        tx.execute(
-            &insert_key,
-            &[
-                &(*position as i64),
-                &key.as_str(),
-                &(e.fingerprint as i64),
-                &(o.result as i16),
-                &(o.sequence as i64),
-                &o.asset.map(|a| a.as_str().to_owned()),
-                &o.available,
-                &o.reserved,
-                &o.released,
-                &e.recorded_at_ms,
-            ],
-        )
-        .await?;
+    for chunk in delta.keys.chunks(CHUNK) {
+        write_keys(&tx, chunk).await?;
     }
     for (topic, partition, offset) in &delta.offsets {
         tx.execute(
@@ -202,6 +130,169 @@ pub async fn write(
     )
     .await?;
     tx.commit().await?;
+    Ok(())
+}
+
+/// Upserts the accounts and replaces their cash and position rows.
+async fn write_accounts(
+    tx: &tokio_postgres::Transaction<'_>,
+    accounts: &[Account],
+) -> Result<(), SnapshotError> {
+    let ids: Vec<i64> = accounts.iter().map(|a| a.account_id.0).collect();
+    let statuses: Vec<&str> = accounts.iter().map(|a| a.status.name()).collect();
+    let bases: Vec<&str> = accounts.iter().map(|a| a.base_currency.as_str()).collect();
+    let overdrawn: Vec<bool> = accounts.iter().map(|a| a.overdrawn).collect();
+    tx.execute(
+        "INSERT INTO accounts (account_id, status, base_currency, overdrawn)
+         SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bool[])
+         ON CONFLICT (account_id) DO UPDATE
+            SET status = excluded.status, base_currency = excluded.base_currency, overdrawn = excluded.overdrawn",
+        &[&ids, &statuses, &bases, &overdrawn],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM cash_balances WHERE account_id = ANY($1)",
+        &[&ids],
+    )
+    .await?;
+    tx.execute("DELETE FROM positions WHERE account_id = ANY($1)", &[&ids])
+        .await?;
+
+    let cash: Vec<(i64, &CashBalance)> = accounts
+        .iter()
+        .flat_map(|a| a.cash.iter().map(move |b| (a.account_id.0, b)))
+        .collect();
+    if !cash.is_empty() {
+        let owners: Vec<i64> = cash.iter().map(|(id, _)| *id).collect();
+        let currencies: Vec<&str> = cash.iter().map(|(_, b)| b.currency.as_str()).collect();
+        let available: Vec<Decimal> = cash.iter().map(|(_, b)| b.available).collect();
+        let reserved: Vec<Decimal> = cash.iter().map(|(_, b)| b.reserved).collect();
+        tx.execute(
+            "INSERT INTO cash_balances (account_id, currency, available, reserved)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::numeric[])",
+            &[&owners, &currencies, &available, &reserved],
+        )
+        .await?;
+    }
+
+    let positions: Vec<(i64, &Position)> = accounts
+        .iter()
+        .flat_map(|a| a.positions.iter().map(move |p| (a.account_id.0, p)))
+        .collect();
+    if !positions.is_empty() {
+        let col = |f: fn(&Position) -> Decimal| -> Vec<Decimal> {
+            positions.iter().map(|(_, p)| f(p)).collect()
+        };
+        let owners: Vec<i64> = positions.iter().map(|(id, _)| *id).collect();
+        let symbols: Vec<&str> = positions.iter().map(|(_, p)| p.symbol.as_str()).collect();
+        let currencies: Vec<&str> = positions.iter().map(|(_, p)| p.currency.as_str()).collect();
+        tx.execute(
+            "INSERT INTO positions (account_id, symbol, quantity, reserved_quantity, cost_basis, realized_pnl, currency)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::numeric[], $5::numeric[],
+                                  $6::numeric[], $7::text[])",
+            &[
+                &owners,
+                &symbols,
+                &col(|p| p.quantity),
+                &col(|p| p.reserved_quantity),
+                &col(|p| p.cost_basis),
+                &col(|p| p.realized_pnl),
+                &currencies,
+            ],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+async fn write_reservations(
+    tx: &tokio_postgres::Transaction<'_>,
+    reservations: &[Reservation],
+) -> Result<(), SnapshotError> {
+    let col =
+        |f: fn(&Reservation) -> Decimal| -> Vec<Decimal> { reservations.iter().map(f).collect() };
+    let accounts: Vec<i64> = reservations.iter().map(|r| r.account_id.0).collect();
+    let orders: Vec<&str> = reservations.iter().map(|r| r.order_id.as_str()).collect();
+    let kinds: Vec<&str> = reservations.iter().map(|r| r.kind.name()).collect();
+    let assets: Vec<&str> = reservations.iter().map(|r| r.asset.as_str()).collect();
+    let states: Vec<&str> = reservations.iter().map(|r| r.state.name()).collect();
+    let expires: Vec<i64> = reservations
+        .iter()
+        .map(|r| r.expires_at_ms.unwrap_or(0))
+        .collect();
+    let sequences: Vec<i64> = reservations.iter().map(|r| r.sequence as i64).collect();
+    let closed: Vec<i64> = reservations.iter().map(|r| r.closed_at_ms).collect();
+    tx.execute(
+        "INSERT INTO reservations (account_id, order_id, kind, asset, amount, remaining, consumed, released, state,
+                                   expires_at_ms, sequence, closed_at_ms)
+         SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::numeric[],
+                              $7::numeric[], $8::numeric[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[])
+         ON CONFLICT (account_id, order_id) DO UPDATE SET kind = excluded.kind, asset = excluded.asset,
+             amount = excluded.amount, remaining = excluded.remaining, consumed = excluded.consumed,
+             released = excluded.released, state = excluded.state, expires_at_ms = excluded.expires_at_ms,
+             sequence = excluded.sequence, closed_at_ms = excluded.closed_at_ms",
+        &[
+            &accounts,
+            &orders,
+            &kinds,
+            &assets,
+            &col(|r| r.amount),
+            &col(|r| r.remaining),
+            &col(|r| r.consumed),
+            &col(|r| r.released),
+            &states,
+            &expires,
+            &sequences,
+            &closed,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn write_keys(
+    tx: &tokio_postgres::Transaction<'_>,
+    keys: &[(u64, Id, IdempotencyEntry)],
+) -> Result<(), SnapshotError> {
+    let col = |f: fn(&Outcome) -> Decimal| -> Vec<Decimal> {
+        keys.iter().map(|(_, _, e)| f(&e.outcome)).collect()
+    };
+    let positions: Vec<i64> = keys.iter().map(|(p, _, _)| *p as i64).collect();
+    let names: Vec<&str> = keys.iter().map(|(_, k, _)| k.as_str()).collect();
+    let fingerprints: Vec<i64> = keys.iter().map(|(_, _, e)| e.fingerprint as i64).collect();
+    let results: Vec<i16> = keys
+        .iter()
+        .map(|(_, _, e)| e.outcome.result as i16)
+        .collect();
+    let sequences: Vec<i64> = keys
+        .iter()
+        .map(|(_, _, e)| e.outcome.sequence as i64)
+        .collect();
+    let assets: Vec<Option<&str>> = keys
+        .iter()
+        .map(|(_, _, e)| e.outcome.asset.as_ref().map(|a| a.as_str()))
+        .collect();
+    let recorded: Vec<i64> = keys.iter().map(|(_, _, e)| e.recorded_at_ms).collect();
+    tx.execute(
+        "INSERT INTO idempotency_keys (position, key, fingerprint, result, sequence, asset, available, reserved,
+                                       released, recorded_at_ms)
+         SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::int2[], $5::bigint[], $6::text[],
+                              $7::numeric[], $8::numeric[], $9::numeric[], $10::bigint[])
+         ON CONFLICT (position) DO NOTHING",
+        &[
+            &positions,
+            &names,
+            &fingerprints,
+            &results,
+            &sequences,
+            &assets,
+            &col(|o| o.available),
+            &col(|o| o.reserved),
+            &col(|o| o.released),
+            &recorded,
+        ],
+    )
+    .await?;
     Ok(())
 }
 
