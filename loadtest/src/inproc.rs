@@ -5,6 +5,7 @@
 use account_service::domain::*;
 use account_service::engine::{Engine, EngineConfig, Phase, RequestKind, Want};
 use account_service::metrics::Metrics;
+use account_service::snapshot::SnapshotConfig;
 use account_service::state_machine::{NoEvents, State, StateConfig};
 use std::time::Instant;
 
@@ -116,7 +117,7 @@ pub fn engine(commands: u64) -> serde_json::Value {
 
 /// Journals `records` commands through the engine, stops it, starts it again and
 /// times the replay until it serves.
-pub async fn replay(records: u64) -> serde_json::Value {
+pub async fn replay(records: u64, postgres_url: Option<String>) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let mut config = EngineConfig::new(dir.path());
     config.pin_core = false;
@@ -161,18 +162,44 @@ pub async fn replay(records: u64) -> serde_json::Value {
     let write_s = started.elapsed().as_secs_f64();
     engine.stop().unwrap();
 
-    let metrics = Metrics::new();
-    let started = Instant::now();
-    let engine = Engine::start(config, metrics.clone()).unwrap();
-    serving(&engine).await;
-    let restart_s = started.elapsed().as_secs_f64();
-    let replayed = metrics.replay_records.get();
-    engine.stop().unwrap();
-    serde_json::json!({
+    let (restart_s, replayed) = restart(config.clone()).await;
+    let mut summary = serde_json::json!({
         "mode": "replay",
         "records": replayed,
         "write_s": (write_s * 100.0).round() / 100.0,
         "restart_to_serving_s": (restart_s * 1000.0).round() / 1000.0,
         "replay_records_per_s": (replayed as f64 / restart_s).round(),
-    })
+    });
+    if let Some(url) = postgres_url {
+        // Same journal: snapshot the state, then restart from the snapshot.
+        config.snapshot = Some(SnapshotConfig::new(url));
+        let metrics = Metrics::new();
+        let engine = Engine::start(config.clone(), metrics.clone()).unwrap();
+        serving(&engine).await;
+        let started = Instant::now();
+        while (metrics.snapshot_sequence.get() as u64) < replayed {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let first_snapshot_s = started.elapsed().as_secs_f64();
+        engine.stop().unwrap();
+        let (from_snapshot_s, tail) = restart(config).await;
+        summary["first_snapshot_write_s"] = serde_json::json!((first_snapshot_s * 1000.0).round() / 1000.0);
+        summary["restart_from_snapshot_s"] = serde_json::json!((from_snapshot_s * 1000.0).round() / 1000.0);
+        summary["restart_from_snapshot_tail_records"] = serde_json::json!(tail);
+        summary["restart_speedup"] = serde_json::json!((restart_s / from_snapshot_s * 100.0).round() / 100.0);
+    }
+    summary
+}
+
+/// Starts the engine on `config`'s data, returns the seconds until it serves
+/// and the records it replayed.
+async fn restart(config: EngineConfig) -> (f64, u64) {
+    let metrics = Metrics::new();
+    let started = Instant::now();
+    let engine = Engine::start(config, metrics.clone()).unwrap();
+    serving(&engine).await;
+    let restart_s = started.elapsed().as_secs_f64();
+    let replayed = metrics.replay_records.get() as u64;
+    engine.stop().unwrap();
+    (restart_s, replayed)
 }

@@ -62,9 +62,14 @@ enum Mode {
         json_out: Option<std::path::PathBuf>,
     },
     /// Journal --records commands, restart the engine, time the replay to serving.
+    /// With --postgres-url, then snapshot that state and time a restart from
+    /// the snapshot (plus the WAL after it) too, on the same journal.
     Replay {
         #[arg(long, default_value_t = 1_000_000)]
         records: u64,
+        /// An empty database to write the snapshot into.
+        #[arg(long)]
+        postgres_url: Option<String>,
         #[arg(long)]
         json_out: Option<std::path::PathBuf>,
     },
@@ -165,8 +170,12 @@ async fn main() -> anyhow::Result<()> {
                 tokio::task::spawn_blocking(move || loadtest::inproc::engine(commands)).await?;
             emit(&summary, &json_out)?;
         }
-        Mode::Replay { records, json_out } => {
-            let summary = loadtest::inproc::replay(records).await;
+        Mode::Replay {
+            records,
+            postgres_url,
+            json_out,
+        } => {
+            let summary = loadtest::inproc::replay(records, postgres_url).await;
             emit(&summary, &json_out)?;
         }
         Mode::SyncProbe {

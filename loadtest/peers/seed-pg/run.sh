@@ -18,21 +18,8 @@ while (($#)); do
         *) echo "unknown flag $1" >&2; exit 2 ;;
     esac
 done
-bin=/usr/lib/postgresql/15/bin
-if [ ! -x $bin/initdb ]; then
-    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15
-fi
-as_pg=()
-if [ "$(id -u)" = 0 ]; then as_pg=(runuser -u postgres --); fi
-tmp=$(mktemp -d)
-chmod 755 "$tmp"
-[ ${#as_pg[@]} -eq 0 ] || chown postgres "$tmp"
-cleanup() { "${as_pg[@]}" $bin/pg_ctl -D "$tmp/db" -m immediate stop >/dev/null 2>&1 || true; rm -rf "$tmp"; }
-trap cleanup EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-"${as_pg[@]}" $bin/initdb -D "$tmp/db" -U postgres --auth=trust >/dev/null
-"${as_pg[@]}" $bin/pg_ctl -D "$tmp/db" -l "$tmp/pg.log" -w \
-    -o "-p $port -k $tmp -c listen_addresses=127.0.0.1 -c max_connections=100" start >/dev/null
+. "$here/../../lib/throwaway-pg.sh"
+bin=$pg_bin port=$pg_port tmp=$pg_dir
 psql=(psql -h 127.0.0.1 -p "$port" -U postgres -q -v ON_ERROR_STOP=1)
 "${psql[@]}" -v accounts="$accounts" -f "$here/schema.sql" postgres >/dev/null
 cd "$tmp"

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# PostgreSQL snapshots, measured against a throwaway PostgreSQL 15 (started
+# here, removed on exit). Writes one JSON line per measurement to
+# loadtest/results/<name>.json:
+#   replay-snapshot     the same journal of RECORDS records restarted by full
+#                       replay and from a snapshot (+ WAL tail)
+#   reserve-snap-{off,on}-<rate>-<n>
+#                       the gRPC Reserve hot path with snapshots off and on
+#                       (every second), alternated so drift hits both alike
+#   loadtest/snapshots.sh [SECONDS] [RECORDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-20}
+records=${2:-1000000}
+out=loadtest/results
+mkdir -p "$out"
+cargo build --release -q -p loadtest -p account-service
+lt=target/release/loadtest
+svc=target/release/account-service
+. loadtest/lib/throwaway-pg.sh
+pids=()
+cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "${data:-}"; pg_stop; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "no listener on $1" >&2; exit 1; }
+psql=(psql -h 127.0.0.1 -p "$pg_port" -U postgres -q -v ON_ERROR_STOP=1)
+
+$lt replay --records "$records" --postgres-url "$pg_url" --json-out $out/replay-snapshot.json 2>/dev/null
+
+data=$(mktemp -d)
+reserve() { # name rate then serve flags
+    local name=$1 rate=$2; shift 2
+    local g=$(port) m=$(port) dir=$(mktemp -d -p "$data")
+    "${psql[@]}" -c 'DROP SCHEMA public CASCADE; CREATE SCHEMA public' postgres
+    $svc serve --data-dir "$dir" --grpc-addr 127.0.0.1:$g --metrics-addr 127.0.0.1:$m "$@" 2>/dev/null & pids+=($!)
+    wait_port $g; sleep 0.5
+    $lt reserve --rate "$rate" --duration "$secs" --addr http://127.0.0.1:$g --accounts 1000 \
+        --json-out $out/$name.json 2>/dev/null
+    kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
+}
+for rate in 1000 5000; do
+    for n in 1 2; do
+        reserve reserve-snap-off-$rate-$n $rate
+        reserve reserve-snap-on-$rate-$n $rate --postgres-url "$pg_url" --snapshot-interval-ms 1000
+    done
+done
+for f in $out/replay-snapshot.json $out/reserve-snap-*.json; do echo "$(basename "$f" .json): $(cat "$f")"; done
