@@ -7,7 +7,8 @@
 #   reserve-snap-{off,on}-<rate>-<n>
 #                       the gRPC Reserve hot path with snapshots off and on
 #                       (every second), alternated so drift hits both alike
-#   loadtest/snapshots.sh [SECONDS] [RECORDS]
+#   loadtest/snapshots.sh [SECONDS] [RECORDS]   (RECORDS=0: skip the restart;
+#   RATES="1000 5000" by default)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-20}
@@ -25,7 +26,9 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return; sleep 0.05; done; echo "no listener on $1" >&2; exit 1; }
 psql=(psql -h 127.0.0.1 -p "$pg_port" -U postgres -q -v ON_ERROR_STOP=1)
 
-$lt replay --records "$records" --postgres-url "$pg_url" --json-out $out/replay-snapshot.json 2>/dev/null
+if [ "$records" != 0 ]; then
+    $lt replay --records "$records" --postgres-url "$pg_url" --json-out $out/replay-snapshot.json 2>/dev/null
+fi
 
 data=$(mktemp -d)
 reserve() { # name rate then serve flags
@@ -36,12 +39,22 @@ reserve() { # name rate then serve flags
     wait_port $g; sleep 0.5
     $lt reserve --rate "$rate" --duration "$secs" --addr http://127.0.0.1:$g --accounts 1000 \
         --json-out $out/$name.json 2>/dev/null
+    # The service's own view: snapshot writes and the engine thread's copy time.
+    curl -s http://127.0.0.1:$m/metrics | python3 -c '
+import json, sys
+m = {l.split()[0]: float(l.split()[1]) for l in sys.stdin if l.startswith("account_snapshot")}
+mean = lambda n: round(m[n + "_sum"] / m[n + "_count"] * 1e6) if m.get(n + "_count") else None
+f = sys.argv[1]; s = json.load(open(f))
+s["snapshots"] = int(m.get("account_snapshot_seconds_count", 0))
+s["snapshot_write_mean_us"] = mean("account_snapshot_seconds")
+s["snapshot_copy_mean_us"] = mean("account_snapshot_copy_seconds")
+json.dump(s, open(f, "w"), sort_keys=True)' $out/$name.json
     kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
 }
-for rate in 1000 5000; do
+for rate in ${RATES:-1000 5000}; do
     for n in 1 2; do
         reserve reserve-snap-off-$rate-$n $rate
         reserve reserve-snap-on-$rate-$n $rate --postgres-url "$pg_url" --snapshot-interval-ms 1000
     done
 done
-for f in $out/replay-snapshot.json $out/reserve-snap-*.json; do echo "$(basename "$f" .json): $(cat "$f")"; done
+for f in $out/replay-snapshot.json $out/reserve-snap-*.json; do [ -f "$f" ] || continue; echo "$(basename "$f" .json): $(cat "$f")"; done

@@ -15,6 +15,6 @@ pg_stop() { "${as_pg[@]}" $pg_bin/pg_ctl -D "$pg_dir/db" -m immediate stop >/dev
 trap pg_stop EXIT
 pg_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "${as_pg[@]}" $pg_bin/initdb -D "$pg_dir/db" -U postgres --auth=trust >/dev/null
-"${as_pg[@]}" $pg_bin/pg_ctl -D "$pg_dir/db" -l "$pg_dir/pg.log" -w \
-    -o "-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1 -c max_connections=100" start >/dev/null
+${PG_SCHED:+chrt $PG_SCHED} "${as_pg[@]}" $pg_bin/pg_ctl -D "$pg_dir/db" -l "$pg_dir/pg.log" -w \
+    -o "-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1 -c max_connections=100 ${PG_OPTS:-}" start >/dev/null
 pg_url="host=127.0.0.1 port=$pg_port user=postgres dbname=postgres"

@@ -117,10 +117,17 @@ pub fn engine(commands: u64) -> serde_json::Value {
 
 /// Journals `records` commands through the engine, stops it, starts it again and
 /// times the replay until it serves.
-pub async fn replay(records: u64, postgres_url: Option<String>) -> serde_json::Value {
+pub async fn replay(
+    records: u64,
+    postgres_url: Option<String>,
+    idempotency_window_ms: Option<i64>,
+) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let mut config = EngineConfig::new(dir.path());
     config.pin_core = false;
+    if let Some(window) = idempotency_window_ms {
+        config.state.idempotency_window_ms = window;
+    }
     let engine = Engine::start(config.clone(), Metrics::new()).unwrap();
     serving(&engine).await;
     let usd = Asset::currency("USD").unwrap();
@@ -169,6 +176,7 @@ pub async fn replay(records: u64, postgres_url: Option<String>) -> serde_json::V
         "write_s": (write_s * 100.0).round() / 100.0,
         "restart_to_serving_s": (restart_s * 1000.0).round() / 1000.0,
         "replay_records_per_s": (replayed as f64 / restart_s).round(),
+        "idempotency_window_ms": config.state.idempotency_window_ms,
     });
     if let Some(url) = postgres_url {
         // Same journal: snapshot the state, then restart from the snapshot.
@@ -183,10 +191,13 @@ pub async fn replay(records: u64, postgres_url: Option<String>) -> serde_json::V
         let first_snapshot_s = started.elapsed().as_secs_f64();
         engine.stop().unwrap();
         let (from_snapshot_s, tail) = restart(config).await;
-        summary["first_snapshot_write_s"] = serde_json::json!((first_snapshot_s * 1000.0).round() / 1000.0);
-        summary["restart_from_snapshot_s"] = serde_json::json!((from_snapshot_s * 1000.0).round() / 1000.0);
+        summary["first_snapshot_write_s"] =
+            serde_json::json!((first_snapshot_s * 1000.0).round() / 1000.0);
+        summary["restart_from_snapshot_s"] =
+            serde_json::json!((from_snapshot_s * 1000.0).round() / 1000.0);
         summary["restart_from_snapshot_tail_records"] = serde_json::json!(tail);
-        summary["restart_speedup"] = serde_json::json!((restart_s / from_snapshot_s * 100.0).round() / 100.0);
+        summary["restart_speedup"] =
+            serde_json::json!((restart_s / from_snapshot_s * 100.0).round() / 100.0);
     }
     summary
 }

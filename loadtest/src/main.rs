@@ -70,6 +70,11 @@ enum Mode {
         /// An empty database to write the snapshot into.
         #[arg(long)]
         postgres_url: Option<String>,
+        /// The service's idempotency window (default: the service's 24 h). A
+        /// window short against the journal's span is the case snapshots
+        /// are for: the state is much smaller than the history.
+        #[arg(long)]
+        idempotency_window_ms: Option<i64>,
         #[arg(long)]
         json_out: Option<std::path::PathBuf>,
     },
@@ -95,6 +100,14 @@ fn emit(summary: &Value, json_out: &Option<std::path::PathBuf>) -> anyhow::Resul
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // The in-process modes run the engine: its logs on stderr with RUST_LOG.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().mode {
         Mode::Reserve(load) => {
             let ctx = Ctx::connect(load).await?;
@@ -173,9 +186,11 @@ async fn main() -> anyhow::Result<()> {
         Mode::Replay {
             records,
             postgres_url,
+            idempotency_window_ms,
             json_out,
         } => {
-            let summary = loadtest::inproc::replay(records, postgres_url).await;
+            let summary =
+                loadtest::inproc::replay(records, postgres_url, idempotency_window_ms).await;
             emit(&summary, &json_out)?;
         }
         Mode::SyncProbe {

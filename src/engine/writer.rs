@@ -184,7 +184,8 @@ impl Writer {
                 "snapshot loaded"
             );
         }
-        self.state.track_changes();
+        // No snapshot loaded: the first delta replaces whatever the tables hold.
+        self.state.track_changes(at == 0);
         let watermark = self.config.outbox.as_ref().map(|o| o.watermark_handle());
         self.snapshotter = Some(crate::snapshot::Snapshotter::start(
             config,
@@ -214,7 +215,12 @@ impl Writer {
         if due && !self.unsynced && sequence > self.snapshot_offered_at {
             self.last_snapshot = Instant::now();
             self.snapshot_offered_at = sequence;
-            snapshotter.offer(self.state.take_delta());
+            let copying = Instant::now();
+            let delta = self.state.take_delta();
+            self.metrics
+                .snapshot_copy_seconds
+                .observe(copying.elapsed().as_secs_f64());
+            snapshotter.offer(delta);
         }
         let durable = snapshotter.durable_sequence();
         if durable > self.retained_from {

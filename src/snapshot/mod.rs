@@ -16,6 +16,7 @@
 //! Tables use the proto's names and enum names without prefix (`'ACTIVE'`,
 //! `'CASH'`, `'OPEN'`); amounts are `NUMERIC`. They double as the read model.
 
+mod key_batch;
 mod schema;
 mod store;
 
@@ -109,6 +110,7 @@ fn run(
     watermark: Option<Arc<AtomicU64>>,
     durable: Arc<AtomicU64>,
 ) {
+    background_priority();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -169,6 +171,27 @@ fn run(
             return;
         }
     }
+}
+
+/// The snapshotter yields to the hot path: a lower scheduling priority, and
+/// off the core the engine writer is pinned to (the last one).
+fn background_priority() {
+    // On Linux, PRIO_PROCESS with 0 applies to the calling thread only.
+    // SAFETY: plain syscall on the current thread, no pointers.
+    let niced = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) } == 0;
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let moved = cores.len() > 1 && {
+        // SAFETY: cpu_set_t is plain data; CPU_SET bounds are checked by the
+        // core ids the kernel reported.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for core in &cores[..cores.len() - 1] {
+                libc::CPU_SET(core.id, &mut set);
+            }
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+        }
+    };
+    tracing::info!(niced, moved, "snapshotter thread priority");
 }
 
 fn merge(pending: &mut Option<Delta>, delta: Delta) {

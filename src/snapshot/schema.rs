@@ -36,18 +36,14 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
         expires_at_ms bigint NOT NULL,
         sequence bigint NOT NULL,
         closed_at_ms bigint NOT NULL,
+        closed_sequence bigint NOT NULL,
         PRIMARY KEY (account_id, order_id));
-     CREATE TABLE idempotency_keys (
-        position bigint PRIMARY KEY,
-        key text NOT NULL UNIQUE,
-        fingerprint bigint NOT NULL,
-        result smallint NOT NULL,
-        sequence bigint NOT NULL,
-        asset text,
-        available numeric NOT NULL,
-        reserved numeric NOT NULL,
-        released numeric NOT NULL,
-        recorded_at_ms bigint NOT NULL);
+     -- Idempotency keys still in their window, in recording order: one row
+     -- per batch of consecutive ring positions (format: key_batch.rs).
+     CREATE TABLE idempotency_key_batches (
+        first_position bigint PRIMARY KEY,
+        last_position bigint NOT NULL,
+        keys bytea NOT NULL);
      CREATE TABLE kafka_offsets (
         topic smallint NOT NULL,
         partition integer NOT NULL,

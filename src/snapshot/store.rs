@@ -3,8 +3,8 @@
 use super::schema::MIGRATIONS;
 use crate::domain::{AccountId, AccountStatus, Asset, Id, ReservationKind, Topic};
 use crate::state_machine::{
-    Account, CashBalance, Delta, IdempotencyEntry, Outcome, Position, Reservation,
-    ReservationState, ResultCode, Rows,
+    Account, CashBalance, Delta, IdempotencyEntry, Position, Reservation, ReservationKey,
+    ReservationState, Rows,
 };
 use rust_decimal::Decimal;
 use std::collections::HashMap;
@@ -76,7 +76,22 @@ async fn connect(url: &str) -> Result<Client, SnapshotError> {
 
 /// Rows per statement: each table is written with a few `UNNEST` statements
 /// (one round trip per chunk), never one per row.
-const CHUNK: usize = 20_000;
+const CHUNK: usize = 2_000;
+
+/// After each statement the snapshotter idles this many times the statement's
+/// duration. A database that shares cores with the service (a small host, a
+/// sidecar) then never takes a core away for a whole snapshot at once: the
+/// service's queue would build up behind it (measured in BENCHMARKS.md).
+const PACE: u32 = 2;
+
+async fn paced<T>(
+    work: impl std::future::Future<Output = Result<T, SnapshotError>>,
+) -> Result<T, SnapshotError> {
+    let started = std::time::Instant::now();
+    let out = work.await?;
+    tokio::time::sleep(started.elapsed() * PACE).await;
+    Ok(out)
+}
 
 /// Writes one delta and the new `snapshot_meta` in one transaction.
 pub async fn write(
@@ -91,29 +106,28 @@ pub async fn write(
         return Ok(());
     };
     let tx = client.transaction().await?;
-    for chunk in delta.accounts.chunks(CHUNK) {
-        write_accounts(&tx, chunk).await?;
-    }
-    for chunk in delta.reservations.chunks(CHUNK) {
-        write_reservations(&tx, chunk).await?;
-    }
-    for chunk in delta.removed_reservations.chunks(CHUNK) {
-        let accounts: Vec<i64> = chunk.iter().map(|k| k.account_id.0).collect();
-        let orders: Vec<&str> = chunk.iter().map(|k| k.order_id.as_str()).collect();
-        tx.execute(
-            "DELETE FROM reservations r USING unnest($1::bigint[], $2::text[]) AS d(account_id, order_id)
-              WHERE r.account_id = d.account_id AND r.order_id = d.order_id",
-            &[&accounts, &orders],
+    if delta.full {
+        tx.batch_execute(
+            "TRUNCATE accounts, cash_balances, positions, reservations, idempotency_key_batches, kafka_offsets",
         )
         .await?;
     }
+    for chunk in delta.accounts.chunks(CHUNK) {
+        paced(write_accounts(&tx, chunk)).await?;
+    }
+    for chunk in delta.reservations.chunks(CHUNK) {
+        paced(write_reservations(&tx, chunk)).await?;
+    }
+    for chunk in delta.removed_reservations.chunks(CHUNK) {
+        paced(delete_reservations(&tx, chunk)).await?;
+    }
     tx.execute(
-        "DELETE FROM idempotency_keys WHERE position < $1",
+        "DELETE FROM idempotency_key_batches WHERE last_position < $1",
         &[&(delta.keys_base as i64)],
     )
     .await?;
-    for chunk in delta.keys.chunks(CHUNK) {
-        write_keys(&tx, chunk).await?;
+    for chunk in delta.keys.chunks(CHUNK * 10) {
+        paced(write_keys(&tx, chunk)).await?;
     }
     for (topic, partition, offset) in &delta.offsets {
         tx.execute(
@@ -130,6 +144,21 @@ pub async fn write(
     )
     .await?;
     tx.commit().await?;
+    Ok(())
+}
+
+async fn delete_reservations(
+    tx: &tokio_postgres::Transaction<'_>,
+    keys: &[ReservationKey],
+) -> Result<(), SnapshotError> {
+    let accounts: Vec<i64> = keys.iter().map(|k| k.account_id.0).collect();
+    let orders: Vec<&str> = keys.iter().map(|k| k.order_id.as_str()).collect();
+    tx.execute(
+        "DELETE FROM reservations r USING unnest($1::bigint[], $2::text[]) AS d(account_id, order_id)
+          WHERE r.account_id = d.account_id AND r.order_id = d.order_id",
+        &[&accounts, &orders],
+    )
+    .await?;
     Ok(())
 }
 
@@ -222,15 +251,21 @@ async fn write_reservations(
         .collect();
     let sequences: Vec<i64> = reservations.iter().map(|r| r.sequence as i64).collect();
     let closed: Vec<i64> = reservations.iter().map(|r| r.closed_at_ms).collect();
+    let closed_by: Vec<i64> = reservations
+        .iter()
+        .map(|r| r.closed_sequence as i64)
+        .collect();
     tx.execute(
         "INSERT INTO reservations (account_id, order_id, kind, asset, amount, remaining, consumed, released, state,
-                                   expires_at_ms, sequence, closed_at_ms)
+                                   expires_at_ms, sequence, closed_at_ms, closed_sequence)
          SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::numeric[],
-                              $7::numeric[], $8::numeric[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[])
+                              $7::numeric[], $8::numeric[], $9::text[], $10::bigint[], $11::bigint[], $12::bigint[],
+                              $13::bigint[])
          ON CONFLICT (account_id, order_id) DO UPDATE SET kind = excluded.kind, asset = excluded.asset,
              amount = excluded.amount, remaining = excluded.remaining, consumed = excluded.consumed,
              released = excluded.released, state = excluded.state, expires_at_ms = excluded.expires_at_ms,
-             sequence = excluded.sequence, closed_at_ms = excluded.closed_at_ms",
+             sequence = excluded.sequence, closed_at_ms = excluded.closed_at_ms,
+             closed_sequence = excluded.closed_sequence",
         &[
             &accounts,
             &orders,
@@ -244,6 +279,7 @@ async fn write_reservations(
             &expires,
             &sequences,
             &closed,
+            &closed_by,
         ],
     )
     .await?;
@@ -254,43 +290,16 @@ async fn write_keys(
     tx: &tokio_postgres::Transaction<'_>,
     keys: &[(u64, Id, IdempotencyEntry)],
 ) -> Result<(), SnapshotError> {
-    let col = |f: fn(&Outcome) -> Decimal| -> Vec<Decimal> {
-        keys.iter().map(|(_, _, e)| f(&e.outcome)).collect()
+    let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
+        return Ok(());
     };
-    let positions: Vec<i64> = keys.iter().map(|(p, _, _)| *p as i64).collect();
-    let names: Vec<&str> = keys.iter().map(|(_, k, _)| k.as_str()).collect();
-    let fingerprints: Vec<i64> = keys.iter().map(|(_, _, e)| e.fingerprint as i64).collect();
-    let results: Vec<i16> = keys
-        .iter()
-        .map(|(_, _, e)| e.outcome.result as i16)
-        .collect();
-    let sequences: Vec<i64> = keys
-        .iter()
-        .map(|(_, _, e)| e.outcome.sequence as i64)
-        .collect();
-    let assets: Vec<Option<&str>> = keys
-        .iter()
-        .map(|(_, _, e)| e.outcome.asset.as_ref().map(|a| a.as_str()))
-        .collect();
-    let recorded: Vec<i64> = keys.iter().map(|(_, _, e)| e.recorded_at_ms).collect();
+    let mut bytes = Vec::with_capacity(keys.len() * 96);
+    super::key_batch::encode(keys, &mut bytes);
+    // A batch re-sent after a full replay holds the same keys: replace it.
     tx.execute(
-        "INSERT INTO idempotency_keys (position, key, fingerprint, result, sequence, asset, available, reserved,
-                                       released, recorded_at_ms)
-         SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::int2[], $5::bigint[], $6::text[],
-                              $7::numeric[], $8::numeric[], $9::numeric[], $10::bigint[])
-         ON CONFLICT (position) DO NOTHING",
-        &[
-            &positions,
-            &names,
-            &fingerprints,
-            &results,
-            &sequences,
-            &assets,
-            &col(|o| o.available),
-            &col(|o| o.reserved),
-            &col(|o| o.released),
-            &recorded,
-        ],
+        "INSERT INTO idempotency_key_batches (first_position, last_position, keys) VALUES ($1, $2, $3)
+         ON CONFLICT (first_position) DO UPDATE SET last_position = excluded.last_position, keys = excluded.keys",
+        &[&(first.0 as i64), &(last.0 as i64), &bytes],
     )
     .await?;
     Ok(())
@@ -317,6 +326,7 @@ fn id(s: &str) -> Result<Id, SnapshotError> {
 
 /// Loads the newest snapshot; `None` when there is none yet.
 pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
+    let started = std::time::Instant::now();
     let client = connect(url).await?;
     let Some(meta) = client
         .query_opt(
@@ -373,10 +383,14 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
         });
     }
     rows.accounts = accounts.into_values().collect();
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "snapshot accounts read"
+    );
     for r in client
         .query(
             "SELECT account_id, order_id, kind, asset, amount, remaining, consumed, released, state, expires_at_ms,
-                    sequence, closed_at_ms FROM reservations",
+                    sequence, closed_at_ms, closed_sequence FROM reservations",
             &[],
         )
         .await?
@@ -404,30 +418,42 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
             expires_at_ms: (expires != 0).then_some(expires),
             sequence: r.get::<_, i64>(10) as u64,
             closed_at_ms: r.get(11),
+            closed_sequence: r.get::<_, i64>(12) as u64,
         });
     }
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "snapshot reservations read"
+    );
+    let mut keys = Vec::new();
     for r in client
         .query(
-            "SELECT position, key, fingerprint, result, sequence, asset, available, reserved, released, recorded_at_ms
-             FROM idempotency_keys ORDER BY position",
-            &[],
+            "SELECT keys FROM idempotency_key_batches WHERE last_position >= $1 ORDER BY first_position",
+            &[&(rows.keys_base as i64)],
         )
         .await?
     {
-        let result = ResultCode::from_u8(r.get::<_, i16>(3) as u8).ok_or(SnapshotError::Row("result"))?;
-        let asset_text: Option<&str> = r.get(5);
-        let outcome = Outcome {
-            result,
-            replayed: false,
-            sequence: r.get::<_, i64>(4) as u64,
-            asset: asset_text.map(asset).transpose()?,
-            available: r.get::<_, Decimal>(6),
-            reserved: r.get(7),
-            released: r.get(8),
-        };
-        let entry = IdempotencyEntry { fingerprint: r.get::<_, i64>(2) as u64, outcome, recorded_at_ms: r.get(9) };
-        rows.keys.push((r.get::<_, i64>(0) as u64, id(r.get(1))?, entry));
+        super::key_batch::decode(r.get(0), &mut keys).ok_or(SnapshotError::Row("idempotency key batch"))?;
     }
+    // Batches re-sent after a full replay may overlap: positions are
+    // deterministic, so the copies are equal.
+    keys.retain(|(position, _, _)| *position >= rows.keys_base);
+    keys.sort_by_key(|(position, _, _)| *position);
+    keys.dedup_by_key(|(position, _, _)| *position);
+    let contiguous = keys
+        .iter()
+        .enumerate()
+        .all(|(i, (position, _, _))| *position == rows.keys_base + i as u64);
+    if !contiguous {
+        return Err(SnapshotError::Row(
+            "idempotency key positions (not contiguous)",
+        ));
+    }
+    rows.keys = keys;
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "snapshot keys read"
+    );
     for r in client
         .query(
             "SELECT topic, partition, \"offset\" FROM kafka_offsets",

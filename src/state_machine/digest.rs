@@ -57,6 +57,7 @@ impl State {
             h.update(&r.expires_at_ms.unwrap_or(-1).to_le_bytes());
             h.update(&r.sequence.to_le_bytes());
             h.update(&r.closed_at_ms.to_le_bytes());
+            h.update(&r.closed_sequence.to_le_bytes());
         }
         let mut keys: Vec<_> = self.idempotency_entries().collect();
         keys.sort_by_key(|(k, _)| **k);

@@ -195,7 +195,7 @@ impl State {
         }
 
         let Some(key) = command.key() else {
-            self.tick(now, events);
+            self.tick(now, sequence, events);
             return Outcome::new(ResultCode::Ok, sequence);
         };
         let fingerprint = command.fingerprint();
@@ -343,6 +343,7 @@ impl State {
             expires_at_ms: c.expires_at_ms,
             sequence: seq,
             closed_at_ms: 0,
+            closed_sequence: 0,
         });
         account.open_reservations += 1;
         if let Some(at) = c.expires_at_ms {
@@ -396,7 +397,7 @@ impl State {
             close(
                 reservation,
                 ReservationState::Released,
-                now,
+                (now, seq),
                 &mut self.expiries,
                 &mut self.closed,
             );
@@ -505,7 +506,7 @@ impl State {
                     close(
                         r,
                         ReservationState::Consumed,
-                        now,
+                        (now, seq),
                         &mut self.expiries,
                         &mut self.closed,
                     );
@@ -548,7 +549,7 @@ impl State {
 
     /// Expires due reservations, then prunes keys and closed reservations whose
     /// window has passed; at most `tick_work_max` items in all.
-    fn tick<S: EventSink>(&mut self, now: i64, events: &mut S) {
+    fn tick<S: EventSink>(&mut self, now: i64, sequence: u64, events: &mut S) {
         let mut budget = self.config.tick_work_max;
         while budget > 0 {
             let Some(&(at, key)) = self.expiries.first() else {
@@ -569,7 +570,7 @@ impl State {
             close(
                 reservation,
                 ReservationState::Expired,
-                now,
+                (now, sequence),
                 &mut self.expiries,
                 &mut self.closed,
             );
@@ -605,7 +606,9 @@ impl State {
             self.closed.pop_front();
             let removed = self.reservations.remove(&key);
             debug_assert!(removed.is_some_and(|r| r.state != ReservationState::Open));
-            self.mark_removed(key);
+            if let Some(r) = removed {
+                self.mark_removed(key, r.sequence);
+            }
         }
     }
 }
@@ -667,7 +670,7 @@ fn release(
 fn close(
     reservation: &mut Reservation,
     state: ReservationState,
-    now: i64,
+    (now, sequence): (i64, u64),
     expiries: &mut BTreeSet<(i64, ReservationKey)>,
     closed: &mut VecDeque<(i64, ReservationKey)>,
 ) {
@@ -675,6 +678,7 @@ fn close(
     debug_assert!(state != ReservationState::Open);
     reservation.state = state;
     reservation.closed_at_ms = now;
+    reservation.closed_sequence = sequence;
     if let Some(at) = reservation.expires_at_ms {
         expiries.remove(&(at, reservation.key()));
     }

@@ -11,9 +11,16 @@ use rustc_hash::FxHashSet;
 #[derive(Clone, Debug, Default)]
 pub(super) struct Dirty {
     pub enabled: bool,
+    /// The next delta must replace the snapshot's contents: tracking began
+    /// without a loaded snapshot, so what the tables hold is unknown.
+    pub full: bool,
+    /// The snapshot's tables hold the state as of this sequence (the last
+    /// delta handed out): rows created after it were never written.
+    pub since: u64,
     pub accounts: FxHashSet<AccountId>,
     pub reservations: FxHashSet<ReservationKey>,
-    /// Pruned since the last delta (unless re-created since).
+    /// Pruned since the last delta (those created again since are skipped
+    /// when the delta is taken).
     pub removed: FxHashSet<ReservationKey>,
     /// Ring position of the first key not yet handed out.
     pub keys_from: u64,
@@ -23,6 +30,8 @@ pub(super) struct Dirty {
 #[derive(Clone, Debug, Default)]
 pub struct Delta {
     pub sequence: u64,
+    /// Every row of the state: the writer replaces the tables' contents.
+    pub full: bool,
     pub timestamp_ms: i64,
     pub accounts: Vec<Account>,
     pub reservations: Vec<Reservation>,
@@ -39,6 +48,8 @@ impl Delta {
     /// while PostgreSQL was unavailable).
     pub fn merge(&mut self, later: Delta) {
         assert!(later.sequence >= self.sequence, "deltas merge in order");
+        // `full` stays as it was: the merged delta replaces the tables if
+        // the earlier one had to.
         let later_accounts: FxHashSet<AccountId> =
             later.accounts.iter().map(|a| a.account_id).collect();
         self.accounts
@@ -78,9 +89,14 @@ pub struct Rows {
 }
 
 impl State {
-    /// Starts tracking changed rows for [`State::take_delta`].
-    pub fn track_changes(&mut self) {
+    /// Starts tracking changed rows for [`State::take_delta`]. `full`: the
+    /// state was not loaded from the snapshot the deltas will update (none
+    /// yet, or unreadable), so the first delta carries every row. Call it on
+    /// the state the tables hold (`full`: on the empty state).
+    pub fn track_changes(&mut self, full: bool) {
         self.dirty.enabled = true;
+        self.dirty.full = full;
+        self.dirty.since = self.last_sequence;
         self.dirty.keys_from = self.idempotency.end();
     }
 
@@ -92,15 +108,21 @@ impl State {
             self.dirty.accounts.insert(id);
         }
         if let Some(key) = reservation {
+            // It may not exist (a rejected Reserve, a fill for a pruned one):
+            // take_delta copies only what does.
             self.dirty.reservations.insert(key);
-            self.dirty.removed.remove(&key);
         }
     }
 
-    pub(super) fn mark_removed(&mut self, key: ReservationKey) {
+    /// A closed reservation left the state. `created` is the sequence of its
+    /// Reserve: one created since the last delta never reached the tables,
+    /// and a full delta replaces them anyway, so neither needs a delete.
+    pub(super) fn mark_removed(&mut self, key: ReservationKey, created: u64) {
         if self.dirty.enabled {
             self.dirty.reservations.remove(&key);
-            self.dirty.removed.insert(key);
+            if !self.dirty.full && created <= self.dirty.since {
+                self.dirty.removed.insert(key);
+            }
         }
     }
 
@@ -111,6 +133,7 @@ impl State {
         let keys_from = dirty.keys_from.max(self.idempotency.base());
         let delta = Delta {
             sequence: self.last_sequence,
+            full: dirty.full,
             timestamp_ms: self.last_timestamp_ms,
             accounts: dirty
                 .accounts
@@ -122,7 +145,12 @@ impl State {
                 .iter()
                 .filter_map(|k| self.reservations.get(k).copied())
                 .collect(),
-            removed_reservations: dirty.removed.into_iter().collect(),
+            // A key pruned then created again is an upsert, not a delete.
+            removed_reservations: dirty
+                .removed
+                .into_iter()
+                .filter(|k| !self.reservations.contains_key(k))
+                .collect(),
             keys: self
                 .idempotency
                 .since(keys_from)
@@ -131,8 +159,7 @@ impl State {
             keys_base: self.idempotency.base(),
             offsets: self.offsets().collect(),
         };
-        self.dirty.enabled = true;
-        self.dirty.keys_from = self.idempotency.end();
+        self.track_changes(false);
         delta
     }
 
@@ -159,12 +186,20 @@ impl State {
                     a.open_reservations += 1;
                 }
             } else {
-                closed.push((r.closed_at_ms, key));
+                // Closing order: by command, then (within one tick) the
+                // expiry order.
+                closed.push((
+                    (r.closed_sequence, r.expires_at_ms.unwrap_or(i64::MIN), key),
+                    r.closed_at_ms,
+                ));
             }
             state.reservations.insert(key, r);
         }
         closed.sort();
-        state.closed = closed.into_iter().collect();
+        state.closed = closed
+            .into_iter()
+            .map(|((_, _, key), at)| (at, key))
+            .collect();
         let mut keys = rows.keys;
         keys.sort_by_key(|(position, _, _)| *position);
         state.idempotency = keys::KeyTable::restore(rows.keys_base, keys);

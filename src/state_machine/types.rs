@@ -159,6 +159,10 @@ pub struct Reservation {
     pub sequence: u64,
     /// Journaled time it left `Open` (0 while open): the idempotency window starts there.
     pub closed_at_ms: i64,
+    /// Sequence of the command that closed it (0 while open). With the
+    /// expiry order within one tick it restores the exact closing order,
+    /// which decides what a tick with a work limit prunes.
+    pub closed_sequence: u64,
 }
 
 impl Reservation {

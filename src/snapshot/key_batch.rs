@@ -1,0 +1,130 @@
+//! Idempotency keys travel to PostgreSQL as one `bytea` per batch of keys
+//! consecutive in recording order, not as one row per key: the keys are only
+//! read back by a restart, never by reports, and a row per request made the
+//! database do as much work as the rest of the snapshot together.
+//!
+//! Entry layout (little endian):
+//! `position u64 | key_len u8 | key | fingerprint u64 | result u8 |
+//!  sequence u64 | asset_len u8 (0: none) | asset | available [16] |
+//!  reserved [16] | released [16] | recorded_at_ms i64`,
+//! decimals in `rust_decimal`'s 16-byte serialization.
+
+use crate::domain::{Asset, Id};
+use crate::state_machine::{IdempotencyEntry, Outcome, ResultCode};
+use rust_decimal::Decimal;
+
+pub type Key = (u64, Id, IdempotencyEntry);
+
+pub fn encode(keys: &[Key], out: &mut Vec<u8>) {
+    out.clear();
+    for (position, key, e) in keys {
+        let o = &e.outcome;
+        out.extend_from_slice(&position.to_le_bytes());
+        out.push(key.as_str().len() as u8);
+        out.extend_from_slice(key.as_str().as_bytes());
+        out.extend_from_slice(&e.fingerprint.to_le_bytes());
+        out.push(o.result as u8);
+        out.extend_from_slice(&o.sequence.to_le_bytes());
+        let asset = o.asset.as_ref().map_or("", |a| a.as_str());
+        out.push(asset.len() as u8);
+        out.extend_from_slice(asset.as_bytes());
+        for d in [o.available, o.reserved, o.released] {
+            out.extend_from_slice(&d.serialize());
+        }
+        out.extend_from_slice(&e.recorded_at_ms.to_le_bytes());
+    }
+}
+
+/// Appends the keys of one batch to `out`; `None` if the bytes are not a
+/// batch this module wrote.
+pub fn decode(mut data: &[u8], out: &mut Vec<Key>) -> Option<()> {
+    fn take<'a>(data: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = data.split_at_checked(n)?;
+        *data = rest;
+        Some(head)
+    }
+    fn u64_le(data: &mut &[u8]) -> Option<u64> {
+        Some(u64::from_le_bytes(take(data, 8)?.try_into().ok()?))
+    }
+    fn decimal(data: &mut &[u8]) -> Option<Decimal> {
+        Some(Decimal::deserialize(take(data, 16)?.try_into().ok()?))
+    }
+    while !data.is_empty() {
+        let position = u64_le(&mut data)?;
+        let len = take(&mut data, 1)?[0] as usize;
+        let key = Id::new_allow_empty(std::str::from_utf8(take(&mut data, len)?).ok()?).ok()?;
+        let fingerprint = u64_le(&mut data)?;
+        let result = ResultCode::from_u8(take(&mut data, 1)?[0])?;
+        let sequence = u64_le(&mut data)?;
+        let len = take(&mut data, 1)?[0] as usize;
+        let asset = match len {
+            0 => None,
+            _ => Some(Asset::from_bytes(take(&mut data, len)?)?),
+        };
+        let outcome = Outcome {
+            result,
+            replayed: false,
+            sequence,
+            asset,
+            available: decimal(&mut data)?,
+            reserved: decimal(&mut data)?,
+            released: decimal(&mut data)?,
+        };
+        let recorded_at_ms = u64_le(&mut data)? as i64;
+        let entry = IdempotencyEntry {
+            fingerprint,
+            outcome,
+            recorded_at_ms,
+        };
+        out.push((position, key, entry));
+    }
+    Some(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(position: u64, name: &str, asset: Option<&str>) -> Key {
+        let entry = IdempotencyEntry {
+            fingerprint: 0xdead_beef_0000_0001 ^ position,
+            outcome: Outcome {
+                result: ResultCode::InsufficientFunds,
+                replayed: false,
+                sequence: 1_000 + position,
+                asset: asset.map(|a| Asset::currency(a).unwrap()),
+                available: Decimal::new(-123_456_789, 4),
+                reserved: Decimal::new(5, 0),
+                released: Decimal::ZERO,
+            },
+            recorded_at_ms: 1_700_000_000_000 + position as i64,
+        };
+        (position, Id::new(name).unwrap(), entry)
+    }
+
+    #[test]
+    fn round_trips_exactly() {
+        let keys = vec![key(7, "req-1", Some("USD")), key(8, &"x".repeat(64), None)];
+        let mut bytes = Vec::new();
+        encode(&keys, &mut bytes);
+        let mut back = Vec::new();
+        decode(&bytes, &mut back).unwrap();
+        assert_eq!(back.len(), 2);
+        for (a, b) in keys.iter().zip(&back) {
+            assert_eq!((a.0, a.1), (b.0, b.1));
+            assert_eq!(a.2.fingerprint, b.2.fingerprint);
+            assert_eq!(a.2.recorded_at_ms, b.2.recorded_at_ms);
+            assert_eq!(a.2.outcome, b.2.outcome);
+        }
+    }
+
+    #[test]
+    fn a_truncated_batch_is_refused() {
+        let mut bytes = Vec::new();
+        encode(&[key(1, "k", Some("EUR"))], &mut bytes);
+        for cut in 0..bytes.len() {
+            let mut back = Vec::new();
+            assert!(decode(&bytes[..cut], &mut back).is_none() || cut == 0);
+        }
+    }
+}
