@@ -52,6 +52,8 @@ pub struct Metrics {
     pub snapshot_seconds: Histogram,
     /// The writer's only snapshot work: copying the changed rows.
     pub snapshot_copy_seconds: Histogram,
+    /// Deltas handed to the snapshotter (at most one waits at a time).
+    pub snapshot_deltas_total: Counter,
     pub snapshot_failures_total: Counter,
     /// Consumers, dead-letter queues and the outbox (zero without Kafka).
     pub kafka: KafkaMetrics,
@@ -81,6 +83,7 @@ impl Metrics {
             snapshot_sequence: Gauge::default(),
             snapshot_seconds: latency_histogram(),
             snapshot_copy_seconds: latency_histogram(),
+            snapshot_deltas_total: Counter::default(),
             snapshot_failures_total: Counter::default(),
             kafka: KafkaMetrics::new(),
             registry: Registry::default(),
@@ -170,6 +173,11 @@ impl Metrics {
             "snapshot_copy_seconds",
             "Time the engine thread spends copying changed rows for a snapshot",
             m.snapshot_copy_seconds.clone(),
+        );
+        registry.register(
+            "snapshot_deltas",
+            "Deltas of changed rows handed to the snapshotter",
+            m.snapshot_deltas_total.clone(),
         );
         registry.register(
             "snapshot_failures",

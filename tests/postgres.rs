@@ -383,3 +383,42 @@ async fn postgres_down_at_start_with_the_whole_wal_replays_it_all() {
     pg.wait_snapshot(now, Duration::from_secs(60)).await;
     engine.stop().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_postgres_is_down_one_delta_waits_and_the_rest_catches_up() {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, metrics) = start(config(dir.path(), Some(&pg))).await;
+    let commands = random_commands(1_500, true);
+    let (head, tail) = commands.split_at(500);
+    run(&engine, head).await;
+    let (at, _) = digest(&engine).await;
+    pg.wait_snapshot(at, Duration::from_secs(30)).await;
+
+    pg.stop_server();
+    let handed = metrics.snapshot_deltas_total.get();
+    // Ten snapshot intervals and more of changes while the database is down.
+    for wave in tail.chunks(100) {
+        run(&engine, wave).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        metrics.snapshot_deltas_total.get() <= handed + 1,
+        "deltas piled up while PostgreSQL was down: {} handed over",
+        metrics.snapshot_deltas_total.get() - handed
+    );
+
+    pg.start_server();
+    let (end, live) = digest(&engine).await;
+    pg.wait_snapshot(end, Duration::from_secs(60)).await;
+    let rows = account_service::snapshot::load(&pg.url())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        State::restore(StateConfig::default(), rows).digest(),
+        live,
+        "the snapshot after the outage holds every change"
+    );
+    engine.stop().unwrap();
+}

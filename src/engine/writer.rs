@@ -211,8 +211,9 @@ impl Writer {
         let sequence = self.state.last_sequence();
         let due = self.last_snapshot.elapsed() >= Duration::from_millis(config.interval_ms)
             || sequence - self.snapshot_offered_at >= config.every_records;
-        // A snapshot never gets ahead of the durable journal.
-        if due && !self.unsynced && sequence > self.snapshot_offered_at {
+        // A snapshot never gets ahead of the durable journal, and never
+        // queues behind another (PostgreSQL slow or down).
+        if due && !self.unsynced && sequence > self.snapshot_offered_at && !snapshotter.is_busy() {
             self.last_snapshot = Instant::now();
             self.snapshot_offered_at = sequence;
             let copying = Instant::now();
@@ -220,6 +221,7 @@ impl Writer {
             self.metrics
                 .snapshot_copy_seconds
                 .observe(copying.elapsed().as_secs_f64());
+            self.metrics.snapshot_deltas_total.inc();
             snapshotter.offer(delta);
         }
         let durable = snapshotter.durable_sequence();

@@ -28,7 +28,7 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 use crate::metrics::Metrics;
 use crate::state_machine::Delta;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,6 +55,10 @@ impl SnapshotConfig {
 /// The engine's side of the snapshotter.
 pub struct Snapshotter {
     deltas: Sender<Delta>,
+    /// A delta is waiting or being written. The engine hands over the next
+    /// one only once this clears: while PostgreSQL is down, changes pile up
+    /// as ids in the dirty sets, not as copies of rows.
+    busy: Arc<AtomicBool>,
     /// Sequence of the newest durable snapshot (0: none yet).
     durable: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -70,20 +74,28 @@ impl Snapshotter {
     ) -> Snapshotter {
         let (deltas, rx) = crossbeam_channel::unbounded();
         let durable = Arc::new(AtomicU64::new(durable_at_start));
-        let thread_durable = durable.clone();
+        let busy = Arc::new(AtomicBool::new(false));
+        let (thread_durable, thread_busy) = (durable.clone(), busy.clone());
         let thread = std::thread::Builder::new()
             .name("snapshotter".into())
-            .spawn(move || run(config, rx, metrics, watermark, thread_durable))
+            .spawn(move || run(config, rx, metrics, watermark, thread_durable, thread_busy))
             .ok();
         Snapshotter {
             deltas,
+            busy,
             durable,
             thread,
         }
     }
 
+    /// Whether the previous delta is still waiting or being written.
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+
     /// Hands a delta over; never blocks.
     pub fn offer(&self, delta: Delta) {
+        self.busy.store(true, Ordering::Release);
         let _ = self.deltas.send(delta);
     }
 
@@ -109,6 +121,7 @@ fn run(
     metrics: Arc<Metrics>,
     watermark: Option<Arc<AtomicU64>>,
     durable: Arc<AtomicU64>,
+    busy: Arc<AtomicBool>,
 ) {
     background_priority();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -155,6 +168,7 @@ fn run(
                             .observe(started.elapsed().as_secs_f64());
                         last_success = Instant::now();
                         pending = None;
+                        busy.store(false, Ordering::Release);
                         backoff = Duration::from_millis(100);
                     }
                     Err(e) => {
