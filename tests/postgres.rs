@@ -422,3 +422,45 @@ async fn while_postgres_is_down_one_delta_waits_and_the_rest_catches_up() {
     );
     engine.stop().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_kafka_a_snapshot_waits_for_the_outbox_watermark() {
+    use account_service::egress::OutboxSink;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, batches) = crossbeam_channel::unbounded();
+    let watermark = std::sync::Arc::new(AtomicU64::new(0));
+    let mut c = config(dir.path(), Some(&pg));
+    c.outbox = Some(OutboxSink::new(tx, watermark.clone()));
+    let (engine, _) = start(c).await;
+    run(&engine, &random_commands(300, true)).await;
+    // Let the expiry ticks the commands call for happen first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (at, _) = digest(&engine).await;
+
+    // Nothing published yet: a snapshot past the watermark would leave events
+    // that a restart could no longer derive.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(
+        pg.snapshot_sequence().await,
+        0,
+        "committed ahead of the outbox"
+    );
+
+    // The publisher catches up: the snapshot follows.
+    while batches.try_recv().is_ok() {}
+    watermark.store(at, Ordering::Release);
+    assert_eq!(pg.wait_snapshot(at, Duration::from_secs(30)).await, at);
+    let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let published: Option<i64> = client
+        .query_one("SELECT outbox_watermark FROM snapshot_meta", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(published, Some(at as i64));
+    engine.stop().unwrap();
+}

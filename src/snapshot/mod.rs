@@ -159,7 +159,8 @@ fn run(
                 .is_some_and(|w| w.load(Ordering::Acquire) < delta.sequence);
             if !gated {
                 let started = Instant::now();
-                match runtime.block_on(store::write(&config.url, &mut client, delta)) {
+                let published = watermark.as_ref().map(|w| w.load(Ordering::Acquire));
+                match runtime.block_on(store::write(&config.url, &mut client, delta, published)) {
                     Ok(()) => {
                         durable.store(delta.sequence, Ordering::Release);
                         metrics.snapshot_sequence.set(delta.sequence as i64);

@@ -54,5 +54,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
         sequence bigint NOT NULL,
         timestamp_ms bigint NOT NULL,
         keys_base bigint NOT NULL,
+        -- Account events are published to Kafka up to here (NULL: Kafka off).
+        outbox_watermark bigint,
         written_at timestamptz NOT NULL DEFAULT now());",
 )];

@@ -94,10 +94,13 @@ async fn paced<T>(
 }
 
 /// Writes one delta and the new `snapshot_meta` in one transaction.
+/// `outbox_watermark`: the sequence up to which account events are published
+/// (Kafka on), recorded for the read model.
 pub async fn write(
     url: &str,
     client: &mut Option<Client>,
     delta: &Delta,
+    outbox_watermark: Option<u64>,
 ) -> Result<(), SnapshotError> {
     if client.as_ref().is_none_or(|c| c.is_closed()) {
         *client = Some(connect(url).await?);
@@ -138,9 +141,15 @@ pub async fn write(
         .await?;
     }
     tx.execute(
-        "INSERT INTO snapshot_meta (id, sequence, timestamp_ms, keys_base) VALUES (1, $1, $2, $3)
-         ON CONFLICT (id) DO UPDATE SET sequence = $1, timestamp_ms = $2, keys_base = $3, written_at = now()",
-        &[&(delta.sequence as i64), &delta.timestamp_ms, &(delta.keys_base as i64)],
+        "INSERT INTO snapshot_meta (id, sequence, timestamp_ms, keys_base, outbox_watermark) VALUES (1, $1, $2, $3, $4)
+         ON CONFLICT (id) DO UPDATE
+            SET sequence = $1, timestamp_ms = $2, keys_base = $3, outbox_watermark = $4, written_at = now()",
+        &[
+            &(delta.sequence as i64),
+            &delta.timestamp_ms,
+            &(delta.keys_base as i64),
+            &outbox_watermark.map(|w| w as i64),
+        ],
     )
     .await?;
     tx.commit().await?;
