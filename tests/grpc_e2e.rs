@@ -158,55 +158,14 @@ async fn kill9_loses_no_acknowledged_write_and_retries_replay() {
 
     // 16 concurrent clients reserve in a loop; kill -9 once 500 are
     // acknowledged, with more in flight.
-    let channel = server.channel().await;
-    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for worker in 0..16 {
-        let mut client = pb::account_service_client::AccountServiceClient::new(channel.clone());
-        let acked = acked.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut done = Vec::new();
-            for n in 0.. {
-                let i = worker * 1_000_000 + n;
-                match client
-                    .reserve(reserve(&format!("req-{i}"), 1, &format!("ord-{i}"), "1.5"))
-                    .await
-                {
-                    Ok(reply) => {
-                        let reply = reply.into_inner();
-                        assert_eq!(reply.result, pb::Result::Ok as i32);
-                        done.push((i, reply.sequence));
-                        acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Err(_) => return done,
-                }
-            }
-            done
-        }));
-    }
-    while acked.load(std::sync::atomic::Ordering::Relaxed) < 500 {
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
-    server.kill9();
-    let mut acknowledged = Vec::new();
-    for t in tasks {
-        acknowledged.extend(t.await.unwrap());
-    }
-    assert!(acknowledged.len() >= 500);
+    let acknowledged = common::server::reserve_until_kill9(&mut server, 16, 500, |i| {
+        reserve(&format!("req-{i}"), 1, &format!("ord-{i}"), "1.5")
+    })
+    .await;
 
     let server = Server::start(dir.path(), &[]).await;
     let mut accounts = server.accounts().await;
-    for &(i, sequence) in &acknowledged {
-        let res = accounts
-            .get_reservation(pb::GetReservationRequest {
-                account_id: 1,
-                order_id: format!("ord-{i}"),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("acknowledged ord-{i} lost: {e}"))
-            .into_inner();
-        assert_eq!(res.sequence, sequence);
-    }
+    common::server::assert_reservations_survived(&mut accounts, &acknowledged).await;
     // A retry of an acknowledged request answers the original, marked replayed.
     let (i, sequence) = acknowledged[acknowledged.len() / 2];
     let retry = accounts

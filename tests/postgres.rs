@@ -49,20 +49,7 @@ async fn digest(engine: &Engine) -> (u64, u64) {
 }
 
 async fn run(engine: &Engine, commands: &[Command]) {
-    for wave in commands.chunks(200) {
-        let pending: Vec<_> = wave
-            .iter()
-            .map(|c| {
-                engine
-                    .handle()
-                    .submit(RequestKind::Command(*c, Want::Nothing))
-                    .unwrap()
-            })
-            .collect();
-        for p in pending {
-            p.await.unwrap();
-        }
-    }
+    common::submit_in_waves(engine, commands, 200).await;
 }
 
 fn random_commands(n: usize, seed_accounts: bool) -> Vec<Command> {
@@ -239,53 +226,16 @@ async fn kill9_during_snapshot_writes_restarts_correctly() {
     ];
     let mut server = Server::start(dir.path(), &args).await;
     fund(&server).await;
-    let channel = server.channel().await;
-    let acked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for worker in 0..8 {
-        let mut client = pb::account_service_client::AccountServiceClient::new(channel.clone());
-        let acked = acked.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut done = Vec::new();
-            for n in 0.. {
-                let i = worker * 1_000_000 + n;
-                match client.reserve(reserve(i)).await {
-                    Ok(r) => {
-                        done.push((i, r.into_inner().sequence));
-                        acked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Err(_) => return done,
-                }
-            }
-            done
-        }));
-    }
-    while acked.load(std::sync::atomic::Ordering::Relaxed) < 1_500 {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let acknowledged = common::server::reserve_until_kill9(&mut server, 8, 1_500, reserve).await;
     assert!(
         pg.snapshot_sequence().await > 0,
-        "snapshots were being written"
+        "snapshots were being written when the server was killed"
     );
-    server.kill9();
-    let mut acknowledged = Vec::new();
-    for t in tasks {
-        acknowledged.extend(t.await.unwrap());
-    }
 
     let server = Server::start(dir.path(), &args).await;
     let mut accounts = server.accounts().await;
-    for &(i, sequence) in acknowledged.iter().step_by(7) {
-        let r = accounts
-            .get_reservation(pb::GetReservationRequest {
-                account_id: 1,
-                order_id: format!("ord-{i}"),
-            })
-            .await
-            .unwrap_or_else(|e| panic!("acknowledged ord-{i} lost: {e}"))
-            .into_inner();
-        assert_eq!(r.sequence, sequence);
-    }
+    common::server::assert_reservations_survived(&mut accounts, acknowledged.iter().step_by(7))
+        .await;
     let (i, sequence) = acknowledged[acknowledged.len() / 2];
     let retry = accounts.reserve(reserve(i)).await.unwrap().into_inner();
     assert!(retry.replayed && retry.sequence == sequence);

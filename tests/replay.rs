@@ -68,21 +68,7 @@ async fn restart_rebuilds_the_same_state() {
 
     let engine = Engine::start(config(dir.path()), Metrics::new()).unwrap();
     serving(&engine).await;
-    // Submit in waves so batches form (group commit) while the queue stays bounded.
-    for wave in commands.chunks(500) {
-        let pending: Vec<_> = wave
-            .iter()
-            .map(|c| {
-                engine
-                    .handle()
-                    .submit(RequestKind::Command(*c, Want::Nothing))
-                    .unwrap()
-            })
-            .collect();
-        for p in pending {
-            p.await.unwrap();
-        }
-    }
+    common::submit_in_waves(&engine, &commands, 500).await;
     let before = snapshot(&engine).await;
     assert!(before.0 >= commands.len() as u64, "every command journaled");
     engine.stop().unwrap();

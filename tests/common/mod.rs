@@ -190,3 +190,27 @@ pub fn fill(
         source: None,
     })
 }
+
+/// Submits `commands` to the engine in waves of `wave` (batches form, group
+/// commit, while the queue stays bounded) and waits for every reply.
+pub async fn submit_in_waves(
+    engine: &account_service::engine::Engine,
+    commands: &[Command],
+    wave: usize,
+) {
+    use account_service::engine::{RequestKind, Want};
+    for chunk in commands.chunks(wave) {
+        let pending: Vec<_> = chunk
+            .iter()
+            .map(|c| {
+                engine
+                    .handle()
+                    .submit(RequestKind::Command(*c, Want::Nothing))
+                    .unwrap()
+            })
+            .collect();
+        for p in pending {
+            p.await.unwrap();
+        }
+    }
+}

@@ -1,6 +1,7 @@
 //! Runs the real `account-service` binary on free loopback ports, and kills it
 //! when dropped (also when the test panics).
 
+use account_service::proto::account::v1 as pb;
 use account_service::proto::account::v1::account_service_client::AccountServiceClient;
 use account_service::proto::account::v1::admin_service_client::AdminServiceClient;
 use std::net::TcpListener;
@@ -137,5 +138,69 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Reserves `ord-{i}` (built by `request(i)`) from `workers` concurrent
+/// clients, kills the server with SIGKILL once `at_least` were acknowledged,
+/// and returns every acknowledged `(i, sequence)`; calls still in flight fail.
+pub async fn reserve_until_kill9(
+    server: &mut Server,
+    workers: usize,
+    at_least: usize,
+    request: fn(usize) -> pb::ReserveRequest,
+) -> Vec<(usize, u64)> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let channel = server.channel().await;
+    let acked = std::sync::Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for worker in 0..workers {
+        let mut client = AccountServiceClient::new(channel.clone());
+        let acked = acked.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = Vec::new();
+            for n in 0.. {
+                let i = worker * 1_000_000 + n;
+                match client.reserve(request(i)).await {
+                    Ok(reply) => {
+                        let reply = reply.into_inner();
+                        assert_eq!(reply.result, pb::Result::Ok as i32);
+                        done.push((i, reply.sequence));
+                        acked.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => return done,
+                }
+            }
+            done
+        }));
+    }
+    while acked.load(Ordering::Relaxed) < at_least {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    server.kill9();
+    let mut acknowledged = Vec::new();
+    for t in tasks {
+        acknowledged.extend(t.await.unwrap());
+    }
+    assert!(acknowledged.len() >= at_least);
+    acknowledged
+}
+
+/// Asserts that each acknowledged `(i, sequence)` reservation `ord-{i}` of
+/// account 1 exists with the sequence it was acknowledged with.
+pub async fn assert_reservations_survived<'a>(
+    accounts: &mut AccountServiceClient<Channel>,
+    acknowledged: impl IntoIterator<Item = &'a (usize, u64)>,
+) {
+    for &(i, sequence) in acknowledged {
+        let r = accounts
+            .get_reservation(pb::GetReservationRequest {
+                account_id: 1,
+                order_id: format!("ord-{i}"),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged ord-{i} lost: {e}"))
+            .into_inner();
+        assert_eq!(r.sequence, sequence, "ord-{i}");
     }
 }
