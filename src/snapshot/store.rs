@@ -6,6 +6,7 @@ use crate::state_machine::{
     Account, CashBalance, Delta, IdempotencyEntry, Position, Reservation, ReservationKey,
     ReservationState, Rows,
 };
+use futures_util::TryStreamExt;
 use rust_decimal::Decimal;
 use std::collections::HashMap;
 use tokio_postgres::{Client, NoTls};
@@ -333,11 +334,25 @@ fn id(s: &str) -> Result<Id, SnapshotError> {
     Id::new_allow_empty(s).map_err(|_| SnapshotError::Row("id"))
 }
 
-/// Loads the newest snapshot; `None` when there is none yet.
+fn params<'a>(
+    p: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
+) -> impl ExactSizeIterator<Item = &'a (dyn tokio_postgres::types::ToSql + Sync)> {
+    p.iter().copied()
+}
+
+/// Loads the newest snapshot; `None` when there is none yet. Rows stream in
+/// (no whole table buffered as rows).
 pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
     let started = std::time::Instant::now();
-    let client = connect(url).await?;
-    let Some(meta) = client
+    let mut client = connect(url).await?;
+    // One consistent view of all tables, whatever else reads or writes them.
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let Some(meta) = tx
         .query_opt(
             "SELECT sequence, timestamp_ms, keys_base FROM snapshot_meta WHERE id = 1",
             &[],
@@ -353,35 +368,37 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
         ..Rows::default()
     };
     let mut accounts: HashMap<i64, Account> = HashMap::new();
-    for r in client
-        .query(
+    let mut stream = std::pin::pin!(
+        tx.query_raw(
             "SELECT account_id, status, base_currency, overdrawn FROM accounts",
-            &[],
+            params(&[])
         )
         .await?
-    {
+    );
+    while let Some(r) = stream.try_next().await? {
         let account_id = AccountId(r.get(0));
         let mut a = Account::new(account_id, asset(r.get(2))?);
         a.status = status(r.get(1))?;
         a.overdrawn = r.get(3);
         accounts.insert(account_id.0, a);
     }
-    for r in client
-        .query("SELECT account_id, currency, available, reserved FROM cash_balances ORDER BY account_id, currency", &[])
-        .await?
-    {
-        let a = accounts.get_mut(&r.get::<_, i64>(0)).ok_or(SnapshotError::Row("cash account"))?;
-        a.cash.push(CashBalance { currency: asset(r.get(1))?, available: r.get(2), reserved: r.get(3) });
+    let mut stream = std::pin::pin!(tx.query_raw("SELECT account_id, currency, available, reserved FROM cash_balances ORDER BY account_id, currency", params(&[])).await?);
+    while let Some(r) = stream.try_next().await? {
+        let a = accounts
+            .get_mut(&r.get::<_, i64>(0))
+            .ok_or(SnapshotError::Row("cash account"))?;
+        a.cash.push(CashBalance {
+            currency: asset(r.get(1))?,
+            available: r.get(2),
+            reserved: r.get(3),
+        });
     }
-    for r in client
-        .query(
-            "SELECT account_id, symbol, quantity, reserved_quantity, cost_basis, realized_pnl, currency FROM positions
-             ORDER BY account_id, symbol",
-            &[],
-        )
-        .await?
-    {
-        let a = accounts.get_mut(&r.get::<_, i64>(0)).ok_or(SnapshotError::Row("position account"))?;
+    let mut stream = std::pin::pin!(tx.query_raw("SELECT account_id, symbol, quantity, reserved_quantity, cost_basis, realized_pnl, currency FROM positions
+             ORDER BY account_id, symbol", params(&[])).await?);
+    while let Some(r) = stream.try_next().await? {
+        let a = accounts
+            .get_mut(&r.get::<_, i64>(0))
+            .ok_or(SnapshotError::Row("position account"))?;
         a.positions.push(Position {
             symbol: asset(r.get(1))?,
             quantity: r.get(2),
@@ -396,23 +413,23 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "snapshot accounts read"
     );
-    for r in client
-        .query(
-            "SELECT account_id, order_id, kind, asset, amount, remaining, consumed, released, state, expires_at_ms,
-                    sequence, closed_at_ms, closed_sequence FROM reservations",
-            &[],
-        )
-        .await?
-    {
+    let mut stream = std::pin::pin!(tx.query_raw("SELECT account_id, order_id, kind, asset, amount, remaining, consumed, released, state, expires_at_ms,
+                    sequence, closed_at_ms, closed_sequence FROM reservations", params(&[])).await?);
+    while let Some(r) = stream.try_next().await? {
         let kind = match r.get::<_, &str>(2) {
             "CASH" => ReservationKind::Cash,
             "SECURITY" => ReservationKind::Security,
             _ => return Err(SnapshotError::Row("kind")),
         };
-        let state = [ReservationState::Open, ReservationState::Consumed, ReservationState::Released, ReservationState::Expired]
-            .into_iter()
-            .find(|s| s.name() == r.get::<_, &str>(8))
-            .ok_or(SnapshotError::Row("state"))?;
+        let state = [
+            ReservationState::Open,
+            ReservationState::Consumed,
+            ReservationState::Released,
+            ReservationState::Expired,
+        ]
+        .into_iter()
+        .find(|s| s.name() == r.get::<_, &str>(8))
+        .ok_or(SnapshotError::Row("state"))?;
         let expires: i64 = r.get(9);
         rows.reservations.push(Reservation {
             account_id: AccountId(r.get(0)),
@@ -435,14 +452,10 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
         "snapshot reservations read"
     );
     let mut keys = Vec::new();
-    for r in client
-        .query(
-            "SELECT keys FROM idempotency_key_batches WHERE last_position >= $1 ORDER BY first_position",
-            &[&(rows.keys_base as i64)],
-        )
-        .await?
-    {
-        super::key_batch::decode(r.get(0), &mut keys).ok_or(SnapshotError::Row("idempotency key batch"))?;
+    let mut stream = std::pin::pin!(tx.query_raw("SELECT keys FROM idempotency_key_batches WHERE last_position >= $1 ORDER BY first_position", params(&[&(rows.keys_base as i64)])).await?);
+    while let Some(r) = stream.try_next().await? {
+        super::key_batch::decode(r.get(0), &mut keys)
+            .ok_or(SnapshotError::Row("idempotency key batch"))?;
     }
     // Batches re-sent after a full replay may overlap: positions are
     // deterministic, so the copies are equal.
@@ -463,13 +476,14 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "snapshot keys read"
     );
-    for r in client
-        .query(
+    let mut stream = std::pin::pin!(
+        tx.query_raw(
             "SELECT topic, partition, \"offset\" FROM kafka_offsets",
-            &[],
+            params(&[])
         )
         .await?
-    {
+    );
+    while let Some(r) = stream.try_next().await? {
         let topic = Topic::from_u8(r.get::<_, i16>(0) as u8).ok_or(SnapshotError::Row("topic"))?;
         rows.offsets.push((topic, r.get(1), r.get(2)));
     }
