@@ -97,6 +97,23 @@ async fn snapshot_equals_the_state_and_restart_from_it_equals_a_full_replay() {
         live,
         "snapshot contents equal the engine state"
     );
+    // Field for field, lists in the same order (the API returns them so).
+    for id in 1..=common::strategies::ACCOUNTS {
+        let id = AccountId(id);
+        let reply = engine
+            .handle()
+            .call(RequestKind::Query(Query::Account(id)))
+            .await
+            .unwrap();
+        let Reply::Account(live) = reply else {
+            panic!("{reply:?}")
+        };
+        assert_eq!(
+            restored.account(id),
+            live.as_ref().map(|(a, _)| &**a),
+            "account {id:?}"
+        );
+    }
 
     // A WAL tail after the snapshot, then restarts both ways.
     run(&engine, tail).await;

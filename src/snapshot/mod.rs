@@ -175,7 +175,11 @@ fn run(
                     Err(e) => {
                         client = None;
                         metrics.snapshot_failures_total.inc();
-                        tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "snapshot failed; retrying (the WAL keeps everything meanwhile)");
+                        tracing::warn!(
+                            error = %e,
+                            retry_ms = backoff.as_millis() as u64,
+                            "snapshot failed; retrying (the WAL keeps everything meanwhile)"
+                        );
                         std::thread::sleep(backoff);
                         backoff = (backoff * 2).min(BACKOFF_MAX);
                     }

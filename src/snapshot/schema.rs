@@ -13,6 +13,8 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
         currency text NOT NULL,
         available numeric NOT NULL,
         reserved numeric NOT NULL,
+        -- Position in the account's list (the API lists balances in this order).
+        ordinal smallint NOT NULL,
         PRIMARY KEY (account_id, currency));
      CREATE TABLE positions (
         account_id bigint NOT NULL,
@@ -22,6 +24,7 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
         cost_basis numeric NOT NULL,
         realized_pnl numeric NOT NULL,
         currency text NOT NULL,
+        ordinal smallint NOT NULL,
         PRIMARY KEY (account_id, symbol));
      CREATE TABLE reservations (
         account_id bigint NOT NULL,

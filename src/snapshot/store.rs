@@ -201,15 +201,19 @@ async fn write_accounts(
         .iter()
         .flat_map(|a| a.cash.iter().map(move |b| (a.account_id.0, b)))
         .collect();
+    let cash_ordinals: Vec<i16> = accounts
+        .iter()
+        .flat_map(|a| (0..a.cash.len()).map(|i| i as i16))
+        .collect();
     if !cash.is_empty() {
         let owners: Vec<i64> = cash.iter().map(|(id, _)| *id).collect();
         let currencies: Vec<&str> = cash.iter().map(|(_, b)| b.currency.as_str()).collect();
         let available: Vec<Decimal> = cash.iter().map(|(_, b)| b.available).collect();
         let reserved: Vec<Decimal> = cash.iter().map(|(_, b)| b.reserved).collect();
         tx.execute(
-            "INSERT INTO cash_balances (account_id, currency, available, reserved)
-             SELECT * FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::numeric[])",
-            &[&owners, &currencies, &available, &reserved],
+            "INSERT INTO cash_balances (account_id, currency, available, reserved, ordinal)
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::numeric[], $5::int2[])",
+            &[&owners, &currencies, &available, &reserved, &cash_ordinals],
         )
         .await?;
     }
@@ -217,6 +221,10 @@ async fn write_accounts(
     let positions: Vec<(i64, &Position)> = accounts
         .iter()
         .flat_map(|a| a.positions.iter().map(move |p| (a.account_id.0, p)))
+        .collect();
+    let position_ordinals: Vec<i16> = accounts
+        .iter()
+        .flat_map(|a| (0..a.positions.len()).map(|i| i as i16))
         .collect();
     if !positions.is_empty() {
         let col = |f: fn(&Position) -> Decimal| -> Vec<Decimal> {
@@ -226,9 +234,10 @@ async fn write_accounts(
         let symbols: Vec<&str> = positions.iter().map(|(_, p)| p.symbol.as_str()).collect();
         let currencies: Vec<&str> = positions.iter().map(|(_, p)| p.currency.as_str()).collect();
         tx.execute(
-            "INSERT INTO positions (account_id, symbol, quantity, reserved_quantity, cost_basis, realized_pnl, currency)
+            "INSERT INTO positions (account_id, symbol, quantity, reserved_quantity, cost_basis, realized_pnl, currency,
+                                    ordinal)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::numeric[], $5::numeric[],
-                                  $6::numeric[], $7::text[])",
+                                  $6::numeric[], $7::text[], $8::int2[])",
             &[
                 &owners,
                 &symbols,
@@ -237,6 +246,7 @@ async fn write_accounts(
                 &col(|p| p.cost_basis),
                 &col(|p| p.realized_pnl),
                 &currencies,
+                &position_ordinals,
             ],
         )
         .await?;
@@ -334,10 +344,13 @@ fn id(s: &str) -> Result<Id, SnapshotError> {
     Id::new_allow_empty(s).map_err(|_| SnapshotError::Row("id"))
 }
 
-fn params<'a>(
-    p: &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)],
-) -> impl ExactSizeIterator<Item = &'a (dyn tokio_postgres::types::ToSql + Sync)> {
-    p.iter().copied()
+/// The rows of one query as a stream (no whole table buffered).
+async fn rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<std::pin::Pin<Box<tokio_postgres::RowStream>>, SnapshotError> {
+    Ok(Box::pin(tx.query_raw(sql, params.iter().copied()).await?))
 }
 
 /// Loads the newest snapshot; `None` when there is none yet. Rows stream in
@@ -361,20 +374,19 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
     else {
         return Ok(None);
     };
-    let mut rows = Rows {
+    let mut loaded = Rows {
         sequence: meta.get::<_, i64>(0) as u64,
         timestamp_ms: meta.get(1),
         keys_base: meta.get::<_, i64>(2) as u64,
         ..Rows::default()
     };
     let mut accounts: HashMap<i64, Account> = HashMap::new();
-    let mut stream = std::pin::pin!(
-        tx.query_raw(
-            "SELECT account_id, status, base_currency, overdrawn FROM accounts",
-            params(&[])
-        )
-        .await?
-    );
+    let mut stream = rows(
+        &tx,
+        "SELECT account_id, status, base_currency, overdrawn FROM accounts",
+        &[],
+    )
+    .await?;
     while let Some(r) = stream.try_next().await? {
         let account_id = AccountId(r.get(0));
         let mut a = Account::new(account_id, asset(r.get(2))?);
@@ -382,7 +394,9 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
         a.overdrawn = r.get(3);
         accounts.insert(account_id.0, a);
     }
-    let mut stream = std::pin::pin!(tx.query_raw("SELECT account_id, currency, available, reserved FROM cash_balances ORDER BY account_id, currency", params(&[])).await?);
+    const CASH: &str =
+        "SELECT account_id, currency, available, reserved FROM cash_balances ORDER BY account_id, ordinal";
+    let mut stream = rows(&tx, CASH, &[]).await?;
     while let Some(r) = stream.try_next().await? {
         let a = accounts
             .get_mut(&r.get::<_, i64>(0))
@@ -393,8 +407,10 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
             reserved: r.get(3),
         });
     }
-    let mut stream = std::pin::pin!(tx.query_raw("SELECT account_id, symbol, quantity, reserved_quantity, cost_basis, realized_pnl, currency FROM positions
-             ORDER BY account_id, symbol", params(&[])).await?);
+    const POSITIONS: &str =
+        "SELECT account_id, symbol, quantity, reserved_quantity, cost_basis, realized_pnl,
+                                    currency FROM positions ORDER BY account_id, ordinal";
+    let mut stream = rows(&tx, POSITIONS, &[]).await?;
     while let Some(r) = stream.try_next().await? {
         let a = accounts
             .get_mut(&r.get::<_, i64>(0))
@@ -408,13 +424,15 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
             currency: asset(r.get(6))?,
         });
     }
-    rows.accounts = accounts.into_values().collect();
+    loaded.accounts = accounts.into_values().collect();
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "snapshot accounts read"
     );
-    let mut stream = std::pin::pin!(tx.query_raw("SELECT account_id, order_id, kind, asset, amount, remaining, consumed, released, state, expires_at_ms,
-                    sequence, closed_at_ms, closed_sequence FROM reservations", params(&[])).await?);
+    const RESERVATIONS: &str =
+        "SELECT account_id, order_id, kind, asset, amount, remaining, consumed, released, state, expires_at_ms,
+                sequence, closed_at_ms, closed_sequence FROM reservations";
+    let mut stream = rows(&tx, RESERVATIONS, &[]).await?;
     while let Some(r) = stream.try_next().await? {
         let kind = match r.get::<_, &str>(2) {
             "CASH" => ReservationKind::Cash,
@@ -431,7 +449,7 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
         .find(|s| s.name() == r.get::<_, &str>(8))
         .ok_or(SnapshotError::Row("state"))?;
         let expires: i64 = r.get(9);
-        rows.reservations.push(Reservation {
+        loaded.reservations.push(Reservation {
             account_id: AccountId(r.get(0)),
             order_id: id(r.get(1))?,
             kind,
@@ -452,40 +470,41 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
         "snapshot reservations read"
     );
     let mut keys = Vec::new();
-    let mut stream = std::pin::pin!(tx.query_raw("SELECT keys FROM idempotency_key_batches WHERE last_position >= $1 ORDER BY first_position", params(&[&(rows.keys_base as i64)])).await?);
+    const KEYS: &str =
+        "SELECT keys FROM idempotency_key_batches WHERE last_position >= $1 ORDER BY first_position";
+    let mut stream = rows(&tx, KEYS, &[&(loaded.keys_base as i64)]).await?;
     while let Some(r) = stream.try_next().await? {
         super::key_batch::decode(r.get(0), &mut keys)
             .ok_or(SnapshotError::Row("idempotency key batch"))?;
     }
     // Batches re-sent after a full replay may overlap: positions are
     // deterministic, so the copies are equal.
-    keys.retain(|(position, _, _)| *position >= rows.keys_base);
+    keys.retain(|(position, _, _)| *position >= loaded.keys_base);
     keys.sort_by_key(|(position, _, _)| *position);
     keys.dedup_by_key(|(position, _, _)| *position);
     let contiguous = keys
         .iter()
         .enumerate()
-        .all(|(i, (position, _, _))| *position == rows.keys_base + i as u64);
+        .all(|(i, (position, _, _))| *position == loaded.keys_base + i as u64);
     if !contiguous {
         return Err(SnapshotError::Row(
             "idempotency key positions (not contiguous)",
         ));
     }
-    rows.keys = keys;
+    loaded.keys = keys;
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "snapshot keys read"
     );
-    let mut stream = std::pin::pin!(
-        tx.query_raw(
-            "SELECT topic, partition, \"offset\" FROM kafka_offsets",
-            params(&[])
-        )
-        .await?
-    );
+    let mut stream = rows(
+        &tx,
+        "SELECT topic, partition, \"offset\" FROM kafka_offsets",
+        &[],
+    )
+    .await?;
     while let Some(r) = stream.try_next().await? {
         let topic = Topic::from_u8(r.get::<_, i16>(0) as u8).ok_or(SnapshotError::Row("topic"))?;
-        rows.offsets.push((topic, r.get(1), r.get(2)));
+        loaded.offsets.push((topic, r.get(1), r.get(2)));
     }
-    Ok(Some(rows))
+    Ok(Some(loaded))
 }
