@@ -241,12 +241,53 @@ async fn deposits_and_fills_move_balances_and_publish_account_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_mid_stream_of_10000_fills_applies_each_exactly_once() {
+    kill9_mid_stream(None).await;
+}
+
+/// The production configuration: Kafka, PostgreSQL snapshots every 50 ms and
+/// 1 MiB WAL segments, so snapshots, the outbox gate and WAL retention all
+/// run while the process is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_mid_stream_with_postgres_snapshots_applies_each_fill_exactly_once() {
+    let pg = common::postgres::Postgres::start();
+    kill9_mid_stream(Some(&pg)).await;
+    let at = pg.snapshot_sequence().await;
+    assert!(at > 0, "snapshots were written");
+    let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let published: Option<i64> = client
+        .query_one("SELECT outbox_watermark FROM snapshot_meta", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        published.is_some_and(|w| w as u64 >= at),
+        "a snapshot ahead of the outbox: {published:?} < {at}"
+    );
+}
+
+async fn kill9_mid_stream(pg: Option<&common::postgres::Postgres>) {
     const FILLS_TOTAL: usize = 10_000;
     const ACCOUNTS: i64 = 20;
     let broker = Broker::start();
     broker.create_service_topics(3).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut server = start(&broker, dir.path()).await;
+    let bootstrap = broker.bootstrap();
+    let url = pg.map(|pg| pg.url()).unwrap_or_default();
+    let mut args = vec!["--kafka-brokers", bootstrap.as_str()];
+    if pg.is_some() {
+        args.extend([
+            "--postgres-url",
+            url.as_str(),
+            "--snapshot-interval-ms",
+            "50",
+            "--wal-segment-mib",
+            "1",
+        ]);
+    }
+    let mut server = Server::start(dir.path(), &args).await;
     open_accounts(&server, 1..=ACCOUNTS).await;
 
     // Expected totals per account: quantity and cost (BUYs only: cost basis is
@@ -284,7 +325,7 @@ async fn kill9_mid_stream_of_10000_fills_applies_each_exactly_once() {
     )
     .await;
     server.kill9();
-    let server = start(&broker, dir.path()).await;
+    let server = Server::start(dir.path(), &args).await;
     producing.await.unwrap();
 
     eventually(Duration::from_secs(120), "every fill applied", || async {
@@ -327,6 +368,16 @@ async fn kill9_mid_stream_of_10000_fills_applies_each_exactly_once() {
         by_id.len(),
         events.len() - by_id.len()
     );
+    if pg.is_some() {
+        // Retention: the first segment is covered by a snapshot and published.
+        let first = dir.path().join("wal").join(format!("{:020}.wal", 1));
+        eventually(
+            Duration::from_secs(30),
+            "the first WAL segment deleted",
+            || async { !first.exists() },
+        )
+        .await;
+    }
 }
 
 /// Joins futures without pulling in the futures crate.
