@@ -3,7 +3,8 @@
 # user when root), and stops and removes it on exit. Installs Debian's
 # postgresql-15 when missing. PG_OPTS: more server options ("-c fsync=off");
 # PG_SCHED: chrt arguments for the server ("--idle 0": it only gets CPU the
-# rest of the machine leaves, like a database on its own host).
+# rest of the machine leaves); PG_CPUS: taskset CPU list for the server;
+# PG_TMPDIR: where its data directory goes (/dev/shm: no disk at all).
 pg_bin=/usr/lib/postgresql/15/bin
 if [ ! -x $pg_bin/initdb ]; then
     apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15
