@@ -155,10 +155,7 @@ impl Collector {
         };
         let outcome = state.apply(command, sequence, timestamp_ms, &mut sink);
         let emitted = self.records.len() - before;
-        if let Some(reason) = dead_letter_reason(command, &outcome, emitted) {
-            let source = command
-                .source()
-                .expect("only Kafka commands are dead-lettered");
+        if let Some((source, reason)) = dead_letter_reason(command, &outcome, emitted) {
             self.records.push(OutboxRecord {
                 sequence,
                 timestamp_ms,
@@ -208,15 +205,15 @@ pub fn dead_letter_reason(
     command: &Command,
     outcome: &Outcome,
     emitted: usize,
-) -> Option<DlqReason> {
+) -> Option<(Source, DlqReason)> {
     if outcome.replayed {
         return None;
     }
     match command {
-        Command::DeadLetter(c) => Some(DlqReason::Edge(c.reason)),
-        _ if command.source().is_some() && !outcome.result.is_ok() && emitted == 0 => {
-            Some(DlqReason::Rejected(outcome.result))
-        }
+        Command::DeadLetter(c) => Some((c.source, DlqReason::Edge(c.reason))),
+        _ if !outcome.result.is_ok() && emitted == 0 => command
+            .source()
+            .map(|source| (source, DlqReason::Rejected(outcome.result))),
         _ => None,
     }
 }

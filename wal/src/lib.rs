@@ -201,19 +201,17 @@ impl Wal {
             });
         }
         let needed = format::record_len(payload.len());
-        let fits = self.active.as_ref().is_some_and(|a| a.room() >= needed);
-        if !fits
-            || self
-                .active
-                .as_ref()
-                .is_some_and(|a| a.meta.last_sequence + 1 != sequence)
-        {
-            self.roll(sequence)?;
-        }
-        let active = self.active.as_mut().expect("roll leaves an active segment");
+        let continues = self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.room() >= needed && a.meta.last_sequence + 1 == sequence);
+        let active = match self.active.as_mut() {
+            Some(active) if continues => active,
+            _ => self.roll(sequence)?,
+        };
         active.append(sequence, payload);
-        self.last_sequence = sequence;
         debug_assert_eq!(active.meta.last_sequence, sequence);
+        self.last_sequence = sequence;
         Ok(())
     }
 
@@ -303,7 +301,7 @@ impl Wal {
     }
 
     /// Closes the active segment and starts one whose first record is `sequence`.
-    fn roll(&mut self, sequence: u64) -> Result<(), WalError> {
+    fn roll(&mut self, sequence: u64) -> Result<&mut Active, WalError> {
         if let Some(old) = self.active.take() {
             if old.meta.last_sequence >= old.meta.first_sequence {
                 self.closed.push(old.meta.clone());
@@ -323,9 +321,9 @@ impl Wal {
         let path = segment::install(&self.options.dir, &spare, sequence)?;
         let meta = segment::scan(&path, self.options.record_size_max)?.meta;
         debug_assert_eq!(meta.last_sequence + 1, sequence);
-        self.active = Some(Active::open(meta)?);
+        let active = Active::open(meta)?;
         self.prepare_spare();
-        Ok(())
+        Ok(self.active.insert(active))
     }
 
     /// Starts preallocating the next segment file in the background.
