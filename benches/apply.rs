@@ -8,6 +8,7 @@
 
 use account_service::domain::*;
 use account_service::state_machine::{NoEvents, State, StateConfig};
+use account_service::workload;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::time::{Duration, Instant};
 
@@ -20,15 +21,6 @@ struct Bench {
     counter: u64,
 }
 
-fn id(prefix: &str, n: u64) -> Id {
-    let mut buf = [0u8; 32];
-    use std::io::Write;
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    let _ = write!(cursor, "{prefix}{n}");
-    let len = cursor.position() as usize;
-    Id::new(std::str::from_utf8(&buf[..len]).unwrap()).unwrap()
-}
-
 impl Bench {
     fn new() -> Bench {
         let mut b = Bench {
@@ -39,20 +31,8 @@ impl Bench {
             now: 1_700_000_000_000,
             counter: 0,
         };
-        let usd = Asset::currency("USD").unwrap();
-        for a in 1..=ACCOUNTS {
-            b.apply(&Command::OpenAccount(OpenAccount {
-                request_id: id("open", a as u64),
-                account_id: AccountId(a),
-                base_currency: usd,
-            }));
-            b.apply(&Command::Deposit(CashMovement {
-                event_id: id("fund", a as u64),
-                account_id: AccountId(a),
-                currency: usd,
-                amount: Decimal::from(1_000_000_000),
-                source: None,
-            }));
+        for c in workload::funded_accounts(ACCOUNTS) {
+            b.apply(&c);
         }
         b
     }
@@ -68,42 +48,6 @@ impl Bench {
                 .apply(&Command::Tick, seq, self.now, &mut NoEvents);
         }
     }
-
-    /// One order's life: reserve, fill half, unreserve the rest.
-    fn order(&self, n: u64) -> [Command; 3] {
-        let account = AccountId((n % ACCOUNTS as u64) as i64 + 1);
-        let order_id = id("o", n);
-        let usd = Asset::currency("USD").unwrap();
-        [
-            Command::Reserve(Reserve {
-                request_id: id("r", n),
-                account_id: account,
-                order_id,
-                kind: ReservationKind::Cash,
-                asset: usd,
-                amount: Decimal::new(10_050, 2),
-                expires_at_ms: None,
-            }),
-            Command::Fill(Fill {
-                event_id: id("f", n),
-                account_id: account,
-                order_id,
-                symbol: Asset::symbol("ACME").unwrap(),
-                side: Side::Buy,
-                quantity: Decimal::from(5),
-                price: Decimal::from(10),
-                filled_amount: Decimal::from(50),
-                currency: None,
-                source: None,
-            }),
-            Command::Unreserve(Unreserve {
-                request_id: id("u", n),
-                account_id: account,
-                order_id,
-                amount: None,
-            }),
-        ]
-    }
 }
 
 /// Times `apply` of the commands `pick` selects from each order's life; the
@@ -116,7 +60,7 @@ fn timed(bench: &mut Bench, iters: u64, pick: &[bool; 3]) -> Duration {
     while done < orders {
         let n = CHUNK.min(orders - done);
         let chunk: Vec<[Command; 3]> = (0..n)
-            .map(|i| bench.order(bench.counter + done + i))
+            .map(|i| workload::order_life(bench.counter + done + i, ACCOUNTS))
             .collect();
         for stage in 0..3 {
             let started = Instant::now();

@@ -29,25 +29,9 @@ fn start(dir: &std::path::Path) -> (tokio::runtime::Runtime, Engine) {
         while *phase.borrow_and_update() != Phase::Serving {
             phase.changed().await.unwrap();
         }
-        let usd = Asset::currency("USD").unwrap();
-        for a in 1..=ACCOUNTS {
-            let h = engine.handle();
-            let open = Command::OpenAccount(OpenAccount {
-                request_id: id(format!("open{a}")),
-                account_id: AccountId(a),
-                base_currency: usd,
-            });
-            h.call(RequestKind::Command(open, Want::Nothing))
-                .await
-                .unwrap();
-            let fund = Command::Deposit(CashMovement {
-                event_id: id(format!("fund{a}")),
-                account_id: AccountId(a),
-                currency: usd,
-                amount: Decimal::from(1_000_000_000),
-                source: None,
-            });
-            h.call(RequestKind::Command(fund, Want::Nothing))
+        let h = engine.handle();
+        for c in account_service::workload::funded_accounts(ACCOUNTS) {
+            h.call(RequestKind::Command(c, Want::Nothing))
                 .await
                 .unwrap();
         }

@@ -44,3 +44,4 @@ pub mod proto;
 pub mod server;
 pub mod snapshot;
 pub mod state_machine;
+pub mod workload;

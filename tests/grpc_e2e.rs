@@ -176,13 +176,7 @@ async fn kill9_loses_no_acknowledged_write_and_retries_replay() {
     assert!(retry.replayed);
     assert_eq!(retry.sequence, sequence);
     // Balances agree with what survived: reserved = 1.5 x surviving reservations.
-    let a = accounts
-        .get_account(pb::GetAccountRequest { account_id: 1 })
-        .await
-        .unwrap()
-        .into_inner();
-    let reserved: rust_decimal::Decimal = a.cash[0].reserved.parse().unwrap();
-    let available: rust_decimal::Decimal = a.cash[0].available.parse().unwrap();
+    let (available, reserved) = common::server::first_cash(&mut accounts, 1).await;
     assert_eq!(reserved + available, rust_decimal::Decimal::from(1_000_000));
     assert!(
         reserved

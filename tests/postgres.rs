@@ -12,8 +12,6 @@ use account_service::snapshot::SnapshotConfig;
 use account_service::state_machine::{State, StateConfig};
 use common::postgres::Postgres;
 use common::server::Server;
-use proptest::strategy::{Strategy, ValueTree};
-use proptest::test_runner::TestRunner;
 use std::time::Duration;
 
 fn config(dir: &std::path::Path, pg: Option<&Postgres>) -> EngineConfig {
@@ -52,33 +50,12 @@ async fn run(engine: &Engine, commands: &[Command]) {
     common::submit_in_waves(engine, commands, 200).await;
 }
 
-fn random_commands(n: usize, seed_accounts: bool) -> Vec<Command> {
-    let mut runner = TestRunner::deterministic();
-    let strategy = common::strategies::command();
-    let mut commands = vec![];
-    if seed_accounts {
-        for a in 1..=common::strategies::ACCOUNTS {
-            commands.push(common::open(&format!("open-{a}"), a, common::usd()));
-            commands.push(common::deposit(
-                &format!("fund-{a}"),
-                a,
-                common::usd(),
-                "100000",
-            ));
-        }
-    }
-    for _ in 0..n {
-        commands.push(strategy.new_tree(&mut runner).unwrap().current());
-    }
-    commands
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_equals_the_state_and_restart_from_it_equals_a_full_replay() {
     let pg = Postgres::start();
     let dir = tempfile::tempdir().unwrap();
     let (engine, _) = start(config(dir.path(), Some(&pg))).await;
-    let commands = random_commands(3_000, true);
+    let commands = common::strategies::sample(3_000, true);
     let (head, tail) = commands.split_at(2_000);
     run(&engine, head).await;
     let (at, live) = digest(&engine).await;
@@ -256,13 +233,7 @@ async fn kill9_during_snapshot_writes_restarts_correctly() {
     let (i, sequence) = acknowledged[acknowledged.len() / 2];
     let retry = accounts.reserve(reserve(i)).await.unwrap().into_inner();
     assert!(retry.replayed && retry.sequence == sequence);
-    let a = accounts
-        .get_account(pb::GetAccountRequest { account_id: 1 })
-        .await
-        .unwrap()
-        .into_inner();
-    let reserved: rust_decimal::Decimal = a.cash[0].reserved.parse().unwrap();
-    let available: rust_decimal::Decimal = a.cash[0].available.parse().unwrap();
+    let (available, reserved) = common::server::first_cash(&mut accounts, 1).await;
     assert_eq!(reserved + available, rust_decimal::Decimal::from(1_000_000));
 }
 
@@ -285,7 +256,7 @@ async fn wal_segments_covered_by_a_snapshot_are_deleted_and_then_restart_waits_f
             .count()
     };
     let (engine, _) = start(c.clone()).await;
-    let commands = random_commands(4_000, true);
+    let commands = common::strategies::sample(4_000, true);
     run(&engine, &commands).await;
     let (at, expected) = digest(&engine).await;
     pg.wait_snapshot(at, Duration::from_secs(30)).await;
@@ -334,7 +305,7 @@ async fn postgres_down_at_start_with_the_whole_wal_replays_it_all() {
     let dir = tempfile::tempdir().unwrap();
     let c = config(dir.path(), Some(&pg));
     let (engine, _) = start(c.clone()).await;
-    run(&engine, &random_commands(500, true)).await;
+    run(&engine, &common::strategies::sample(500, true)).await;
     let (at, expected) = digest(&engine).await;
     pg.wait_snapshot(at, Duration::from_secs(30)).await;
     engine.stop().unwrap();
@@ -344,7 +315,7 @@ async fn postgres_down_at_start_with_the_whole_wal_replays_it_all() {
     assert_eq!(digest(&engine).await, (at, expected));
     assert_eq!(metrics.replay_records.get() as u64, at, "replayed from 1");
     // Commands go on; the snapshotter catches up once PostgreSQL is back.
-    run(&engine, &random_commands(100, false)).await;
+    run(&engine, &common::strategies::sample(100, false)).await;
     let (now, _) = digest(&engine).await;
     pg.start_server();
     pg.wait_snapshot(now, Duration::from_secs(60)).await;
@@ -356,7 +327,7 @@ async fn while_postgres_is_down_one_delta_waits_and_the_rest_catches_up() {
     let pg = Postgres::start();
     let dir = tempfile::tempdir().unwrap();
     let (engine, metrics) = start(config(dir.path(), Some(&pg))).await;
-    let commands = random_commands(1_500, true);
+    let commands = common::strategies::sample(1_500, true);
     let (head, tail) = commands.split_at(500);
     run(&engine, head).await;
     let (at, _) = digest(&engine).await;
@@ -401,7 +372,7 @@ async fn with_kafka_a_snapshot_waits_for_the_outbox_watermark() {
     let mut c = config(dir.path(), Some(&pg));
     c.outbox = Some(OutboxSink::new(tx, watermark.clone()));
     let (engine, _) = start(c).await;
-    run(&engine, &random_commands(300, true)).await;
+    run(&engine, &common::strategies::sample(300, true)).await;
     // Let the expiry ticks the commands call for happen first.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (at, _) = digest(&engine).await;
@@ -419,15 +390,6 @@ async fn with_kafka_a_snapshot_waits_for_the_outbox_watermark() {
     while batches.try_recv().is_ok() {}
     watermark.store(at, Ordering::Release);
     assert_eq!(pg.wait_snapshot(at, Duration::from_secs(30)).await, at);
-    let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(connection);
-    let published: Option<i64> = client
-        .query_one("SELECT outbox_watermark FROM snapshot_meta", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(published, Some(at as i64));
+    assert_eq!(pg.outbox_watermark().await, Some(at));
     engine.stop().unwrap();
 }

@@ -7,9 +7,6 @@ mod common;
 use account_service::domain::*;
 use account_service::engine::{Engine, EngineConfig, Phase, Query, Reply, RequestKind, Want};
 use account_service::metrics::Metrics;
-use common::strategies::command;
-use proptest::strategy::{Strategy, ValueTree};
-use proptest::test_runner::TestRunner;
 
 fn config(dir: &std::path::Path) -> EngineConfig {
     let mut c = EngineConfig::new(dir);
@@ -49,22 +46,8 @@ async fn snapshot(engine: &Engine) -> (u64, u64, Vec<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_rebuilds_the_same_state() {
     let dir = tempfile::tempdir().unwrap();
-    let mut runner = TestRunner::deterministic();
-    let strategy = command();
     // Funded accounts first so that most commands do something.
-    let mut commands = vec![];
-    for a in 1..=common::strategies::ACCOUNTS {
-        commands.push(common::open(&format!("open-{a}"), a, common::usd()));
-        commands.push(common::deposit(
-            &format!("fund-{a}"),
-            a,
-            common::usd(),
-            "100000",
-        ));
-    }
-    for _ in 0..5_000 {
-        commands.push(strategy.new_tree(&mut runner).unwrap().current());
-    }
+    let commands = common::strategies::sample(5_000, true);
 
     let engine = Engine::start(config(dir.path()), Metrics::new()).unwrap();
     serving(&engine).await;

@@ -2,9 +2,9 @@
 //! end-to-end lag from each fill's intended send time until its
 //! FILL_APPLIED AccountEvent is read back from the events topic.
 
-use crate::modes::{open_loop, Ctx};
+use crate::modes::{fill_event, open_loop, Ctx};
 use crate::{Class, Recorder};
-use account_service::proto::events::{AccountEvent, AccountEventType, FillEvent};
+use account_service::proto::events::{AccountEvent, AccountEventType};
 use prost::Message as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -87,18 +87,7 @@ pub async fn run(ctx: &Arc<Ctx>, kafka: &FillsArgs) -> anyhow::Result<(Arc<Recor
             let event_id = format!("{run_id}-f{i}");
             async move {
                 let account_id = ctx.account();
-                let fill = FillEvent {
-                    event_id: event_id.clone(),
-                    order_id: format!("{event_id}-o"),
-                    account_id,
-                    symbol: "ACME".into(),
-                    side: "BUY".into(),
-                    quantity: "1".into(),
-                    fill_price: "0.50".into(),
-                    filled_amount: "0.50".into(),
-                    timestamp: 0,
-                    currency: String::new(),
-                };
+                let fill = fill_event(event_id.clone(), format!("{event_id}-o"), account_id);
                 pending.lock().map(|mut p| p.insert(event_id, due)).ok();
                 let key = account_id.to_string();
                 let payload = fill.encode_to_vec();

@@ -7,13 +7,10 @@ use account_service::engine::{Engine, EngineConfig, Phase, RequestKind, Want};
 use account_service::metrics::Metrics;
 use account_service::snapshot::SnapshotConfig;
 use account_service::state_machine::{NoEvents, State, StateConfig};
+use account_service::workload;
 use std::time::Instant;
 
-const ACCOUNTS: u64 = 10_000;
-
-fn id(s: String) -> Id {
-    Id::new(&s).unwrap()
-}
+const ACCOUNTS: i64 = 10_000;
 
 async fn serving(engine: &Engine) {
     let mut phase = engine.handle().phase();
@@ -22,39 +19,9 @@ async fn serving(engine: &Engine) {
     }
 }
 
+/// Command `n` of the load: order `n / 3`'s reserve, fill or unreserve.
 fn command(n: u64) -> Command {
-    let usd = Asset::currency("USD").unwrap();
-    let account_id = AccountId((n / 3 % ACCOUNTS) as i64 + 1);
-    let order_id = id(format!("o{}", n / 3));
-    match n % 3 {
-        0 => Command::Reserve(Reserve {
-            request_id: id(format!("r{n}")),
-            account_id,
-            order_id,
-            kind: ReservationKind::Cash,
-            asset: usd,
-            amount: Decimal::new(10_050, 2),
-            expires_at_ms: None,
-        }),
-        1 => Command::Fill(Fill {
-            event_id: id(format!("f{n}")),
-            account_id,
-            order_id,
-            symbol: Asset::symbol("ACME").unwrap(),
-            side: Side::Buy,
-            quantity: Decimal::from(5),
-            price: Decimal::from(10),
-            filled_amount: Decimal::from(50),
-            currency: None,
-            source: None,
-        }),
-        _ => Command::Unreserve(Unreserve {
-            request_id: id(format!("u{n}")),
-            account_id,
-            order_id,
-            amount: None,
-        }),
-    }
+    workload::order_life(n / 3, ACCOUNTS)[(n % 3) as usize]
 }
 
 /// Applies `commands` reserve / fill / unreserve commands (a third each) to a
@@ -66,30 +33,12 @@ pub fn engine(commands: u64) -> serde_json::Value {
         tick_work_max: 100_000,
     });
     let mut now = 1_700_000_000_000i64;
-    let usd = Asset::currency("USD").unwrap();
     let apply = |state: &mut State, c: &Command, now: i64| {
         let seq = state.last_sequence() + 1;
         state.apply(c, seq, now, &mut NoEvents);
     };
-    for a in 1..=ACCOUNTS {
-        let account_id = AccountId(a as i64);
-        apply(
-            &mut state,
-            &Command::OpenAccount(OpenAccount {
-                request_id: id(format!("a{a}")),
-                account_id,
-                base_currency: usd,
-            }),
-            now,
-        );
-        let fund = CashMovement {
-            event_id: id(format!("d{a}")),
-            account_id,
-            currency: usd,
-            amount: Decimal::from(1_000_000_000),
-            source: None,
-        };
-        apply(&mut state, &Command::Deposit(fund), now);
+    for c in workload::funded_accounts(ACCOUNTS) {
+        apply(&mut state, &c, now);
     }
     let mut timed = std::time::Duration::ZERO;
     let mut n = 0;
@@ -130,25 +79,9 @@ pub async fn replay(
     }
     let engine = Engine::start(config.clone(), Metrics::new()).unwrap();
     serving(&engine).await;
-    let usd = Asset::currency("USD").unwrap();
     let h = engine.handle();
-    for a in 1..=ACCOUNTS {
-        let open = Command::OpenAccount(OpenAccount {
-            request_id: id(format!("a{a}")),
-            account_id: AccountId(a as i64),
-            base_currency: usd,
-        });
-        h.call(RequestKind::Command(open, Want::Nothing))
-            .await
-            .unwrap();
-        let fund = Command::Deposit(CashMovement {
-            event_id: id(format!("d{a}")),
-            account_id: AccountId(a as i64),
-            currency: usd,
-            amount: Decimal::from(1_000_000_000),
-            source: None,
-        });
-        h.call(RequestKind::Command(fund, Want::Nothing))
+    for c in workload::funded_accounts(ACCOUNTS) {
+        h.call(RequestKind::Command(c, Want::Nothing))
             .await
             .unwrap();
     }

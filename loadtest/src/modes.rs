@@ -201,18 +201,7 @@ impl Ctx {
         let (account_id, order_id) = self
             .take_order()
             .unwrap_or_else(|| (self.account(), format!("{}-nf{i}", self.run_id)));
-        let request = events::FillEvent {
-            event_id: format!("{}-f{i}", self.run_id),
-            order_id,
-            account_id,
-            symbol: "ACME".into(),
-            side: "BUY".into(),
-            quantity: "1".into(),
-            fill_price: "0.50".into(),
-            filled_amount: "0.50".into(),
-            timestamp: 0,
-            currency: String::new(),
-        };
+        let request = fill_event(format!("{}-f{i}", self.run_id), order_id, account_id);
         let result = AdminServiceClient::new(self.channel())
             .apply_fill(request)
             .await;
@@ -239,6 +228,22 @@ impl Ctx {
         }
         let i = rand::thread_rng().gen_range(0..orders.len());
         Some(orders.swap_remove(i))
+    }
+}
+
+/// The fill every mode sends: a BUY of 1 ACME at 0.50, in the base currency.
+pub fn fill_event(event_id: String, order_id: String, account_id: i64) -> events::FillEvent {
+    events::FillEvent {
+        event_id,
+        order_id,
+        account_id,
+        symbol: "ACME".into(),
+        side: "BUY".into(),
+        quantity: "1".into(),
+        fill_price: "0.50".into(),
+        filled_amount: "0.50".into(),
+        timestamp: 0,
+        currency: String::new(),
     }
 }
 

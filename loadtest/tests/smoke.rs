@@ -42,7 +42,8 @@ fn echo_server() -> (Guard, String) {
     (Guard(child), format!("http://127.0.0.1:{port}"))
 }
 
-fn run(args: &[&str]) -> Value {
+/// Runs `loadtest args`, which must succeed and print one JSON line.
+fn run_json(args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
         .args(args)
         .output()
@@ -55,7 +56,12 @@ fn run(args: &[&str]) -> Value {
     let stdout = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines.len(), 1, "one JSON line: {stdout}");
-    let v: Value = serde_json::from_str(lines[0]).unwrap();
+    serde_json::from_str(lines[0]).unwrap()
+}
+
+/// A load mode: [`run_json`], plus every field of the common summary.
+fn run(args: &[&str]) -> Value {
+    let v = run_json(args);
     for key in [
         "mode",
         "target_rate",
@@ -188,28 +194,10 @@ fn sync_probe_measures_the_disk() {
 
 #[test]
 fn in_process_engine_and_replay_modes() {
-    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["engine", "--commands", "20000"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = run_json(&["engine", "--commands", "20000"]);
     assert_eq!(v["mode"], "engine");
     assert!(v["commands_per_s"].as_f64().unwrap() > 0.0, "{v}");
-    let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(["replay", "--records", "3000"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = run_json(&["replay", "--records", "3000"]);
     assert_eq!(v["mode"], "replay");
     // The 10,000 accounts' setup (2 commands each) plus the records.
     assert_eq!(v["records"], 23_000, "{v}");

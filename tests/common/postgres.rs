@@ -128,6 +128,24 @@ impl Postgres {
         }
     }
 
+    /// `snapshot_meta.outbox_watermark` of the newest snapshot (None: Kafka
+    /// was off). Panics when there is no snapshot.
+    pub async fn outbox_watermark(&self) -> Option<u64> {
+        let (client, connection) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .expect("PostgreSQL reachable");
+        tokio::spawn(connection);
+        let watermark: Option<i64> = client
+            .query_one(
+                "SELECT outbox_watermark FROM snapshot_meta WHERE id = 1",
+                &[],
+            )
+            .await
+            .expect("a snapshot")
+            .get(0);
+        watermark.map(|w| w as u64)
+    }
+
     /// Waits until a snapshot at `sequence` or later is durable.
     pub async fn wait_snapshot(&self, sequence: u64, timeout: Duration) -> u64 {
         let deadline = Instant::now() + timeout;

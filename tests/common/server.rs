@@ -204,3 +204,19 @@ pub async fn assert_reservations_survived<'a>(
         assert_eq!(r.sequence, sequence, "ord-{i}");
     }
 }
+
+/// `(available, reserved)` of the first cash balance of `account_id`.
+pub async fn first_cash(
+    accounts: &mut AccountServiceClient<Channel>,
+    account_id: i64,
+) -> (rust_decimal::Decimal, rust_decimal::Decimal) {
+    let a = accounts
+        .get_account(pb::GetAccountRequest { account_id })
+        .await
+        .unwrap()
+        .into_inner();
+    (
+        a.cash[0].available.parse().unwrap(),
+        a.cash[0].reserved.parse().unwrap(),
+    )
+}

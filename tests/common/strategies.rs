@@ -87,3 +87,27 @@ pub fn steps() -> impl Strategy<Value = Vec<Step>> {
         1..200,
     )
 }
+
+/// `n` commands drawn deterministically from [`command`] (the same `n` give
+/// the same commands), after opening and funding every account when `funded`.
+pub fn sample(n: usize, funded: bool) -> Vec<Command> {
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = command();
+    let mut commands = vec![];
+    if funded {
+        for a in 1..=ACCOUNTS {
+            commands.push(super::open(&format!("open-{a}"), a, super::usd()));
+            commands.push(super::deposit(
+                &format!("fund-{a}"),
+                a,
+                super::usd(),
+                "100000",
+            ));
+        }
+    }
+    for _ in 0..n {
+        commands.push(strategy.new_tree(&mut runner).unwrap().current());
+    }
+    commands
+}
