@@ -527,15 +527,7 @@ async fn broker_outage_never_blocks_reserve_and_the_backlog_drains() {
     let mut admin = server.admin().await;
     admin.deposit(deposit("dep-1", 1, "1000000")).await.unwrap();
     let mut accounts = server.accounts().await;
-    let reserve = |i: usize| pb::ReserveRequest {
-        request_id: format!("res-{i}"),
-        account_id: 1,
-        order_id: format!("ord-{i}"),
-        kind: pb::ReservationKind::Cash as i32,
-        asset: "USD".into(),
-        amount: "1".into(),
-        expires_at_ms: 0,
-    };
+    let reserve = common::server::reserve_one_usd;
     let run = |from: usize, to: usize| {
         let mut accounts = accounts.clone();
         async move {

@@ -11,7 +11,7 @@ use account_service::proto::account::v1 as pb;
 use account_service::snapshot::SnapshotConfig;
 use account_service::state_machine::{State, StateConfig};
 use common::postgres::Postgres;
-use common::server::Server;
+use common::server::{reserve_one_usd as reserve, Server};
 use std::time::Duration;
 
 fn config(dir: &std::path::Path, pg: Option<&Postgres>) -> EngineConfig {
@@ -141,18 +141,6 @@ async fn snapshot_equals_the_state_and_restart_from_it_equals_a_full_replay() {
     let (full, _) = start(config(copy.path(), None)).await;
     assert_eq!(digest(&full).await, (end, expected), "full replay");
     full.stop().unwrap();
-}
-
-fn reserve(i: usize) -> pb::ReserveRequest {
-    pb::ReserveRequest {
-        request_id: format!("req-{i}"),
-        account_id: 1,
-        order_id: format!("ord-{i}"),
-        kind: pb::ReservationKind::Cash as i32,
-        asset: "USD".into(),
-        amount: "1".into(),
-        expires_at_ms: 0,
-    }
 }
 
 async fn fund(server: &Server) {

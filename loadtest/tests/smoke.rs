@@ -42,6 +42,31 @@ fn echo_server() -> (Guard, String) {
     (Guard(child), format!("http://127.0.0.1:{port}"))
 }
 
+/// Starts the release-built `account-service serve` (plus `extra`) on free
+/// ports with a fresh data directory; returns its guard, the directory and the
+/// gRPC port once the port accepts connections.
+fn service(extra: &[&str]) -> (Guard, tempfile::TempDir, u16) {
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, metrics) = (free_port(), free_port());
+    let service = env!("CARGO_BIN_EXE_loadtest").replace("loadtest", "account-service");
+    let child = Command::new(&service)
+        .args(["serve", "--no-pin", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics}"),
+        ])
+        .args(extra)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{service}: {e} (build the workspace first)"));
+    let guard = Guard(child);
+    wait_port(grpc);
+    (guard, dir, grpc)
+}
+
 /// Runs `loadtest args`, which must succeed and print one JSON line.
 fn run_json(args: &[&str]) -> Value {
     let out = Command::new(env!("CARGO_BIN_EXE_loadtest"))
@@ -140,23 +165,7 @@ fn reserve_mixed_and_max_against_the_echo_server() {
 
 #[test]
 fn reserve_against_the_real_service() {
-    let dir = tempfile::tempdir().unwrap();
-    let (grpc, metrics) = (free_port(), free_port());
-    let service = env!("CARGO_BIN_EXE_loadtest").replace("loadtest", "account-service");
-    let child = Command::new(&service)
-        .args(["serve", "--no-pin", "--data-dir"])
-        .arg(dir.path())
-        .args([
-            "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics}"),
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{service}: {e} (build the workspace first)"));
-    let _guard = Guard(child);
-    wait_port(grpc);
+    let (_guard, _dir, grpc) = service(&[]);
     std::thread::sleep(Duration::from_millis(300)); // replay of an empty WAL
     let addr = format!("http://127.0.0.1:{grpc}");
     let v = run(&[
@@ -272,29 +281,7 @@ fn fills_through_a_real_broker() {
         }
     });
 
-    let data = tempfile::tempdir().unwrap();
-    let (grpc, metrics) = (free_port(), free_port());
-    let service = env!("CARGO_BIN_EXE_loadtest").replace("loadtest", "account-service");
-    let child = Command::new(&service)
-        .args([
-            "serve",
-            "--no-pin",
-            "--kafka-brokers",
-            &bootstrap,
-            "--data-dir",
-        ])
-        .arg(data.path())
-        .args([
-            "--grpc-addr",
-            &format!("127.0.0.1:{grpc}"),
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics}"),
-        ])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _service = Guard(child);
-    wait_port(grpc);
+    let (_service, _data, grpc) = service(&["--kafka-brokers", &bootstrap]);
     std::thread::sleep(Duration::from_millis(500));
     let addr = format!("http://127.0.0.1:{grpc}");
     let v = run(&[

@@ -220,3 +220,16 @@ pub async fn first_cash(
         a.cash[0].reserved.parse().unwrap(),
     )
 }
+
+/// Reserve 1 USD of cash on account 1 for order `ord-{i}` (request `req-{i}`).
+pub fn reserve_one_usd(i: usize) -> pb::ReserveRequest {
+    pb::ReserveRequest {
+        request_id: format!("req-{i}"),
+        account_id: 1,
+        order_id: format!("ord-{i}"),
+        kind: pb::ReservationKind::Cash as i32,
+        asset: "USD".into(),
+        amount: "1".into(),
+        expires_at_ms: 0,
+    }
+}
