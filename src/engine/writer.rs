@@ -202,10 +202,7 @@ impl Writer {
     /// a snapshot is durable, deletes the WAL segments it covers (never above
     /// the outbox watermark).
     fn maybe_snapshot(&mut self) -> Result<(), EngineError> {
-        let Some(snapshotter) = &self.snapshotter else {
-            return Ok(());
-        };
-        let Some(config) = self.config.snapshot.as_ref() else {
+        let (Some(snapshotter), Some(config)) = (&self.snapshotter, &self.config.snapshot) else {
             return Ok(());
         };
         let sequence = self.state.last_sequence();

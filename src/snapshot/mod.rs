@@ -5,7 +5,8 @@
 //! thread, which writes them in ONE transaction together with
 //! `snapshot_meta.sequence`. Start-up loads the newest snapshot and replays only
 //! the WAL records after it. PostgreSQL being down or slow never touches the
-//! hot path: deltas merge while they wait and the write retries with back-off.
+//! hot path: one delta at most waits (the engine takes the next once it is
+//! written) and the write retries with back-off.
 //! Once a snapshot is durable, WAL segments wholly below it (and below the
 //! Kafka outbox's watermark) are deleted by the writer.
 //!
@@ -61,6 +62,8 @@ pub struct Snapshotter {
     busy: Arc<AtomicBool>,
     /// Sequence of the newest durable snapshot (0: none yet).
     durable: Arc<AtomicU64>,
+    /// Set on drop: the thread makes a last attempt at what waits, then ends.
+    stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -75,14 +78,20 @@ impl Snapshotter {
         let (deltas, rx) = crossbeam_channel::unbounded();
         let durable = Arc::new(AtomicU64::new(durable_at_start));
         let busy = Arc::new(AtomicBool::new(false));
-        let (thread_durable, thread_busy) = (durable.clone(), busy.clone());
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = Shared {
+            durable: durable.clone(),
+            busy: busy.clone(),
+            stop: stop.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("snapshotter".into())
-            .spawn(move || run(config, rx, metrics, watermark, thread_durable, thread_busy))
+            .spawn(move || run(config, rx, metrics, watermark, shared))
             .ok();
         Snapshotter {
             deltas,
             busy,
+            stop,
             durable,
             thread,
         }
@@ -106,7 +115,8 @@ impl Snapshotter {
 
 impl Drop for Snapshotter {
     fn drop(&mut self) {
-        // Closing the channel ends the thread after a last write attempt.
+        self.stop.store(true, Ordering::Release);
+        // Closing the channel wakes an idle thread.
         let (dead, _) = crossbeam_channel::unbounded();
         self.deltas = dead;
         if let Some(t) = self.thread.take() {
@@ -115,13 +125,26 @@ impl Drop for Snapshotter {
     }
 }
 
+/// The thread's side of the flags it shares with [`Snapshotter`].
+struct Shared {
+    durable: Arc<AtomicU64>,
+    busy: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+/// The first retry of a failed write, and how often a snapshot waiting for
+/// the outbox looks again.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+
+/// How often an idle snapshotter refreshes `snapshot_age_seconds`.
+const IDLE_WAKE: Duration = Duration::from_millis(500);
+
 fn run(
     config: SnapshotConfig,
     rx: Receiver<Delta>,
     metrics: Arc<Metrics>,
     watermark: Option<Arc<AtomicU64>>,
-    durable: Arc<AtomicU64>,
-    busy: Arc<AtomicBool>,
+    shared: Shared,
 ) {
     background_priority();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -135,60 +158,62 @@ fn run(
         }
     };
     let mut pending: Option<Delta> = None;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = RETRY_MIN;
     let mut client: Option<tokio_postgres::Client> = None;
     let mut last_success = Instant::now();
     loop {
-        let closed = match rx.recv_timeout(backoff.min(Duration::from_millis(500))) {
-            Ok(delta) => {
-                merge(&mut pending, delta);
-                while let Ok(more) = rx.try_recv() {
-                    merge(&mut pending, more);
-                }
-                false
+        // The engine hands over the next delta only once this one is written
+        // (`busy`), so one is received only when none waits.
+        if pending.is_none() {
+            match rx.recv_timeout(IDLE_WAKE) {
+                Ok(delta) => pending = Some(delta),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
             }
-            Err(RecvTimeoutError::Timeout) => false,
-            Err(RecvTimeoutError::Disconnected) => true,
-        };
+        }
         metrics
             .snapshot_age_seconds
             .set(last_success.elapsed().as_secs_f64());
-        if let Some(delta) = &pending {
-            let gated = watermark
-                .as_ref()
-                .is_some_and(|w| w.load(Ordering::Acquire) < delta.sequence);
-            if !gated {
-                let started = Instant::now();
-                let published = watermark.as_ref().map(|w| w.load(Ordering::Acquire));
-                match runtime.block_on(store::write(&config.url, &mut client, delta, published)) {
-                    Ok(()) => {
-                        durable.store(delta.sequence, Ordering::Release);
-                        metrics.snapshot_sequence.set(delta.sequence as i64);
-                        metrics
-                            .snapshot_seconds
-                            .observe(started.elapsed().as_secs_f64());
-                        last_success = Instant::now();
-                        pending = None;
-                        busy.store(false, Ordering::Release);
-                        backoff = Duration::from_millis(100);
-                    }
-                    Err(e) => {
-                        client = None;
-                        metrics.snapshot_failures_total.inc();
-                        tracing::warn!(
-                            error = %e,
-                            retry_ms = backoff.as_millis() as u64,
-                            "snapshot failed; retrying (the WAL keeps everything meanwhile)"
-                        );
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                    }
+        let Some(delta) = &pending else {
+            continue;
+        };
+        let published = watermark.as_ref().map(|w| w.load(Ordering::Acquire));
+        // Ahead of what the outbox has published: wait for it, no back-off.
+        let wait = if published.is_some_and(|w| w < delta.sequence) {
+            RETRY_MIN
+        } else {
+            let started = Instant::now();
+            match runtime.block_on(store::write(&config.url, &mut client, delta, published)) {
+                Ok(()) => {
+                    shared.durable.store(delta.sequence, Ordering::Release);
+                    metrics.snapshot_sequence.set(delta.sequence as i64);
+                    metrics
+                        .snapshot_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    last_success = Instant::now();
+                    pending = None;
+                    shared.busy.store(false, Ordering::Release);
+                    backoff = RETRY_MIN;
+                    continue;
+                }
+                Err(e) => {
+                    client = None;
+                    metrics.snapshot_failures_total.inc();
+                    tracing::warn!(
+                        error = %e,
+                        retry_ms = backoff.as_millis() as u64,
+                        "snapshot failed; retrying (the WAL keeps everything meanwhile)"
+                    );
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    wait
                 }
             }
-        }
-        if closed {
+        };
+        if shared.stop.load(Ordering::Acquire) {
             return;
         }
+        std::thread::sleep(wait);
     }
 }
 
@@ -211,11 +236,4 @@ fn background_priority() {
         }
     };
     tracing::info!(niced, moved, "snapshotter thread priority");
-}
-
-fn merge(pending: &mut Option<Delta>, delta: Delta) {
-    match pending {
-        Some(p) => p.merge(delta),
-        None => *pending = Some(delta),
-    }
 }

@@ -103,11 +103,9 @@ pub async fn write(
     delta: &Delta,
     outbox_watermark: Option<u64>,
 ) -> Result<(), SnapshotError> {
-    if client.as_ref().is_none_or(|c| c.is_closed()) {
-        *client = Some(connect(url).await?);
-    }
-    let Some(client) = client.as_mut() else {
-        return Ok(());
+    let client = match client {
+        Some(open) if !open.is_closed() => open,
+        _ => client.insert(connect(url).await?),
     };
     let tx = client.transaction().await?;
     if delta.full {

@@ -43,39 +43,6 @@ pub struct Delta {
     pub offsets: Vec<(Topic, i32, i64)>,
 }
 
-impl Delta {
-    /// Folds a later delta into this one (the snapshotter merges what waited
-    /// while PostgreSQL was unavailable).
-    pub fn merge(&mut self, later: Delta) {
-        assert!(later.sequence >= self.sequence, "deltas merge in order");
-        // `full` stays as it was: the merged delta replaces the tables if
-        // the earlier one had to.
-        let later_accounts: FxHashSet<AccountId> =
-            later.accounts.iter().map(|a| a.account_id).collect();
-        self.accounts
-            .retain(|a| !later_accounts.contains(&a.account_id));
-        self.accounts.extend(later.accounts);
-        let later_keys: FxHashSet<ReservationKey> = later
-            .reservations
-            .iter()
-            .map(|r| r.key())
-            .chain(later.removed_reservations.iter().copied())
-            .collect();
-        self.reservations.retain(|r| !later_keys.contains(&r.key()));
-        self.removed_reservations
-            .retain(|k| !later_keys.contains(k));
-        self.reservations.extend(later.reservations);
-        self.removed_reservations.extend(later.removed_reservations);
-        self.keys.extend(later.keys);
-        self.keys
-            .retain(|(position, _, _)| *position >= later.keys_base);
-        self.keys_base = later.keys_base;
-        self.offsets = later.offsets;
-        self.sequence = later.sequence;
-        self.timestamp_ms = later.timestamp_ms;
-    }
-}
-
 /// The rows of a snapshot, as loaded.
 #[derive(Clone, Debug, Default)]
 pub struct Rows {
