@@ -93,6 +93,11 @@ pub struct CashArgs {
     /// Idempotency key (default: a fresh one).
     #[arg(long)]
     pub event_id: Option<String>,
+    /// Where the money comes from (deposit) or goes (withdraw): the Payment
+    /// service's reference, informational (DepositEvent.source,
+    /// WithdrawEvent.destination).
+    #[arg(long, alias = "source", alias = "destination", default_value = "")]
+    pub reference: String,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -262,7 +267,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 currency: a.currency,
                 amount: a.amount,
                 timestamp: crate::engine::now_ms(),
-                reference: String::new(),
+                source: a.reference,
             };
             let reply = admin(&a.conn)
                 .await?
@@ -278,7 +283,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 currency: a.currency,
                 amount: a.amount,
                 timestamp: crate::engine::now_ms(),
-                reference: String::new(),
+                destination: a.reference,
             };
             let reply = admin(&a.conn)
                 .await?

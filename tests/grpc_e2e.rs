@@ -23,7 +23,7 @@ fn deposit(event_id: &str, account_id: i64, amount: &str) -> events::DepositEven
         currency: "USD".into(),
         amount: amount.into(),
         timestamp: 0,
-        reference: String::new(),
+        source: String::new(),
     }
 }
 
@@ -329,7 +329,7 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
                 currency: "USD".into(),
                 amount: "1".into(),
                 timestamp: 0,
-                reference: String::new(),
+                destination: String::new(),
             })
             .await,
     );

@@ -63,7 +63,7 @@ fn deposit(event_id: &str, account_id: i64, amount: &str) -> events::DepositEven
         currency: "USD".into(),
         amount: amount.into(),
         timestamp: account_service::engine::now_ms(),
-        reference: String::new(),
+        source: String::new(),
     }
 }
 

@@ -160,7 +160,7 @@ async fn fund(server: &Server) {
             currency: "USD".into(),
             amount: "1000000".into(),
             timestamp: 0,
-            reference: String::new(),
+            source: String::new(),
         })
         .await
         .unwrap();

@@ -142,7 +142,7 @@ impl Ctx {
                         currency: "USD".into(),
                         amount: ctx.args.fund.clone(),
                         timestamp: 0,
-                        reference: "loadtest".into(),
+                        source: "loadtest".into(),
                     };
                     admin.deposit(deposit).await?;
                     Ok::<(), tonic::Status>(())
