@@ -74,6 +74,13 @@ pub struct ServeArgs {
     #[arg(long, env = "ACCOUNT_POSTGRES_URL")]
     pub postgres_url: Option<String>,
 
+    /// Start from the PostgreSQL snapshot alone when the data directory's WAL
+    /// is empty (a lost disk). Everything journaled after that snapshot is
+    /// lost and its sequence numbers are used again; without this flag such a
+    /// start is refused.
+    #[arg(long, env = "ACCOUNT_RESTORE_FROM_SNAPSHOT", requires = "postgres_url")]
+    pub restore_from_snapshot: bool,
+
     /// Time between two incremental snapshots to PostgreSQL, in ms.
     #[arg(long, env = "ACCOUNT_SNAPSHOT_INTERVAL_MS", default_value_t = 1000)]
     pub snapshot_interval_ms: u64,
@@ -219,9 +226,10 @@ impl ServeArgs {
             .postgres_url
             .clone()
             .map(|url| crate::snapshot::SnapshotConfig {
-                url,
                 interval_ms: self.snapshot_interval_ms,
                 every_records: self.snapshot_every_records,
+                restore_from_snapshot: self.restore_from_snapshot,
+                ..crate::snapshot::SnapshotConfig::new(url)
             });
         config.wal.segment_size_bytes = self.wal_segment_mib * 1024 * 1024;
         config.durability = self.durability;

@@ -64,6 +64,7 @@ impl Tables {
             keys: self.keys.iter().map(|(p, (k, e))| (*p, *k, *e)).collect(),
             keys_base: self.keys_base,
             offsets: self.offsets.iter().map(|(&(t, p), &o)| (t, p, o)).collect(),
+            log_id: None,
         }
     }
 }

@@ -157,6 +157,24 @@ pub enum EngineError {
     MissingRecords { first: u64, state: u64 },
     #[error("the write-ahead log ends at sequence {last} but the snapshot is at {state}: the data directory is older than the snapshot")]
     WalBehindState { last: u64, state: u64 },
+    #[error("the write-ahead log in {dir} is empty but PostgreSQL holds a snapshot at sequence {sequence} (log {theirs}): \
+             the data directory was lost or is not this deployment's. Starting would drop everything journaled after the \
+             snapshot and reuse its sequence numbers. Point --data-dir at the right directory, or accept the loss and \
+             start from the snapshot alone with --restore-from-snapshot")]
+    WalMissing {
+        dir: std::path::PathBuf,
+        sequence: u64,
+        theirs: String,
+    },
+    #[error("the write-ahead log in {dir} is log {ours}, but PostgreSQL's snapshot was taken from log {theirs}: \
+             the data directory and the database belong to different deployments. Point --data-dir and \
+             --postgres-url at a matching pair; to start from this snapshot alone instead (losing this WAL), \
+             move {dir} away and start with --restore-from-snapshot")]
+    ForeignWal {
+        dir: std::path::PathBuf,
+        ours: String,
+        theirs: String,
+    },
     #[error("loading the snapshot: {0}")]
     Snapshot(#[from] crate::snapshot::SnapshotError),
     #[error("engine thread: {0}")]
@@ -225,8 +243,17 @@ impl Engine {
             .spawn(move || {
                 let result = Writer::open(config, rx, metrics, thread_stop)
                     .and_then(|writer| writer.run(&phase_tx));
-                if let Err(e) = &result {
-                    tracing::error!(error = %e, "engine stopped on error");
+                match &result {
+                    // Never retried: after a failed fdatasync the page cache may
+                    // hold pages the disk lost, so only a restart, which reads
+                    // the disk, knows what is durable.
+                    Err(e @ EngineError::Wal(_)) => tracing::error!(
+                        error = %e,
+                        "write-ahead log I/O failed: nothing more is acknowledged, in-flight calls \
+                         get UNAVAILABLE and the process exits; the next start recovers from the disk"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "engine stopped on error"),
+                    Ok(()) => {}
                 }
                 phase_tx.send_replace(Phase::Stopped);
                 result

@@ -33,6 +33,8 @@ use wal::Wal;
 const IDLE_POLL: Duration = Duration::from_millis(2);
 /// Least journaled time between two ticks.
 const TICK_SPACING_MS: i64 = 10;
+/// Wait before another try at deleting covered WAL segments after a failure.
+const DELETE_RETRY: Duration = Duration::from_secs(10);
 
 pub struct Writer {
     config: EngineConfig,
@@ -57,6 +59,8 @@ pub struct Writer {
     retained_from: u64,
     /// Sequence of the last delta handed to the snapshotter.
     snapshot_offered_at: u64,
+    /// No segment deletion before this (one failed).
+    delete_retry_at: Instant,
 }
 
 impl Writer {
@@ -77,6 +81,7 @@ impl Writer {
             last_snapshot: Instant::now(),
             retained_from: 0,
             snapshot_offered_at: 0,
+            delete_retry_at: Instant::now(),
             state: State::new(config.state),
             config,
             rx,
@@ -174,6 +179,11 @@ impl Writer {
                 }
             }
         };
+        let mut config = config;
+        config.log_id = wal::format_log_id(self.wal.log_id());
+        if let Some(rows) = &rows {
+            self.check_log_identity(&runtime, &config, rows)?;
+        }
         let at = rows.as_ref().map_or(0, |r| r.sequence);
         if let Some(rows) = rows {
             self.state = State::restore(self.config.state, rows);
@@ -195,6 +205,56 @@ impl Writer {
         ));
         self.retained_from = at;
         self.snapshot_offered_at = at;
+        Ok(())
+    }
+
+    /// The WAL must continue the snapshot: same log identity. A log of another
+    /// deployment, or an empty data directory in front of a snapshot (a lost
+    /// disk: starting would silently drop what came after the snapshot and
+    /// reuse its sequence numbers), is refused with what to do, unless
+    /// `--restore-from-snapshot` accepts that loss; the new log then becomes
+    /// the snapshot's at once.
+    fn check_log_identity(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        config: &crate::snapshot::SnapshotConfig,
+        rows: &crate::state_machine::Rows,
+    ) -> Result<(), EngineError> {
+        let ours = &config.log_id;
+        if rows.log_id.as_ref() == Some(ours) {
+            return Ok(());
+        }
+        let wal_empty = self.wal.first_sequence().is_none();
+        let adopt = match (&rows.log_id, wal_empty) {
+            (_, true) if config.restore_from_snapshot => {
+                tracing::warn!(
+                    snapshot_sequence = rows.sequence,
+                    log_id = %ours,
+                    "--restore-from-snapshot: starting from the snapshot alone with a new log; \
+                     whatever was journaled after the snapshot is lost"
+                );
+                true
+            }
+            (theirs, true) => {
+                return Err(EngineError::WalMissing {
+                    dir: self.wal.dir().to_path_buf(),
+                    sequence: rows.sequence,
+                    theirs: theirs.clone().unwrap_or_else(|| "(unrecorded)".into()),
+                })
+            }
+            // A snapshot written before snapshots recorded their log.
+            (None, false) => true,
+            (Some(theirs), false) => {
+                return Err(EngineError::ForeignWal {
+                    dir: self.wal.dir().to_path_buf(),
+                    ours: ours.clone(),
+                    theirs: theirs.clone(),
+                })
+            }
+        };
+        if adopt {
+            runtime.block_on(crate::snapshot::set_log_id(&config.url, ours))?;
+        }
         Ok(())
     }
 
@@ -222,19 +282,28 @@ impl Writer {
             snapshotter.offer(delta);
         }
         let durable = snapshotter.durable_sequence();
-        if durable > self.retained_from {
+        if durable > self.retained_from && Instant::now() >= self.delete_retry_at {
             let floor = self
                 .outbox_floor()
                 .map_or(durable + 1, |f| f.min(durable + 1));
-            let deleted = self.wal.delete_segments_before(floor)?;
-            if deleted > 0 {
-                tracing::info!(
-                    deleted,
-                    below = floor,
-                    "WAL segments covered by a snapshot deleted"
-                );
+            match self.wal.delete_segments_before(floor) {
+                Ok(deleted) => {
+                    if deleted > 0 {
+                        tracing::info!(
+                            deleted,
+                            below = floor,
+                            "WAL segments covered by a snapshot deleted"
+                        );
+                    }
+                    self.retained_from = durable;
+                }
+                // Nothing is lost by keeping a segment: warn, retry later.
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_ms = DELETE_RETRY.as_millis() as u64,
+                        "deleting WAL segments covered by a snapshot failed; kept for now");
+                    self.delete_retry_at = Instant::now() + DELETE_RETRY;
+                }
             }
-            self.retained_from = durable;
         }
         Ok(())
     }

@@ -21,7 +21,7 @@ mod key_batch;
 mod schema;
 mod store;
 
-pub use store::{load, SnapshotError};
+pub use store::{load, set_log_id, SnapshotError};
 
 /// How long a failed write or start-up load waits at most before retrying.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -41,6 +41,12 @@ pub struct SnapshotConfig {
     /// A delta is also handed over once this many records were journaled
     /// since the previous one, whichever comes first.
     pub every_records: u64,
+    /// An empty data directory in front of a snapshot starts from the snapshot
+    /// alone (`--restore-from-snapshot`): what came after it is lost.
+    pub restore_from_snapshot: bool,
+    /// The WAL's identity, recorded in `snapshot_meta` (set by the engine once
+    /// the log is open).
+    pub log_id: String,
 }
 
 impl SnapshotConfig {
@@ -49,6 +55,8 @@ impl SnapshotConfig {
             url: url.into(),
             interval_ms: 1_000,
             every_records: 500_000,
+            restore_from_snapshot: false,
+            log_id: String::new(),
         }
     }
 }
@@ -183,7 +191,13 @@ fn run(
             RETRY_MIN
         } else {
             let started = Instant::now();
-            match runtime.block_on(store::write(&config.url, &mut client, delta, published)) {
+            match runtime.block_on(store::write(
+                &config.url,
+                &mut client,
+                delta,
+                published,
+                &config.log_id,
+            )) {
                 Ok(()) => {
                     shared.durable.store(delta.sequence, Ordering::Release);
                     metrics.snapshot_sequence.set(delta.sequence as i64);

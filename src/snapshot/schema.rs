@@ -1,9 +1,10 @@
 //! Versioned migrations, applied at start-up in one transaction each.
 
 /// `(version, statements)`; append new versions, never edit old ones.
-pub const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE accounts (
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE accounts (
         account_id bigint PRIMARY KEY,
         status text NOT NULL,
         base_currency text NOT NULL,
@@ -60,4 +61,12 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
         -- Account events are published to Kafka up to here (NULL: Kafka off).
         outbox_watermark bigint,
         written_at timestamptz NOT NULL DEFAULT now());",
-)];
+    ),
+    (
+        2,
+        "-- The identity of the write-ahead log the snapshot was taken from (32 hex
+         -- digits): a WAL of another deployment, or an empty data dir in front of
+         -- this snapshot, is refused at start-up (NULL: written before log ids).
+         ALTER TABLE snapshot_meta ADD COLUMN log_id text;",
+    ),
+];

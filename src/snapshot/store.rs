@@ -17,6 +17,8 @@ pub enum SnapshotError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("snapshot row: invalid {0}")]
     Row(&'static str),
+    #[error("snapshot_meta belongs to write-ahead log {theirs}, not to this service's log {ours}: another deployment's tables; not overwritten")]
+    ForeignLog { ours: String, theirs: String },
 }
 
 impl SnapshotError {
@@ -30,7 +32,7 @@ impl SnapshotError {
             SnapshotError::Postgres(e) => e
                 .as_db_error()
                 .is_none_or(|db| matches!(&db.code().code()[..2], "08" | "53" | "57")),
-            SnapshotError::Row(_) => false,
+            SnapshotError::Row(_) | SnapshotError::ForeignLog { .. } => false,
         }
     }
 }
@@ -96,12 +98,14 @@ async fn paced<T>(
 
 /// Writes one delta and the new `snapshot_meta` in one transaction.
 /// `outbox_watermark`: the sequence up to which account events are published
-/// (Kafka on), recorded for the read model.
+/// (Kafka on), recorded for the read model. `log_id`: the WAL's identity; a
+/// `snapshot_meta` of another log is never overwritten.
 pub async fn write(
     url: &str,
     client: &mut Option<Client>,
     delta: &Delta,
     outbox_watermark: Option<u64>,
+    log_id: &str,
 ) -> Result<(), SnapshotError> {
     let client = match client {
         Some(open) if !open.is_closed() => open,
@@ -139,19 +143,48 @@ pub async fn write(
         )
         .await?;
     }
-    tx.execute(
-        "INSERT INTO snapshot_meta (id, sequence, timestamp_ms, keys_base, outbox_watermark) VALUES (1, $1, $2, $3, $4)
-         ON CONFLICT (id) DO UPDATE
-            SET sequence = $1, timestamp_ms = $2, keys_base = $3, outbox_watermark = $4, written_at = now()",
-        &[
-            &(delta.sequence as i64),
-            &delta.timestamp_ms,
-            &(delta.keys_base as i64),
-            &outbox_watermark.map(|w| w as i64),
-        ],
-    )
-    .await?;
+    let written = tx
+        .execute(
+            "INSERT INTO snapshot_meta (id, sequence, timestamp_ms, keys_base, outbox_watermark, log_id)
+             VALUES (1, $1, $2, $3, $4, $5)
+             ON CONFLICT (id) DO UPDATE
+                SET sequence = $1, timestamp_ms = $2, keys_base = $3, outbox_watermark = $4,
+                    log_id = $5, written_at = now()
+              WHERE snapshot_meta.log_id IS NULL OR snapshot_meta.log_id = $5",
+            &[
+                &(delta.sequence as i64),
+                &delta.timestamp_ms,
+                &(delta.keys_base as i64),
+                &outbox_watermark.map(|w| w as i64),
+                &log_id,
+            ],
+        )
+        .await?;
+    if written == 0 {
+        // Rolled back on drop: not one row of another log's tables is touched.
+        let theirs: String = tx
+            .query_one("SELECT log_id FROM snapshot_meta WHERE id = 1", &[])
+            .await?
+            .get(0);
+        return Err(SnapshotError::ForeignLog {
+            ours: log_id.to_owned(),
+            theirs,
+        });
+    }
     tx.commit().await?;
+    Ok(())
+}
+
+/// Makes `log_id` the log of the newest snapshot: the WAL that continues it
+/// (a restore from the snapshot alone starts a new log).
+pub async fn set_log_id(url: &str, log_id: &str) -> Result<(), SnapshotError> {
+    let client = connect(url).await?;
+    client
+        .execute(
+            "UPDATE snapshot_meta SET log_id = $1 WHERE id = 1",
+            &[&log_id],
+        )
+        .await?;
     Ok(())
 }
 
@@ -365,7 +398,7 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
         .await?;
     let Some(meta) = tx
         .query_opt(
-            "SELECT sequence, timestamp_ms, keys_base FROM snapshot_meta WHERE id = 1",
+            "SELECT sequence, timestamp_ms, keys_base, log_id FROM snapshot_meta WHERE id = 1",
             &[],
         )
         .await?
@@ -376,6 +409,7 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
         sequence: meta.get::<_, i64>(0) as u64,
         timestamp_ms: meta.get(1),
         keys_base: meta.get::<_, i64>(2) as u64,
+        log_id: meta.get(3),
         ..Rows::default()
     };
     let mut accounts: HashMap<i64, Account> = HashMap::new();

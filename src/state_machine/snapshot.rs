@@ -53,6 +53,9 @@ pub struct Rows {
     pub keys: Vec<(u64, Id, IdempotencyEntry)>,
     pub keys_base: u64,
     pub offsets: Vec<(Topic, i32, i64)>,
+    /// The write-ahead log the snapshot was taken from (not part of the
+    /// state: start-up checks it against the data directory's log).
+    pub log_id: Option<String>,
 }
 
 impl State {

@@ -34,9 +34,26 @@ impl Server {
     }
 
     pub fn spawn(data_dir: &Path, extra: &[&str]) -> Server {
+        Server::spawn_under(&[], data_dir, extra, Stdio::inherit())
+    }
+
+    /// [`Server::spawn`] with the binary run by `wrapper` (for example
+    /// `strace ... --`), its standard error going to `stderr`. The service's
+    /// own process is killed on drop too (a killed tracer leaves its tracee
+    /// running).
+    pub fn spawn_under(wrapper: &[&str], data_dir: &Path, extra: &[&str], stderr: Stdio) -> Server {
         let grpc_port = free_port();
         let metrics_port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_account-service"))
+        let binary = env!("CARGO_BIN_EXE_account-service");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(binary);
+                c
+            }
+            None => Command::new(binary),
+        };
+        let child = command
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
@@ -48,6 +65,7 @@ impl Server {
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("spawn account-service");
         Server {
@@ -114,6 +132,43 @@ impl Server {
             let _ = child.kill();
             let _ = child.wait();
         }
+        self.kill_strays();
+    }
+
+    /// Waits for the process to end by itself (at most `timeout`).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL to any `account-service serve` still running on this data
+    /// directory (one left behind by a wrapper).
+    fn kill_strays(&self) {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let binary = env!("CARGO_BIN_EXE_account-service").as_bytes();
+        let dir = self.data_dir.as_os_str().as_encoded_bytes();
+        for entry in entries.flatten() {
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            if args.first() == Some(&binary) && args.contains(&dir) {
+                let pid = entry.file_name().to_string_lossy().into_owned();
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            }
+        }
     }
 
     /// SIGTERM and wait for a clean exit; returns the exit status.
@@ -150,40 +205,83 @@ pub async fn reserve_until_kill9(
     at_least: usize,
     request: fn(usize) -> pb::ReserveRequest,
 ) -> Vec<(usize, u64)> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let channel = server.channel().await;
-    let acked = std::sync::Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for worker in 0..workers {
-        let mut client = AccountServiceClient::new(channel.clone());
-        let acked = acked.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut done = Vec::new();
-            for n in 0.. {
-                let i = worker * 1_000_000 + n;
-                match client.reserve(request(i)).await {
-                    Ok(reply) => {
-                        let reply = reply.into_inner();
-                        assert_eq!(reply.result, pb::Result::Ok as i32);
-                        done.push((i, reply.sequence));
-                        acked.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(_) => return done,
-                }
-            }
-            done
-        }));
-    }
-    while acked.load(Ordering::Relaxed) < at_least {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let load = ReserveLoad::start(server, workers, request).await;
+    load.wait_acknowledged(at_least).await;
     server.kill9();
-    let mut acknowledged = Vec::new();
-    for t in tasks {
-        acknowledged.extend(t.await.unwrap());
-    }
+    let (acknowledged, _) = load.finish().await;
     assert!(acknowledged.len() >= at_least);
     acknowledged
+}
+
+/// Reserves per worker at most: the load stops by itself.
+const RESERVES_PER_WORKER_MAX: usize = 200_000;
+
+/// What one worker of a [`ReserveLoad`] got acknowledged, and the error that
+/// stopped it.
+type WorkerResult = (Vec<(usize, u64)>, Option<tonic::Status>);
+
+/// Concurrent clients reserving in a loop until their first error.
+pub struct ReserveLoad {
+    acknowledged: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<WorkerResult>>,
+}
+
+impl ReserveLoad {
+    pub async fn start(
+        server: &Server,
+        workers: usize,
+        request: fn(usize) -> pb::ReserveRequest,
+    ) -> ReserveLoad {
+        use std::sync::atomic::Ordering;
+        let channel = server.channel().await;
+        let acknowledged = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let tasks = (0..workers)
+            .map(|worker| {
+                let mut client = AccountServiceClient::new(channel.clone());
+                let acked = acknowledged.clone();
+                tokio::spawn(async move {
+                    let mut done = Vec::new();
+                    for n in 0..RESERVES_PER_WORKER_MAX {
+                        let i = worker * 1_000_000 + n;
+                        match client.reserve(request(i)).await {
+                            Ok(reply) => {
+                                let reply = reply.into_inner();
+                                assert_eq!(reply.result, pb::Result::Ok as i32);
+                                done.push((i, reply.sequence));
+                                acked.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(status) => return (done, Some(status)),
+                        }
+                    }
+                    (done, None)
+                })
+            })
+            .collect();
+        ReserveLoad {
+            acknowledged,
+            tasks,
+        }
+    }
+
+    pub async fn wait_acknowledged(&self, at_least: usize) {
+        while self.acknowledged.load(std::sync::atomic::Ordering::Relaxed) < at_least {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Waits for every worker to stop; returns every acknowledged
+    /// `(i, sequence)` and the error that stopped each worker (`None`: it
+    /// sent all it may).
+    pub async fn finish(self) -> (Vec<(usize, u64)>, Vec<Option<tonic::Status>>) {
+        let mut acknowledged = Vec::new();
+        let mut errors = Vec::new();
+        for t in self.tasks {
+            let (done, error) = t.await.unwrap();
+            acknowledged.extend(done);
+            errors.push(error);
+        }
+        (acknowledged, errors)
+    }
 }
 
 /// Asserts that each acknowledged `(i, sequence)` reservation `ord-{i}` of
