@@ -23,7 +23,7 @@ struct Tables {
     timestamp_ms: i64,
     accounts: HashMap<AccountId, Account>,
     reservations: HashMap<ReservationKey, Reservation>,
-    keys: BTreeMap<u64, (Id, IdempotencyEntry)>,
+    keys: BTreeMap<u64, (IdempotencyKey, IdempotencyEntry)>,
     keys_base: u64,
     offsets: HashMap<(Topic, i32), i64>,
 }

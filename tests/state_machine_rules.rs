@@ -3,7 +3,7 @@
 mod common;
 
 use account_service::domain::*;
-use account_service::state_machine::{EventKind, ReservationState, ResultCode};
+use account_service::state_machine::{EventKind, Outcome, ReservationState, ResultCode};
 use common::*;
 
 fn cash(h: &Harness, account: i64) -> (Decimal, Decimal) {
@@ -300,6 +300,43 @@ fn idempotency_replays_and_conflicts() {
 }
 
 #[test]
+fn request_ids_and_event_ids_never_collide() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "100");
+    let reserved = h.run(reserve_cash("same", 1, "o1", "10"));
+    assert_eq!(reserved.result, ResultCode::Ok);
+    // The Payment service's event id equals the Order service's request id.
+    let deposited = h.run(deposit("same", 1, usd(), "5"));
+    assert_eq!((deposited.result, deposited.replayed), (ResultCode::Ok, false));
+    assert_eq!(cash(&h, 1), (d("95"), d("10")));
+    // Each still replays within its own space.
+    let again = h.run(reserve_cash("same", 1, "o1", "10"));
+    assert!(again.replayed);
+    assert_eq!(again.sequence, reserved.sequence);
+    let again = h.run(deposit("same", 1, usd(), "5"));
+    assert!(again.replayed);
+    assert_eq!(again.sequence, deposited.sequence);
+    // And conflicts within its own space only.
+    assert_eq!(
+        h.run(withdraw("same", 1, usd(), "5")).result,
+        ResultCode::IdempotencyConflict
+    );
+    assert_eq!(
+        h.run(unreserve("same", 1, "o1", None)).result,
+        ResultCode::IdempotencyConflict
+    );
+    assert_eq!(cash(&h, 1), (d("95"), d("10")));
+    let spaces: Vec<_> = h
+        .state
+        .idempotency_entries()
+        .filter(|(k, _)| k.id == id("same"))
+        .map(|(k, _)| k.space)
+        .collect();
+    assert_eq!(spaces, [KeySpace::Requests, KeySpace::Events]);
+}
+
+#[test]
 fn expiry_by_journaled_tick() {
     let mut h = Harness::new();
     h.open(1);
@@ -391,4 +428,65 @@ fn released_cash_clears_overdrawn() {
     h.run(unreserve("u1", 1, "o1", None)); // +5 -> 3
     assert!(!h.state.account(AccountId(1)).unwrap().overdrawn);
     assert_eq!(h.state.overdrawn_accounts(), 0);
+}
+
+/// Design 3: the replay check comes before every other check.
+#[test]
+fn a_retried_reserve_replays_whatever_happened_since() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "100");
+    let at = h.now_ms + 1_000;
+    let expiring = reserve("r1", 1, "o1", ReservationKind::Cash, usd(), "10", Some(at));
+    let consumed = reserve_cash("r2", 1, "o2", "20");
+    let suspended = reserve_cash("r3", 1, "o3", "30");
+    let originals = [h.run(expiring), h.run(consumed), h.run(suspended)];
+    assert!(originals.iter().all(|o| o.result == ResultCode::Ok));
+
+    // The expiry passes (and a tick expires it), a fill consumes o2, the
+    // account is suspended.
+    h.now_ms = at + 5;
+    h.run(Command::Tick);
+    assert_eq!(
+        h.state.reservation(AccountId(1), &id("o1")).unwrap().state,
+        ReservationState::Expired
+    );
+    h.run(fill("f1", 1, "o2", "ACME", Side::Buy, "2", "10"));
+    assert_eq!(
+        h.state.reservation(AccountId(1), &id("o2")).unwrap().state,
+        ReservationState::Consumed
+    );
+    h.run(status("s1", 1, AccountStatus::Suspended));
+    let before = cash(&h, 1);
+
+    for (retry, original) in [expiring, consumed, suspended].into_iter().zip(originals) {
+        let again = h.run(retry);
+        assert!(again.replayed, "{retry:?}");
+        assert_eq!(again, Outcome { replayed: true, ..original });
+        assert!(h.events.is_empty());
+    }
+    assert_eq!(cash(&h, 1), before);
+}
+
+#[test]
+fn a_new_reserve_whose_expiry_passed_is_refused_and_journaled() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "100");
+    let at_now = reserve("r1", 1, "o1", ReservationKind::Cash, usd(), "10", Some(h.now_ms));
+    let o = h.run(at_now);
+    assert_eq!((o.result, o.replayed), (ResultCode::ExpiryPassed, false));
+    assert!(h.events.is_empty());
+    assert_eq!(cash(&h, 1), (d("100"), d("0")));
+    assert!(h.state.reservation(AccountId(1), &id("o1")).is_none());
+    // The key is recorded like any rejection: a retry replays the refusal.
+    let again = h.run(at_now);
+    assert_eq!(
+        (again.result, again.replayed, again.sequence),
+        (ResultCode::ExpiryPassed, true, o.sequence)
+    );
+    // One millisecond later than the journaled time is still in the future.
+    let later = Some(h.now_ms + 1);
+    let ok = h.run(reserve("r2", 1, "o1", ReservationKind::Cash, usd(), "10", later));
+    assert_eq!(ok.result, ResultCode::Ok);
 }

@@ -142,6 +142,34 @@ pub struct DeadLetter {
     pub reason: DeadLetterReason,
 }
 
+/// The two idempotency key spaces (design 3). They never collide: a
+/// `request_id` of the Order service or an operator can never block an
+/// `event_id` of the Matching engine or the Payment service, nor the reverse.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub enum KeySpace {
+    /// `request_id` of Reserve, Unreserve, OpenAccount, SetAccountStatus.
+    Requests = 1,
+    /// `event_id` of fills, deposits and withdrawals (Kafka or AdminService).
+    Events = 2,
+}
+
+impl KeySpace {
+    pub fn from_u8(v: u8) -> Option<KeySpace> {
+        match v {
+            1 => Some(KeySpace::Requests),
+            2 => Some(KeySpace::Events),
+            _ => None,
+        }
+    }
+}
+
+/// An idempotency key: the same id in the two spaces is two keys.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct IdempotencyKey {
+    pub space: KeySpace,
+    pub id: Id,
+}
+
 #[derive(Clone, Copy, PartialEq, Debug)]
 pub struct Reserve {
     pub request_id: Id,
@@ -221,17 +249,19 @@ pub enum Command {
 }
 
 impl Command {
-    /// The idempotency key (request_id or event_id); `None` for ticks.
-    pub fn key(&self) -> Option<&Id> {
-        match self {
-            Command::OpenAccount(c) => Some(&c.request_id),
-            Command::SetAccountStatus(c) => Some(&c.request_id),
-            Command::Reserve(c) => Some(&c.request_id),
-            Command::Unreserve(c) => Some(&c.request_id),
-            Command::Deposit(c) | Command::Withdraw(c) => Some(&c.event_id),
-            Command::Fill(c) => Some(&c.event_id),
-            Command::Tick | Command::DeadLetter(_) => None,
-        }
+    /// The idempotency key (request_id or event_id, in its space); `None`
+    /// for the commands that have none (ticks, dead letters, configuration).
+    pub fn key(&self) -> Option<IdempotencyKey> {
+        let (space, id) = match self {
+            Command::OpenAccount(c) => (KeySpace::Requests, c.request_id),
+            Command::SetAccountStatus(c) => (KeySpace::Requests, c.request_id),
+            Command::Reserve(c) => (KeySpace::Requests, c.request_id),
+            Command::Unreserve(c) => (KeySpace::Requests, c.request_id),
+            Command::Deposit(c) | Command::Withdraw(c) => (KeySpace::Events, c.event_id),
+            Command::Fill(c) => (KeySpace::Events, c.event_id),
+            Command::Tick | Command::DeadLetter(_) => return None,
+        };
+        Some(IdempotencyKey { space, id })
     }
 
     pub fn account_id(&self) -> Option<AccountId> {

@@ -1,7 +1,7 @@
 //! Reading and writing snapshot rows (tokio-postgres).
 
 use super::schema::MIGRATIONS;
-use crate::domain::{AccountId, AccountStatus, Asset, Id, ReservationKind, Topic};
+use crate::domain::{AccountId, AccountStatus, Asset, Id, IdempotencyKey, ReservationKind, Topic};
 use crate::state_machine::{
     Account, CashBalance, Delta, IdempotencyEntry, Position, Reservation, ReservationKey,
     ReservationState, Rows,
@@ -306,7 +306,7 @@ async fn write_reservations(
 
 async fn write_keys(
     tx: &tokio_postgres::Transaction<'_>,
-    keys: &[(u64, Id, IdempotencyEntry)],
+    keys: &[(u64, IdempotencyKey, IdempotencyEntry)],
 ) -> Result<(), SnapshotError> {
     let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
         return Ok(());

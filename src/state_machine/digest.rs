@@ -62,7 +62,8 @@ impl State {
         let mut keys: Vec<_> = self.idempotency_entries().collect();
         keys.sort_by_key(|(k, _)| **k);
         for (k, e) in keys {
-            h.update(k.as_bytes());
+            h.update(&[k.space as u8]);
+            h.update(k.id.as_bytes());
             h.update(&e.fingerprint.to_le_bytes());
             h.update(&e.recorded_at_ms.to_le_bytes());
             h.update(&[e.outcome.result as u8]);

@@ -19,7 +19,7 @@ mod types;
 pub use types::*;
 
 use crate::domain::{
-    AccountId, AccountStatus, CashMovement, Command, Decimal, Fill, Id, OpenAccount,
+    AccountId, AccountStatus, CashMovement, Command, Decimal, Fill, Id, IdempotencyKey, OpenAccount,
     ReservationKind, Reserve, SetAccountStatus, Side, Topic, Unreserve,
 };
 use rustc_hash::FxHashMap;
@@ -123,7 +123,9 @@ impl State {
     }
 
     /// Keys in their window, oldest first.
-    pub fn idempotency_entries(&self) -> impl Iterator<Item = (&Id, &IdempotencyEntry)> {
+    pub fn idempotency_entries(
+        &self,
+    ) -> impl Iterator<Item = (&IdempotencyKey, &IdempotencyEntry)> {
         self.idempotency.iter()
     }
 
@@ -199,7 +201,7 @@ impl State {
             return Outcome::new(ResultCode::Ok, sequence);
         };
         let fingerprint = command.fingerprint();
-        if let Some(entry) = self.idempotency.get(key) {
+        if let Some(entry) = self.idempotency.get(&key) {
             if entry.fingerprint == fingerprint {
                 return Outcome {
                     replayed: true,
@@ -212,7 +214,7 @@ impl State {
         let outcome = match command {
             Command::OpenAccount(c) => self.open_account(c, sequence, events),
             Command::SetAccountStatus(c) => self.set_status(c, sequence, events),
-            Command::Reserve(c) => self.reserve(c, sequence, events),
+            Command::Reserve(c) => self.reserve(c, sequence, now, events),
             Command::Unreserve(c) => self.unreserve(c, sequence, now, events),
             Command::Deposit(c) => self.deposit(c, sequence, events),
             Command::Withdraw(c) => self.withdraw(c, sequence, events),
@@ -221,7 +223,7 @@ impl State {
         };
         debug_assert!(!outcome.replayed && outcome.sequence == sequence);
         self.idempotency.insert(
-            *key,
+            key,
             IdempotencyEntry {
                 fingerprint,
                 outcome,
@@ -290,8 +292,20 @@ impl State {
         Outcome::new(ResultCode::Ok, seq)
     }
 
-    fn reserve<S: EventSink>(&mut self, c: &Reserve, seq: u64, events: &mut S) -> Outcome {
+    /// A new Reserve (a retry was answered by the key check before this).
+    fn reserve<S: EventSink>(
+        &mut self,
+        c: &Reserve,
+        seq: u64,
+        now: i64,
+        events: &mut S,
+    ) -> Outcome {
         debug_assert!(c.amount > Decimal::ZERO);
+        // Judged at the journaled time, not at the edge: a retry of an
+        // acknowledged Reserve replays even once its expiry has passed.
+        if c.expires_at_ms.is_some_and(|at| at <= now) {
+            return Outcome::new(ResultCode::ExpiryPassed, seq);
+        }
         let Some(account) = self.accounts.get_mut(&c.account_id) else {
             return Outcome::new(ResultCode::AccountNotFound, seq);
         };

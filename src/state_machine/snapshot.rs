@@ -37,7 +37,7 @@ pub struct Delta {
     pub reservations: Vec<Reservation>,
     pub removed_reservations: Vec<ReservationKey>,
     /// New keys with their ring positions.
-    pub keys: Vec<(u64, Id, IdempotencyEntry)>,
+    pub keys: Vec<(u64, IdempotencyKey, IdempotencyEntry)>,
     /// Keys at ring positions below this have left the window.
     pub keys_base: u64,
     pub offsets: Vec<(Topic, i32, i64)>,
@@ -50,7 +50,7 @@ pub struct Rows {
     pub timestamp_ms: i64,
     pub accounts: Vec<Account>,
     pub reservations: Vec<Reservation>,
-    pub keys: Vec<(u64, Id, IdempotencyEntry)>,
+    pub keys: Vec<(u64, IdempotencyKey, IdempotencyEntry)>,
     pub keys_base: u64,
     pub offsets: Vec<(Topic, i32, i64)>,
 }

@@ -20,6 +20,16 @@ pub enum ResultCode {
     AccountNotEmpty = 11,
     /// A fill settles in a currency other than the one its position was opened in.
     CurrencyMismatch = 12,
+    /// A balance, position, cost basis or P&L would leave 18 integer and 8
+    /// fractional digits: refused, nothing changes.
+    AmountOverflow = 13,
+    /// A new Reserve whose expiry is at or before its journaled timestamp.
+    ExpiryPassed = 14,
+    /// One malformed item of a batch or stream (never produced by `apply`).
+    InvalidArgument = 15,
+    /// An all-or-nothing batch item not applied because another item failed
+    /// (never produced by `apply` alone).
+    LinkedRequestFailed = 16,
 }
 
 impl ResultCode {
@@ -42,6 +52,10 @@ impl ResultCode {
             10 => AmountExceedsReservation,
             11 => AccountNotEmpty,
             12 => CurrencyMismatch,
+            13 => AmountOverflow,
+            14 => ExpiryPassed,
+            15 => InvalidArgument,
+            16 => LinkedRequestFailed,
             _ => return None,
         })
     }
@@ -62,6 +76,10 @@ impl ResultCode {
             AmountExceedsReservation => "AMOUNT_EXCEEDS_RESERVATION",
             AccountNotEmpty => "ACCOUNT_NOT_EMPTY",
             CurrencyMismatch => "CURRENCY_MISMATCH",
+            AmountOverflow => "AMOUNT_OVERFLOW",
+            ExpiryPassed => "EXPIRY_PASSED",
+            InvalidArgument => "INVALID_ARGUMENT",
+            LinkedRequestFailed => "LINKED_REQUEST_FAILED",
         }
     }
 }
