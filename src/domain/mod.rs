@@ -8,7 +8,7 @@ mod ids;
 pub use asset::{Asset, Currency, Symbol, SYMBOL_LEN_MAX};
 pub use command::{
     AccountStatus, CashMovement, Command, DeadLetter, DeadLetterReason, Fill, IdempotencyKey,
-    KeySpace, OpenAccount,
+    KeySpace, OpenAccount, StateConfig,
     ReservationKind, Reserve, SetAccountStatus, Side, Source, Topic, Unreserve,
 };
 pub use ids::{AccountId, Id, IdError, ID_LEN_MAX};

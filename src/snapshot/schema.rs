@@ -1,8 +1,9 @@
 //! Versioned migrations, applied at start-up in one transaction each.
 
 /// `(version, statements)`; append new versions, never edit old ones.
-pub const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
+pub const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
     "CREATE TABLE accounts (
         account_id bigint PRIMARY KEY,
         status text NOT NULL,
@@ -60,4 +61,16 @@ pub const MIGRATIONS: &[(i32, &str)] = &[(
         -- Account events are published to Kafka up to here (NULL: Kafka off).
         outbox_watermark bigint,
         written_at timestamptz NOT NULL DEFAULT now());",
-)];
+    ),
+    (
+        2,
+        // The state machine's settings at the snapshot's sequence
+        // (`Command::Configure`): replay goes on with them, whatever the
+        // flags. The defaults are `StateConfig::default()`, for a row
+        // written before this migration (nothing was deployed then).
+        "ALTER TABLE snapshot_meta
+            ADD COLUMN idempotency_window_ms bigint NOT NULL DEFAULT 86400000
+                CHECK (idempotency_window_ms > 0),
+            ADD COLUMN tick_work_max bigint NOT NULL DEFAULT 10000 CHECK (tick_work_max > 0);",
+    ),
+];

@@ -1,7 +1,9 @@
 //! Reading and writing snapshot rows (tokio-postgres).
 
 use super::schema::MIGRATIONS;
-use crate::domain::{AccountId, AccountStatus, Asset, Id, IdempotencyKey, ReservationKind, Topic};
+use crate::domain::{
+    AccountId, AccountStatus, Asset, Id, IdempotencyKey, ReservationKind, StateConfig, Topic,
+};
 use crate::state_machine::{
     Account, CashBalance, Delta, IdempotencyEntry, Position, Reservation, ReservationKey,
     ReservationState, Rows,
@@ -140,14 +142,18 @@ pub async fn write(
         .await?;
     }
     tx.execute(
-        "INSERT INTO snapshot_meta (id, sequence, timestamp_ms, keys_base, outbox_watermark) VALUES (1, $1, $2, $3, $4)
+        "INSERT INTO snapshot_meta (id, sequence, timestamp_ms, keys_base, outbox_watermark,
+                                    idempotency_window_ms, tick_work_max) VALUES (1, $1, $2, $3, $4, $5, $6)
          ON CONFLICT (id) DO UPDATE
-            SET sequence = $1, timestamp_ms = $2, keys_base = $3, outbox_watermark = $4, written_at = now()",
+            SET sequence = $1, timestamp_ms = $2, keys_base = $3, outbox_watermark = $4,
+                idempotency_window_ms = $5, tick_work_max = $6, written_at = now()",
         &[
             &(delta.sequence as i64),
             &delta.timestamp_ms,
             &(delta.keys_base as i64),
             &outbox_watermark.map(|w| w as i64),
+            &delta.config.idempotency_window_ms,
+            &i64::from(delta.config.tick_work_max),
         ],
     )
     .await?;
@@ -365,15 +371,25 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
         .await?;
     let Some(meta) = tx
         .query_opt(
-            "SELECT sequence, timestamp_ms, keys_base FROM snapshot_meta WHERE id = 1",
+            "SELECT sequence, timestamp_ms, keys_base, idempotency_window_ms, tick_work_max
+             FROM snapshot_meta WHERE id = 1",
             &[],
         )
         .await?
     else {
         return Ok(None);
     };
+    let config = StateConfig {
+        idempotency_window_ms: meta.get(3),
+        tick_work_max: u32::try_from(meta.get::<_, i64>(4))
+            .map_err(|_| SnapshotError::Row("snapshot_meta tick_work_max"))?,
+    };
+    if !config.is_valid() {
+        return Err(SnapshotError::Row("snapshot_meta state configuration"));
+    }
     let mut loaded = Rows {
         sequence: meta.get::<_, i64>(0) as u64,
+        config,
         timestamp_ms: meta.get(1),
         keys_base: meta.get::<_, i64>(2) as u64,
         ..Rows::default()

@@ -15,6 +15,8 @@ impl State {
         let mut h = Xxh3::new();
         h.update(&self.last_sequence().to_le_bytes());
         h.update(&self.last_timestamp_ms().to_le_bytes());
+        h.update(&self.config().idempotency_window_ms.to_le_bytes());
+        h.update(&self.config().tick_work_max.to_le_bytes());
         let mut accounts: Vec<_> = self.accounts().collect();
         accounts.sort_by_key(|a| a.account_id);
         for a in accounts {

@@ -18,6 +18,9 @@ mod types;
 
 pub use types::*;
 
+/// Defined with the commands: [`Command::Configure`] journals it.
+pub use crate::domain::StateConfig;
+
 use crate::domain::{
     AccountId, AccountStatus, CashMovement, Command, Decimal, Fill, Id, IdempotencyKey, OpenAccount,
     ReservationKind, Reserve, SetAccountStatus, Side, Topic, Unreserve,
@@ -25,27 +28,6 @@ use crate::domain::{
 use rustc_hash::FxHashMap;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, VecDeque};
-
-/// Limits and windows of the state machine. Part of the deterministic input:
-/// replay must use the values the journal was written with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StateConfig {
-    /// How long idempotency keys, and closed reservations (with their
-    /// `(account_id, order_id)`), are kept, in journaled time.
-    pub idempotency_window_ms: i64,
-    /// Most expiries plus prunings one tick performs; the rest waits for the next
-    /// tick, so one tick never stalls the writer.
-    pub tick_work_max: usize,
-}
-
-impl Default for StateConfig {
-    fn default() -> Self {
-        StateConfig {
-            idempotency_window_ms: 24 * 3600 * 1000,
-            tick_work_max: 10_000,
-        }
-    }
-}
 
 /// What the idempotency table remembers of a key.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -78,14 +60,15 @@ pub struct State {
 
 impl State {
     pub fn new(config: StateConfig) -> State {
-        assert!(config.idempotency_window_ms > 0);
-        assert!(config.tick_work_max > 0);
+        assert!(config.is_valid(), "{config:?}");
         State {
             config,
             ..State::default()
         }
     }
 
+    /// The settings in force: [`StateConfig::default`] for a fresh state,
+    /// then those of the last journaled [`Command::Configure`].
     pub fn config(&self) -> &StateConfig {
         &self.config
     }
@@ -191,9 +174,15 @@ impl State {
             }
             *last = source.offset;
         }
-        if let Command::DeadLetter(_) = command {
+        match command {
             // Only the offset moves: the DLQ record is derived from the journal.
-            return Outcome::new(ResultCode::Ok, sequence);
+            Command::DeadLetter(_) => return Outcome::new(ResultCode::Ok, sequence),
+            Command::Configure(config) => {
+                assert!(config.is_valid(), "validated before journaling");
+                self.config = *config;
+                return Outcome::new(ResultCode::Ok, sequence);
+            }
+            _ => {}
         }
 
         let Some(key) = command.key() else {
@@ -219,7 +208,9 @@ impl State {
             Command::Deposit(c) => self.deposit(c, sequence, events),
             Command::Withdraw(c) => self.withdraw(c, sequence, events),
             Command::Fill(c) => self.fill(c, sequence, now, events),
-            Command::Tick | Command::DeadLetter(_) => unreachable!("no key"),
+            Command::Tick | Command::DeadLetter(_) | Command::Configure(_) => {
+                unreachable!("no key")
+            }
         };
         debug_assert!(!outcome.replayed && outcome.sequence == sequence);
         self.idempotency.insert(

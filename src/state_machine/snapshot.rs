@@ -30,6 +30,8 @@ pub(super) struct Dirty {
 #[derive(Clone, Debug, Default)]
 pub struct Delta {
     pub sequence: u64,
+    /// The settings in force (written with every delta: `snapshot_meta`).
+    pub config: StateConfig,
     /// Every row of the state: the writer replaces the tables' contents.
     pub full: bool,
     pub timestamp_ms: i64,
@@ -47,6 +49,7 @@ pub struct Delta {
 #[derive(Clone, Debug, Default)]
 pub struct Rows {
     pub sequence: u64,
+    pub config: StateConfig,
     pub timestamp_ms: i64,
     pub accounts: Vec<Account>,
     pub reservations: Vec<Reservation>,
@@ -100,6 +103,7 @@ impl State {
         let keys_from = dirty.keys_from.max(self.idempotency.base());
         let delta = Delta {
             sequence: self.last_sequence,
+            config: self.config,
             full: dirty.full,
             timestamp_ms: self.last_timestamp_ms,
             accounts: dirty
@@ -132,9 +136,10 @@ impl State {
 
     /// Rebuilds the exact state a snapshot was taken of: the rows, plus the
     /// indexes derived from them (expiries, the closed-reservation queue in
-    /// closing order, the key ring in recording order, counters).
-    pub fn restore(config: StateConfig, rows: Rows) -> State {
-        let mut state = State::new(config);
+    /// closing order, the key ring in recording order, counters), with the
+    /// settings that were in force.
+    pub fn restore(rows: Rows) -> State {
+        let mut state = State::new(rows.config);
         state.last_sequence = rows.sequence;
         state.last_timestamp_ms = rows.timestamp_ms;
         for mut account in rows.accounts {
