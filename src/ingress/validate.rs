@@ -186,10 +186,12 @@ pub fn fill(r: &events::FillEvent, source: Option<Source>) -> Result<Fill, Field
     let price = positive("fill_price", &r.fill_price)?;
     let filled_amount =
         parse_amount(&r.filled_amount).map_err(|e| err("filled_amount", e.to_string()))?;
-    let notional = price
-        .checked_mul(quantity)
-        .map(amount::round)
-        .ok_or_else(|| err("filled_amount", "fill_price x quantity overflows"))?;
+    let notional = amount::notional(price, quantity).ok_or_else(|| {
+        err(
+            "filled_amount",
+            "fill_price x quantity leaves 18 integer digits (amount overflow)",
+        )
+    })?;
     if notional != filled_amount {
         return Err(err(
             "filled_amount",
@@ -248,6 +250,14 @@ mod tests {
         f.quantity = "0.5".into();
         f.filled_amount = "0.50000002".into();
         assert!(fill(&f, None).is_ok());
+        // A product past the range is malformed, never rounded into it.
+        let mut f = good_fill();
+        f.fill_price = "999999999999999999.99999999".into();
+        f.quantity = "2".into();
+        f.filled_amount = "999999999999999999.99999999".into();
+        let e = fill(&f, None).unwrap_err();
+        assert_eq!(e.field, "filled_amount");
+        assert!(e.reason.contains("amount overflow"), "{e}");
     }
 
     #[test]

@@ -213,6 +213,18 @@ pub struct Position {
 }
 
 impl Position {
+    /// No shares, no cost, settling in `currency`.
+    pub fn flat(symbol: Symbol, currency: Currency) -> Position {
+        Position {
+            symbol,
+            quantity: Decimal::ZERO,
+            reserved_quantity: Decimal::ZERO,
+            cost_basis: Decimal::ZERO,
+            realized_pnl: Decimal::ZERO,
+            currency,
+        }
+    }
+
     /// `cost_basis / quantity`, half-even to 8 fractional digits; 0 when flat.
     pub fn average_price(&self) -> Decimal {
         if self.quantity.is_zero() {
@@ -284,14 +296,7 @@ impl Account {
         let i = match self.positions.iter().position(|p| p.symbol == symbol) {
             Some(i) => i,
             None => {
-                self.positions.push(Position {
-                    symbol,
-                    quantity: Decimal::ZERO,
-                    reserved_quantity: Decimal::ZERO,
-                    cost_basis: Decimal::ZERO,
-                    realized_pnl: Decimal::ZERO,
-                    currency,
-                });
+                self.positions.push(Position::flat(symbol, currency));
                 self.positions.len() - 1
             }
         };
