@@ -490,3 +490,130 @@ fn a_new_reserve_whose_expiry_passed_is_refused_and_journaled() {
     let ok = h.run(reserve("r2", 1, "o1", ReservationKind::Cash, usd(), "10", later));
     assert_eq!(ok.result, ResultCode::Ok);
 }
+
+const MAX: &str = "999999999999999999.99999999";
+
+/// The account's whole state, to show a refused command changed nothing.
+fn account_state(h: &Harness, account: i64) -> String {
+    format!("{:?}", h.state.account(AccountId(account)).unwrap())
+}
+
+#[test]
+fn a_deposit_onto_a_near_max_balance_overflows_and_changes_nothing() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "999999999999999999.99999998");
+    let before = account_state(&h, 1);
+    let o = h.deposit("d2", 1, "0.00000002");
+    assert_eq!(o.result, ResultCode::AmountOverflow);
+    assert_eq!(o.available, d("999999999999999999.99999998"));
+    assert!(h.events.is_empty());
+    assert_eq!(account_state(&h, 1), before);
+    // Journaled like any rejection: the retry replays the refusal.
+    let again = h.deposit("d2", 1, "0.00000002");
+    assert_eq!(
+        (again.result, again.replayed, again.sequence),
+        (ResultCode::AmountOverflow, true, o.sequence)
+    );
+    // Exactly up to the limit is fine.
+    assert_eq!(h.deposit("d3", 1, "0.00000001").available, d(MAX));
+}
+
+/// Reserved cash counts: once released it must fit `available`, and an
+/// expiry cannot be refused, so a balance's total stays in range.
+#[test]
+fn reserving_near_max_keeps_the_total_and_releases_always_fit() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, MAX);
+    let at = h.now_ms + 1_000;
+    let o = h.run(reserve("r1", 1, "o1", ReservationKind::Cash, usd(), MAX, Some(at)));
+    assert_eq!((o.result, o.available, o.reserved), (ResultCode::Ok, d("0"), d(MAX)));
+    // available 0 + 1 fits, but the total would be MAX + 1.
+    let before = account_state(&h, 1);
+    assert_eq!(h.deposit("d2", 1, "1").result, ResultCode::AmountOverflow);
+    assert_eq!(account_state(&h, 1), before);
+    h.now_ms = at;
+    h.run(Command::Tick);
+    assert_eq!(cash(&h, 1), (d(MAX), d("0")));
+    assert_eq!(h.events[0].kind, EventKind::ReservationExpired);
+}
+
+#[test]
+fn a_buy_fill_whose_cost_basis_would_overflow_changes_nothing() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, MAX);
+    h.run(fill("f1", 1, "b1", "ACME", Side::Buy, "1", "999999999999999999"));
+    assert_eq!(cash(&h, 1), (d("0.99999999"), d("0")));
+    h.run(reserve_cash("r1", 1, "b2", "0.5"));
+    let before = account_state(&h, 1);
+    // Cost basis 999999999999999999 + 1 = 10^18.
+    let o = h.run(fill("f2", 1, "b2", "ACME", Side::Buy, "1", "1"));
+    assert_eq!(o.result, ResultCode::AmountOverflow);
+    assert!(h.events.is_empty());
+    assert_eq!(account_state(&h, 1), before);
+    let r = h.state.reservation(AccountId(1), &id("b2")).unwrap();
+    assert_eq!((r.state, r.remaining), (ReservationState::Open, d("0.5")));
+}
+
+#[test]
+fn a_sell_fill_whose_pnl_would_overflow_changes_nothing() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "1");
+    // Bought 2 for 0.00000002, sold 1 for 999999999999999999: P&L
+    // 999999999999999998.99999999 (cost removed 0.00000001).
+    h.run(fill("f1", 1, "b1", "ACME", Side::Buy, "2", "0.00000001"));
+    h.run(fill("f2", 1, "s1", "ACME", Side::Sell, "1", "999999999999999998"));
+    h.withdraw_all(1);
+    assert_eq!(
+        position(&h, 1, "ACME").realized_pnl,
+        d("999999999999999997.99999999")
+    );
+    h.run(reserve_shares("r1", 1, "s2", "ACME", "1"));
+    let before = account_state(&h, 1);
+    // Selling the last share for 3: P&L + 3 - 0.00000001 > MAX.
+    let o = h.run(fill("f3", 1, "s2", "ACME", Side::Sell, "1", "3"));
+    assert_eq!(o.result, ResultCode::AmountOverflow);
+    assert_eq!(account_state(&h, 1), before);
+    assert_eq!(
+        h.state.reservation(AccountId(1), &id("s2")).unwrap().remaining,
+        d("1")
+    );
+}
+
+#[test]
+fn a_sell_fill_whose_proceeds_would_overflow_cash_changes_nothing() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, MAX);
+    let before = account_state(&h, 1);
+    // An oversell (no shares): the proceeds 1 would take cash past MAX.
+    let o = h.run(fill("f1", 1, "s1", "ACME", Side::Sell, "1", "1"));
+    assert_eq!(o.result, ResultCode::AmountOverflow);
+    assert_eq!(account_state(&h, 1), before);
+    assert!(position_absent(&h, 1, "ACME"), "no position row is created");
+}
+
+#[test]
+fn a_buy_fill_overdrawing_past_the_range_changes_nothing() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "1");
+    h.run(fill("f1", 1, "b1", "ACME", Side::Buy, "1", "999999999999999999"));
+    assert_eq!(cash(&h, 1), (d("-999999999999999998"), d("0")));
+    let before = account_state(&h, 1);
+    // Another 2 below: -1000000000000000000.
+    let o = h.run(fill("f2", 1, "b2", "OTHER", Side::Buy, "1", "2"));
+    assert_eq!(o.result, ResultCode::AmountOverflow);
+    assert_eq!(account_state(&h, 1), before);
+}
+
+fn position_absent(h: &Harness, account: i64, symbol: &str) -> bool {
+    h.state
+        .account(AccountId(account))
+        .unwrap()
+        .position(sym(symbol))
+        .is_none()
+}
