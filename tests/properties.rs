@@ -65,7 +65,8 @@ fn conserved(h: &mut Harness, steps: Vec<Step>) -> Result<usize, TestCaseError> 
         prop_assert_eq!(
             expected.get(&cur).copied().unwrap_or_default(),
             held.get(&cur).copied().unwrap_or_default(),
-            "conservation of {}", cur
+            "conservation of {}",
+            cur
         );
     }
     Ok(overflows)

@@ -308,7 +308,10 @@ fn request_ids_and_event_ids_never_collide() {
     assert_eq!(reserved.result, ResultCode::Ok);
     // The Payment service's event id equals the Order service's request id.
     let deposited = h.run(deposit("same", 1, usd(), "5"));
-    assert_eq!((deposited.result, deposited.replayed), (ResultCode::Ok, false));
+    assert_eq!(
+        (deposited.result, deposited.replayed),
+        (ResultCode::Ok, false)
+    );
     assert_eq!(cash(&h, 1), (d("95"), d("10")));
     // Each still replays within its own space.
     let again = h.run(reserve_cash("same", 1, "o1", "10"));
@@ -462,7 +465,13 @@ fn a_retried_reserve_replays_whatever_happened_since() {
     for (retry, original) in [expiring, consumed, suspended].into_iter().zip(originals) {
         let again = h.run(retry);
         assert!(again.replayed, "{retry:?}");
-        assert_eq!(again, Outcome { replayed: true, ..original });
+        assert_eq!(
+            again,
+            Outcome {
+                replayed: true,
+                ..original
+            }
+        );
         assert!(h.events.is_empty());
     }
     assert_eq!(cash(&h, 1), before);
@@ -473,7 +482,15 @@ fn a_new_reserve_whose_expiry_passed_is_refused_and_journaled() {
     let mut h = Harness::new();
     h.open(1);
     h.deposit("d1", 1, "100");
-    let at_now = reserve("r1", 1, "o1", ReservationKind::Cash, usd(), "10", Some(h.now_ms));
+    let at_now = reserve(
+        "r1",
+        1,
+        "o1",
+        ReservationKind::Cash,
+        usd(),
+        "10",
+        Some(h.now_ms),
+    );
     let o = h.run(at_now);
     assert_eq!((o.result, o.replayed), (ResultCode::ExpiryPassed, false));
     assert!(h.events.is_empty());
@@ -487,7 +504,15 @@ fn a_new_reserve_whose_expiry_passed_is_refused_and_journaled() {
     );
     // One millisecond later than the journaled time is still in the future.
     let later = Some(h.now_ms + 1);
-    let ok = h.run(reserve("r2", 1, "o1", ReservationKind::Cash, usd(), "10", later));
+    let ok = h.run(reserve(
+        "r2",
+        1,
+        "o1",
+        ReservationKind::Cash,
+        usd(),
+        "10",
+        later,
+    ));
     assert_eq!(ok.result, ResultCode::Ok);
 }
 
@@ -527,8 +552,19 @@ fn reserving_near_max_keeps_the_total_and_releases_always_fit() {
     h.open(1);
     h.deposit("d1", 1, MAX);
     let at = h.now_ms + 1_000;
-    let o = h.run(reserve("r1", 1, "o1", ReservationKind::Cash, usd(), MAX, Some(at)));
-    assert_eq!((o.result, o.available, o.reserved), (ResultCode::Ok, d("0"), d(MAX)));
+    let o = h.run(reserve(
+        "r1",
+        1,
+        "o1",
+        ReservationKind::Cash,
+        usd(),
+        MAX,
+        Some(at),
+    ));
+    assert_eq!(
+        (o.result, o.available, o.reserved),
+        (ResultCode::Ok, d("0"), d(MAX))
+    );
     // available 0 + 1 fits, but the total would be MAX + 1.
     let before = account_state(&h, 1);
     assert_eq!(h.deposit("d2", 1, "1").result, ResultCode::AmountOverflow);
@@ -544,7 +580,15 @@ fn a_buy_fill_whose_cost_basis_would_overflow_changes_nothing() {
     let mut h = Harness::new();
     h.open(1);
     h.deposit("d1", 1, MAX);
-    h.run(fill("f1", 1, "b1", "ACME", Side::Buy, "1", "999999999999999999"));
+    h.run(fill(
+        "f1",
+        1,
+        "b1",
+        "ACME",
+        Side::Buy,
+        "1",
+        "999999999999999999",
+    ));
     assert_eq!(cash(&h, 1), (d("0.99999999"), d("0")));
     h.run(reserve_cash("r1", 1, "b2", "0.5"));
     let before = account_state(&h, 1);
@@ -565,7 +609,15 @@ fn a_sell_fill_whose_pnl_would_overflow_changes_nothing() {
     // Bought 2 for 0.00000002, sold 1 for 999999999999999999: P&L
     // 999999999999999998.99999999 (cost removed 0.00000001).
     h.run(fill("f1", 1, "b1", "ACME", Side::Buy, "2", "0.00000001"));
-    h.run(fill("f2", 1, "s1", "ACME", Side::Sell, "1", "999999999999999998"));
+    h.run(fill(
+        "f2",
+        1,
+        "s1",
+        "ACME",
+        Side::Sell,
+        "1",
+        "999999999999999998",
+    ));
     h.withdraw_all(1);
     assert_eq!(
         position(&h, 1, "ACME").realized_pnl,
@@ -578,7 +630,10 @@ fn a_sell_fill_whose_pnl_would_overflow_changes_nothing() {
     assert_eq!(o.result, ResultCode::AmountOverflow);
     assert_eq!(account_state(&h, 1), before);
     assert_eq!(
-        h.state.reservation(AccountId(1), &id("s2")).unwrap().remaining,
+        h.state
+            .reservation(AccountId(1), &id("s2"))
+            .unwrap()
+            .remaining,
         d("1")
     );
 }
@@ -601,7 +656,15 @@ fn a_buy_fill_overdrawing_past_the_range_changes_nothing() {
     let mut h = Harness::new();
     h.open(1);
     h.deposit("d1", 1, "1");
-    h.run(fill("f1", 1, "b1", "ACME", Side::Buy, "1", "999999999999999999"));
+    h.run(fill(
+        "f1",
+        1,
+        "b1",
+        "ACME",
+        Side::Buy,
+        "1",
+        "999999999999999999",
+    ));
     assert_eq!(cash(&h, 1), (d("-999999999999999998"), d("0")));
     let before = account_state(&h, 1);
     // Another 2 below: -1000000000000000000.

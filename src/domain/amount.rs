@@ -213,10 +213,20 @@ mod tests {
 
     #[test]
     fn the_range_is_18_integer_and_8_fractional_digits_either_sign() {
-        for v in ["999999999999999999.99999999", "-999999999999999999.99999999", "0", "0.00000001"] {
+        for v in [
+            "999999999999999999.99999999",
+            "-999999999999999999.99999999",
+            "0",
+            "0.00000001",
+        ] {
             assert!(in_range(d(v)), "{v}");
         }
-        for v in ["1000000000000000000", "-1000000000000000000", "0.000000001", "1.000000000"] {
+        for v in [
+            "1000000000000000000",
+            "-1000000000000000000",
+            "0.000000001",
+            "1.000000000",
+        ] {
             assert!(!in_range(d(v)), "{v}");
         }
         let max = d("999999999999999999.99999999");
@@ -240,6 +250,9 @@ mod tests {
         let max = d("999999999999999999.99999999");
         assert_eq!(notional(max, max), None);
         assert_eq!(notional(max, d("1")), Some(max));
-        assert_eq!(notional(d("0.00000001"), d("0.00000001")), Some(Decimal::ZERO));
+        assert_eq!(
+            notional(d("0.00000001"), d("0.00000001")),
+            Some(Decimal::ZERO)
+        );
     }
 }

@@ -189,11 +189,7 @@ mod tests {
             partition: 0,
             offset: 1,
         };
-        let text = reason_text(
-            DlqReason::Rejected(ResultCode::AmountOverflow),
-            source,
-            &[],
-        );
+        let text = reason_text(DlqReason::Rejected(ResultCode::AmountOverflow), source, &[]);
         assert!(text.starts_with("amount overflow"), "{text}");
         let text = reason_text(
             DlqReason::Rejected(ResultCode::CurrencyMismatch),

@@ -144,7 +144,10 @@ mod tests {
         for v in 1..=16u8 {
             let code = ResultCode::from_u8(v).expect("a result code");
             assert_eq!(result(code) as i32, i32::from(v), "{}", code.name());
-            assert_eq!(result(code).as_str_name(), format!("RESULT_{}", code.name()));
+            assert_eq!(
+                result(code).as_str_name(),
+                format!("RESULT_{}", code.name())
+            );
         }
         assert!(ResultCode::from_u8(17).is_none());
     }

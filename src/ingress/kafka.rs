@@ -565,7 +565,11 @@ mod tests {
         f.order_id = "o\n1".into();
         let r = decode(Topic::Fills, &f.encode_to_vec(), source()).unwrap_err();
         assert_eq!(r.reason, DeadLetterReason::InvalidField);
-        assert!(r.text.starts_with("order_id: must not contain control"), "{}", r.text);
+        assert!(
+            r.text.starts_with("order_id: must not contain control"),
+            "{}",
+            r.text
+        );
         let deposit = events::DepositEvent {
             event_id: "dep\u{7f}".into(),
             account_id: 1,
@@ -578,6 +582,10 @@ mod tests {
             ..source()
         };
         let r = decode(Topic::Deposits, &deposit.encode_to_vec(), at).unwrap_err();
-        assert!(r.text.starts_with("event_id: must not contain control"), "{}", r.text);
+        assert!(
+            r.text.starts_with("event_id: must not contain control"),
+            "{}",
+            r.text
+        );
     }
 }

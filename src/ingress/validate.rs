@@ -88,12 +88,10 @@ pub fn reserve(
                 "must be 0 (none) or unix milliseconds",
             ))
         }
-        at if at <= now_ms.saturating_sub(idempotency_window_ms) => {
-            return Err(err(
-                "expires_at_ms",
-                "is older than the idempotency window: no retry of an earlier request can be that old",
-            ))
-        }
+        at if at <= now_ms.saturating_sub(idempotency_window_ms) => return Err(err(
+            "expires_at_ms",
+            "is older than the idempotency window: no retry of an earlier request can be that old",
+        )),
         at => Some(at),
     };
     Ok(Reserve {
@@ -294,7 +292,10 @@ mod tests {
         };
         let window = 500;
         // Past, but within the window: the state machine decides (a retry replays).
-        assert_eq!(reserve(&r, 1_499, window).unwrap().expires_at_ms, Some(1_000));
+        assert_eq!(
+            reserve(&r, 1_499, window).unwrap().expires_at_ms,
+            Some(1_000)
+        );
         assert_eq!(reserve(&r, 999, window).unwrap().expires_at_ms, Some(1_000));
         // Older than the window: no retry can be that old.
         let e = reserve(&r, 1_500, window).unwrap_err();
@@ -302,7 +303,10 @@ mod tests {
         assert!(e.reason.contains("idempotency window"), "{e}");
         let mut negative = r.clone();
         negative.expires_at_ms = -1;
-        assert_eq!(reserve(&negative, 0, window).unwrap_err().field, "expires_at_ms");
+        assert_eq!(
+            reserve(&negative, 0, window).unwrap_err().field,
+            "expires_at_ms"
+        );
         let mut r2 = r.clone();
         r2.kind = 0;
         assert_eq!(reserve(&r2, 0, window).unwrap_err().field, "kind");

@@ -4,7 +4,7 @@
 pub const MIGRATIONS: &[(i32, &str)] = &[
     (
         1,
-    "CREATE TABLE accounts (
+        "CREATE TABLE accounts (
         account_id bigint PRIMARY KEY,
         status text NOT NULL,
         base_currency text NOT NULL,

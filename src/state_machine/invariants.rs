@@ -14,8 +14,8 @@
 //!   fractional digits ([`amount::in_range`]);
 //! * the overdrawn flag and counter agree with the balances.
 
-use super::{ReservationState, State};
 use super::Account;
+use super::{ReservationState, State};
 use crate::domain::{amount, AccountId, Decimal, ReservationKind};
 use rustc_hash::FxHashMap;
 
@@ -31,7 +31,12 @@ fn out_of_range(account: &Account) -> Option<&'static str> {
         }
     }
     for p in &account.positions {
-        let kept = [p.quantity, p.reserved_quantity, p.cost_basis, p.realized_pnl];
+        let kept = [
+            p.quantity,
+            p.reserved_quantity,
+            p.cost_basis,
+            p.realized_pnl,
+        ];
         if !kept.into_iter().all(amount::in_range) {
             return Some("position");
         }
@@ -124,7 +129,9 @@ pub fn check(state: &State) -> Result<(), String> {
         }
         overdrawn += u64::from(a.overdrawn);
         if let Some(what) = out_of_range(a) {
-            return Err(format!("{id}: {what} beyond 18 integer / 8 fractional digits"));
+            return Err(format!(
+                "{id}: {what} beyond 18 integer / 8 fractional digits"
+            ));
         }
         if a.open_reservations != open_count.get(&id).copied().unwrap_or(0) {
             return Err(format!("{id}: open reservation count"));

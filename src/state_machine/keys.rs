@@ -88,7 +88,10 @@ impl KeyTable {
     }
 
     /// Keys at positions `from..`, with their positions.
-    pub fn since(&self, from: u64) -> impl Iterator<Item = (u64, &IdempotencyKey, &IdempotencyEntry)> {
+    pub fn since(
+        &self,
+        from: u64,
+    ) -> impl Iterator<Item = (u64, &IdempotencyKey, &IdempotencyEntry)> {
         let skip = from.saturating_sub(self.base) as usize;
         self.ring
             .iter()

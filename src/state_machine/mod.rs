@@ -23,8 +23,8 @@ pub use crate::domain::StateConfig;
 
 use crate::domain::{
     amount, AccountId, AccountStatus, CashMovement, Command, Currency, Decimal, Fill, Id,
-    IdempotencyKey, OpenAccount,
-    ReservationKind, Reserve, SetAccountStatus, Side, Topic, Unreserve,
+    IdempotencyKey, OpenAccount, ReservationKind, Reserve, SetAccountStatus, Side, Topic,
+    Unreserve,
 };
 use rustc_hash::FxHashMap;
 use std::collections::hash_map::Entry;
@@ -323,8 +323,8 @@ impl State {
         }
         // Cash moves within one balance (its total stays in range), shares
         // lock at most the quantity: checked all the same.
-        let after = amount::checked_sub(available, c.amount)
-            .zip(amount::checked_add(reserved, c.amount));
+        let after =
+            amount::checked_sub(available, c.amount).zip(amount::checked_add(reserved, c.amount));
         let Some((available_after, reserved_after)) = after else {
             return reject(ResultCode::AmountOverflow);
         };
@@ -437,9 +437,8 @@ impl State {
         let Some(available) = amount::checked_add(available, c.amount)
             .filter(|&after| cash_in_range(after, reserved))
         else {
-            return Outcome::new(ResultCode::AmountOverflow, seq).with_balance(
-                c.currency, available, reserved,
-            );
+            return Outcome::new(ResultCode::AmountOverflow, seq)
+                .with_balance(c.currency, available, reserved);
         };
         account.cash_entry(c.currency).available = available;
         events.push(
@@ -651,7 +650,12 @@ struct Settlement {
 /// The balances after fill `c`, `consumed` of which comes from its order's
 /// reservation (cash for a buy, shares for a sell); `None` if a kept value
 /// would leave the range. Reads only.
-fn settle(account: &Account, c: &Fill, currency: Currency, consumed: Decimal) -> Option<Settlement> {
+fn settle(
+    account: &Account,
+    c: &Fill,
+    currency: Currency,
+    consumed: Decimal,
+) -> Option<Settlement> {
     let (available, reserved) = balance_of(account, ReservationKind::Cash, currency);
     let (available, reserved) = match c.side {
         Side::Buy => (

@@ -69,7 +69,11 @@ pub fn traded(before: &Position, dq: Decimal, amount: Decimal) -> Option<Positio
     let closing_value = pro_rata(value, closed, dq.abs())?;
     // Intermediate sums of in-range values fit the mantissa; only what is
     // kept is held to the range.
-    p.realized_pnl = kept(p.realized_pnl.checked_sub(closing_value)?.checked_sub(removed)?)?;
+    p.realized_pnl = kept(
+        p.realized_pnl
+            .checked_sub(closing_value)?
+            .checked_sub(removed)?,
+    )?;
     p.cost_basis = kept(p.cost_basis.checked_sub(removed)?)?;
     let signed_closed = if dq.is_sign_positive() {
         closed
