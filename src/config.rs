@@ -103,7 +103,8 @@ pub struct ServeArgs {
     pub batch_size_max: usize,
 
     /// How long idempotency keys and closed reservations are kept, in seconds.
-    /// Must not change between runs over the same WAL: replay uses it.
+    /// A change is journaled at start-up and applies from then on; history
+    /// keeps the window it was decided with.
     #[arg(
         long,
         env = "ACCOUNT_IDEMPOTENCY_WINDOW_SECS",
@@ -168,6 +169,8 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("--wal-segment-mib must be between 1 and 4096")]
     SegmentSize,
+    #[error("--idempotency-window-secs is too large (milliseconds must fit an i64)")]
+    WindowTooLong,
     #[error("Kafka topic names must be distinct and non-empty")]
     Topics,
 }
@@ -236,8 +239,12 @@ impl ServeArgs {
         config.queue_capacity = self.queue_capacity;
         config.batch_size_max = self.batch_size_max;
         config.pin_core = !self.no_pin;
+        let idempotency_window_ms = i64::try_from(self.idempotency_window_secs)
+            .ok()
+            .and_then(|secs| secs.checked_mul(1000))
+            .ok_or(ConfigError::WindowTooLong)?;
         config.state = StateConfig {
-            idempotency_window_ms: (self.idempotency_window_secs * 1000) as i64,
+            idempotency_window_ms,
             ..StateConfig::default()
         };
         Ok(config)

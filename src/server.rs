@@ -74,6 +74,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         }
         None => None,
     };
+    let idempotency_window_ms = engine_config.state.idempotency_window_ms;
     let engine = Engine::start(engine_config, metrics.clone())?;
     let handle = engine.handle();
     let consumer = match kafka {
@@ -99,7 +100,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let service = Service::new(handle, metrics.clone());
+    let service = Service::new(handle, metrics.clone(), idempotency_window_ms);
     tokio::spawn(signal_stop(stop_tx.clone()));
     let metrics_task = tokio::spawn(metrics::serve(
         metrics_listener,

@@ -226,6 +226,8 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
                 ..reserve("r", 1, "o", "1")
             },
         ),
+        ("request_id", reserve("r\n1", 1, "o", "1")),
+        ("order_id", reserve("r", 1, "o\u{7f}", "1")),
         ("account_id", reserve("r", 0, "o", "1")),
         ("account_id", reserve("r", -5, "o", "1")),
         ("order_id", reserve("r", 1, "", "1")),
@@ -400,4 +402,38 @@ async fn business_rejections_are_results_not_errors() {
         .unwrap()
         .into_inner();
     assert_eq!(other.result, pb::Result::AccountAlreadyExists as i32);
+
+    // Design 3: a retry replays its original reply even once its expiry has
+    // passed; a new Reserve with that expiry is RESULT_EXPIRY_PASSED.
+    admin.deposit(deposit("dep-7", 7, "100")).await.unwrap();
+    let expires_at_ms = account_service::engine::now_ms() + 200;
+    let expiring = |request_id: &str, order_id: &str| pb::ReserveRequest {
+        expires_at_ms,
+        ..reserve(request_id, 7, order_id, "10")
+    };
+    let first = accounts
+        .reserve(expiring("r2", "o2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.result, pb::Result::Ok as i32);
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let retry = accounts
+        .reserve(expiring("r2", "o2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (retry.result, retry.replayed, retry.sequence),
+        (pb::Result::Ok as i32, true, first.sequence)
+    );
+    let late = accounts
+        .reserve(expiring("r3", "o3"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (late.result, late.replayed),
+        (pb::Result::ExpiryPassed as i32, false)
+    );
 }

@@ -9,7 +9,7 @@ use account_service::engine::{Engine, EngineConfig, Phase, Query, Reply, Request
 use account_service::metrics::Metrics;
 use account_service::proto::account::v1 as pb;
 use account_service::snapshot::SnapshotConfig;
-use account_service::state_machine::{State, StateConfig};
+use account_service::state_machine::State;
 use common::postgres::Postgres;
 use common::server::{reserve_one_usd as reserve, Server};
 use std::time::Duration;
@@ -67,7 +67,7 @@ async fn snapshot_equals_the_state_and_restart_from_it_equals_a_full_replay() {
         .unwrap()
         .expect("a snapshot");
     assert_eq!(rows.sequence, at);
-    let restored = State::restore(StateConfig::default(), rows);
+    let restored = State::restore(rows);
     account_service::state_machine::invariants::check(&restored).unwrap();
     assert_eq!(
         restored.digest(),
@@ -342,7 +342,7 @@ async fn while_postgres_is_down_one_delta_waits_and_the_rest_catches_up() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        State::restore(StateConfig::default(), rows).digest(),
+        State::restore(rows).digest(),
         live,
         "the snapshot after the outage holds every change"
     );

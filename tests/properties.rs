@@ -33,41 +33,73 @@ fn flow(
     }
 }
 
+/// Runs `steps`, checking every invariant after each command (no panic),
+/// then conservation: the net flow of accepted commands is what is held.
+/// Returns how many commands were refused for overflow.
+fn conserved(h: &mut Harness, steps: Vec<Step>) -> Result<usize, TestCaseError> {
+    let mut expected: HashMap<Asset, Decimal> = HashMap::new();
+    let mut overflows = 0;
+    for step in steps {
+        match step {
+            Step::Advance(ms) => h.now_ms += ms,
+            Step::Run(command) => {
+                let base = |a: AccountId| h.state.account(a).map(|x| x.base_currency);
+                let moved = flow(&command, base);
+                let outcome = h.run(command); // checks every invariant
+                overflows += usize::from(outcome.result == ResultCode::AmountOverflow);
+                if outcome.result == ResultCode::Ok && !outcome.replayed {
+                    if let Some((cur, x)) = moved {
+                        *expected.entry(cur).or_default() += x;
+                    }
+                }
+            }
+        }
+    }
+    let mut held: HashMap<Asset, Decimal> = HashMap::new();
+    for a in h.state.accounts() {
+        for b in &a.cash {
+            *held.entry(b.currency).or_default() += b.available + b.reserved;
+        }
+    }
+    for cur in [usd(), eur()] {
+        prop_assert_eq!(
+            expected.get(&cur).copied().unwrap_or_default(),
+            held.get(&cur).copied().unwrap_or_default(),
+            "conservation of {}",
+            cur
+        );
+    }
+    Ok(overflows)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn invariants_hold_and_money_is_conserved(steps in steps()) {
         let mut h = Harness::with_config(StateConfig { idempotency_window_ms: 4_000, tick_work_max: 3 });
-        let mut expected: HashMap<Asset, Decimal> = HashMap::new();
-        for step in steps {
-            match step {
-                Step::Advance(ms) => h.now_ms += ms,
-                Step::Run(command) => {
-                    let base = |a: AccountId| h.state.account(a).map(|x| x.base_currency);
-                    let moved = flow(&command, base);
-                    let outcome = h.run(command); // checks every invariant
-                    if outcome.result == ResultCode::Ok && !outcome.replayed {
-                        if let Some((cur, x)) = moved {
-                            *expected.entry(cur).or_default() += x;
-                        }
-                    }
-                }
+        conserved(&mut h, steps)?;
+    }
+
+    /// Accounts funded near the limit of exact arithmetic: every command is
+    /// applied exactly or refused with AMOUNT_OVERFLOW, never rounded.
+    #[test]
+    fn near_the_limits_money_is_conserved_or_the_command_refused(
+        funding in prop::collection::vec((currency(), amount()), 1..6),
+        steps in steps(),
+    ) {
+        let mut h = Harness::with_config(StateConfig { idempotency_window_ms: 4_000, tick_work_max: 3 });
+        let mut setup = Vec::new();
+        for a in 1..=ACCOUNTS {
+            setup.push(Step::Run(open(&format!("open-{a}"), a, usd())));
+            for (i, (cur, x)) in funding.iter().enumerate() {
+                let near_max = amount_max() - *x + Decimal::new(1, 8);
+                let c = deposit(&format!("fund-{a}-{i}"), a, *cur, &near_max.max(*x).to_string());
+                setup.push(Step::Run(c));
             }
         }
-        let mut held: HashMap<Asset, Decimal> = HashMap::new();
-        for a in h.state.accounts() {
-            for b in &a.cash {
-                *held.entry(b.currency).or_default() += b.available + b.reserved;
-            }
-        }
-        for cur in [usd(), eur()] {
-            prop_assert_eq!(
-                expected.get(&cur).copied().unwrap_or_default(),
-                held.get(&cur).copied().unwrap_or_default(),
-                "conservation of {}", cur
-            );
-        }
+        setup.extend(steps);
+        conserved(&mut h, setup)?;
     }
 
     #[test]

@@ -20,10 +20,11 @@ use std::collections::{BTreeMap, HashMap};
 #[derive(Default)]
 struct Tables {
     sequence: u64,
+    config: StateConfig,
     timestamp_ms: i64,
     accounts: HashMap<AccountId, Account>,
     reservations: HashMap<ReservationKey, Reservation>,
-    keys: BTreeMap<u64, (Id, IdempotencyEntry)>,
+    keys: BTreeMap<u64, (IdempotencyKey, IdempotencyEntry)>,
     keys_base: u64,
     offsets: HashMap<(Topic, i32), i64>,
 }
@@ -52,12 +53,14 @@ impl Tables {
         }
         self.keys_base = delta.keys_base;
         self.sequence = delta.sequence;
+        self.config = delta.config;
         self.timestamp_ms = delta.timestamp_ms;
     }
 
     fn rows(&self) -> Rows {
         Rows {
             sequence: self.sequence,
+            config: self.config,
             timestamp_ms: self.timestamp_ms,
             accounts: self.accounts.values().cloned().collect(),
             reservations: self.reservations.values().copied().collect(),
@@ -88,6 +91,10 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
             12 => command().prop_map(|c| Op::Step(Step::Run(c))),
             3 => (0i64..800).prop_map(|ms| Op::Step(Step::Advance(ms))),
             3 => Just(Op::Step(Step::Run(Command::Tick))),
+            // The settings change mid-history: the tables and a restart keep them.
+            1 => (1i64..3_000, 1u32..6).prop_map(|(idempotency_window_ms, tick_work_max)| {
+                Op::Step(Step::Run(Command::Configure(StateConfig { idempotency_window_ms, tick_work_max })))
+            }),
             3 => any::<bool>().prop_map(|deliver| Op::Snapshot { deliver }),
             1 => Just(Op::Restart),
         ],
@@ -135,7 +142,7 @@ proptest! {
                     if deliver {
                         let (delta, digest_then) = waiting.take().unwrap();
                         tables.write(&delta);
-                        let rebuilt = State::restore(config(), tables.rows());
+                        let rebuilt = State::restore(tables.rows());
                         prop_assert_eq!(rebuilt.last_sequence(), delta.sequence);
                         prop_assert_eq!(rebuilt.digest(), digest_then, "tables at {}", delta.sequence);
                     }
@@ -145,7 +152,7 @@ proptest! {
                     waiting = None;
                     let expected = state.digest();
                     let loaded = tables.sequence > 0;
-                    state = if loaded { State::restore(config(), tables.rows()) } else { State::new(config()) };
+                    state = if loaded { State::restore(tables.rows()) } else { State::new(config()) };
                     state.track_changes(!loaded);
                     for (command, seq, ts) in journal.iter().filter(|(_, seq, _)| *seq > tables.sequence) {
                         state.apply(command, *seq, *ts, &mut NoEvents);

@@ -3,7 +3,7 @@
 mod common;
 
 use account_service::domain::*;
-use account_service::state_machine::{EventKind, ReservationState, ResultCode};
+use account_service::state_machine::{EventKind, Outcome, ReservationState, ResultCode};
 use common::*;
 
 fn cash(h: &Harness, account: i64) -> (Decimal, Decimal) {
@@ -300,6 +300,46 @@ fn idempotency_replays_and_conflicts() {
 }
 
 #[test]
+fn request_ids_and_event_ids_never_collide() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "100");
+    let reserved = h.run(reserve_cash("same", 1, "o1", "10"));
+    assert_eq!(reserved.result, ResultCode::Ok);
+    // The Payment service's event id equals the Order service's request id.
+    let deposited = h.run(deposit("same", 1, usd(), "5"));
+    assert_eq!(
+        (deposited.result, deposited.replayed),
+        (ResultCode::Ok, false)
+    );
+    assert_eq!(cash(&h, 1), (d("95"), d("10")));
+    // Each still replays within its own space.
+    let again = h.run(reserve_cash("same", 1, "o1", "10"));
+    assert!(again.replayed);
+    assert_eq!(again.sequence, reserved.sequence);
+    let again = h.run(deposit("same", 1, usd(), "5"));
+    assert!(again.replayed);
+    assert_eq!(again.sequence, deposited.sequence);
+    // And conflicts within its own space only.
+    assert_eq!(
+        h.run(withdraw("same", 1, usd(), "5")).result,
+        ResultCode::IdempotencyConflict
+    );
+    assert_eq!(
+        h.run(unreserve("same", 1, "o1", None)).result,
+        ResultCode::IdempotencyConflict
+    );
+    assert_eq!(cash(&h, 1), (d("95"), d("10")));
+    let spaces: Vec<_> = h
+        .state
+        .idempotency_entries()
+        .filter(|(k, _)| k.id == id("same"))
+        .map(|(k, _)| k.space)
+        .collect();
+    assert_eq!(spaces, [KeySpace::Requests, KeySpace::Events]);
+}
+
+#[test]
 fn expiry_by_journaled_tick() {
     let mut h = Harness::new();
     h.open(1);
@@ -391,4 +431,252 @@ fn released_cash_clears_overdrawn() {
     h.run(unreserve("u1", 1, "o1", None)); // +5 -> 3
     assert!(!h.state.account(AccountId(1)).unwrap().overdrawn);
     assert_eq!(h.state.overdrawn_accounts(), 0);
+}
+
+/// Design 3: the replay check comes before every other check.
+#[test]
+fn a_retried_reserve_replays_whatever_happened_since() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "100");
+    let at = h.now_ms + 1_000;
+    let expiring = reserve("r1", 1, "o1", ReservationKind::Cash, usd(), "10", Some(at));
+    let consumed = reserve_cash("r2", 1, "o2", "20");
+    let suspended = reserve_cash("r3", 1, "o3", "30");
+    let originals = [h.run(expiring), h.run(consumed), h.run(suspended)];
+    assert!(originals.iter().all(|o| o.result == ResultCode::Ok));
+
+    // The expiry passes (and a tick expires it), a fill consumes o2, the
+    // account is suspended.
+    h.now_ms = at + 5;
+    h.run(Command::Tick);
+    assert_eq!(
+        h.state.reservation(AccountId(1), &id("o1")).unwrap().state,
+        ReservationState::Expired
+    );
+    h.run(fill("f1", 1, "o2", "ACME", Side::Buy, "2", "10"));
+    assert_eq!(
+        h.state.reservation(AccountId(1), &id("o2")).unwrap().state,
+        ReservationState::Consumed
+    );
+    h.run(status("s1", 1, AccountStatus::Suspended));
+    let before = cash(&h, 1);
+
+    for (retry, original) in [expiring, consumed, suspended].into_iter().zip(originals) {
+        let again = h.run(retry);
+        assert!(again.replayed, "{retry:?}");
+        assert_eq!(
+            again,
+            Outcome {
+                replayed: true,
+                ..original
+            }
+        );
+        assert!(h.events.is_empty());
+    }
+    assert_eq!(cash(&h, 1), before);
+}
+
+#[test]
+fn a_new_reserve_whose_expiry_passed_is_refused_and_journaled() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "100");
+    let at_now = reserve(
+        "r1",
+        1,
+        "o1",
+        ReservationKind::Cash,
+        usd(),
+        "10",
+        Some(h.now_ms),
+    );
+    let o = h.run(at_now);
+    assert_eq!((o.result, o.replayed), (ResultCode::ExpiryPassed, false));
+    assert!(h.events.is_empty());
+    assert_eq!(cash(&h, 1), (d("100"), d("0")));
+    assert!(h.state.reservation(AccountId(1), &id("o1")).is_none());
+    // The key is recorded like any rejection: a retry replays the refusal.
+    let again = h.run(at_now);
+    assert_eq!(
+        (again.result, again.replayed, again.sequence),
+        (ResultCode::ExpiryPassed, true, o.sequence)
+    );
+    // One millisecond later than the journaled time is still in the future.
+    let later = Some(h.now_ms + 1);
+    let ok = h.run(reserve(
+        "r2",
+        1,
+        "o1",
+        ReservationKind::Cash,
+        usd(),
+        "10",
+        later,
+    ));
+    assert_eq!(ok.result, ResultCode::Ok);
+}
+
+const MAX: &str = "999999999999999999.99999999";
+
+/// The account's whole state, to show a refused command changed nothing.
+fn account_state(h: &Harness, account: i64) -> String {
+    format!("{:?}", h.state.account(AccountId(account)).unwrap())
+}
+
+#[test]
+fn a_deposit_onto_a_near_max_balance_overflows_and_changes_nothing() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "999999999999999999.99999998");
+    let before = account_state(&h, 1);
+    let o = h.deposit("d2", 1, "0.00000002");
+    assert_eq!(o.result, ResultCode::AmountOverflow);
+    assert_eq!(o.available, d("999999999999999999.99999998"));
+    assert!(h.events.is_empty());
+    assert_eq!(account_state(&h, 1), before);
+    // Journaled like any rejection: the retry replays the refusal.
+    let again = h.deposit("d2", 1, "0.00000002");
+    assert_eq!(
+        (again.result, again.replayed, again.sequence),
+        (ResultCode::AmountOverflow, true, o.sequence)
+    );
+    // Exactly up to the limit is fine.
+    assert_eq!(h.deposit("d3", 1, "0.00000001").available, d(MAX));
+}
+
+/// Reserved cash counts: once released it must fit `available`, and an
+/// expiry cannot be refused, so a balance's total stays in range.
+#[test]
+fn reserving_near_max_keeps_the_total_and_releases_always_fit() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, MAX);
+    let at = h.now_ms + 1_000;
+    let o = h.run(reserve(
+        "r1",
+        1,
+        "o1",
+        ReservationKind::Cash,
+        usd(),
+        MAX,
+        Some(at),
+    ));
+    assert_eq!(
+        (o.result, o.available, o.reserved),
+        (ResultCode::Ok, d("0"), d(MAX))
+    );
+    // available 0 + 1 fits, but the total would be MAX + 1.
+    let before = account_state(&h, 1);
+    assert_eq!(h.deposit("d2", 1, "1").result, ResultCode::AmountOverflow);
+    assert_eq!(account_state(&h, 1), before);
+    h.now_ms = at;
+    h.run(Command::Tick);
+    assert_eq!(cash(&h, 1), (d(MAX), d("0")));
+    assert_eq!(h.events[0].kind, EventKind::ReservationExpired);
+}
+
+#[test]
+fn a_buy_fill_whose_cost_basis_would_overflow_changes_nothing() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, MAX);
+    h.run(fill(
+        "f1",
+        1,
+        "b1",
+        "ACME",
+        Side::Buy,
+        "1",
+        "999999999999999999",
+    ));
+    assert_eq!(cash(&h, 1), (d("0.99999999"), d("0")));
+    h.run(reserve_cash("r1", 1, "b2", "0.5"));
+    let before = account_state(&h, 1);
+    // Cost basis 999999999999999999 + 1 = 10^18.
+    let o = h.run(fill("f2", 1, "b2", "ACME", Side::Buy, "1", "1"));
+    assert_eq!(o.result, ResultCode::AmountOverflow);
+    assert!(h.events.is_empty());
+    assert_eq!(account_state(&h, 1), before);
+    let r = h.state.reservation(AccountId(1), &id("b2")).unwrap();
+    assert_eq!((r.state, r.remaining), (ReservationState::Open, d("0.5")));
+}
+
+#[test]
+fn a_sell_fill_whose_pnl_would_overflow_changes_nothing() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "1");
+    // Bought 2 for 0.00000002, sold 1 for 999999999999999999: P&L
+    // 999999999999999998.99999999 (cost removed 0.00000001).
+    h.run(fill("f1", 1, "b1", "ACME", Side::Buy, "2", "0.00000001"));
+    h.run(fill(
+        "f2",
+        1,
+        "s1",
+        "ACME",
+        Side::Sell,
+        "1",
+        "999999999999999998",
+    ));
+    h.withdraw_all(1);
+    assert_eq!(
+        position(&h, 1, "ACME").realized_pnl,
+        d("999999999999999997.99999999")
+    );
+    h.run(reserve_shares("r1", 1, "s2", "ACME", "1"));
+    let before = account_state(&h, 1);
+    // Selling the last share for 3: P&L + 3 - 0.00000001 > MAX.
+    let o = h.run(fill("f3", 1, "s2", "ACME", Side::Sell, "1", "3"));
+    assert_eq!(o.result, ResultCode::AmountOverflow);
+    assert_eq!(account_state(&h, 1), before);
+    assert_eq!(
+        h.state
+            .reservation(AccountId(1), &id("s2"))
+            .unwrap()
+            .remaining,
+        d("1")
+    );
+}
+
+#[test]
+fn a_sell_fill_whose_proceeds_would_overflow_cash_changes_nothing() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, MAX);
+    let before = account_state(&h, 1);
+    // An oversell (no shares): the proceeds 1 would take cash past MAX.
+    let o = h.run(fill("f1", 1, "s1", "ACME", Side::Sell, "1", "1"));
+    assert_eq!(o.result, ResultCode::AmountOverflow);
+    assert_eq!(account_state(&h, 1), before);
+    assert!(position_absent(&h, 1, "ACME"), "no position row is created");
+}
+
+#[test]
+fn a_buy_fill_overdrawing_past_the_range_changes_nothing() {
+    let mut h = Harness::new();
+    h.open(1);
+    h.deposit("d1", 1, "1");
+    h.run(fill(
+        "f1",
+        1,
+        "b1",
+        "ACME",
+        Side::Buy,
+        "1",
+        "999999999999999999",
+    ));
+    assert_eq!(cash(&h, 1), (d("-999999999999999998"), d("0")));
+    let before = account_state(&h, 1);
+    // Another 2 below: -1000000000000000000.
+    let o = h.run(fill("f2", 1, "b2", "OTHER", Side::Buy, "1", "2"));
+    assert_eq!(o.result, ResultCode::AmountOverflow);
+    assert_eq!(account_state(&h, 1), before);
+}
+
+fn position_absent(h: &Harness, account: i64, symbol: &str) -> bool {
+    h.state
+        .account(AccountId(account))
+        .unwrap()
+        .position(sym(symbol))
+        .is_none()
 }

@@ -72,6 +72,72 @@ pub fn parse_positive(text: &str) -> Result<Decimal, AmountError> {
     Ok(value)
 }
 
+/// `10^(INTEGER_DIGITS_MAX + scale)` for `scale` in `0..=SCALE_MAX`: the
+/// mantissa bound of an amount of that scale.
+const MANTISSA_LIMITS: [u128; SCALE_MAX as usize + 1] = {
+    let mut limits = [0u128; SCALE_MAX as usize + 1];
+    let mut i = 0;
+    while i < limits.len() {
+        limits[i] = 10u128.pow(INTEGER_DIGITS_MAX as u32 + i as u32);
+        i += 1;
+    }
+    limits
+};
+
+/// Whether the state may keep `value`: at most 18 integer and 8 fractional
+/// digits, either sign (overdrawn cash, shorts and losses are negative).
+/// Every balance, quantity, cost basis and P&L is held to it (design 3).
+pub fn in_range(value: Decimal) -> bool {
+    let scale = value.scale() as usize;
+    scale < MANTISSA_LIMITS.len() && value.mantissa().unsigned_abs() < MANTISSA_LIMITS[scale]
+}
+
+/// `value` if [`in_range`]: the last step of every checked computation.
+pub fn kept(value: Decimal) -> Option<Decimal> {
+    in_range(value).then_some(value)
+}
+
+/// `a + b`, `None` if the sum leaves the range. Exact: two in-range amounts
+/// have at most 27 significant digits, within the 96-bit mantissa.
+pub fn checked_add(a: Decimal, b: Decimal) -> Option<Decimal> {
+    kept(a.checked_add(b)?)
+}
+
+/// `a - b`, `None` if the difference leaves the range.
+pub fn checked_sub(a: Decimal, b: Decimal) -> Option<Decimal> {
+    kept(a.checked_sub(b)?)
+}
+
+/// `price x quantity`, half-even to [`SCALE_MAX`] places, computed exactly
+/// (128-bit product of the mantissas, then one rounding); `None` if either
+/// input or the result leaves the range. `Decimal::checked_mul` is not used:
+/// past 96 bits it drops digits before any rounding of ours.
+pub fn notional(price: Decimal, quantity: Decimal) -> Option<Decimal> {
+    if !in_range(price) || !in_range(quantity) {
+        return None;
+    }
+    // Both mantissas < 10^26; a product beyond i128 is >= 1.7e38 at scale
+    // <= 16, i.e. >= 1.7e22: out of range anyway.
+    let product = price.mantissa().checked_mul(quantity.mantissa())?;
+    let scale = price.scale() + quantity.scale();
+    let excess = scale.saturating_sub(SCALE_MAX);
+    let rounded = div_half_even(product, 10i128.pow(excess));
+    kept(Decimal::try_from_i128_with_scale(rounded, scale - excess).ok()?)
+}
+
+/// `n / d` rounded half-even, for `d > 0`.
+fn div_half_even(n: i128, d: i128) -> i128 {
+    debug_assert!(d > 0);
+    let (q, r) = (n / d, n % d);
+    let twice = r.unsigned_abs() * 2;
+    let away = twice > d.unsigned_abs() || (twice == d.unsigned_abs() && q % 2 != 0);
+    match (away, n < 0) {
+        (false, _) => q,
+        (true, false) => q + 1,
+        (true, true) => q - 1,
+    }
+}
+
 /// Half-even to [`SCALE_MAX`] fractional digits.
 pub fn round(value: Decimal) -> Decimal {
     value.round_dp_with_strategy(SCALE_MAX, RoundingStrategy::MidpointNearestEven)
@@ -143,5 +209,50 @@ mod tests {
         assert_eq!(format(d("0.00")), "0");
         assert_eq!(format(d("-3.10")), "-3.1");
         assert_eq!(format(d("100")), "100");
+    }
+
+    #[test]
+    fn the_range_is_18_integer_and_8_fractional_digits_either_sign() {
+        for v in [
+            "999999999999999999.99999999",
+            "-999999999999999999.99999999",
+            "0",
+            "0.00000001",
+        ] {
+            assert!(in_range(d(v)), "{v}");
+        }
+        for v in [
+            "1000000000000000000",
+            "-1000000000000000000",
+            "0.000000001",
+            "1.000000000",
+        ] {
+            assert!(!in_range(d(v)), "{v}");
+        }
+        let max = d("999999999999999999.99999999");
+        assert_eq!(checked_add(max, d("0.00000001")), None);
+        assert_eq!(checked_sub(-max, d("0.00000001")), None);
+        assert_eq!(checked_add(max, -max), Some(Decimal::ZERO));
+    }
+
+    #[test]
+    fn the_notional_is_exact_then_rounded_once() {
+        assert_eq!(notional(d("1.00000005"), d("0.5")), Some(d("0.50000002")));
+        assert_eq!(notional(d("1.00000015"), d("0.5")), Some(d("0.50000008")));
+        assert_eq!(notional(d("0.33333333"), d("3")), Some(d("0.99999999")));
+        // 26 significant digits times 26: Decimal::checked_mul would round
+        // away digits; here the exact product decides.
+        let p = d("99999999.99999999");
+        let q = d("9999999999.99999999");
+        assert_eq!(notional(p, q), Some(d("999999999999999899")));
+        // Just past the range, and far past it.
+        assert_eq!(notional(d("1000000000"), d("1000000000")), None);
+        let max = d("999999999999999999.99999999");
+        assert_eq!(notional(max, max), None);
+        assert_eq!(notional(max, d("1")), Some(max));
+        assert_eq!(
+            notional(d("0.00000001"), d("0.00000001")),
+            Some(Decimal::ZERO)
+        );
     }
 }

@@ -142,6 +142,34 @@ pub struct DeadLetter {
     pub reason: DeadLetterReason,
 }
 
+/// The two idempotency key spaces (design 3). They never collide: a
+/// `request_id` of the Order service or an operator can never block an
+/// `event_id` of the Matching engine or the Payment service, nor the reverse.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub enum KeySpace {
+    /// `request_id` of Reserve, Unreserve, OpenAccount, SetAccountStatus.
+    Requests = 1,
+    /// `event_id` of fills, deposits and withdrawals (Kafka or AdminService).
+    Events = 2,
+}
+
+impl KeySpace {
+    pub fn from_u8(v: u8) -> Option<KeySpace> {
+        match v {
+            1 => Some(KeySpace::Requests),
+            2 => Some(KeySpace::Events),
+            _ => None,
+        }
+    }
+}
+
+/// An idempotency key: the same id in the two spaces is two keys.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+pub struct IdempotencyKey {
+    pub space: KeySpace,
+    pub id: Id,
+}
+
 #[derive(Clone, Copy, PartialEq, Debug)]
 pub struct Reserve {
     pub request_id: Id,
@@ -204,6 +232,37 @@ pub struct Fill {
     pub source: Option<Source>,
 }
 
+/// Limits and windows of the state machine: part of the deterministic input,
+/// so they are journaled ([`Command::Configure`]) and replay applies what the
+/// journal says, never the flags of the process that replays.
+///
+/// A fresh log starts with [`StateConfig::default`]; the engine journals a
+/// `Configure` before it serves whenever its flags say otherwise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateConfig {
+    /// How long idempotency keys, and closed reservations (with their
+    /// `(account_id, order_id)`), are kept, in journaled time. > 0.
+    pub idempotency_window_ms: i64,
+    /// Most expiries plus prunings one tick performs; the rest waits for the next
+    /// tick, so one tick never stalls the writer. > 0.
+    pub tick_work_max: u32,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            idempotency_window_ms: 24 * 3600 * 1000,
+            tick_work_max: 10_000,
+        }
+    }
+}
+
+impl StateConfig {
+    pub fn is_valid(&self) -> bool {
+        self.idempotency_window_ms > 0 && self.tick_work_max > 0
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Debug)]
 pub enum Command {
     OpenAccount(OpenAccount),
@@ -218,20 +277,25 @@ pub enum Command {
     Tick,
     /// A malformed Kafka message: consumes its offset and changes nothing else.
     DeadLetter(DeadLetter),
+    /// The state machine's settings from this sequence on (valid: see
+    /// [`StateConfig::is_valid`]).
+    Configure(StateConfig),
 }
 
 impl Command {
-    /// The idempotency key (request_id or event_id); `None` for ticks.
-    pub fn key(&self) -> Option<&Id> {
-        match self {
-            Command::OpenAccount(c) => Some(&c.request_id),
-            Command::SetAccountStatus(c) => Some(&c.request_id),
-            Command::Reserve(c) => Some(&c.request_id),
-            Command::Unreserve(c) => Some(&c.request_id),
-            Command::Deposit(c) | Command::Withdraw(c) => Some(&c.event_id),
-            Command::Fill(c) => Some(&c.event_id),
-            Command::Tick | Command::DeadLetter(_) => None,
-        }
+    /// The idempotency key (request_id or event_id, in its space); `None`
+    /// for the commands that have none (ticks, dead letters, configuration).
+    pub fn key(&self) -> Option<IdempotencyKey> {
+        let (space, id) = match self {
+            Command::OpenAccount(c) => (KeySpace::Requests, c.request_id),
+            Command::SetAccountStatus(c) => (KeySpace::Requests, c.request_id),
+            Command::Reserve(c) => (KeySpace::Requests, c.request_id),
+            Command::Unreserve(c) => (KeySpace::Requests, c.request_id),
+            Command::Deposit(c) | Command::Withdraw(c) => (KeySpace::Events, c.event_id),
+            Command::Fill(c) => (KeySpace::Events, c.event_id),
+            Command::Tick | Command::DeadLetter(_) | Command::Configure(_) => return None,
+        };
+        Some(IdempotencyKey { space, id })
     }
 
     pub fn account_id(&self) -> Option<AccountId> {
@@ -242,7 +306,7 @@ impl Command {
             Command::Unreserve(c) => Some(c.account_id),
             Command::Deposit(c) | Command::Withdraw(c) => Some(c.account_id),
             Command::Fill(c) => Some(c.account_id),
-            Command::Tick | Command::DeadLetter(_) => None,
+            Command::Tick | Command::DeadLetter(_) | Command::Configure(_) => None,
         }
     }
 
@@ -314,6 +378,11 @@ impl Command {
             }
             Command::Tick => buf.put(&[8]),
             Command::DeadLetter(c) => buf.put(&[9, c.reason as u8]),
+            Command::Configure(c) => {
+                buf.put(&[10]);
+                buf.put(&c.idempotency_window_ms.to_le_bytes());
+                buf.put(&c.tick_work_max.to_le_bytes());
+            }
         }
         xxhash_rust::xxh3::xxh3_64(&buf.bytes[..buf.len])
     }

@@ -23,22 +23,25 @@ impl fmt::Display for AccountId {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+/// Why a text is not an [`Id`]. The messages complete "`<field>` ...".
+#[derive(Clone, Copy, PartialEq, Eq, Debug, thiserror::Error)]
 pub enum IdError {
+    #[error("must not be empty")]
     Empty,
+    #[error("must be at most {ID_LEN_MAX} bytes")]
     TooLong,
+    /// Ids end up in PostgreSQL `text`, Kafka headers and log lines.
+    #[error("must not contain control characters (U+0000-U+001F, U+007F)")]
+    ControlCharacter,
 }
 
-impl fmt::Display for IdError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            IdError::Empty => write!(f, "must not be empty"),
-            IdError::TooLong => write!(f, "must be at most {ID_LEN_MAX} bytes"),
-        }
-    }
+/// U+0000-U+001F and U+007F. In UTF-8 these are single bytes that never occur
+/// inside a multi-byte sequence, so a byte scan is exact.
+fn has_control_character(bytes: &[u8]) -> bool {
+    bytes.iter().any(|&b| b < 0x20 || b == 0x7f)
 }
 
-/// An opaque UTF-8 identifier of 1..=64 bytes, stored inline. Bytes past `len`
+/// An opaque UTF-8 identifier of 1..=64 bytes without control characters, stored inline. Bytes past `len`
 /// are always zero, so the derived `Eq`/`Hash`/`Ord` are correct.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Id {
@@ -80,7 +83,7 @@ impl Id {
     }
 
     /// Decodes bytes that were produced by [`Id::as_str`]; `None` if they are not
-    /// valid UTF-8 or too long (a corrupt journal record).
+    /// valid UTF-8, too long or hold a control character (a corrupt journal record).
     pub fn from_utf8(bytes: &[u8]) -> Option<Id> {
         std::str::from_utf8(bytes).ok()?;
         Self::from_bytes_allow_empty(bytes).ok()
@@ -89,6 +92,9 @@ impl Id {
     fn from_bytes_allow_empty(bytes: &[u8]) -> Result<Id, IdError> {
         if bytes.len() > ID_LEN_MAX {
             return Err(IdError::TooLong);
+        }
+        if has_control_character(bytes) {
+            return Err(IdError::ControlCharacter);
         }
         let mut id = Id {
             len: bytes.len() as u8,
@@ -137,6 +143,19 @@ mod tests {
         assert_eq!(Id::new("a").unwrap(), Id::new("a").unwrap());
         assert_ne!(Id::new("a").unwrap(), Id::new("ab").unwrap());
         assert!(Id::from_utf8(&[0xff]).is_none());
+    }
+
+    #[test]
+    fn control_characters_are_refused_everywhere() {
+        for bad in ["a\u{0}b", "\t", "line\n", "\u{1f}", "del\u{7f}", "\r"] {
+            assert_eq!(Id::new(bad), Err(IdError::ControlCharacter), "{bad:?}");
+            assert_eq!(Id::new_allow_empty(bad), Err(IdError::ControlCharacter));
+            assert!(Id::from_utf8(bad.as_bytes()).is_none());
+        }
+        // Space, non-ASCII letters and C1 code points (U+0080..) are not in the rule.
+        for good in ["a b", "ordre-é", "\u{80}", "~", "\u{20}"] {
+            assert!(Id::new(good).is_ok(), "{good:?}");
+        }
     }
 
     #[test]

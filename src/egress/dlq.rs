@@ -11,7 +11,7 @@ use super::outbox::DlqReason;
 use crate::config::KafkaConfig;
 use crate::domain::Source;
 use crate::ingress::{convert, kafka};
-use crate::state_machine::Outcome;
+use crate::state_machine::{Outcome, ResultCode};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -121,7 +121,8 @@ impl Refetcher {
 }
 
 /// The `dlq.reason` text: `"<field>: <reason>"` for a message that failed
-/// validation, `"<RESULT>: <message>"` for one the engine could not apply.
+/// validation, `"<RESULT>: <message>"` for one the engine could not apply,
+/// `"amount overflow: ..."` for one whose result would leave the exact range.
 pub fn reason_text(reason: DlqReason, source: Source, payload: &[u8]) -> String {
     match reason {
         DlqReason::Edge(class) => match kafka::decode(source.topic, payload, source) {
@@ -129,6 +130,11 @@ pub fn reason_text(reason: DlqReason, source: Source, payload: &[u8]) -> String 
             // Only if the validation rules changed since it was journaled.
             Ok(_) => class.name().to_owned(),
         },
+        // Design 3: "dead-lettered with reason `amount overflow`"; the
+        // message starts with those words.
+        DlqReason::Rejected(code @ ResultCode::AmountOverflow) => {
+            convert::message(&Outcome::new(code, 0))
+        }
         DlqReason::Rejected(code) => {
             format!(
                 "{}: {}",
@@ -169,4 +175,27 @@ pub fn headers(
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Topic;
+
+    #[test]
+    fn an_amount_overflow_is_dead_lettered_as_amount_overflow() {
+        let source = Source {
+            topic: Topic::Deposits,
+            partition: 0,
+            offset: 1,
+        };
+        let text = reason_text(DlqReason::Rejected(ResultCode::AmountOverflow), source, &[]);
+        assert!(text.starts_with("amount overflow"), "{text}");
+        let text = reason_text(
+            DlqReason::Rejected(ResultCode::CurrencyMismatch),
+            source,
+            &[],
+        );
+        assert!(text.starts_with("CURRENCY_MISMATCH: "), "{text}");
+    }
 }

@@ -144,7 +144,7 @@ impl Collector {
         sequence: u64,
         timestamp_ms: i64,
     ) -> Outcome {
-        let cause_id = command.key().copied().unwrap_or_default();
+        let cause_id = command.key().map(|k| k.id).unwrap_or_default();
         let before = self.records.len();
         let mut sink = Sink {
             records: &mut self.records,

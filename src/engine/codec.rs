@@ -12,6 +12,7 @@
 //! source          = topic u8, partition i32 LE, offset i64 LE
 //! enums           = u8 of the domain enum's discriminant
 //! dead letter     = source (always present), reason u8
+//! configure       = idempotency_window_ms i64 LE (> 0), tick_work_max u32 LE (> 0)
 //! ```
 //!
 //! Fixed-width little-endian fields, no allocation either way; decoding checks
@@ -20,8 +21,8 @@
 
 use crate::domain::{
     AccountId, AccountStatus, Asset, CashMovement, Command, DeadLetter, DeadLetterReason, Decimal,
-    Fill, Id, OpenAccount, ReservationKind, Reserve, SetAccountStatus, Side, Source, Topic,
-    Unreserve,
+    Fill, Id, OpenAccount, ReservationKind, Reserve, SetAccountStatus, Side, Source, StateConfig,
+    Topic, Unreserve,
 };
 
 pub const FORMAT_VERSION: u8 = 1;
@@ -48,6 +49,7 @@ const TAG_WITHDRAW: u8 = 6;
 const TAG_FILL: u8 = 7;
 const TAG_TICK: u8 = 8;
 const TAG_DEAD_LETTER: u8 = 9;
+const TAG_CONFIGURE: u8 = 10;
 
 /// Appends the encoding of `(command, timestamp_ms)` to `out` (cleared first).
 pub fn encode(command: &Command, timestamp_ms: i64, out: &mut Vec<u8>) {
@@ -62,6 +64,7 @@ pub fn encode(command: &Command, timestamp_ms: i64, out: &mut Vec<u8>) {
         Command::Fill(_) => TAG_FILL,
         Command::Tick => TAG_TICK,
         Command::DeadLetter(_) => TAG_DEAD_LETTER,
+        Command::Configure(_) => TAG_CONFIGURE,
     };
     out.extend_from_slice(&[FORMAT_VERSION, tag]);
     out.extend_from_slice(&timestamp_ms.to_le_bytes());
@@ -134,6 +137,11 @@ pub fn encode(command: &Command, timestamp_ms: i64, out: &mut Vec<u8>) {
         Command::DeadLetter(c) => {
             w.source(Some(c.source));
             w.u8(c.reason as u8);
+        }
+        Command::Configure(c) => {
+            debug_assert!(c.is_valid());
+            w.i64(c.idempotency_window_ms);
+            w.0.extend_from_slice(&c.tick_work_max.to_le_bytes());
         }
     }
     debug_assert!(out.len() <= ENCODED_LEN_MAX);
@@ -212,6 +220,20 @@ pub fn decode(bytes: &[u8]) -> Result<(Command, i64), CodecError> {
                 source,
                 reason: r.enumerated("dead letter reason", DeadLetterReason::from_u8)?,
             })
+        }
+        TAG_CONFIGURE => {
+            let at = r.at;
+            let config = StateConfig {
+                idempotency_window_ms: r.i64()?,
+                tick_work_max: u32::from_le_bytes(r.array()?),
+            };
+            if !config.is_valid() {
+                return Err(CodecError::Invalid {
+                    field: "configuration",
+                    at,
+                });
+            }
+            Command::Configure(config)
         }
         _ => {
             return Err(CodecError::Invalid {
@@ -424,7 +446,35 @@ mod tests {
                 },
                 reason: DeadLetterReason::InvalidField,
             }),
+            Command::Configure(StateConfig {
+                idempotency_window_ms: 60_000,
+                tick_work_max: 7,
+            }),
         ]
+    }
+
+    #[test]
+    fn an_invalid_configuration_is_refused() {
+        let mut buf = Vec::new();
+        let config = StateConfig {
+            idempotency_window_ms: 1,
+            tick_work_max: 1,
+        };
+        encode(&Command::Configure(config), 5, &mut buf);
+        assert!(decode(&buf).is_ok());
+        let window_at = 10;
+        let mut zero_window = buf.clone();
+        zero_window[window_at] = 0;
+        assert_eq!(
+            decode(&zero_window),
+            Err(CodecError::Invalid {
+                field: "configuration",
+                at: window_at
+            })
+        );
+        let mut zero_work = buf.clone();
+        zero_work[window_at + 8] = 0;
+        assert!(decode(&zero_work).is_err());
     }
 
     #[test]

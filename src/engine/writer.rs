@@ -82,7 +82,9 @@ impl Writer {
             retained_from: 0,
             snapshot_offered_at: 0,
             delete_retry_at: Instant::now(),
-            state: State::new(config.state),
+            // Replay starts from the fresh state's settings and applies the
+            // journaled ones, never `config.state` (see `Writer::configure`).
+            state: State::default(),
             config,
             rx,
             metrics,
@@ -101,6 +103,7 @@ impl Writer {
     /// is drained. Every exit path syncs what was appended.
     pub fn run(mut self, phase: &watch::Sender<Phase>) -> Result<(), EngineError> {
         self.recover()?;
+        self.configure()?;
         if self.config.pin_core {
             pin_to_last_core();
         }
@@ -139,6 +142,24 @@ impl Writer {
             elapsed_ms = elapsed.as_millis() as u64,
             "write-ahead log replayed"
         );
+        Ok(())
+    }
+
+    /// Journals the configured [`crate::state_machine::StateConfig`] when it
+    /// differs from the recovered state's (a fresh log has the default), so
+    /// history keeps the settings it was decided with and the flags take
+    /// effect from here on. Durable before the first request is served.
+    fn configure(&mut self) -> Result<(), EngineError> {
+        let wanted = self.config.state;
+        let recovered = *self.state.config();
+        if wanted == recovered {
+            return Ok(());
+        }
+        self.execute(&Command::Configure(wanted), now_ms())?;
+        self.sync()?;
+        tracing::info!(?recovered, configured = ?wanted, sequence = self.state.last_sequence(),
+            "state machine settings journaled");
+        debug_assert_eq!(*self.state.config(), wanted);
         Ok(())
     }
 
@@ -186,7 +207,7 @@ impl Writer {
         }
         let at = rows.as_ref().map_or(0, |r| r.sequence);
         if let Some(rows) = rows {
-            self.state = State::restore(self.config.state, rows);
+            self.state = State::restore(rows);
             tracing::info!(
                 sequence = at,
                 accounts = self.state.account_count(),

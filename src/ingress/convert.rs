@@ -19,6 +19,10 @@ pub fn result(code: ResultCode) -> pb::Result {
         ResultCode::AmountExceedsReservation => R::AmountExceedsReservation,
         ResultCode::AccountNotEmpty => R::AccountNotEmpty,
         ResultCode::CurrencyMismatch => R::CurrencyMismatch,
+        ResultCode::AmountOverflow => R::AmountOverflow,
+        ResultCode::ExpiryPassed => R::ExpiryPassed,
+        ResultCode::InvalidArgument => R::InvalidArgument,
+        ResultCode::LinkedRequestFailed => R::LinkedRequestFailed,
     }
 }
 
@@ -40,6 +44,14 @@ pub fn message(outcome: &Outcome) -> String {
                 ResultCode::AmountExceedsReservation => "the amount exceeds what remains reserved",
                 ResultCode::AccountNotEmpty => "balances, positions or reservations are not zero",
                 ResultCode::CurrencyMismatch => "the position settles in another currency",
+                ResultCode::AmountOverflow => {
+                    "amount overflow: a result would leave 18 integer and 8 fractional digits"
+                }
+                ResultCode::ExpiryPassed => "expires_at_ms is at or before the time of the request",
+                ResultCode::InvalidArgument => "a field of this item is malformed",
+                ResultCode::LinkedRequestFailed => {
+                    "not applied: another item of the all-or-nothing batch failed"
+                }
                 ResultCode::Ok => "",
             };
             if replayed {
@@ -120,5 +132,23 @@ pub fn account(a: &Account, sequence: u64) -> pb::Account {
             .collect(),
         overdrawn: a.overdrawn,
         sequence,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_result_code_maps_to_its_proto_value() {
+        for v in 1..=16u8 {
+            let code = ResultCode::from_u8(v).expect("a result code");
+            assert_eq!(result(code) as i32, i32::from(v), "{}", code.name());
+            assert_eq!(
+                result(code).as_str_name(),
+                format!("RESULT_{}", code.name())
+            );
+        }
+        assert!(ResultCode::from_u8(17).is_none());
     }
 }

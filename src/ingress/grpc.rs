@@ -20,11 +20,20 @@ use tonic::{Request, Response, Status};
 pub struct Service {
     engine: EngineHandle,
     metrics: Arc<Metrics>,
+    /// The engine's idempotency window: the edge refuses an expiry older than
+    /// it (see `validate::reserve`). The engine journals its configured window
+    /// before it serves, so this is the window in force.
+    idempotency_window_ms: i64,
 }
 
 impl Service {
-    pub fn new(engine: EngineHandle, metrics: Arc<Metrics>) -> Service {
-        Service { engine, metrics }
+    pub fn new(engine: EngineHandle, metrics: Arc<Metrics>, idempotency_window_ms: i64) -> Service {
+        assert!(idempotency_window_ms > 0);
+        Service {
+            engine,
+            metrics,
+            idempotency_window_ms,
+        }
     }
 
     /// Runs one RPC: `handle` does the work; latency and outcome are recorded.
@@ -104,7 +113,8 @@ impl AccountService for Service {
         request: Request<pb::ReserveRequest>,
     ) -> Result<Response<pb::ReserveReply>, Status> {
         self.observe("Reserve", async {
-            let command = validate::reserve(request.get_ref(), now_ms())?;
+            let command =
+                validate::reserve(request.get_ref(), now_ms(), self.idempotency_window_ms)?;
             let reply = self
                 .command(Command::Reserve(command), Want::Reservation)
                 .await?;

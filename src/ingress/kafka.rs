@@ -558,4 +558,34 @@ mod tests {
             })
         );
     }
+
+    #[test]
+    fn ids_with_control_characters_are_dead_letters_naming_the_field() {
+        let mut f = fill();
+        f.order_id = "o\n1".into();
+        let r = decode(Topic::Fills, &f.encode_to_vec(), source()).unwrap_err();
+        assert_eq!(r.reason, DeadLetterReason::InvalidField);
+        assert!(
+            r.text.starts_with("order_id: must not contain control"),
+            "{}",
+            r.text
+        );
+        let deposit = events::DepositEvent {
+            event_id: "dep\u{7f}".into(),
+            account_id: 1,
+            amount: "1".into(),
+            currency: "USD".into(),
+            ..Default::default()
+        };
+        let at = Source {
+            topic: Topic::Deposits,
+            ..source()
+        };
+        let r = decode(Topic::Deposits, &deposit.encode_to_vec(), at).unwrap_err();
+        assert!(
+            r.text.starts_with("event_id: must not contain control"),
+            "{}",
+            r.text
+        );
+    }
 }

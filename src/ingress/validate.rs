@@ -59,7 +59,17 @@ pub fn positive(field: &'static str, value: &str) -> Result<Decimal, FieldError>
     parse_positive(value).map_err(|e| err(field, e.to_string()))
 }
 
-pub fn reserve(r: &pb::ReserveRequest, now_ms: i64) -> Result<Reserve, FieldError> {
+/// A Reserve request. `now_ms` is the edge's clock and `idempotency_window_ms`
+/// the engine's window: an expiry that is merely past is the state machine's
+/// call (a retry of an acknowledged Reserve must replay its reply, a new one
+/// gets `RESULT_EXPIRY_PASSED`), but one older than the window cannot belong
+/// to a retry, whose key would have left the window, so it is malformed.
+pub fn reserve(
+    r: &pb::ReserveRequest,
+    now_ms: i64,
+    idempotency_window_ms: i64,
+) -> Result<Reserve, FieldError> {
+    debug_assert!(idempotency_window_ms > 0);
     let kind = match pb::ReservationKind::try_from(r.kind) {
         Ok(pb::ReservationKind::Cash) => ReservationKind::Cash,
         Ok(pb::ReservationKind::Security) => ReservationKind::Security,
@@ -78,7 +88,10 @@ pub fn reserve(r: &pb::ReserveRequest, now_ms: i64) -> Result<Reserve, FieldErro
                 "must be 0 (none) or unix milliseconds",
             ))
         }
-        at if at <= now_ms => return Err(err("expires_at_ms", "is already past")),
+        at if at <= now_ms.saturating_sub(idempotency_window_ms) => return Err(err(
+            "expires_at_ms",
+            "is older than the idempotency window: no retry of an earlier request can be that old",
+        )),
         at => Some(at),
     };
     Ok(Reserve {
@@ -171,10 +184,12 @@ pub fn fill(r: &events::FillEvent, source: Option<Source>) -> Result<Fill, Field
     let price = positive("fill_price", &r.fill_price)?;
     let filled_amount =
         parse_amount(&r.filled_amount).map_err(|e| err("filled_amount", e.to_string()))?;
-    let notional = price
-        .checked_mul(quantity)
-        .map(amount::round)
-        .ok_or_else(|| err("filled_amount", "fill_price x quantity overflows"))?;
+    let notional = amount::notional(price, quantity).ok_or_else(|| {
+        err(
+            "filled_amount",
+            "fill_price x quantity leaves 18 integer digits (amount overflow)",
+        )
+    })?;
     if notional != filled_amount {
         return Err(err(
             "filled_amount",
@@ -233,6 +248,14 @@ mod tests {
         f.quantity = "0.5".into();
         f.filled_amount = "0.50000002".into();
         assert!(fill(&f, None).is_ok());
+        // A product past the range is malformed, never rounded into it.
+        let mut f = good_fill();
+        f.fill_price = "999999999999999999.99999999".into();
+        f.quantity = "2".into();
+        f.filled_amount = "999999999999999999.99999999".into();
+        let e = fill(&f, None).unwrap_err();
+        assert_eq!(e.field, "filled_amount");
+        assert!(e.reason.contains("amount overflow"), "{e}");
     }
 
     #[test]
@@ -267,14 +290,120 @@ mod tests {
             amount: "1".into(),
             expires_at_ms: 1_000,
         };
-        assert_eq!(reserve(&r, 2_000).unwrap_err().field, "expires_at_ms");
-        assert_eq!(reserve(&r, 999).unwrap().expires_at_ms, Some(1_000));
+        let window = 500;
+        // Past, but within the window: the state machine decides (a retry replays).
+        assert_eq!(
+            reserve(&r, 1_499, window).unwrap().expires_at_ms,
+            Some(1_000)
+        );
+        assert_eq!(reserve(&r, 999, window).unwrap().expires_at_ms, Some(1_000));
+        // Older than the window: no retry can be that old.
+        let e = reserve(&r, 1_500, window).unwrap_err();
+        assert_eq!(e.field, "expires_at_ms");
+        assert!(e.reason.contains("idempotency window"), "{e}");
+        let mut negative = r.clone();
+        negative.expires_at_ms = -1;
+        assert_eq!(
+            reserve(&negative, 0, window).unwrap_err().field,
+            "expires_at_ms"
+        );
         let mut r2 = r.clone();
         r2.kind = 0;
-        assert_eq!(reserve(&r2, 0).unwrap_err().field, "kind");
+        assert_eq!(reserve(&r2, 0, window).unwrap_err().field, "kind");
         let mut r3 = r;
         r3.kind = pb::ReservationKind::Security as i32;
         r3.asset = "usd".into();
-        assert_eq!(reserve(&r3, 0).unwrap_err().field, "asset");
+        assert_eq!(reserve(&r3, 0, window).unwrap_err().field, "asset");
+    }
+
+    fn reserve_request() -> pb::ReserveRequest {
+        pb::ReserveRequest {
+            request_id: "r".into(),
+            account_id: 1,
+            order_id: "o".into(),
+            kind: pb::ReservationKind::Cash as i32,
+            asset: "USD".into(),
+            amount: "1".into(),
+            expires_at_ms: 0,
+        }
+    }
+
+    /// The texts every id field must refuse, with the reason they get.
+    const BAD_IDS: [&str; 4] = ["a\nb", "\u{0}", "tab\t", "\u{7f}"];
+
+    fn assert_refused(result: Result<impl std::fmt::Debug, FieldError>, field: &str) {
+        let e = result.expect_err("a control character is refused");
+        assert_eq!(e.field, field);
+        assert!(e.reason.contains("control characters"), "{e}");
+    }
+
+    #[test]
+    fn ids_of_account_service_requests_refuse_control_characters() {
+        for bad in BAD_IDS {
+            let mut r = reserve_request();
+            r.request_id = bad.into();
+            assert_refused(reserve(&r, 0, 1), "request_id");
+            let mut r = reserve_request();
+            r.order_id = bad.into();
+            assert_refused(reserve(&r, 0, 1), "order_id");
+            let u = |request_id: &str, order_id: &str| pb::UnreserveRequest {
+                request_id: request_id.into(),
+                account_id: 1,
+                order_id: order_id.into(),
+                amount: String::new(),
+            };
+            assert!(unreserve(&u("u", "o")).is_ok());
+            assert_refused(unreserve(&u(bad, "o")), "request_id");
+            assert_refused(unreserve(&u("u", bad)), "order_id");
+        }
+    }
+
+    #[test]
+    fn ids_of_admin_requests_refuse_control_characters() {
+        for bad in BAD_IDS {
+            let open = pb::OpenAccountRequest {
+                request_id: bad.into(),
+                account_id: 1,
+                base_currency: "USD".into(),
+            };
+            assert_refused(open_account(&open), "request_id");
+            let status = |request_id: &str, reason: &str| pb::SetAccountStatusRequest {
+                request_id: request_id.into(),
+                account_id: 1,
+                status: pb::AccountStatus::Suspended as i32,
+                reason: reason.into(),
+            };
+            assert!(set_account_status(&status("s", "")).is_ok());
+            assert_refused(set_account_status(&status(bad, "")), "request_id");
+            assert_refused(set_account_status(&status("s", bad)), "reason");
+        }
+    }
+
+    #[test]
+    fn ids_of_events_refuse_control_characters() {
+        for bad in BAD_IDS {
+            let dep = events::DepositEvent {
+                event_id: bad.into(),
+                account_id: 1,
+                amount: "1".into(),
+                currency: "USD".into(),
+                ..Default::default()
+            };
+            assert_refused(deposit(&dep, None), "event_id");
+            let wd = events::WithdrawEvent {
+                event_id: bad.into(),
+                account_id: 1,
+                amount: "1".into(),
+                currency: "USD".into(),
+                ..Default::default()
+            };
+            assert_refused(withdrawal(&wd, None), "event_id");
+            let mut f = good_fill();
+            f.event_id = bad.into();
+            assert_refused(fill(&f, None), "event_id");
+            let mut f = good_fill();
+            f.order_id = bad.into();
+            assert_refused(fill(&f, None), "order_id");
+        }
     }
 }

@@ -3,25 +3,38 @@
 //! read back by a restart, never by reports, and a row per request made the
 //! database do as much work as the rest of the snapshot together.
 //!
-//! Entry layout (little endian):
-//! `position u64 | key_len u8 | key | fingerprint u64 | result u8 |
-//!  sequence u64 | asset_len u8 (0: none) | asset | available [16] |
-//!  reserved [16] | released [16] | recorded_at_ms i64`,
-//! decimals in `rust_decimal`'s 16-byte serialization.
+//! Batch layout (little endian): a header, then the entries.
+//!
+//! ```text
+//! header = "IK" | format u8 = 2
+//! entry  = position u64 | space u8 (1 requests, 2 events) | key_len u8 | key |
+//!          fingerprint u64 | result u8 | sequence u64 |
+//!          asset_len u8 (0: none) | asset | available [16] | reserved [16] |
+//!          released [16] | recorded_at_ms i64
+//! ```
+//!
+//! Decimals in `rust_decimal`'s 16-byte serialization. Format 1 (no header, no
+//! key space) was never deployed and is not read: a batch without this header
+//! is refused, as is an unknown space or result.
 
-use crate::domain::{Asset, Id};
+use crate::domain::{Asset, Id, IdempotencyKey, KeySpace};
 use crate::state_machine::{IdempotencyEntry, Outcome, ResultCode};
 use rust_decimal::Decimal;
 
-pub type Key = (u64, Id, IdempotencyEntry);
+pub type Key = (u64, IdempotencyKey, IdempotencyEntry);
+
+/// The first bytes of every batch: magic and format version.
+const HEADER: [u8; 3] = [b'I', b'K', 2];
 
 pub fn encode(keys: &[Key], out: &mut Vec<u8>) {
     out.clear();
+    out.extend_from_slice(&HEADER);
     for (position, key, e) in keys {
         let o = &e.outcome;
         out.extend_from_slice(&position.to_le_bytes());
-        out.push(key.as_str().len() as u8);
-        out.extend_from_slice(key.as_str().as_bytes());
+        out.push(key.space as u8);
+        out.push(key.id.as_bytes().len() as u8);
+        out.extend_from_slice(key.id.as_bytes());
         out.extend_from_slice(&e.fingerprint.to_le_bytes());
         out.push(o.result as u8);
         out.extend_from_slice(&o.sequence.to_le_bytes());
@@ -49,10 +62,15 @@ pub fn decode(mut data: &[u8], out: &mut Vec<Key>) -> Option<()> {
     fn decimal(data: &mut &[u8]) -> Option<Decimal> {
         Some(Decimal::deserialize(take(data, 16)?.try_into().ok()?))
     }
+    if take(&mut data, HEADER.len())? != HEADER {
+        return None;
+    }
     while !data.is_empty() {
         let position = u64_le(&mut data)?;
+        let space = KeySpace::from_u8(take(&mut data, 1)?[0])?;
         let len = take(&mut data, 1)?[0] as usize;
-        let key = Id::new_allow_empty(std::str::from_utf8(take(&mut data, len)?).ok()?).ok()?;
+        let id = Id::new(std::str::from_utf8(take(&mut data, len)?).ok()?).ok()?;
+        let key = IdempotencyKey { space, id };
         let fingerprint = u64_le(&mut data)?;
         let result = ResultCode::from_u8(take(&mut data, 1)?[0])?;
         let sequence = u64_le(&mut data)?;
@@ -86,6 +104,10 @@ mod tests {
     use super::*;
 
     fn key(position: u64, name: &str, asset: Option<&str>) -> Key {
+        key_in(KeySpace::Requests, position, name, asset)
+    }
+
+    fn key_in(space: KeySpace, position: u64, name: &str, asset: Option<&str>) -> Key {
         let entry = IdempotencyEntry {
             fingerprint: 0xdead_beef_0000_0001 ^ position,
             outcome: Outcome {
@@ -99,17 +121,22 @@ mod tests {
             },
             recorded_at_ms: 1_700_000_000_000 + position as i64,
         };
-        (position, Id::new(name).unwrap(), entry)
+        let id = Id::new(name).unwrap();
+        (position, IdempotencyKey { space, id }, entry)
     }
 
     #[test]
     fn round_trips_exactly() {
-        let keys = vec![key(7, "req-1", Some("USD")), key(8, &"x".repeat(64), None)];
+        let keys = vec![
+            key(7, "req-1", Some("USD")),
+            key(8, &"x".repeat(64), None),
+            key_in(KeySpace::Events, 9, "req-1", None),
+        ];
         let mut bytes = Vec::new();
         encode(&keys, &mut bytes);
         let mut back = Vec::new();
         decode(&bytes, &mut back).unwrap();
-        assert_eq!(back.len(), 2);
+        assert_eq!(back.len(), 3);
         for (a, b) in keys.iter().zip(&back) {
             assert_eq!((a.0, a.1), (b.0, b.1));
             assert_eq!(a.2.fingerprint, b.2.fingerprint);
@@ -124,7 +151,23 @@ mod tests {
         encode(&[key(1, "k", Some("EUR"))], &mut bytes);
         for cut in 0..bytes.len() {
             let mut back = Vec::new();
-            assert!(decode(&bytes[..cut], &mut back).is_none() || cut == 0);
+            assert!(decode(&bytes[..cut], &mut back).is_none() || cut == HEADER.len());
         }
+    }
+
+    #[test]
+    fn what_this_module_did_not_write_is_refused() {
+        let mut bytes = Vec::new();
+        encode(&[key(1, "k", None)], &mut bytes);
+        let mut back = Vec::new();
+        // Format 1 had no header: the entry bytes alone.
+        assert!(decode(&bytes[HEADER.len()..], &mut back).is_none());
+        let mut other_version = bytes.clone();
+        other_version[2] = 3;
+        assert!(decode(&other_version, &mut back).is_none());
+        let mut unknown_space = bytes.clone();
+        unknown_space[HEADER.len() + 8] = 3;
+        assert!(decode(&unknown_space, &mut back).is_none());
+        assert!(back.is_empty());
     }
 }

@@ -64,6 +64,17 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
     ),
     (
         2,
+        // The state machine's settings at the snapshot's sequence
+        // (`Command::Configure`): replay goes on with them, whatever the
+        // flags. The defaults are `StateConfig::default()`, for a row
+        // written before this migration (nothing was deployed then).
+        "ALTER TABLE snapshot_meta
+            ADD COLUMN idempotency_window_ms bigint NOT NULL DEFAULT 86400000
+                CHECK (idempotency_window_ms > 0),
+            ADD COLUMN tick_work_max bigint NOT NULL DEFAULT 10000 CHECK (tick_work_max > 0);",
+    ),
+    (
+        3,
         "-- The identity of the write-ahead log the snapshot was taken from (32 hex
          -- digits): a WAL of another deployment, or an empty data dir in front of
          -- this snapshot, is refused at start-up (NULL: written before log ids).

@@ -1,7 +1,9 @@
 //! Reading and writing snapshot rows (tokio-postgres).
 
 use super::schema::MIGRATIONS;
-use crate::domain::{AccountId, AccountStatus, Asset, Id, ReservationKind, Topic};
+use crate::domain::{
+    AccountId, AccountStatus, Asset, Id, IdempotencyKey, ReservationKind, StateConfig, Topic,
+};
 use crate::state_machine::{
     Account, CashBalance, Delta, IdempotencyEntry, Position, Reservation, ReservationKey,
     ReservationState, Rows,
@@ -145,17 +147,20 @@ pub async fn write(
     }
     let written = tx
         .execute(
-            "INSERT INTO snapshot_meta (id, sequence, timestamp_ms, keys_base, outbox_watermark, log_id)
-             VALUES (1, $1, $2, $3, $4, $5)
+            "INSERT INTO snapshot_meta (id, sequence, timestamp_ms, keys_base, outbox_watermark,
+                                        idempotency_window_ms, tick_work_max, log_id)
+             VALUES (1, $1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (id) DO UPDATE
                 SET sequence = $1, timestamp_ms = $2, keys_base = $3, outbox_watermark = $4,
-                    log_id = $5, written_at = now()
-              WHERE snapshot_meta.log_id IS NULL OR snapshot_meta.log_id = $5",
+                    idempotency_window_ms = $5, tick_work_max = $6, log_id = $7, written_at = now()
+              WHERE snapshot_meta.log_id IS NULL OR snapshot_meta.log_id = $7",
             &[
                 &(delta.sequence as i64),
                 &delta.timestamp_ms,
                 &(delta.keys_base as i64),
                 &outbox_watermark.map(|w| w as i64),
+                &delta.config.idempotency_window_ms,
+                &i64::from(delta.config.tick_work_max),
                 &log_id,
             ],
         )
@@ -339,7 +344,7 @@ async fn write_reservations(
 
 async fn write_keys(
     tx: &tokio_postgres::Transaction<'_>,
-    keys: &[(u64, Id, IdempotencyEntry)],
+    keys: &[(u64, IdempotencyKey, IdempotencyEntry)],
 ) -> Result<(), SnapshotError> {
     let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
         return Ok(());
@@ -398,18 +403,28 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
         .await?;
     let Some(meta) = tx
         .query_opt(
-            "SELECT sequence, timestamp_ms, keys_base, log_id FROM snapshot_meta WHERE id = 1",
+            "SELECT sequence, timestamp_ms, keys_base, idempotency_window_ms, tick_work_max, log_id
+             FROM snapshot_meta WHERE id = 1",
             &[],
         )
         .await?
     else {
         return Ok(None);
     };
+    let config = StateConfig {
+        idempotency_window_ms: meta.get(3),
+        tick_work_max: u32::try_from(meta.get::<_, i64>(4))
+            .map_err(|_| SnapshotError::Row("snapshot_meta tick_work_max"))?,
+    };
+    if !config.is_valid() {
+        return Err(SnapshotError::Row("snapshot_meta state configuration"));
+    }
     let mut loaded = Rows {
         sequence: meta.get::<_, i64>(0) as u64,
+        config,
         timestamp_ms: meta.get(1),
         keys_base: meta.get::<_, i64>(2) as u64,
-        log_id: meta.get(3),
+        log_id: meta.get(5),
         ..Rows::default()
     };
     let mut accounts: HashMap<i64, Account> = HashMap::new();

@@ -15,6 +15,8 @@ impl State {
         let mut h = Xxh3::new();
         h.update(&self.last_sequence().to_le_bytes());
         h.update(&self.last_timestamp_ms().to_le_bytes());
+        h.update(&self.config().idempotency_window_ms.to_le_bytes());
+        h.update(&self.config().tick_work_max.to_le_bytes());
         let mut accounts: Vec<_> = self.accounts().collect();
         accounts.sort_by_key(|a| a.account_id);
         for a in accounts {
@@ -62,7 +64,8 @@ impl State {
         let mut keys: Vec<_> = self.idempotency_entries().collect();
         keys.sort_by_key(|(k, _)| **k);
         for (k, e) in keys {
-            h.update(k.as_bytes());
+            h.update(&[k.space as u8]);
+            h.update(k.id.as_bytes());
             h.update(&e.fingerprint.to_le_bytes());
             h.update(&e.recorded_at_ms.to_le_bytes());
             h.update(&[e.outcome.result as u8]);

@@ -9,17 +9,47 @@
 //! * every reservation has `amount = remaining + consumed + released`, and is open
 //!   exactly while `remaining > 0`; an open one with an expiry is indexed;
 //! * a flat position has a cost basis of exactly zero;
+//! * every balance (and a balance's total, available + reserved), quantity,
+//!   reserved quantity, cost basis and realized P&L is within 18 integer and 8
+//!   fractional digits ([`amount::in_range`]);
 //! * the overdrawn flag and counter agree with the balances.
 
+use super::Account;
 use super::{ReservationState, State};
-use crate::domain::{AccountId, Decimal, ReservationKind};
+use crate::domain::{amount, AccountId, Decimal, ReservationKind};
 use rustc_hash::FxHashMap;
+
+/// The first kept amount of `account` outside the range, by name.
+fn out_of_range(account: &Account) -> Option<&'static str> {
+    for b in &account.cash {
+        let total = b.available.checked_add(b.reserved);
+        if !amount::in_range(b.available) || !amount::in_range(b.reserved) {
+            return Some("cash balance");
+        }
+        if !total.is_some_and(amount::in_range) {
+            return Some("cash total (available + reserved)");
+        }
+    }
+    for p in &account.positions {
+        let kept = [
+            p.quantity,
+            p.reserved_quantity,
+            p.cost_basis,
+            p.realized_pnl,
+        ];
+        if !kept.into_iter().all(amount::in_range) {
+            return Some("position");
+        }
+    }
+    None
+}
 
 /// Cheap checks of one account (no scan of the reservations).
 pub fn check_account_local(state: &State, id: AccountId) {
     let Some(account) = state.account(id) else {
         return;
     };
+    assert_eq!(out_of_range(account), None, "amounts of {id} in range");
     assert_eq!(
         account.overdrawn,
         account.computes_overdrawn(),
@@ -98,6 +128,11 @@ pub fn check(state: &State) -> Result<(), String> {
             return Err(format!("{id}: overdrawn flag disagrees with balances"));
         }
         overdrawn += u64::from(a.overdrawn);
+        if let Some(what) = out_of_range(a) {
+            return Err(format!(
+                "{id}: {what} beyond 18 integer / 8 fractional digits"
+            ));
+        }
         if a.open_reservations != open_count.get(&id).copied().unwrap_or(0) {
             return Err(format!("{id}: open reservation count"));
         }

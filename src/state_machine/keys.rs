@@ -7,19 +7,23 @@
 //! cache (each command probes it once for the lookup and once for the insert),
 //! and recording a key writes the ring sequentially.
 //!
+//! A key is an [`IdempotencyKey`]: its space (requests or events) and its id.
+//! The space is the hash's seed, so the same id in the two spaces is two
+//! unrelated keys at no extra hashing cost.
+//!
 //! The full key is kept in the ring and compared on lookup. A 128-bit hash
 //! collision (odds ~2^-64 with billions of keys) makes the newer key shadow the
 //! older in the map; pruning then leaves the newer key's slot alone.
 
 use super::IdempotencyEntry;
-use crate::domain::Id;
+use crate::domain::IdempotencyKey;
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
 
 #[derive(Clone, Copy, Debug)]
 struct Record {
     hash: u128,
-    key: Id,
+    key: IdempotencyKey,
     entry: IdempotencyEntry,
 }
 
@@ -32,19 +36,19 @@ pub struct KeyTable {
     base: u64,
 }
 
-fn hash(key: &Id) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(key.as_bytes())
+fn hash(key: &IdempotencyKey) -> u128 {
+    xxhash_rust::xxh3::xxh3_128_with_seed(key.id.as_bytes(), key.space as u64)
 }
 
 impl KeyTable {
-    pub fn get(&self, key: &Id) -> Option<&IdempotencyEntry> {
+    pub fn get(&self, key: &IdempotencyKey) -> Option<&IdempotencyEntry> {
         let position = *self.positions.get(&hash(key))?;
         let record = &self.ring[(position - self.base) as usize];
         (record.key == *key).then_some(&record.entry)
     }
 
     /// Records a key not present; `entry.recorded_at_ms` never decreases.
-    pub fn insert(&mut self, key: Id, entry: IdempotencyEntry) {
+    pub fn insert(&mut self, key: IdempotencyKey, entry: IdempotencyEntry) {
         debug_assert!(self.get(&key).is_none());
         debug_assert!(self
             .ring
@@ -84,7 +88,10 @@ impl KeyTable {
     }
 
     /// Keys at positions `from..`, with their positions.
-    pub fn since(&self, from: u64) -> impl Iterator<Item = (u64, &Id, &IdempotencyEntry)> {
+    pub fn since(
+        &self,
+        from: u64,
+    ) -> impl Iterator<Item = (u64, &IdempotencyKey, &IdempotencyEntry)> {
         let skip = from.saturating_sub(self.base) as usize;
         self.ring
             .iter()
@@ -94,7 +101,7 @@ impl KeyTable {
     }
 
     /// A table holding `keys` (sorted by position, contiguous from `base`).
-    pub fn restore(base: u64, keys: Vec<(u64, Id, IdempotencyEntry)>) -> KeyTable {
+    pub fn restore(base: u64, keys: Vec<(u64, IdempotencyKey, IdempotencyEntry)>) -> KeyTable {
         let mut table = KeyTable {
             base,
             ..KeyTable::default()
@@ -106,7 +113,7 @@ impl KeyTable {
         table
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&Id, &IdempotencyEntry)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&IdempotencyKey, &IdempotencyEntry)> {
         self.ring.iter().map(|r| (&r.key, &r.entry))
     }
 
@@ -124,7 +131,15 @@ impl KeyTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::{Id, KeySpace};
     use crate::state_machine::{Outcome, ResultCode};
+
+    fn request(id: &str) -> IdempotencyKey {
+        IdempotencyKey {
+            space: KeySpace::Requests,
+            id: Id::new(id).unwrap(),
+        }
+    }
 
     fn entry(at: i64, sequence: u64) -> IdempotencyEntry {
         IdempotencyEntry {
@@ -137,11 +152,7 @@ mod tests {
     #[test]
     fn keys_leave_oldest_first() {
         let mut t = KeyTable::default();
-        let (a, b, c) = (
-            Id::new("a").unwrap(),
-            Id::new("b").unwrap(),
-            Id::new("c").unwrap(),
-        );
+        let (a, b, c) = (request("a"), request("b"), request("c"));
         t.insert(a, entry(10, 1));
         t.insert(b, entry(10, 2));
         t.insert(c, entry(20, 3));
@@ -150,7 +161,7 @@ mod tests {
         t.pop_oldest();
         assert!(t.get(&a).is_none());
         assert_eq!(t.get(&c).unwrap().fingerprint, 21);
-        let order: Vec<_> = t.iter().map(|(k, _)| k.as_str().to_owned()).collect();
+        let order: Vec<_> = t.iter().map(|(k, _)| k.id.as_str().to_owned()).collect();
         assert_eq!(order, ["b", "c"]);
         t.pop_oldest();
         t.pop_oldest();
@@ -159,5 +170,21 @@ mod tests {
         // Positions stay right after the base has moved.
         t.insert(a, entry(30, 4));
         assert_eq!(t.get(&a).unwrap().outcome.sequence, 4);
+    }
+
+    #[test]
+    fn the_same_id_in_the_two_spaces_is_two_keys() {
+        let mut t = KeyTable::default();
+        let as_request = request("same");
+        let as_event = IdempotencyKey {
+            space: KeySpace::Events,
+            ..as_request
+        };
+        t.insert(as_request, entry(10, 1));
+        assert!(t.get(&as_event).is_none());
+        t.insert(as_event, entry(10, 2));
+        assert_eq!(t.get(&as_request).unwrap().outcome.sequence, 1);
+        assert_eq!(t.get(&as_event).unwrap().outcome.sequence, 2);
+        assert!(t.is_consistent());
     }
 }

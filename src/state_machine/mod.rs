@@ -18,34 +18,17 @@ mod types;
 
 pub use types::*;
 
+/// Defined with the commands: [`Command::Configure`] journals it.
+pub use crate::domain::StateConfig;
+
 use crate::domain::{
-    AccountId, AccountStatus, CashMovement, Command, Decimal, Fill, Id, OpenAccount,
-    ReservationKind, Reserve, SetAccountStatus, Side, Topic, Unreserve,
+    amount, AccountId, AccountStatus, CashMovement, Command, Currency, Decimal, Fill, Id,
+    IdempotencyKey, OpenAccount, ReservationKind, Reserve, SetAccountStatus, Side, Topic,
+    Unreserve,
 };
 use rustc_hash::FxHashMap;
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, VecDeque};
-
-/// Limits and windows of the state machine. Part of the deterministic input:
-/// replay must use the values the journal was written with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct StateConfig {
-    /// How long idempotency keys, and closed reservations (with their
-    /// `(account_id, order_id)`), are kept, in journaled time.
-    pub idempotency_window_ms: i64,
-    /// Most expiries plus prunings one tick performs; the rest waits for the next
-    /// tick, so one tick never stalls the writer.
-    pub tick_work_max: usize,
-}
-
-impl Default for StateConfig {
-    fn default() -> Self {
-        StateConfig {
-            idempotency_window_ms: 24 * 3600 * 1000,
-            tick_work_max: 10_000,
-        }
-    }
-}
 
 /// What the idempotency table remembers of a key.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -78,14 +61,15 @@ pub struct State {
 
 impl State {
     pub fn new(config: StateConfig) -> State {
-        assert!(config.idempotency_window_ms > 0);
-        assert!(config.tick_work_max > 0);
+        assert!(config.is_valid(), "{config:?}");
         State {
             config,
             ..State::default()
         }
     }
 
+    /// The settings in force: [`StateConfig::default`] for a fresh state,
+    /// then those of the last journaled [`Command::Configure`].
     pub fn config(&self) -> &StateConfig {
         &self.config
     }
@@ -123,7 +107,9 @@ impl State {
     }
 
     /// Keys in their window, oldest first.
-    pub fn idempotency_entries(&self) -> impl Iterator<Item = (&Id, &IdempotencyEntry)> {
+    pub fn idempotency_entries(
+        &self,
+    ) -> impl Iterator<Item = (&IdempotencyKey, &IdempotencyEntry)> {
         self.idempotency.iter()
     }
 
@@ -189,9 +175,15 @@ impl State {
             }
             *last = source.offset;
         }
-        if let Command::DeadLetter(_) = command {
+        match command {
             // Only the offset moves: the DLQ record is derived from the journal.
-            return Outcome::new(ResultCode::Ok, sequence);
+            Command::DeadLetter(_) => return Outcome::new(ResultCode::Ok, sequence),
+            Command::Configure(config) => {
+                assert!(config.is_valid(), "validated before journaling");
+                self.config = *config;
+                return Outcome::new(ResultCode::Ok, sequence);
+            }
+            _ => {}
         }
 
         let Some(key) = command.key() else {
@@ -199,7 +191,7 @@ impl State {
             return Outcome::new(ResultCode::Ok, sequence);
         };
         let fingerprint = command.fingerprint();
-        if let Some(entry) = self.idempotency.get(key) {
+        if let Some(entry) = self.idempotency.get(&key) {
             if entry.fingerprint == fingerprint {
                 return Outcome {
                     replayed: true,
@@ -212,16 +204,18 @@ impl State {
         let outcome = match command {
             Command::OpenAccount(c) => self.open_account(c, sequence, events),
             Command::SetAccountStatus(c) => self.set_status(c, sequence, events),
-            Command::Reserve(c) => self.reserve(c, sequence, events),
+            Command::Reserve(c) => self.reserve(c, sequence, now, events),
             Command::Unreserve(c) => self.unreserve(c, sequence, now, events),
             Command::Deposit(c) => self.deposit(c, sequence, events),
             Command::Withdraw(c) => self.withdraw(c, sequence, events),
             Command::Fill(c) => self.fill(c, sequence, now, events),
-            Command::Tick | Command::DeadLetter(_) => unreachable!("no key"),
+            Command::Tick | Command::DeadLetter(_) | Command::Configure(_) => {
+                unreachable!("no key")
+            }
         };
         debug_assert!(!outcome.replayed && outcome.sequence == sequence);
         self.idempotency.insert(
-            *key,
+            key,
             IdempotencyEntry {
                 fingerprint,
                 outcome,
@@ -290,8 +284,20 @@ impl State {
         Outcome::new(ResultCode::Ok, seq)
     }
 
-    fn reserve<S: EventSink>(&mut self, c: &Reserve, seq: u64, events: &mut S) -> Outcome {
+    /// A new Reserve (a retry was answered by the key check before this).
+    fn reserve<S: EventSink>(
+        &mut self,
+        c: &Reserve,
+        seq: u64,
+        now: i64,
+        events: &mut S,
+    ) -> Outcome {
         debug_assert!(c.amount > Decimal::ZERO);
+        // Judged at the journaled time, not at the edge: a retry of an
+        // acknowledged Reserve replays even once its expiry has passed.
+        if c.expires_at_ms.is_some_and(|at| at <= now) {
+            return Outcome::new(ResultCode::ExpiryPassed, seq);
+        }
         let Some(account) = self.accounts.get_mut(&c.account_id) else {
             return Outcome::new(ResultCode::AccountNotFound, seq);
         };
@@ -315,19 +321,14 @@ impl State {
                 ReservationKind::Security => ResultCode::InsufficientPosition,
             });
         }
-        match c.kind {
-            ReservationKind::Cash => {
-                let balance = account.cash_entry(c.asset);
-                balance.available -= c.amount;
-                balance.reserved += c.amount;
-            }
-            ReservationKind::Security => {
-                let position = account.positions.iter_mut().find(|p| p.symbol == c.asset);
-                // `available >= amount > 0` above means the position exists.
-                let position = position.expect("a position with free shares exists");
-                position.reserved_quantity += c.amount;
-            }
-        }
+        // Cash moves within one balance (its total stays in range), shares
+        // lock at most the quantity: checked all the same.
+        let after =
+            amount::checked_sub(available, c.amount).zip(amount::checked_add(reserved, c.amount));
+        let Some((available_after, reserved_after)) = after else {
+            return reject(ResultCode::AmountOverflow);
+        };
+        set_balance(account, c.kind, c.asset, available_after, reserved_after);
         let (available, reserved) = balance_of(account, c.kind, c.asset);
         debug_assert!(available >= Decimal::ZERO || account.overdrawn);
         slot.insert(Reservation {
@@ -392,7 +393,14 @@ impl State {
                 reserved,
             );
         }
-        let (available, reserved) = release(account, reservation, amount);
+        let Some((available, reserved)) = release(account, reservation, amount) else {
+            let (available, reserved) = balance_of(account, reservation.kind, reservation.asset);
+            return Outcome::new(ResultCode::AmountOverflow, seq).with_balance(
+                reservation.asset,
+                available,
+                reserved,
+            );
+        };
         if reservation.remaining.is_zero() {
             close(
                 reservation,
@@ -425,9 +433,14 @@ impl State {
         if account.status == AccountStatus::Closed {
             return Outcome::new(ResultCode::AccountNotActive, seq);
         }
-        let balance = account.cash_entry(c.currency);
-        balance.available += c.amount;
-        let (available, reserved) = (balance.available, balance.reserved);
+        let (available, reserved) = balance_of(account, ReservationKind::Cash, c.currency);
+        let Some(available) = amount::checked_add(available, c.amount)
+            .filter(|&after| cash_in_range(after, reserved))
+        else {
+            return Outcome::new(ResultCode::AmountOverflow, seq)
+                .with_balance(c.currency, available, reserved);
+        };
+        account.cash_entry(c.currency).available = available;
         events.push(
             event(EventKind::Deposited, c.account_id)
                 .asset(c.currency)
@@ -458,9 +471,11 @@ impl State {
             events.push(e);
             return Outcome::new(result, seq).with_balance(c.currency, available, reserved);
         }
-        let balance = account.cash_entry(c.currency);
-        balance.available -= c.amount;
-        let (available, reserved) = (balance.available, balance.reserved);
+        // `amount <= available`: the difference is in range.
+        let Some(available) = amount::checked_sub(available, c.amount) else {
+            unreachable!("0 <= available - amount < available");
+        };
+        account.cash_entry(c.currency).available = available;
         debug_assert!(available >= Decimal::ZERO);
         events.push(
             event(EventKind::Withdrawn, c.account_id)
@@ -497,44 +512,34 @@ impl State {
             .reservations
             .get_mut(&key)
             .filter(|r| r.state == ReservationState::Open && r.kind == kind && r.asset == asset);
-        let consumed = match reservation {
-            Some(r) => {
-                let consumed = r.remaining.min(wanted);
-                r.remaining -= consumed;
-                r.consumed += consumed;
-                if r.remaining.is_zero() {
-                    close(
-                        r,
-                        ReservationState::Consumed,
-                        (now, seq),
-                        &mut self.expiries,
-                        &mut self.closed,
-                    );
-                    account.open_reservations -= 1;
-                }
-                consumed
-            }
-            None => Decimal::ZERO,
+        let consumed = reservation
+            .as_ref()
+            .map_or(Decimal::ZERO, |r| r.remaining.min(wanted));
+        // Everything is computed first: a fill refused for overflow changes nothing.
+        let Some(settled) = settle(account, c, currency, consumed) else {
+            let (available, reserved) = balance_of(account, ReservationKind::Cash, currency);
+            return Outcome::new(ResultCode::AmountOverflow, seq)
+                .with_balance(currency, available, reserved);
         };
-
-        let cash = account.cash_entry(currency);
-        match c.side {
-            Side::Buy => {
-                cash.reserved -= consumed;
-                cash.available -= c.filled_amount - consumed;
+        if let Some(r) = reservation {
+            r.remaining -= consumed;
+            r.consumed += consumed;
+            if r.remaining.is_zero() {
+                close(
+                    r,
+                    ReservationState::Consumed,
+                    (now, seq),
+                    &mut self.expiries,
+                    &mut self.closed,
+                );
+                account.open_reservations -= 1;
             }
-            Side::Sell => cash.available += c.filled_amount,
         }
-        let (cash_available, cash_reserved) = (cash.available, cash.reserved);
+        let (cash_available, cash_reserved) = (settled.available, settled.reserved);
+        let cash = account.cash_entry(currency);
+        (cash.available, cash.reserved) = (cash_available, cash_reserved);
         let position = account.position_entry(c.symbol, currency);
-        let dq = match c.side {
-            Side::Buy => c.quantity,
-            Side::Sell => {
-                position.reserved_quantity -= consumed;
-                -c.quantity
-            }
-        };
-        position::trade(position, dq, c.filled_amount);
+        *position = settled.position;
         let (free, locked) = (position.free_quantity(), position.reserved_quantity);
 
         let fill = event(EventKind::FillApplied, c.account_id).order(c.order_id);
@@ -566,7 +571,9 @@ impl State {
             };
             debug_assert_eq!(reservation.state, ReservationState::Open);
             let amount = reservation.remaining;
-            let (available, reserved) = release(account, reservation, amount);
+            let Some((available, reserved)) = release(account, reservation, amount) else {
+                unreachable!("a release stays in range: cash keeps its total, shares unlock");
+            };
             close(
                 reservation,
                 ReservationState::Expired,
@@ -633,38 +640,116 @@ fn balance_of(
     }
 }
 
+/// What a fill leaves: the settlement currency's balance and the position.
+struct Settlement {
+    available: Decimal,
+    reserved: Decimal,
+    position: Position,
+}
+
+/// The balances after fill `c`, `consumed` of which comes from its order's
+/// reservation (cash for a buy, shares for a sell); `None` if a kept value
+/// would leave the range. Reads only.
+fn settle(
+    account: &Account,
+    c: &Fill,
+    currency: Currency,
+    consumed: Decimal,
+) -> Option<Settlement> {
+    let (available, reserved) = balance_of(account, ReservationKind::Cash, currency);
+    let (available, reserved) = match c.side {
+        Side::Buy => (
+            amount::checked_sub(available, c.filled_amount.checked_sub(consumed)?)?,
+            amount::checked_sub(reserved, consumed)?,
+        ),
+        Side::Sell => (amount::checked_add(available, c.filled_amount)?, reserved),
+    };
+    if !cash_in_range(available, reserved) {
+        return None;
+    }
+    let before = account
+        .position(c.symbol)
+        .copied()
+        .unwrap_or(Position::flat(c.symbol, currency));
+    let (dq, reserved_quantity) = match c.side {
+        Side::Buy => (c.quantity, before.reserved_quantity),
+        Side::Sell => (
+            -c.quantity,
+            amount::checked_sub(before.reserved_quantity, consumed)?,
+        ),
+    };
+    let mut position = position::traded(&before, dq, c.filled_amount)?;
+    position.reserved_quantity = reserved_quantity;
+    Some(Settlement {
+        available,
+        reserved,
+        position,
+    })
+}
+
+/// Commits an asset's new (available, reserved): both for cash, the
+/// reserved quantity for shares (their free quantity is derived).
+fn set_balance(
+    account: &mut Account,
+    kind: ReservationKind,
+    asset: crate::domain::Asset,
+    available: Decimal,
+    reserved: Decimal,
+) {
+    match kind {
+        ReservationKind::Cash => {
+            let balance = account.cash_entry(asset);
+            balance.available = available;
+            balance.reserved = reserved;
+        }
+        ReservationKind::Security => {
+            // Only called where free shares were found or are locked, and
+            // positions are never removed.
+            let position = account.positions.iter_mut().find(|p| p.symbol == asset);
+            let position = position.expect("a position with locked or free shares exists");
+            position.reserved_quantity = reserved;
+            debug_assert_eq!(position.free_quantity(), available);
+        }
+    }
+}
+
+/// A cash balance the state may keep: each part in range, and their total
+/// too, so that releasing reserved cash (an Unreserve, or an expiry, which
+/// cannot be refused) always stays in range.
+fn cash_in_range(available: Decimal, reserved: Decimal) -> bool {
+    amount::checked_add(available, reserved).is_some()
+}
+
 /// Moves `amount` of an open reservation back to free; returns the asset's
-/// (available, reserved) after.
+/// (available, reserved) after, or `None`, changing nothing, if a kept
+/// value would leave the range (never, while the invariants hold).
 fn release(
     account: &mut Account,
     reservation: &mut Reservation,
     amount: Decimal,
-) -> (Decimal, Decimal) {
+) -> Option<(Decimal, Decimal)> {
     assert!(
         amount <= reservation.remaining,
         "release at most what remains"
     );
     debug_assert_eq!(reservation.state, ReservationState::Open);
+    let (available, reserved) = balance_of(account, reservation.kind, reservation.asset);
+    let reserved_after = amount::checked_sub(reserved, amount)?;
+    let available_after = match reservation.kind {
+        ReservationKind::Cash => amount::checked_add(available, amount)?,
+        // Derived (quantity - reserved), not kept: may be anything a short makes it.
+        ReservationKind::Security => available.checked_add(amount)?,
+    };
     reservation.remaining -= amount;
     reservation.released += amount;
-    match reservation.kind {
-        ReservationKind::Cash => {
-            let balance = account.cash_entry(reservation.asset);
-            balance.reserved -= amount;
-            balance.available += amount;
-            (balance.available, balance.reserved)
-        }
-        ReservationKind::Security => {
-            // Reserve found free shares, and positions are never removed.
-            let position = account
-                .positions
-                .iter_mut()
-                .find(|p| p.symbol == reservation.asset)
-                .expect("a security reservation's position exists");
-            position.reserved_quantity -= amount;
-            (position.free_quantity(), position.reserved_quantity)
-        }
-    }
+    set_balance(
+        account,
+        reservation.kind,
+        reservation.asset,
+        available_after,
+        reserved_after,
+    );
+    Some((available_after, reserved_after))
 }
 
 fn close(

@@ -15,64 +15,89 @@
 //! So a position sold to zero has a cost basis of exactly zero, and the realized
 //! P&L of a round trip is exactly proceeds minus cost.
 
+//!
+//! Every value kept stays within 18 integer and 8 fractional digits
+//! ([`amount::in_range`]): a trade that would leave that range is `None`
+//! and the caller refuses the fill (`RESULT_AMOUNT_OVERFLOW`).
+
 use super::Position;
-use crate::domain::{amount::round, Decimal};
+use crate::domain::amount::{self, kept, round};
+use crate::domain::Decimal;
 
 /// `value * part / whole`, rounded half-even; exact `value` when `part == whole`.
-fn pro_rata(value: Decimal, part: Decimal, whole: Decimal) -> Decimal {
+/// `|result| <= |value|`, so it never leaves the range.
+fn pro_rata(value: Decimal, part: Decimal, whole: Decimal) -> Option<Decimal> {
     debug_assert!(part > Decimal::ZERO && whole > Decimal::ZERO && part <= whole);
     if part == whole {
-        return value;
+        return Some(value);
     }
-    // Multiply first for precision; fall back to dividing first if the product
-    // would overflow the 96-bit mantissa (only for amounts near the format's limits).
+    // Multiply first for precision. A product past 96 bits (amounts near the
+    // limits) would lose digits, so then divide first: the quotient keeps 28
+    // significant digits, of which 8 fractional ones survive the rounding.
     let share = match value.checked_mul(part) {
-        Some(product) => product / whole,
-        None => value / whole * part,
+        Some(product) if product.scale() == value.scale() + part.scale() => {
+            product.checked_div(whole)?
+        }
+        _ => value.checked_div(whole)?.checked_mul(part)?,
     };
-    round(share)
+    Some(round(share))
 }
 
-/// Applies a trade of signed quantity `dq` (buy > 0, never 0) worth `amount` (> 0).
-pub fn trade(position: &mut Position, dq: Decimal, amount: Decimal) {
+/// The position after a trade of signed quantity `dq` (buy > 0, never 0)
+/// worth `amount` (>= 0); `None` if a kept value would leave the range.
+pub fn traded(before: &Position, dq: Decimal, amount: Decimal) -> Option<Position> {
     assert!(!dq.is_zero(), "a trade moves shares");
     assert!(
         amount >= Decimal::ZERO,
         "a trade's cash amount is not negative"
     );
+    let mut p = *before;
     let value = if dq.is_sign_positive() {
         amount
     } else {
         -amount
     };
-    let q = position.quantity;
+    let q = p.quantity;
     let same_direction = q.is_zero() || q.is_sign_positive() == dq.is_sign_positive();
     if same_direction {
-        position.quantity += dq;
-        position.cost_basis += value;
-        return;
+        p.quantity = amount::checked_add(q, dq)?;
+        p.cost_basis = amount::checked_add(p.cost_basis, value)?;
+        return Some(p);
     }
     let closed = dq.abs().min(q.abs());
-    let removed = pro_rata(position.cost_basis, closed, q.abs());
-    let closing_value = pro_rata(value, closed, dq.abs());
-    position.realized_pnl += -closing_value - removed;
-    position.cost_basis -= removed;
+    let removed = pro_rata(p.cost_basis, closed, q.abs())?;
+    let closing_value = pro_rata(value, closed, dq.abs())?;
+    // Intermediate sums of in-range values fit the mantissa; only what is
+    // kept is held to the range.
+    p.realized_pnl = kept(
+        p.realized_pnl
+            .checked_sub(closing_value)?
+            .checked_sub(removed)?,
+    )?;
+    p.cost_basis = kept(p.cost_basis.checked_sub(removed)?)?;
     let signed_closed = if dq.is_sign_positive() {
         closed
     } else {
         -closed
     };
-    position.quantity += signed_closed;
-    if position.quantity.is_zero() {
-        debug_assert!(position.cost_basis.is_zero(), "flat position keeps no cost");
-        position.cost_basis = Decimal::ZERO;
+    p.quantity = kept(q.checked_add(signed_closed)?)?;
+    if p.quantity.is_zero() {
+        debug_assert!(p.cost_basis.is_zero(), "flat position keeps no cost");
+        p.cost_basis = Decimal::ZERO;
     }
-    let opened = dq - signed_closed;
+    let opened = dq.checked_sub(signed_closed)?;
     if !opened.is_zero() {
-        debug_assert!(position.quantity.is_zero());
-        position.quantity = opened;
-        position.cost_basis = value - closing_value;
+        debug_assert!(p.quantity.is_zero());
+        p.quantity = kept(opened)?;
+        p.cost_basis = kept(value.checked_sub(closing_value)?)?;
     }
+    Some(p)
+}
+
+/// [`traded`] in place, for trades known to stay in range (tests).
+#[cfg(test)]
+fn trade(position: &mut Position, dq: Decimal, amount: Decimal) {
+    *position = traded(position, dq, amount).expect("in range");
 }
 
 #[cfg(test)]
@@ -86,14 +111,10 @@ mod tests {
     }
 
     fn flat() -> Position {
-        Position {
-            symbol: Asset::symbol("ACME").unwrap(),
-            quantity: Decimal::ZERO,
-            reserved_quantity: Decimal::ZERO,
-            cost_basis: Decimal::ZERO,
-            realized_pnl: Decimal::ZERO,
-            currency: Asset::currency("USD").unwrap(),
-        }
+        Position::flat(
+            Asset::symbol("ACME").unwrap(),
+            Asset::currency("USD").unwrap(),
+        )
     }
 
     #[test]
@@ -144,5 +165,23 @@ mod tests {
         assert_eq!(p.quantity, Decimal::ZERO);
         assert_eq!(p.cost_basis, Decimal::ZERO);
         assert_eq!(p.realized_pnl, d("50"));
+    }
+
+    #[test]
+    fn a_trade_leaving_the_range_changes_nothing() {
+        let max = d("999999999999999999.99999999");
+        let mut p = flat();
+        trade(&mut p, d("1"), max);
+        // Cost basis: max + 0.00000001.
+        assert_eq!(traded(&p, d("1"), d("0.00000001")), None);
+        // Quantity: 1 + max.
+        assert_eq!(traded(&p, max, Decimal::ZERO), None);
+        // Realized P&L: a short covered far above its proceeds.
+        let mut short = flat();
+        trade(&mut short, d("-1"), d("0.00000001"));
+        short.realized_pnl = -max + d("1");
+        // Covering at 2: P&L -= 2 - 0.00000001, below -max.
+        assert_eq!(traded(&short, d("1"), d("2")), None);
+        assert_eq!(p.cost_basis, max, "the input position is untouched");
     }
 }

@@ -30,6 +30,8 @@ pub(super) struct Dirty {
 #[derive(Clone, Debug, Default)]
 pub struct Delta {
     pub sequence: u64,
+    /// The settings in force (written with every delta: `snapshot_meta`).
+    pub config: StateConfig,
     /// Every row of the state: the writer replaces the tables' contents.
     pub full: bool,
     pub timestamp_ms: i64,
@@ -37,7 +39,7 @@ pub struct Delta {
     pub reservations: Vec<Reservation>,
     pub removed_reservations: Vec<ReservationKey>,
     /// New keys with their ring positions.
-    pub keys: Vec<(u64, Id, IdempotencyEntry)>,
+    pub keys: Vec<(u64, IdempotencyKey, IdempotencyEntry)>,
     /// Keys at ring positions below this have left the window.
     pub keys_base: u64,
     pub offsets: Vec<(Topic, i32, i64)>,
@@ -47,10 +49,11 @@ pub struct Delta {
 #[derive(Clone, Debug, Default)]
 pub struct Rows {
     pub sequence: u64,
+    pub config: StateConfig,
     pub timestamp_ms: i64,
     pub accounts: Vec<Account>,
     pub reservations: Vec<Reservation>,
-    pub keys: Vec<(u64, Id, IdempotencyEntry)>,
+    pub keys: Vec<(u64, IdempotencyKey, IdempotencyEntry)>,
     pub keys_base: u64,
     pub offsets: Vec<(Topic, i32, i64)>,
     /// The write-ahead log the snapshot was taken from (not part of the
@@ -103,6 +106,7 @@ impl State {
         let keys_from = dirty.keys_from.max(self.idempotency.base());
         let delta = Delta {
             sequence: self.last_sequence,
+            config: self.config,
             full: dirty.full,
             timestamp_ms: self.last_timestamp_ms,
             accounts: dirty
@@ -135,9 +139,10 @@ impl State {
 
     /// Rebuilds the exact state a snapshot was taken of: the rows, plus the
     /// indexes derived from them (expiries, the closed-reservation queue in
-    /// closing order, the key ring in recording order, counters).
-    pub fn restore(config: StateConfig, rows: Rows) -> State {
-        let mut state = State::new(config);
+    /// closing order, the key ring in recording order, counters), with the
+    /// settings that were in force.
+    pub fn restore(rows: Rows) -> State {
+        let mut state = State::new(rows.config);
         state.last_sequence = rows.sequence;
         state.last_timestamp_ms = rows.timestamp_ms;
         for mut account in rows.accounts {

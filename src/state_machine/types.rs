@@ -20,6 +20,16 @@ pub enum ResultCode {
     AccountNotEmpty = 11,
     /// A fill settles in a currency other than the one its position was opened in.
     CurrencyMismatch = 12,
+    /// A balance, position, cost basis or P&L would leave 18 integer and 8
+    /// fractional digits: refused, nothing changes.
+    AmountOverflow = 13,
+    /// A new Reserve whose expiry is at or before its journaled timestamp.
+    ExpiryPassed = 14,
+    /// One malformed item of a batch or stream (never produced by `apply`).
+    InvalidArgument = 15,
+    /// An all-or-nothing batch item not applied because another item failed
+    /// (never produced by `apply` alone).
+    LinkedRequestFailed = 16,
 }
 
 impl ResultCode {
@@ -42,6 +52,10 @@ impl ResultCode {
             10 => AmountExceedsReservation,
             11 => AccountNotEmpty,
             12 => CurrencyMismatch,
+            13 => AmountOverflow,
+            14 => ExpiryPassed,
+            15 => InvalidArgument,
+            16 => LinkedRequestFailed,
             _ => return None,
         })
     }
@@ -62,6 +76,10 @@ impl ResultCode {
             AmountExceedsReservation => "AMOUNT_EXCEEDS_RESERVATION",
             AccountNotEmpty => "ACCOUNT_NOT_EMPTY",
             CurrencyMismatch => "CURRENCY_MISMATCH",
+            AmountOverflow => "AMOUNT_OVERFLOW",
+            ExpiryPassed => "EXPIRY_PASSED",
+            InvalidArgument => "INVALID_ARGUMENT",
+            LinkedRequestFailed => "LINKED_REQUEST_FAILED",
         }
     }
 }
@@ -195,6 +213,18 @@ pub struct Position {
 }
 
 impl Position {
+    /// No shares, no cost, settling in `currency`.
+    pub fn flat(symbol: Symbol, currency: Currency) -> Position {
+        Position {
+            symbol,
+            quantity: Decimal::ZERO,
+            reserved_quantity: Decimal::ZERO,
+            cost_basis: Decimal::ZERO,
+            realized_pnl: Decimal::ZERO,
+            currency,
+        }
+    }
+
     /// `cost_basis / quantity`, half-even to 8 fractional digits; 0 when flat.
     pub fn average_price(&self) -> Decimal {
         if self.quantity.is_zero() {
@@ -266,14 +296,7 @@ impl Account {
         let i = match self.positions.iter().position(|p| p.symbol == symbol) {
             Some(i) => i,
             None => {
-                self.positions.push(Position {
-                    symbol,
-                    quantity: Decimal::ZERO,
-                    reserved_quantity: Decimal::ZERO,
-                    cost_basis: Decimal::ZERO,
-                    realized_pnl: Decimal::ZERO,
-                    currency,
-                });
+                self.positions.push(Position::flat(symbol, currency));
                 self.positions.len() - 1
             }
         };

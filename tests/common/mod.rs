@@ -74,6 +74,19 @@ impl Harness {
     pub fn deposit(&mut self, key: &str, account: i64, amount: &str) -> Outcome {
         self.run(deposit(key, account, usd(), amount))
     }
+
+    /// Withdraws all available USD of `account` (nothing if none).
+    pub fn withdraw_all(&mut self, account: i64) {
+        let available = self
+            .state
+            .account(AccountId(account))
+            .and_then(|a| a.cash(usd()))
+            .map_or(Decimal::ZERO, |b| b.available);
+        if available > Decimal::ZERO {
+            let key = format!("withdraw-all-{}", self.state.last_sequence());
+            self.run(withdraw(&key, account, usd(), &available.to_string()));
+        }
+    }
 }
 
 pub fn open(key: &str, account: i64, currency: Asset) -> Command {
@@ -176,7 +189,7 @@ pub fn fill(
     quantity: &str,
     price: &str,
 ) -> Command {
-    let filled = amount::round(d(price) * d(quantity));
+    let filled = amount::notional(d(price), d(quantity)).expect("a notional in range");
     Command::Fill(Fill {
         event_id: id(key),
         account_id: AccountId(account),

@@ -6,12 +6,22 @@ use proptest::prelude::*;
 
 pub const ACCOUNTS: i64 = 3;
 
+/// The largest wire amount: 18 nines, '.', 8 nines.
+pub fn amount_max() -> Decimal {
+    Decimal::from_i128_with_scale(99_999_999_999_999_999_999_999_999, 8)
+}
+
 pub fn amount() -> impl Strategy<Value = Decimal> {
     prop_oneof![
-        (1u64..2_000).prop_map(|c| Decimal::new(c as i64, 2)),
-        (1u64..5).prop_map(|u| Decimal::new(u as i64, 0)),
-        Just(Decimal::new(1, 8)),
-        (1u64..1_000_000).prop_map(|c| Decimal::new(c as i64, 8)),
+        8 => (1u64..2_000).prop_map(|c| Decimal::new(c as i64, 2)),
+        4 => (1u64..5).prop_map(|u| Decimal::new(u as i64, 0)),
+        2 => Just(Decimal::new(1, 8)),
+        4 => (1u64..1_000_000).prop_map(|c| Decimal::new(c as i64, 8)),
+        // Near the limits of exact arithmetic (design 3): results beyond
+        // them are refused, never rounded.
+        1 => Just(amount_max()),
+        1 => (1i64..10).prop_map(|k| Decimal::new(k, 0) * Decimal::new(100_000_000_000_000_000, 0)),
+        1 => (1i64..1_000).prop_map(|k| amount_max() - Decimal::new(k, 8)),
     ]
 }
 
@@ -51,7 +61,7 @@ pub fn command() -> impl Strategy<Value = Command> {
     prop_oneof![
         1 => (key(), account(), currency()).prop_map(|(k, a, c)| open(&k, a, c)),
         2 => (key(), account(), currency(), amount()).prop_map(|(k, a, c, x)| Command::Deposit(CashMovement {
-            event_id: id(&k), account_id: AccountId(a), currency: c, amount: x * Decimal::from(50), source: None
+            event_id: id(&k), account_id: AccountId(a), currency: c, amount: amount::kept(x * Decimal::from(50)).unwrap_or(x), source: None
         })),
         1 => (key(), account(), currency(), amount()).prop_map(|(k, a, c, x)| Command::Withdraw(CashMovement {
             event_id: id(&k), account_id: AccountId(a), currency: c, amount: x, source: None
@@ -65,12 +75,13 @@ pub fn command() -> impl Strategy<Value = Command> {
         2 => (key(), account(), order(), proptest::option::of(amount())).prop_map(|(k, a, o, x)| {
             Command::Unreserve(Unreserve { request_id: id(&k), account_id: AccountId(a), order_id: id(&o), amount: x })
         }),
-        3 => (key(), account(), order(), symbol(), any::<bool>(), amount(), amount(), proptest::option::of(currency())).prop_map(
-            |(k, a, o, s, buy, q, p, cur)| Command::Fill(Fill {
+        3 => (key(), account(), order(), symbol(), any::<bool>(), amount(), amount(), proptest::option::of(currency())).prop_filter_map(
+            "a notional within 18 integer digits (else malformed at the edge)",
+            |(k, a, o, s, buy, q, p, cur)| Some(Command::Fill(Fill {
                 event_id: id(&k), account_id: AccountId(a), order_id: id(&o), symbol: s,
                 side: if buy { Side::Buy } else { Side::Sell },
-                quantity: q, price: p, filled_amount: amount::round(p * q), currency: cur, source: None,
-            })
+                quantity: q, price: p, filled_amount: amount::notional(p, q)?, currency: cur, source: None,
+            }))
         ),
         1 => (key(), account(), prop_oneof![Just(AccountStatus::Active), Just(AccountStatus::Suspended), Just(AccountStatus::Closed)])
             .prop_map(|(k, a, s)| status(&k, a, s)),
