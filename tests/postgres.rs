@@ -381,3 +381,71 @@ async fn with_kafka_a_snapshot_waits_for_the_outbox_watermark() {
     assert_eq!(pg.outbox_watermark().await, Some(at));
     engine.stop().unwrap();
 }
+
+/// Starts an engine that must refuse to start; returns its error.
+async fn start_refused(config: EngineConfig) -> String {
+    let engine = Engine::start(config, Metrics::new()).unwrap();
+    let mut phase = engine.handle().phase();
+    while *phase.borrow_and_update() != Phase::Stopped {
+        assert!(
+            *phase.borrow() != Phase::Serving,
+            "the engine must refuse to start"
+        );
+        phase.changed().await.ok();
+    }
+    engine.stop().expect_err("refused").to_string()
+}
+
+/// Log identity: a lost disk (an empty data directory in front of a snapshot)
+/// is refused until the operator accepts the loss with
+/// `--restore-from-snapshot`, after which the new log is the snapshot's; a WAL
+/// of another deployment is refused, and its tables are never overwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wal_that_does_not_continue_the_snapshot_is_refused() {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _) = start(config(dir.path(), Some(&pg))).await;
+    run(&engine, &common::strategies::sample(500, true)).await;
+    let (at, _) = digest(&engine).await;
+    pg.wait_snapshot(at, Duration::from_secs(30)).await;
+    engine.stop().unwrap();
+    let snapshot = account_service::snapshot::load(&pg.url())
+        .await
+        .unwrap()
+        .expect("a snapshot");
+    let snapshot_sequence = snapshot.sequence;
+    let snapshot_digest = State::restore(snapshot).digest();
+
+    // A lost disk.
+    let empty = tempfile::tempdir().unwrap();
+    let refused = start_refused(config(empty.path(), Some(&pg))).await;
+    assert!(
+        refused.contains("is empty but PostgreSQL holds a snapshot")
+            && refused.contains("--restore-from-snapshot"),
+        "{refused}"
+    );
+
+    // Another deployment's WAL in front of this database.
+    let other = tempfile::tempdir().unwrap();
+    let (engine, _) = start(config(other.path(), None)).await;
+    run(&engine, &common::strategies::sample(50, true)).await;
+    engine.stop().unwrap();
+    let refused = start_refused(config(other.path(), Some(&pg))).await;
+    assert!(refused.contains("different deployments"), "{refused}");
+
+    // The operator accepts the loss: the snapshot alone, a new log.
+    let mut restore = config(empty.path(), Some(&pg));
+    restore.snapshot.as_mut().unwrap().restore_from_snapshot = true;
+    let (engine, _) = start(restore).await;
+    assert_eq!(digest(&engine).await, (snapshot_sequence, snapshot_digest));
+    run(&engine, &common::strategies::sample(50, true)).await;
+    let after = digest(&engine).await;
+    engine.stop().unwrap();
+    // That log is the snapshot's now: a plain restart opens it...
+    let (engine, _) = start(config(empty.path(), Some(&pg))).await;
+    assert_eq!(digest(&engine).await, after);
+    engine.stop().unwrap();
+    // ...and the original data directory is another deployment's.
+    let refused = start_refused(config(dir.path(), Some(&pg))).await;
+    assert!(refused.contains("different deployments"), "{refused}");
+}
