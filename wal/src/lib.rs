@@ -71,8 +71,6 @@ pub struct Wal {
     /// Closed segments, oldest first.
     closed: Vec<SegmentMeta>,
     active: Option<Active>,
-    /// A segment closed during the current batch, not yet synced.
-    unsynced_closed: Option<Active>,
     last_sequence: u64,
     spare: Option<JoinHandle<Result<PathBuf, WalError>>>,
     _lock: File,
@@ -153,7 +151,6 @@ impl Wal {
             options,
             closed: metas,
             active,
-            unsynced_closed: None,
             last_sequence,
             spare: None,
             _lock: lock,
@@ -215,12 +212,9 @@ impl Wal {
         Ok(())
     }
 
-    /// Makes every appended record durable: one pwrite and one fdatasync (plus
-    /// those of a segment closed since the last sync).
+    /// Makes every appended record durable: one pwrite and one fdatasync (a
+    /// segment closed since the last sync was synced by the roll-over).
     pub fn sync(&mut self) -> Result<(), WalError> {
-        if let Some(mut closed) = self.unsynced_closed.take() {
-            closed.sync()?;
-        }
         if let Some(active) = self.active.as_mut() {
             active.sync()?;
         }
@@ -301,20 +295,24 @@ impl Wal {
     }
 
     /// Closes the active segment and starts one whose first record is `sequence`.
+    ///
+    /// Order (see [`format`]): the old segment's pending tail is written and
+    /// synced *before* the next segment exists, so no crash can leave a segment
+    /// that is followed by another one but misses its own last records.
     fn roll(&mut self, sequence: u64) -> Result<&mut Active, WalError> {
-        if let Some(old) = self.active.take() {
+        if let Some(mut old) = self.active.take() {
             if old.meta.last_sequence >= old.meta.first_sequence {
+                old.sync()?;
                 self.closed.push(old.meta.clone());
-                // Keep the old mapping until the batch's sync covers its tail.
-                if let Some(mut older) = self.unsynced_closed.replace(old) {
-                    older.sync()?;
-                }
             } else {
                 // Holds no record (cut back to its header, or the log restarts
-                // after a snapshot): replaced, not kept.
+                // after a snapshot): replaced, not kept. The removal is made
+                // durable before the next segment appears, so the two can
+                // never be found together (a sequence gap).
                 let path = old.meta.path.clone();
                 drop(old);
                 fs::remove_file(&path).map_err(io(&path))?;
+                segment::sync_dir(&self.options.dir)?;
             }
         }
         let spare = self.take_spare()?;
