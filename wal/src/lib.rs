@@ -19,7 +19,8 @@
 //!   batch (each record names its batch's first sequence). A bad record
 //!   followed by a record of a later batch, or in any segment but the last, is
 //!   damage to durable data: a hard [`WalError::Corrupt`] naming the segment
-//!   and offset.
+//!   and offset. To see a hole, open reads the last segment to its end (pages
+//!   of zeros are skipped, not decoded).
 //! * **Roll-over.** A record that does not fit starts a new segment, after the
 //!   old one's tail is written and synced. The next segment file is
 //!   preallocated (zero-filled, synced) by a background thread ahead of time,
