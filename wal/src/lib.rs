@@ -1,7 +1,8 @@
 //! # wal: the account service's write-ahead log
 //!
 //! An append-only log of opaque records, each with a contiguous sequence
-//! number, in mmap'd, preallocated segment files (format: [`format`]).
+//! number, in mmap'd, preallocated segment files (format and ordering rules:
+//! [`format`]).
 //!
 //! * **Group commit.** [`Wal::append`] frames a record into a reused buffer (no
 //!   system call, no allocation); [`Wal::sync`] writes the batch with one
@@ -11,47 +12,68 @@
 //!   mapping because `msync` of a writable shared mapping write-protects the
 //!   synced pages again, with a TLB-shootdown interrupt on every core of the
 //!   process per sync (see `segment::Active`).
-//! * **Recovery.** [`Wal::open`] validates every segment. A torn or corrupt tail
-//!   (bad length or CRC, then nothing valid after it) is cut off at the last good
-//!   record. A bad record followed by a valid one is never skipped: it is a hard
-//!   [`WalError::Corrupt`] naming the segment and offset.
-//! * **Roll-over.** A record that does not fit starts a new segment. The next
-//!   segment file is preallocated (zero-filled, synced) by a background thread
-//!   ahead of time, so a roll-over costs a rename, not 64 MiB of writes.
+//! * **Recovery.** [`Wal::open`] validates every segment. What was appended but
+//!   never synced is cut off at open, never reported as corruption: a torn
+//!   tail (bad length or CRC with nothing valid after it), and after a power
+//!   loss also a hole followed by valid records of the same, unsynced, sync
+//!   batch (each record names its batch's first sequence). A bad record
+//!   followed by a record of a later batch, or in any segment but the last, is
+//!   damage to durable data: a hard [`WalError::Corrupt`] naming the segment
+//!   and offset. To see a hole, open reads the last segment to its end (pages
+//!   of zeros are skipped, not decoded).
+//! * **Roll-over.** A record that does not fit starts a new segment, after the
+//!   old one's tail is written and synced. The next segment file is
+//!   preallocated (zero-filled, synced) by a background thread ahead of time,
+//!   so a roll-over costs a rename, not 64 MiB of writes.
+//! * **Identity.** Each log has a random 128-bit id ([`Wal::log_id`]) in every
+//!   segment header and in `LOG_ID`; a segment of another log is refused.
+//! * **Failures are fatal.** Once a write, sync, rename or directory sync of
+//!   `append`/`sync` failed, the log is poisoned: every later `append`/`sync`
+//!   returns [`WalError::Poisoned`]. Retrying an `fdatasync` after an error
+//!   can report success for pages the kernel already dropped; the only safe
+//!   recovery is to reopen and read what is on disk.
 //! * **Retention.** [`Wal::delete_segments_before`] removes segments wholly
-//!   covered by a snapshot; never the active one.
+//!   covered by a snapshot, oldest first, the directory synced after each;
+//!   never the active one. Its errors do not poison.
+//! * **Fault injection.** [`WalOptions::io_hooks`] sees every I/O step that
+//!   changes the disk ([`IoStep`]) and may fail it: the crash-point tests.
 //! * **One process.** The directory is locked (`LOCK`, an advisory file lock)
 //!   for the life of the [`Wal`].
 //!
 //! Limits: records are 1 byte .. `record_size_max` (default 1 MiB); a segment
-//! must hold at least one record of the maximum size.
-//!
-//! Known limits: records appended but not yet synced live in memory, so a
-//! crash loses them (they were never acknowledged in `--durability sync`; in
-//! `async` this is the documented loss window). After a power loss, pages of
-//! the last unsynced write may reach the disk in any order, leaving a hole
-//! followed by valid records of that (never acknowledged) batch; `open`
-//! reports that as corruption rather than guess.
+//! must hold at least one record of the maximum size. Records appended but not
+//! yet synced live in memory, so a crash loses them (they were never
+//! acknowledged in `--durability sync`; in `async` this is the documented loss
+//! window). Segments of format version 1 are refused, not converted.
 
 mod error;
 pub mod format;
+mod hooks;
+mod recovery;
 mod segment;
 
-pub use error::WalError;
+pub use error::{IoOp, WalError};
+pub use hooks::{IoHooks, IoStep, WritePurpose};
 
 use error::io;
+use format::SegmentHeader;
+use hooks::Disk;
 use segment::{Active, SegmentMeta};
+use std::fmt;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct WalOptions {
     pub dir: PathBuf,
     /// Size of each segment file, preallocated. Default 64 MiB.
     pub segment_size_bytes: u64,
     /// Largest payload accepted, in bytes. Default 1 MiB.
     pub record_size_max: u32,
+    /// Called around every I/O step (fault injection in tests). Default `None`.
+    pub io_hooks: Option<Arc<dyn IoHooks>>,
 }
 
 impl WalOptions {
@@ -60,20 +82,42 @@ impl WalOptions {
             dir: dir.into(),
             segment_size_bytes: 64 * 1024 * 1024,
             record_size_max: 1024 * 1024,
+            io_hooks: None,
         }
     }
 }
 
-const SPARE_NAME: &str = "next-segment.spare";
+impl fmt::Debug for WalOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WalOptions")
+            .field("dir", &self.dir)
+            .field("segment_size_bytes", &self.segment_size_bytes)
+            .field("record_size_max", &self.record_size_max)
+            .field("io_hooks", &self.io_hooks.as_ref().map(|_| "IoHooks"))
+            .finish()
+    }
+}
+
+/// A log id as 32 lowercase hex digits, as in `LOG_ID` and in messages.
+pub fn format_log_id(id: u128) -> String {
+    format!("{id:032x}")
+}
+
+const SPARE_NAME: &str = "next-segment.tmp";
 
 pub struct Wal {
     options: WalOptions,
-    /// Closed segments, oldest first.
+    disk: Disk,
+    log_id: u128,
+    /// Closed segments, oldest first; all synced.
     closed: Vec<SegmentMeta>,
     active: Option<Active>,
-    /// A segment closed during the current batch, not yet synced.
-    unsynced_closed: Option<Active>,
     last_sequence: u64,
+    /// First sequence of the current sync batch (appended since the last
+    /// sync); `None` when nothing was appended since.
+    batch_first: Option<u64>,
+    /// The failure that made the log unusable (see [`WalError::Poisoned`]).
+    poisoned: Option<Arc<WalError>>,
     spare: Option<JoinHandle<Result<PathBuf, WalError>>>,
     _lock: File,
 }
@@ -90,71 +134,33 @@ impl Wal {
             "a segment holds a record of the maximum size"
         );
         let dir = options.dir.clone();
-        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        fs::create_dir_all(&dir).map_err(io(IoOp::CreateDir, &dir))?;
         let lock_path = dir.join("LOCK");
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(io(&lock_path))?;
+            .map_err(io(IoOp::Open, &lock_path))?;
         lock.try_lock().map_err(|_| WalError::Locked(dir.clone()))?;
 
-        let mut paths = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io(&dir))? {
-            let entry = entry.map_err(io(&dir))?;
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if let Some(first) = segment::parse_segment_name(&name) {
-                paths.push((first, entry.path()));
-            } else if name.ends_with(".tmp") {
-                // A segment whose creation did not finish: never renamed, never used.
-                fs::remove_file(entry.path()).map_err(io(entry.path()))?;
-            }
-        }
-        paths.sort();
-
-        let mut metas: Vec<SegmentMeta> = Vec::with_capacity(paths.len());
-        for (i, (named_first, path)) in paths.iter().enumerate() {
-            let scan = segment::scan(path, options.record_size_max)?;
-            let corrupt = |offset: usize, reason: &str| WalError::Corrupt {
-                segment: path.clone(),
-                offset: offset as u64,
-                reason: reason.to_string(),
-            };
-            if scan.meta.first_sequence != *named_first {
-                return Err(corrupt(0, "header sequence differs from the file name"));
-            }
-            if let Some(prev) = metas.last() {
-                if scan.meta.first_sequence != prev.last_sequence + 1 {
-                    return Err(corrupt(0, "sequence gap between segments"));
-                }
-            }
-            if let Some((offset, reason)) = scan.bad {
-                let is_last = i + 1 == paths.len();
-                let next = scan.meta.last_sequence + 1;
-                let valid_after =
-                    segment::valid_record_after(path, offset, next, options.record_size_max)?;
-                if !is_last || valid_after {
-                    return Err(corrupt(offset, reason));
-                }
-                // A torn tail: cut it off.
-                segment::zero_from(path, offset)?;
-            }
-            metas.push(scan.meta);
-        }
-
+        let disk = Disk::new(options.io_hooks.clone());
+        let recovered = recovery::recover(&dir, options.record_size_max, &disk)?;
+        let mut metas = recovered.segments;
         let last_sequence = metas.last().map_or(0, |m| m.last_sequence);
         let active = match metas.pop() {
-            Some(meta) => Some(Active::open(meta)?),
+            Some(meta) => Some(Active::open(meta, disk.clone())?),
             None => None,
         };
         let mut wal = Wal {
             options,
+            disk,
+            log_id: recovered.log_id,
             closed: metas,
             active,
-            unsynced_closed: None,
             last_sequence,
+            batch_first: None,
+            poisoned: None,
             spare: None,
             _lock: lock,
         };
@@ -164,6 +170,11 @@ impl Wal {
             .iter()
             .all(|m| m.last_sequence <= wal.last_sequence));
         Ok(wal)
+    }
+
+    /// The log's random identity, in every segment header and in `LOG_ID`.
+    pub fn log_id(&self) -> u128 {
+        self.log_id
     }
 
     /// Sequence of the last record; 0 if the log is empty.
@@ -184,6 +195,7 @@ impl Wal {
     /// `sequence` must be `last_sequence() + 1`; an empty log accepts any
     /// sequence >= 1 (a log that starts after a snapshot).
     pub fn append(&mut self, sequence: u64, payload: &[u8]) -> Result<(), WalError> {
+        self.check_usable()?;
         let expected = self.last_sequence + 1;
         if sequence != expected && !(self.is_empty() && sequence >= 1) {
             return Err(WalError::SequenceGap {
@@ -200,6 +212,7 @@ impl Wal {
                 max: self.options.record_size_max,
             });
         }
+        let batch_first = *self.batch_first.get_or_insert(sequence);
         let needed = format::record_len(payload.len());
         let continues = self
             .active
@@ -207,23 +220,28 @@ impl Wal {
             .is_some_and(|a| a.room() >= needed && a.meta.last_sequence + 1 == sequence);
         let active = match self.active.as_mut() {
             Some(active) if continues => active,
-            _ => self.roll(sequence)?,
+            _ => match self.roll(sequence) {
+                Ok(active) => active,
+                Err(e) => return Err(self.poison(e)),
+            },
         };
-        active.append(sequence, payload);
+        active.append(sequence, batch_first, payload);
         debug_assert_eq!(active.meta.last_sequence, sequence);
         self.last_sequence = sequence;
         Ok(())
     }
 
-    /// Makes every appended record durable: one pwrite and one fdatasync (plus
-    /// those of a segment closed since the last sync).
+    /// Makes every appended record durable: one pwrite and one fdatasync (a
+    /// segment closed since the last sync was synced by the roll-over). A
+    /// failure poisons the log.
     pub fn sync(&mut self) -> Result<(), WalError> {
-        if let Some(mut closed) = self.unsynced_closed.take() {
-            closed.sync()?;
-        }
+        self.check_usable()?;
         if let Some(active) = self.active.as_mut() {
-            active.sync()?;
+            if let Err(e) = active.sync() {
+                return Err(self.poison(e));
+            }
         }
+        self.batch_first = None;
         debug_assert!(self.active.as_ref().is_none_or(|a| !a.is_dirty()));
         Ok(())
     }
@@ -235,6 +253,7 @@ impl Wal {
         F: FnMut(u64, &[u8]) -> Result<(), E>,
         E: From<WalError>,
     {
+        self.check_usable()?;
         let mut visited = 0;
         for meta in &self.closed {
             if meta.last_sequence < from_sequence {
@@ -263,20 +282,23 @@ impl Wal {
 
     /// Deletes closed segments whose records all have a sequence below
     /// `sequence` (never the active segment). Returns how many were deleted.
+    ///
+    /// Oldest first, the directory synced after each removal, so a crash can
+    /// only ever leave a contiguous suffix of the log. An error leaves the log
+    /// usable (the caller may warn and retry later).
     pub fn delete_segments_before(&mut self, sequence: u64) -> Result<usize, WalError> {
-        let keep_from = self
-            .closed
-            .iter()
-            .position(|m| m.last_sequence >= sequence)
-            .unwrap_or(self.closed.len());
-        for meta in &self.closed[..keep_from] {
-            fs::remove_file(&meta.path).map_err(io(&meta.path))?;
+        let mut deleted = 0;
+        while let Some(oldest) = self.closed.first() {
+            if oldest.last_sequence >= sequence {
+                break;
+            }
+            self.disk.remove(&oldest.path)?;
+            self.closed.remove(0);
+            deleted += 1;
+            self.disk.sync_dir(&self.options.dir)?;
         }
-        self.closed.drain(..keep_from);
-        if keep_from > 0 {
-            segment::sync_dir(&self.options.dir)?;
-        }
-        Ok(keep_from)
+        debug_assert!(self.closed.iter().all(|m| m.last_sequence >= sequence));
+        Ok(deleted)
     }
 
     /// Bytes of segment files on disk.
@@ -300,28 +322,55 @@ impl Wal {
         self.first_sequence().is_none()
     }
 
+    fn check_usable(&self) -> Result<(), WalError> {
+        match &self.poisoned {
+            Some(cause) => Err(WalError::Poisoned {
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Records `error` as the cause that makes the log unusable; returns it.
+    fn poison(&mut self, error: WalError) -> WalError {
+        if self.poisoned.is_none() {
+            self.poisoned = Some(Arc::new(error.duplicate()));
+        }
+        error
+    }
+
     /// Closes the active segment and starts one whose first record is `sequence`.
+    ///
+    /// Order (see [`format`]): the old segment's pending tail is written and
+    /// synced *before* the next segment exists, so no crash can leave a segment
+    /// that is followed by another one but misses its own last records.
     fn roll(&mut self, sequence: u64) -> Result<&mut Active, WalError> {
+        if let Some(old) = self.active.as_mut() {
+            old.sync()?;
+        }
         if let Some(old) = self.active.take() {
             if old.meta.last_sequence >= old.meta.first_sequence {
                 self.closed.push(old.meta.clone());
-                // Keep the old mapping until the batch's sync covers its tail.
-                if let Some(mut older) = self.unsynced_closed.replace(old) {
-                    older.sync()?;
-                }
             } else {
                 // Holds no record (cut back to its header, or the log restarts
-                // after a snapshot): replaced, not kept.
+                // after a snapshot): replaced, not kept. The removal is made
+                // durable before the next segment appears, so the two can
+                // never be found together (a sequence gap).
                 let path = old.meta.path.clone();
                 drop(old);
-                fs::remove_file(&path).map_err(io(&path))?;
+                self.disk.remove(&path)?;
+                self.disk.sync_dir(&self.options.dir)?;
             }
         }
         let spare = self.take_spare()?;
-        let path = segment::install(&self.options.dir, &spare, sequence)?;
+        let header = SegmentHeader {
+            first_sequence: sequence,
+            log_id: self.log_id,
+        };
+        let path = segment::install(&self.disk, &self.options.dir, &spare, header)?;
         let meta = segment::scan(&path, self.options.record_size_max)?.meta;
         debug_assert_eq!(meta.last_sequence + 1, sequence);
-        let active = Active::open(meta)?;
+        let active = Active::open(meta, self.disk.clone())?;
         self.prepare_spare();
         Ok(self.active.insert(active))
     }
@@ -331,21 +380,24 @@ impl Wal {
         if self.spare.is_some() {
             return;
         }
-        let path = self.options.dir.join(SPARE_NAME).with_extension("tmp");
+        let path = self.options.dir.join(SPARE_NAME);
         let size = self.options.segment_size_bytes;
+        let disk = self.disk.clone();
         self.spare = std::thread::Builder::new()
             .name("wal-prealloc".into())
-            .spawn(move || segment::preallocate(&path, size).map(|_| path))
+            .spawn(move || disk.preallocate(&path, size).map(|()| path))
             .ok();
     }
 
-    /// The preallocated file, waiting for it if needed (or making it here).
+    /// The preallocated file, waiting for it if needed (or making it here if
+    /// the thread could not start or panicked). Its failure is this roll's.
     fn take_spare(&mut self) -> Result<PathBuf, WalError> {
         match self.spare.take().map(|t| t.join()) {
             Some(Ok(result)) => result,
             _ => {
-                let path = self.options.dir.join(SPARE_NAME).with_extension("tmp");
-                segment::preallocate(&path, self.options.segment_size_bytes)?;
+                let path = self.options.dir.join(SPARE_NAME);
+                self.disk
+                    .preallocate(&path, self.options.segment_size_bytes)?;
                 Ok(path)
             }
         }
@@ -379,6 +431,7 @@ where
                 sequence,
                 payload,
                 len,
+                ..
             } => {
                 if sequence >= from {
                     f(sequence, payload)?;

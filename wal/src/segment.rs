@@ -1,11 +1,11 @@
 //! Segment files: creation (preallocated, zero-filled, then renamed into place),
 //! validation on open, and the writable mapping of the active segment.
 
-use crate::error::{io, WalError};
-use crate::format::{self, Frame, ALIGN, SEGMENT_HEADER_LEN};
-use memmap2::{Mmap, MmapMut};
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use crate::error::{io, IoOp, WalError};
+use crate::format::{self, Frame, HeaderError, SegmentHeader, ALIGN, SEGMENT_HEADER_LEN};
+use crate::hooks::{Disk, WritePurpose};
+use memmap2::Mmap;
+use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 
 pub fn segment_name(first_sequence: u64) -> String {
@@ -18,41 +18,24 @@ pub fn parse_segment_name(name: &str) -> Option<u64> {
         .then(|| digits.parse().ok())?
 }
 
-/// Writes a zero-filled file of `size` bytes and syncs it, so later appends
-/// write into allocated blocks and a data sync does not commit metadata.
-pub fn preallocate(path: &Path, size: u64) -> Result<(), WalError> {
-    let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(path)
-        .map_err(io(path))?;
-    let chunk = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        file.write_all(&chunk[..n]).map_err(io(path))?;
-        left -= n as u64;
-    }
-    file.sync_all().map_err(io(path))
-}
-
-pub fn sync_dir(dir: &Path) -> Result<(), WalError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
-}
-
-/// Turns a preallocated file into segment `first_sequence`: header, sync, rename, dir sync.
-pub fn install(dir: &Path, spare: &Path, first_sequence: u64) -> Result<PathBuf, WalError> {
-    let mut file = OpenOptions::new()
+/// Turns a preallocated file into a segment: header, sync, rename, dir sync.
+/// The caller has synced every earlier segment (see `format`).
+pub fn install(
+    disk: &Disk,
+    dir: &Path,
+    spare: &Path,
+    header: SegmentHeader,
+) -> Result<PathBuf, WalError> {
+    let file = OpenOptions::new()
         .write(true)
         .open(spare)
-        .map_err(io(spare))?;
-    file.write_all(&format::segment_header(first_sequence))
-        .map_err(io(spare))?;
-    file.sync_data().map_err(io(spare))?;
-    let path = dir.join(segment_name(first_sequence));
-    fs::rename(spare, &path).map_err(io(&path))?;
-    sync_dir(dir)?;
+        .map_err(io(IoOp::Open, spare))?;
+    let bytes = format::segment_header(header);
+    disk.write_at(&file, spare, 0, &bytes, WritePurpose::SegmentHeader)?;
+    disk.data_sync(&file, spare)?;
+    let path = dir.join(segment_name(header.first_sequence));
+    disk.rename(spare, &path)?;
+    disk.sync_dir(dir)?;
     Ok(path)
 }
 
@@ -71,30 +54,40 @@ pub struct SegmentMeta {
 /// The result of validating one segment.
 pub struct Scan {
     pub meta: SegmentMeta,
+    pub log_id: u128,
     /// Offset and reason of the first bad frame, if the data did not end cleanly.
     pub bad: Option<(usize, &'static str)>,
 }
 
 pub fn map_read(path: &Path) -> Result<Mmap, WalError> {
-    let file = File::open(path).map_err(io(path))?;
+    let file = File::open(path).map_err(io(IoOp::Open, path))?;
     // SAFETY: the directory is locked by this process (see `Wal::open`); no other
     // process writes the file while it is mapped, and this mapping is read-only.
-    unsafe { Mmap::map(&file) }.map_err(io(path))
+    unsafe { Mmap::map(&file) }.map_err(io(IoOp::Map, path))
 }
 
-/// Validates a segment's header and records, `expected_first` being the sequence
-/// its first record must carry (`None` for the first segment).
+/// Validates a segment's header and follows its records while their sequences
+/// are contiguous.
 pub fn scan(path: &Path, payload_max: u32) -> Result<Scan, WalError> {
     let map = map_read(path)?;
-    let Some(first_sequence) = format::parse_segment_header(&map) else {
-        return Err(WalError::Corrupt {
-            segment: path.to_path_buf(),
-            offset: 0,
-            reason: "invalid segment header".into(),
-        });
+    let header = match format::parse_segment_header(&map) {
+        Ok(header) => header,
+        Err(HeaderError::UnsupportedVersion(version)) => {
+            return Err(WalError::UnsupportedVersion {
+                segment: path.to_path_buf(),
+                version,
+            })
+        }
+        Err(HeaderError::Invalid(reason)) => {
+            return Err(WalError::Corrupt {
+                segment: path.to_path_buf(),
+                offset: 0,
+                reason: format!("invalid segment header: {reason}"),
+            })
+        }
     };
     let mut at = SEGMENT_HEADER_LEN;
-    let mut next = first_sequence;
+    let mut next = header.first_sequence;
     let bad = loop {
         match format::read_frame(&map[at..], payload_max) {
             Frame::Record { sequence, len, .. } if sequence == next => {
@@ -106,60 +99,92 @@ pub fn scan(path: &Path, payload_max: u32) -> Result<Scan, WalError> {
             Frame::Bad(reason) => break Some((at, reason)),
         }
     };
+    debug_assert!(at <= map.len());
     Ok(Scan {
         meta: SegmentMeta {
             path: path.to_path_buf(),
-            first_sequence,
+            first_sequence: header.first_sequence,
             last_sequence: next - 1,
             data_end: at,
             file_len: map.len() as u64,
         },
+        log_id: header.log_id,
         bad,
     })
 }
 
-/// Whether a valid record with a sequence in `[from, from + window)` exists at
-/// any aligned offset of `path` after `offset`: the test between a torn tail
-/// (nothing valid follows) and corruption in the middle of the log.
-pub fn valid_record_after(
+/// A valid record found after the end of a segment's contiguous records.
+#[derive(Clone, Copy, Debug)]
+pub struct LaterRecord {
+    pub offset: usize,
+    pub sequence: u64,
+    pub batch_first: u64,
+}
+
+/// The first valid record at an aligned offset after `offset` for which
+/// `wanted(&record)` holds. Pages of zeros are skipped (no record starts in
+/// one), so this reads the rest of the file but decodes only what was written.
+pub fn find_record_after(
     path: &Path,
     offset: usize,
-    from: u64,
     payload_max: u32,
-) -> Result<bool, WalError> {
-    const WINDOW: u64 = 1 << 24;
+    wanted: impl Fn(&LaterRecord) -> bool,
+) -> Result<Option<LaterRecord>, WalError> {
+    const PAGE: usize = 4096;
     let map = map_read(path)?;
     let mut at = offset + ALIGN;
     while at + format::RECORD_HEADER_LEN <= map.len() {
-        if let Frame::Record { sequence, .. } = format::read_frame(&map[at..], payload_max) {
-            if sequence >= from && sequence < from + WINDOW {
-                return Ok(true);
+        let page_end = (at + PAGE).min(map.len());
+        if at.is_multiple_of(PAGE) && map[at..page_end].iter().all(|b| *b == 0) {
+            at = page_end;
+            continue;
+        }
+        if let Frame::Record {
+            sequence,
+            batch_first,
+            ..
+        } = format::read_frame(&map[at..], payload_max)
+        {
+            let record = LaterRecord {
+                offset: at,
+                sequence,
+                batch_first,
+            };
+            if wanted(&record) {
+                return Ok(Some(record));
             }
         }
         at += ALIGN;
     }
-    Ok(false)
+    Ok(None)
 }
 
 /// Zeroes `path` from `offset` to its end (only the pages that are not zero
 /// already) and syncs: cuts a torn tail so the next append starts there.
-pub fn zero_from(path: &Path, offset: usize) -> Result<(), WalError> {
+pub fn zero_from(disk: &Disk, path: &Path, offset: usize) -> Result<(), WalError> {
+    const PAGE: usize = 4096;
+    let map = map_read(path)?;
     let file = OpenOptions::new()
-        .read(true)
         .write(true)
         .open(path)
-        .map_err(io(path))?;
-    // SAFETY: as in `map_read`; this process holds the directory lock.
-    let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io(path))?;
+        .map_err(io(IoOp::Open, path))?;
+    let zeros = [0u8; PAGE];
+    let mut wrote = false;
     let mut at = offset;
     while at < map.len() {
-        let end = (at + 4096 - at % 4096).min(map.len());
+        let end = (at + PAGE - at % PAGE).min(map.len());
         if map[at..end].iter().any(|b| *b != 0) {
-            map[at..end].fill(0);
+            let purpose = WritePurpose::ZeroTornTail;
+            disk.write_at(&file, path, at as u64, &zeros[..end - at], purpose)?;
+            wrote = true;
         }
         at = end;
     }
-    map.flush().map_err(io(path))
+    if wrote {
+        disk.data_sync(&file, path)?;
+    }
+    debug_assert!(map[offset.min(map.len())..].iter().all(|b| *b == 0));
+    Ok(())
 }
 
 /// The segment being appended to.
@@ -172,6 +197,7 @@ pub fn zero_from(path: &Path, offset: usize) -> Result<(), WalError> {
 /// engine thread's largest cost before this change (BENCHMARKS.md).
 pub struct Active {
     pub meta: SegmentMeta,
+    disk: Disk,
     file: File,
     map: Mmap,
     /// Framed records not yet written to the file, starting at `pending_from`.
@@ -182,19 +208,20 @@ pub struct Active {
 }
 
 impl Active {
-    pub fn open(meta: SegmentMeta) -> Result<Active, WalError> {
+    pub fn open(meta: SegmentMeta, disk: Disk) -> Result<Active, WalError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&meta.path)
-            .map_err(io(&meta.path))?;
+            .map_err(io(IoOp::Open, &meta.path))?;
         // SAFETY: as in `map_read`; the file is preallocated, never truncated
         // while mapped, and only this process writes it.
-        let map = unsafe { Mmap::map(&file) }.map_err(io(&meta.path))?;
+        let map = unsafe { Mmap::map(&file) }.map_err(io(IoOp::Map, &meta.path))?;
         debug_assert_eq!(map.len() as u64, meta.file_len);
         let pending_from = meta.data_end;
         Ok(Active {
             meta,
+            disk,
             file,
             map,
             pending: Vec::with_capacity(1 << 20),
@@ -207,7 +234,8 @@ impl Active {
         self.map.len() - self.meta.data_end
     }
 
-    pub fn append(&mut self, sequence: u64, payload: &[u8]) {
+    /// Frames one record of the sync batch that began at `batch_first`.
+    pub fn append(&mut self, sequence: u64, batch_first: u64, payload: &[u8]) {
         debug_assert_eq!(sequence, self.meta.last_sequence + 1);
         debug_assert!(self.room() >= format::record_len(payload.len()));
         if self.pending.is_empty() {
@@ -216,7 +244,8 @@ impl Active {
         let start = self.pending.len();
         self.pending
             .resize(start + format::record_len(payload.len()), 0);
-        let len = format::write_record(&mut self.pending[start..], sequence, payload);
+        let out = &mut self.pending[start..];
+        let len = format::write_record(out, sequence, batch_first, payload);
         self.meta.data_end += len;
         self.meta.last_sequence = sequence;
         debug_assert_eq!(self.pending_from + self.pending.len(), self.meta.data_end);
@@ -228,13 +257,13 @@ impl Active {
 
     /// Writes the pending records (one pwrite) without syncing.
     pub fn write(&mut self) -> Result<(), WalError> {
-        use std::os::unix::fs::FileExt;
         if self.pending.is_empty() {
             return Ok(());
         }
-        self.file
-            .write_all_at(&self.pending, self.pending_from as u64)
-            .map_err(io(&self.meta.path))?;
+        let (path, offset) = (&self.meta.path, self.pending_from as u64);
+        let purpose = WritePurpose::Records;
+        self.disk
+            .write_at(&self.file, path, offset, &self.pending, purpose)?;
         self.pending.clear();
         self.pending_from = self.meta.data_end;
         self.unsynced = true;
@@ -245,7 +274,7 @@ impl Active {
     pub fn sync(&mut self) -> Result<(), WalError> {
         self.write()?;
         if self.unsynced {
-            self.file.sync_data().map_err(io(&self.meta.path))?;
+            self.disk.data_sync(&self.file, &self.meta.path)?;
             self.unsynced = false;
         }
         Ok(())

@@ -3,13 +3,14 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use wal::format::SEGMENT_HEADER_LEN;
 use wal::{Wal, WalError, WalOptions};
 
 fn options(dir: &Path) -> WalOptions {
     WalOptions {
-        dir: dir.to_path_buf(),
         segment_size_bytes: 4096,
         record_size_max: 512,
+        ..WalOptions::new(dir)
     }
 }
 
@@ -47,6 +48,11 @@ fn segments(dir: &Path) -> Vec<PathBuf> {
         .collect();
     v.sort();
     v
+}
+
+/// Copies the template's `LOG_ID` (segments are copied one by one).
+fn copy_log_id(from: &Path, to: &Path) {
+    fs::copy(from.join("LOG_ID"), to.join("LOG_ID")).unwrap();
 }
 
 fn check_prefix(records: &[(u64, Vec<u8>)]) {
@@ -148,6 +154,7 @@ fn torn_tail_is_cut_at_every_offset() {
             for s in &segs {
                 fs::copy(s, dir.path().join(s.file_name().unwrap())).unwrap();
             }
+            copy_log_id(template.path(), dir.path());
             let target = dir.path().join(last.file_name().unwrap());
             let mut bytes = original.clone();
             if truncate {
@@ -170,16 +177,20 @@ fn torn_tail_is_cut_at_every_offset() {
                     check_prefix(&again);
                 }
                 // A cut inside the segment header of the last segment.
-                Err(WalError::Corrupt { offset: 0, .. }) => assert!(cut < 32, "cut {cut}"),
+                Err(WalError::Corrupt { offset: 0, .. }) => {
+                    assert!(cut < SEGMENT_HEADER_LEN, "cut {cut}")
+                }
                 Err(e) => panic!("cut {cut} truncate {truncate}: {e}"),
             }
         }
     }
 }
 
-/// Flips one byte at every offset of a one-segment log: open either returns a
-/// prefix of the records or a Corrupt error naming the segment and the offset
-/// of the damaged record; never a record with wrong content.
+/// Flips one byte at every offset of a one-segment log of one-record sync
+/// batches: open either returns a prefix of the records or a Corrupt error
+/// naming the segment and the offset of the damaged record; never a record
+/// with wrong content. (Within one sync batch, damage followed by records of
+/// the same batch is a torn tail: `crash_points.rs`.)
 #[test]
 fn flipped_byte_at_every_offset() {
     let template = tempfile::tempdir().unwrap();
@@ -189,15 +200,15 @@ fn flipped_byte_at_every_offset() {
         let mut wal = Wal::open(opts.clone()).unwrap();
         for seq in 1..=20 {
             wal.append(seq, &payload(seq)).unwrap();
+            wal.sync().unwrap();
         }
-        wal.sync().unwrap();
     }
     let seg = segments(template.path()).remove(0);
     let original = fs::read(&seg).unwrap();
     let data_end = original.iter().rposition(|b| *b != 0).unwrap() + 1;
     // Start offsets of the records.
     let mut starts = vec![];
-    let mut at = 32;
+    let mut at = SEGMENT_HEADER_LEN;
     for seq in 1..=20u64 {
         starts.push(at);
         at += wal::format::record_len(payload(seq).len());
@@ -208,6 +219,7 @@ fn flipped_byte_at_every_offset() {
         bytes[offset] ^= 0x5a;
         let target = dir.path().join(seg.file_name().unwrap());
         fs::write(&target, &bytes).unwrap();
+        copy_log_id(template.path(), dir.path());
         let mut o = opts.clone();
         o.dir = dir.path().to_path_buf();
         match Wal::open(o) {
@@ -249,14 +261,14 @@ fn corruption_in_a_closed_segment_is_an_error_naming_it() {
     assert!(segs.len() >= 3);
     let victim = &segs[1];
     let mut bytes = fs::read(victim).unwrap();
-    bytes[32 + 20] ^= 1; // inside the first record's payload
+    bytes[SEGMENT_HEADER_LEN + 30] ^= 1; // inside the first record's payload
     fs::write(victim, &bytes).unwrap();
     match Wal::open(options(dir.path())) {
         Err(WalError::Corrupt {
             segment, offset, ..
         }) => {
             assert_eq!(&segment, victim);
-            assert_eq!(offset, 32);
+            assert_eq!(offset, SEGMENT_HEADER_LEN as u64);
         }
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("corruption before good records must not open"),
