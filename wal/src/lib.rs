@@ -452,13 +452,3 @@ where
     }
     Ok(visited)
 }
-
-// TEMPORARY shim until the log-identity work lands (replaced on merge).
-pub fn format_log_id(id: u128) -> String {
-    format!("{id:032x}")
-}
-impl Wal {
-    pub fn log_id(&self) -> u128 {
-        0
-    }
-}
