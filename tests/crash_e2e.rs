@@ -197,7 +197,7 @@ async fn a_failed_sync_or_write_is_fatal_and_the_next_start_recovers() {
         assert!(!acknowledged.is_empty());
         restart_and_check(dir.path(), &acknowledged).await;
         eprintln!(
-            "{syscall} {error}: {} acknowledged before the failure, exit {status}, restart ok",
+            "{syscall} {error}: {} acknowledged before the failure, {status}, restart ok",
             acknowledged.len()
         );
     }

@@ -449,3 +449,80 @@ async fn a_wal_that_does_not_continue_the_snapshot_is_refused() {
     let refused = start_refused(config(dir.path(), Some(&pg))).await;
     assert!(refused.contains("different deployments"), "{refused}");
 }
+
+/// Fails every segment removal while `failing` is set.
+struct FailingRemovals {
+    failing: std::sync::atomic::AtomicBool,
+    failed: std::sync::atomic::AtomicUsize,
+}
+
+impl wal::IoHooks for FailingRemovals {
+    fn before(&self, step: &wal::IoStep<'_>) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        match step {
+            wal::IoStep::Remove { .. } if self.failing.load(Ordering::Acquire) => {
+                self.failed.fetch_add(1, Ordering::AcqRel);
+                Err(std::io::Error::from_raw_os_error(libc::EIO))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A failed delete of a segment a snapshot covers is a warning, never a
+/// stop: the engine keeps serving, keeps the segment, and deletes it on a
+/// later try once the file system lets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_segment_delete_never_stops_the_engine_and_is_retried() {
+    use std::sync::atomic::Ordering;
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let hooks = std::sync::Arc::new(FailingRemovals {
+        failing: true.into(),
+        failed: 0.into(),
+    });
+    let mut c = config(dir.path(), Some(&pg));
+    c.wal.segment_size_bytes = 64 * 1024;
+    c.wal.io_hooks = Some(hooks.clone());
+    let segments = || {
+        std::fs::read_dir(dir.path().join("wal"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "wal")
+            })
+            .count()
+    };
+    let (engine, _) = start(c).await;
+    run(&engine, &common::strategies::sample(4_000, true)).await;
+    let (at, _) = digest(&engine).await;
+    pg.wait_snapshot(at, Duration::from_secs(30)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while hooks.failed.load(Ordering::Acquire) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no delete was tried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let kept = segments();
+    assert!(
+        kept > 2,
+        "the segments stay while their delete fails ({kept})"
+    );
+    // Still serving, and still journaling.
+    run(&engine, &common::strategies::sample(100, true)).await;
+    assert!(digest(&engine).await.0 > at);
+
+    hooks.failing.store(false, Ordering::Release);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while segments() > 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} segments left after the file system recovered",
+            segments()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    engine.stop().unwrap();
+}

@@ -15,6 +15,9 @@
 //! The preallocation thread's steps are not counted (they race with the
 //! appender) but also stop at the crash.
 
+mod common;
+
+use common::scratch;
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io;
@@ -29,18 +32,6 @@ const PAGE: u64 = 4096;
 /// Batches of the workload: rolls several times, one batch straddles two
 /// roll-overs, every eighth batch deletes old segments.
 const BATCHES: [u64; 16] = [1, 4, 2, 7, 3, 1, 22, 2, 5, 1, 6, 3, 9, 2, 4, 1];
-
-/// fsync-free scratch space when there is one (tmpfs): the tests model power
-/// loss themselves, and real fsyncs would make the suite slow.
-fn scratch() -> tempfile::TempDir {
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        if let Ok(dir) = tempfile::tempdir_in(shm) {
-            return dir;
-        }
-    }
-    tempfile::tempdir().unwrap()
-}
 
 fn options(dir: &Path, hooks: Option<Arc<CrashHooks>>) -> WalOptions {
     WalOptions {
