@@ -41,6 +41,13 @@
 //! which is only written after the earlier one was synced, so the hole is
 //! damage to durable data: corruption.
 //!
+//! **Sync batch size.** A sync batch writes at most [`SYNC_BATCH_BYTES_MAX`]
+//! bytes into one segment: an append that would pass it syncs first. So a
+//! later batch, if there is one, starts within that many bytes after the end
+//! of the good records, and nothing past that was ever written: open looks
+//! for later records, and cuts a torn tail, in that window only, not in the
+//! rest of a preallocated segment.
+//!
 //! **Roll-over order.** A segment's records are written and synced before the
 //! next segment file is installed (header written, synced, renamed into place,
 //! directory synced). So every segment but the last is complete and durable
@@ -65,6 +72,9 @@ pub const SEGMENT_HEADER_LEN: usize = 48;
 pub const LOG_ID_OFFSET: usize = 24;
 pub const RECORD_HEADER_LEN: usize = 24;
 pub const ALIGN: usize = 8;
+/// Most bytes one sync batch writes into one segment (see "Sync batch size").
+/// Part of the format: a change needs a new version.
+pub const SYNC_BATCH_BYTES_MAX: usize = 4 << 20;
 /// Bytes of the `LOG_ID` file: 32 hex digits and a newline.
 pub const LOG_ID_FILE_LEN: usize = 33;
 

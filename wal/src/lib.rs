@@ -133,6 +133,10 @@ impl Wal {
             options.segment_size_bytes >= min_segment,
             "a segment holds a record of the maximum size"
         );
+        assert!(
+            format::record_len(options.record_size_max as usize) <= format::SYNC_BATCH_BYTES_MAX,
+            "a sync batch holds a record of the maximum size"
+        );
         let dir = options.dir.clone();
         fs::create_dir_all(&dir).map_err(io(IoOp::CreateDir, &dir))?;
         let lock_path = dir.join("LOCK");
@@ -212,8 +216,17 @@ impl Wal {
                 max: self.options.record_size_max,
             });
         }
-        let batch_first = *self.batch_first.get_or_insert(sequence);
         let needed = format::record_len(payload.len());
+        // A sync batch writes at most SYNC_BATCH_BYTES_MAX into a segment
+        // (what lets open look only that far for a torn tail): sync first.
+        if self
+            .active
+            .as_ref()
+            .is_some_and(|a| a.unsynced_bytes() + needed > format::SYNC_BATCH_BYTES_MAX)
+        {
+            self.sync()?;
+        }
+        let batch_first = *self.batch_first.get_or_insert(sequence);
         let continues = self
             .active
             .as_ref()

@@ -122,7 +122,8 @@ fn cut_torn_tail(disk: &Disk, scan: &Scan, is_last: bool, max: u32) -> Result<()
     debug_assert!(scan.bad.is_none_or(|(offset, _)| offset == end));
     if !is_last {
         // Synced before the next segment was installed: durable data.
-        let later = segment::find_record_after(path, end, max, |r| r.sequence > last_good)?;
+        let later =
+            segment::find_record_after(path, end, usize::MAX, max, |r| r.sequence > last_good)?;
         return match (scan.bad, later) {
             (None, None) => Ok(()),
             (Some(_), _) => Err(corrupt("in a segment followed by another".into())),
@@ -134,13 +135,17 @@ fn cut_torn_tail(disk: &Disk, scan: &Scan, is_last: bool, max: u32) -> Result<()
     }
     let later_batch =
         |r: &segment::LaterRecord| r.sequence > last_good && r.batch_first > last_good + 1;
-    if let Some(r) = segment::find_record_after(path, end, max, later_batch)? {
+    // A later batch starts within one batch's bytes of `end`, and nothing
+    // past that was ever written (format: "Sync batch size").
+    let window = format::SYNC_BATCH_BYTES_MAX;
+    if let Some(r) = segment::find_record_after(path, end, window, max, later_batch)? {
         return Err(corrupt(format!(
             "followed at byte {} by record {} of a later sync batch (from {}): the damaged batch was synced",
             r.offset, r.sequence, r.batch_first
         )));
     }
-    segment::zero_from(disk, path, end)
+    let written = window + format::record_len(max as usize);
+    segment::zero_from(disk, path, end, written)
 }
 
 fn read_log_id(dir: &Path) -> Result<Option<u128>, WalError> {

@@ -127,15 +127,16 @@ pub struct LaterRecord {
 pub fn find_record_after(
     path: &Path,
     offset: usize,
+    window: usize,
     payload_max: u32,
     wanted: impl Fn(&LaterRecord) -> bool,
 ) -> Result<Option<LaterRecord>, WalError> {
-    const PAGE: usize = 4096;
     let map = map_read(path)?;
     let mut at = offset + ALIGN;
-    while at + format::RECORD_HEADER_LEN <= map.len() {
+    let last_start = offset.saturating_add(window).min(map.len());
+    while at + format::RECORD_HEADER_LEN <= map.len() && at <= last_start {
         let page_end = (at + PAGE).min(map.len());
-        if at.is_multiple_of(PAGE) && map[at..page_end].iter().all(|b| *b == 0) {
+        if at.is_multiple_of(PAGE) && is_zero(&map[at..page_end]) {
             at = page_end;
             continue;
         }
@@ -159,10 +160,18 @@ pub fn find_record_after(
     Ok(None)
 }
 
-/// Zeroes `path` from `offset` to its end (only the pages that are not zero
-/// already) and syncs: cuts a torn tail so the next append starts there.
-pub fn zero_from(disk: &Disk, path: &Path, offset: usize) -> Result<(), WalError> {
-    const PAGE: usize = 4096;
+const PAGE: usize = 4096;
+
+/// Whether `bytes` (at most a page) are all zeros; one `memcmp`.
+fn is_zero(bytes: &[u8]) -> bool {
+    static ZEROS: [u8; PAGE] = [0; PAGE];
+    bytes == &ZEROS[..bytes.len()]
+}
+
+/// Zeroes `len` bytes of `path` from `offset` (only the pages that are not
+/// zero already; never past its end) and syncs: cuts a torn tail so the next
+/// append starts there.
+pub fn zero_from(disk: &Disk, path: &Path, offset: usize, len: usize) -> Result<(), WalError> {
     let map = map_read(path)?;
     let file = OpenOptions::new()
         .write(true)
@@ -171,9 +180,10 @@ pub fn zero_from(disk: &Disk, path: &Path, offset: usize) -> Result<(), WalError
     let zeros = [0u8; PAGE];
     let mut wrote = false;
     let mut at = offset;
-    while at < map.len() {
+    let stop = offset.saturating_add(len).min(map.len());
+    while at < stop {
         let end = (at + PAGE - at % PAGE).min(map.len());
-        if map[at..end].iter().any(|b| *b != 0) {
+        if !is_zero(&map[at..end]) {
             let purpose = WritePurpose::ZeroTornTail;
             disk.write_at(&file, path, at as u64, &zeros[..end - at], purpose)?;
             wrote = true;
@@ -183,7 +193,7 @@ pub fn zero_from(disk: &Disk, path: &Path, offset: usize) -> Result<(), WalError
     if wrote {
         disk.data_sync(&file, path)?;
     }
-    debug_assert!(map[offset.min(map.len())..].iter().all(|b| *b == 0));
+    debug_assert!(map[offset.min(stop)..stop].iter().all(|b| *b == 0));
     Ok(())
 }
 
@@ -249,6 +259,13 @@ impl Active {
         self.meta.data_end += len;
         self.meta.last_sequence = sequence;
         debug_assert_eq!(self.pending_from + self.pending.len(), self.meta.data_end);
+    }
+
+    /// Bytes appended since the last sync (all still in `pending`: records
+    /// are written only by a sync or a roll-over, which syncs too).
+    pub fn unsynced_bytes(&self) -> usize {
+        debug_assert!(!self.unsynced);
+        self.pending.len()
     }
 
     pub fn is_dirty(&self) -> bool {

@@ -786,3 +786,44 @@ fn a_version_1_segment_is_refused() {
         Ok(_) => panic!("version 1 must be refused"),
     }
 }
+
+/// One sync batch never writes more than `SYNC_BATCH_BYTES_MAX` into a
+/// segment, however much is appended between two syncs: open relies on it to
+/// look for a torn tail only that far.
+#[test]
+fn a_sync_batch_is_bounded_in_bytes() {
+    let root = scratch();
+    let dir = root.path().join("wal");
+    let mut opts = options(&dir, None);
+    opts.segment_size_bytes = 32 << 20;
+    opts.record_size_max = 64 << 10;
+    let mut wal = Wal::open(opts.clone()).unwrap();
+    let big = vec![7u8; 60 << 10];
+    let count = (10 << 20) / big.len() as u64;
+    for seq in 1..=count {
+        wal.append(seq, &big).unwrap();
+    }
+    wal.sync().unwrap();
+    assert_eq!(wal.segment_count(), 1);
+    drop(wal);
+    let bytes = fs::read(dir.join(format!("{:020}.wal", 1))).unwrap();
+    let mut at = format::SEGMENT_HEADER_LEN;
+    let mut batches: HashMap<u64, usize> = HashMap::new();
+    while let format::Frame::Record {
+        batch_first, len, ..
+    } = format::read_frame(&bytes[at..], opts.record_size_max)
+    {
+        *batches.entry(batch_first).or_default() += len;
+        at += len;
+    }
+    assert!(
+        batches.len() >= 3,
+        "10 MiB in batches of at most 4 MiB: {batches:?}"
+    );
+    assert!(
+        batches.values().all(|b| *b <= format::SYNC_BATCH_BYTES_MAX),
+        "{batches:?}"
+    );
+    let wal = Wal::open(opts).unwrap();
+    assert_eq!(wal.last_sequence(), count);
+}
