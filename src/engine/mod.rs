@@ -10,13 +10,14 @@
 
 pub mod codec;
 mod recovery;
+mod retention;
 mod writer;
 
 use crate::domain::{AccountId, Command, Id};
 use crate::metrics::Metrics;
 use crate::state_machine::{Account, Outcome, Reservation, StateConfig};
 use crossbeam_channel::{Sender, TrySendError};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use tokio::sync::{oneshot, watch};
@@ -126,12 +127,42 @@ pub enum Reply {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Phase {
     /// Replaying the WAL: requests are refused with `Unavailable`.
     Replaying,
     Serving,
     /// Stopped, or failed (the error is logged and returned by `join`).
     Stopped,
+}
+
+/// The engine's phase, readable without a lock on every submit (an atomic),
+/// and awaitable (a watch channel) by the tasks that follow it.
+pub struct PhaseCell {
+    now: AtomicU8,
+    changes: watch::Sender<Phase>,
+}
+
+impl PhaseCell {
+    fn new() -> Arc<PhaseCell> {
+        Arc::new(PhaseCell {
+            now: AtomicU8::new(Phase::Replaying as u8),
+            changes: watch::channel(Phase::Replaying).0,
+        })
+    }
+
+    pub fn set(&self, phase: Phase) {
+        self.now.store(phase as u8, Ordering::Release);
+        self.changes.send_replace(phase);
+    }
+
+    fn get(&self) -> Phase {
+        match self.now.load(Ordering::Acquire) {
+            0 => Phase::Replaying,
+            1 => Phase::Serving,
+            _ => Phase::Stopped,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -185,14 +216,14 @@ pub enum EngineError {
 #[derive(Clone)]
 pub struct EngineHandle {
     tx: Sender<Request>,
-    phase: watch::Receiver<Phase>,
+    phase: Arc<PhaseCell>,
     stop: Arc<AtomicBool>,
 }
 
 impl EngineHandle {
     /// Queues a request; never blocks.
     pub fn submit(&self, kind: RequestKind) -> Result<oneshot::Receiver<Reply>, SubmitError> {
-        match *self.phase.borrow() {
+        match self.phase.get() {
             Phase::Serving => {}
             Phase::Replaying => return Err(SubmitError::NotReady),
             Phase::Stopped => return Err(SubmitError::Stopped),
@@ -211,7 +242,7 @@ impl EngineHandle {
     }
 
     pub fn phase(&self) -> watch::Receiver<Phase> {
-        self.phase.clone()
+        self.phase.changes.subscribe()
     }
 
     pub fn queue_len(&self) -> usize {
@@ -226,6 +257,8 @@ impl EngineHandle {
 /// The running engine thread.
 pub struct Engine {
     handle: EngineHandle,
+    /// Wakes an idle writer (it sleeps until its next deadline) for a stop.
+    wake: Sender<()>,
     thread: Option<JoinHandle<Result<(), EngineError>>>,
 }
 
@@ -235,13 +268,15 @@ impl Engine {
     pub fn start(config: EngineConfig, metrics: Arc<Metrics>) -> Result<Engine, EngineError> {
         assert!(config.queue_capacity > 0 && config.batch_size_max > 0);
         let (tx, rx) = crossbeam_channel::bounded(config.queue_capacity);
-        let (phase_tx, phase_rx) = watch::channel(Phase::Replaying);
+        let (wake, wake_rx) = crossbeam_channel::bounded(1);
+        let phase = PhaseCell::new();
+        let phase_tx = phase.clone();
         let stop = Arc::new(AtomicBool::new(false));
         let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
-                let result = Writer::open(config, rx, metrics, thread_stop)
+                let result = Writer::open(config, rx, wake_rx, metrics, thread_stop)
                     .and_then(|writer| writer.run(&phase_tx));
                 match &result {
                     // Never retried: after a failed fdatasync the page cache may
@@ -255,16 +290,13 @@ impl Engine {
                     Err(e) => tracing::error!(error = %e, "engine stopped on error"),
                     Ok(()) => {}
                 }
-                phase_tx.send_replace(Phase::Stopped);
+                phase_tx.set(Phase::Stopped);
                 result
             })
             .map_err(|e| EngineError::Thread(e.to_string()))?;
         Ok(Engine {
-            handle: EngineHandle {
-                tx,
-                phase: phase_rx,
-                stop,
-            },
+            handle: EngineHandle { tx, phase, stop },
+            wake,
             thread: Some(thread),
         })
     }
@@ -276,6 +308,8 @@ impl Engine {
     /// Asks the writer to finish what is queued, sync and exit.
     pub fn request_stop(&self) {
         self.handle.stop.store(true, Ordering::Release);
+        // Full: a wake-up is already pending.
+        let _ = self.wake.try_send(());
     }
 
     /// Stops the writer (draining the queue) and waits for it.

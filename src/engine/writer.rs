@@ -14,31 +14,35 @@
 //! [`super::ASYNC_SYNC_INTERVAL_MS`].
 
 use super::{
-    codec, now_ms, CommandReply, Durability, EngineConfig, EngineError, Phase, Query, Reply,
-    Request, RequestKind, Want,
+    codec, now_ms, CommandReply, Durability, EngineConfig, EngineError, Phase, PhaseCell, Query,
+    Reply, Request, RequestKind, Want,
 };
 use crate::domain::Command;
 use crate::egress::Collector;
 use crate::metrics::Metrics;
 use crate::state_machine::{NoEvents, Outcome, State};
-use crossbeam_channel::{Receiver, RecvTimeoutError};
+use crossbeam_channel::Receiver;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::oneshot;
 use wal::Wal;
 
-/// How long the writer waits for a request before it looks at the clock
-/// (expiry ticks, async syncs, stop requests).
-const IDLE_POLL: Duration = Duration::from_millis(2);
+/// Longest the writer sleeps with nothing to do: it wakes for a request, a
+/// stop, or its next deadline (an expiry or key to prune, the async sync, a
+/// snapshot), so an idle service costs a wake-up a second, not 500.
+const IDLE_MAX: Duration = Duration::from_secs(1);
+/// With snapshots on: how often the writer looks whether one became durable
+/// (WAL retention) or is due.
+const SNAPSHOT_POLL: Duration = Duration::from_millis(50);
 /// Least journaled time between two ticks.
 const TICK_SPACING_MS: i64 = 10;
-/// Wait before another try at deleting covered WAL segments after a failure.
-const DELETE_RETRY: Duration = Duration::from_secs(10);
 
 pub struct Writer {
     config: EngineConfig,
     rx: Receiver<Request>,
+    /// A stop request wakes the writer through this.
+    wake: Receiver<()>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
     state: State,
@@ -59,8 +63,8 @@ pub struct Writer {
     retained_from: u64,
     /// Sequence of the last delta handed to the snapshotter.
     snapshot_offered_at: u64,
-    /// No segment deletion before this (one failed).
-    delete_retry_at: Instant,
+    /// Deletes the WAL segments snapshots cover (with snapshots on).
+    retention: Option<super::retention::Janitor>,
 }
 
 impl Writer {
@@ -69,6 +73,7 @@ impl Writer {
     pub fn open(
         config: EngineConfig,
         rx: Receiver<Request>,
+        wake: Receiver<()>,
         metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
     ) -> Result<Writer, EngineError> {
@@ -81,12 +86,13 @@ impl Writer {
             last_snapshot: Instant::now(),
             retained_from: 0,
             snapshot_offered_at: 0,
-            delete_retry_at: Instant::now(),
+            retention: None,
             // Replay starts from the fresh state's settings and applies the
             // journaled ones, never `config.state` (see `Writer::configure`).
             state: State::default(),
             config,
             rx,
+            wake,
             metrics,
             stop,
             wal,
@@ -101,13 +107,13 @@ impl Writer {
 
     /// Replays the journal, then serves until a stop is requested and the queue
     /// is drained. Every exit path syncs what was appended.
-    pub fn run(mut self, phase: &watch::Sender<Phase>) -> Result<(), EngineError> {
+    pub fn run(mut self, phase: &PhaseCell) -> Result<(), EngineError> {
         self.recover()?;
         self.configure()?;
         if self.config.pin_core {
             pin_to_last_core();
         }
-        phase.send_replace(Phase::Serving);
+        phase.set(Phase::Serving);
         self.metrics.ready.set(1);
         loop {
             let stopping = self.stop.load(Ordering::Acquire);
@@ -218,6 +224,7 @@ impl Writer {
         // No snapshot loaded: the first delta replaces whatever the tables hold.
         self.state.track_changes(at == 0);
         let watermark = self.config.outbox.as_ref().map(|o| o.watermark_handle());
+        self.retention = Some(super::retention::Janitor::start());
         self.snapshotter = Some(crate::snapshot::Snapshotter::start(
             config,
             self.metrics.clone(),
@@ -303,28 +310,17 @@ impl Writer {
             snapshotter.offer(delta);
         }
         let durable = snapshotter.durable_sequence();
-        if durable > self.retained_from && Instant::now() >= self.delete_retry_at {
+        if durable > self.retained_from {
             let floor = self
                 .outbox_floor()
                 .map_or(durable + 1, |f| f.min(durable + 1));
-            match self.wal.delete_segments_before(floor) {
-                Ok(deleted) => {
-                    if deleted > 0 {
-                        tracing::info!(
-                            deleted,
-                            below = floor,
-                            "WAL segments covered by a snapshot deleted"
-                        );
-                    }
-                    self.retained_from = durable;
-                }
-                // Nothing is lost by keeping a segment: warn, retry later.
-                Err(e) => {
-                    tracing::warn!(error = %e, retry_ms = DELETE_RETRY.as_millis() as u64,
-                        "deleting WAL segments covered by a snapshot failed; kept for now");
-                    self.delete_retry_at = Instant::now() + DELETE_RETRY;
-                }
+            // Bookkeeping here; the unlinks and directory syncs on the
+            // retention thread.
+            let retired = self.wal.retire_segments_before(floor);
+            if let Some(janitor) = &self.retention {
+                janitor.delete(retired);
             }
+            self.retained_from = durable;
         }
         Ok(())
     }
@@ -370,14 +366,19 @@ impl Writer {
 
     fn take_batch(&mut self) -> bool {
         debug_assert!(self.batch.is_empty() && self.held.is_empty());
-        match self.rx.recv_timeout(IDLE_POLL) {
-            Ok(first) => self.batch.push(first),
-            Err(RecvTimeoutError::Timeout) => return true,
-            // Every handle is gone: treat as a stop request.
-            Err(RecvTimeoutError::Disconnected) => {
-                self.stop.store(true, Ordering::Release);
-                return true;
-            }
+        let timeout = self.idle_timeout();
+        crossbeam_channel::select! {
+            recv(self.rx) -> first => match first {
+                Ok(first) => self.batch.push(first),
+                // Every handle is gone: treat as a stop request.
+                Err(_) => {
+                    self.stop.store(true, Ordering::Release);
+                    return true;
+                }
+            },
+            // A stop request: the loop sees the flag.
+            recv(self.wake) -> _ => return self.rx.is_empty(),
+            default(timeout) => return true,
         }
         while self.batch.len() < self.config.batch_size_max {
             match self.rx.try_recv() {
@@ -390,6 +391,28 @@ impl Writer {
             .observe(self.batch.len() as f64);
         self.metrics.engine_queue_depth.set(self.rx.len() as i64);
         self.rx.is_empty()
+    }
+
+    /// How long the writer may wait for the first request of a batch: until
+    /// its next deadline, at most [`IDLE_MAX`]; not at all while stopping.
+    fn idle_timeout(&self) -> Duration {
+        if self.stop.load(Ordering::Acquire) {
+            return Duration::ZERO;
+        }
+        let mut timeout = IDLE_MAX;
+        if self.unsynced {
+            let interval = Duration::from_millis(super::ASYNC_SYNC_INTERVAL_MS);
+            timeout = timeout.min(interval.saturating_sub(self.last_sync.elapsed()));
+        }
+        if let Some(at) = self.state.next_deadline_ms() {
+            let due = at.max(self.last_tick_ms + TICK_SPACING_MS);
+            let wait_ms = (due - now_ms()).max(0) as u64;
+            timeout = timeout.min(Duration::from_millis(wait_ms));
+        }
+        if self.snapshotter.is_some() {
+            timeout = timeout.min(SNAPSHOT_POLL);
+        }
+        timeout
     }
 
     /// Journals then applies one command: append, then apply, in that order.

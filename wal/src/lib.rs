@@ -300,18 +300,32 @@ impl Wal {
     /// only ever leave a contiguous suffix of the log. An error leaves the log
     /// usable (the caller may warn and retry later).
     pub fn delete_segments_before(&mut self, sequence: u64) -> Result<usize, WalError> {
-        let mut deleted = 0;
-        while let Some(oldest) = self.closed.first() {
-            if oldest.last_sequence >= sequence {
-                break;
-            }
-            self.disk.remove(&oldest.path)?;
-            self.closed.remove(0);
-            deleted += 1;
-            self.disk.sync_dir(&self.options.dir)?;
+        let mut retired = self.retire_segments_before(sequence);
+        let result = retired.remove();
+        // What could not be deleted stays part of the log, for a later call.
+        for meta in retired.segments.into_iter().rev() {
+            self.closed.insert(0, meta);
         }
+        result
+    }
+
+    /// The closed segments wholly below `sequence`, taken out of the log
+    /// without touching the disk; [`Retired::remove`] deletes them, on any
+    /// thread. Until then they stay on disk, and an open finds them again
+    /// (a contiguous prefix of the log, which is harmless).
+    pub fn retire_segments_before(&mut self, sequence: u64) -> Retired {
+        let keep_from = self
+            .closed
+            .iter()
+            .position(|m| m.last_sequence >= sequence)
+            .unwrap_or(self.closed.len());
+        let segments = self.closed.drain(..keep_from).collect();
         debug_assert!(self.closed.iter().all(|m| m.last_sequence >= sequence));
-        Ok(deleted)
+        Retired {
+            dir: self.options.dir.clone(),
+            segments,
+            disk: self.disk.clone(),
+        }
     }
 
     /// Bytes of segment files on disk.
@@ -414,6 +428,46 @@ impl Wal {
                 Ok(path)
             }
         }
+    }
+}
+
+/// Segments taken out of the log, to delete ([`Wal::retire_segments_before`]).
+#[must_use = "retired segments stay on disk until removed"]
+pub struct Retired {
+    dir: PathBuf,
+    /// Oldest first; what is left to delete.
+    segments: std::collections::VecDeque<SegmentMeta>,
+    disk: Disk,
+}
+
+impl Retired {
+    /// Deletes what is left, oldest first, the directory synced after each
+    /// removal, so a crash can only ever leave a contiguous suffix of the log.
+    /// An error keeps the rest for another call (a warning, not a failure of
+    /// the log). Returns how many were deleted by this call.
+    pub fn remove(&mut self) -> Result<usize, WalError> {
+        let mut deleted = 0;
+        while let Some(oldest) = self.segments.front() {
+            self.disk.remove(&oldest.path)?;
+            self.segments.pop_front();
+            deleted += 1;
+            self.disk.sync_dir(&self.dir)?;
+        }
+        Ok(deleted)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// Segments still to delete.
+    pub fn len(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Appends `later` (retired after these, so newer).
+    pub fn extend(&mut self, later: Retired) {
+        self.segments.extend(later.segments);
     }
 }
 
