@@ -37,42 +37,17 @@ fn strace() -> &'static str {
 /// segments are `segment_mib` large.
 async fn funded(dir: &std::path::Path, segment_mib: &str) {
     let mut server = Server::start(dir, &["--wal-segment-mib", segment_mib]).await;
-    let mut admin = server.admin().await;
-    admin
-        .open_account(account_service::proto::account::v1::OpenAccountRequest {
-            request_id: "open-1".into(),
-            account_id: 1,
-            base_currency: "USD".into(),
-        })
-        .await
-        .unwrap();
-    admin
-        .deposit(account_service::proto::events::DepositEvent {
-            event_id: "dep-1".into(),
-            account_id: 1,
-            amount: "1000000000".into(),
-            currency: "USD".into(),
-            source: String::new(),
-            timestamp: 0,
-        })
-        .await
-        .unwrap();
+    common::server::open_and_fund_account_1(&server, "1000000000").await;
     assert!(server.terminate().success());
-}
-
-fn segments(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir.join("wal"))
-        .unwrap()
-        .filter(|e| {
-            e.as_ref()
-                .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".wal"))
-        })
-        .count()
 }
 
 /// Restarts on `dir` (must open and serve), checks every acknowledged
 /// reservation, and that the log takes new writes and reopens again.
 async fn restart_and_check(dir: &std::path::Path, acknowledged: &[(usize, u64)]) {
+    assert!(
+        !acknowledged.is_empty(),
+        "writes were acknowledged before the fault"
+    );
     let mut server = Server::start(dir, &[]).await;
     let mut accounts = server.accounts().await;
     assert_reservations_survived(&mut accounts, acknowledged).await;
@@ -129,10 +104,9 @@ async fn killed_at_the_directory_sync_of_a_roll_over_the_log_opens_with_every_ac
             "killed by the injected SIGKILL, not {status}"
         );
         assert!(
-            segments(dir.path()) >= 2,
+            common::server::wal_segments(dir.path()) >= 2,
             "roll {roll}: a new segment was installed"
         );
-        assert!(!acknowledged.is_empty());
         restart_and_check(dir.path(), &acknowledged).await;
         eprintln!(
             "roll-over kill {roll}: {} acknowledged before the kill, restart ok, 0 lost",
@@ -194,7 +168,6 @@ async fn a_failed_sync_or_write_is_fatal_and_the_next_start_recovers() {
                 .any(|e| e.code() == tonic::Code::Unavailable && e.message().contains("stopped")),
             "{syscall} {error}: in-flight calls get UNAVAILABLE: {errors:?}"
         );
-        assert!(!acknowledged.is_empty());
         restart_and_check(dir.path(), &acknowledged).await;
         eprintln!(
             "{syscall} {error}: {} acknowledged before the failure, {status}, restart ok",

@@ -143,29 +143,6 @@ async fn snapshot_equals_the_state_and_restart_from_it_equals_a_full_replay() {
     full.stop().unwrap();
 }
 
-async fn fund(server: &Server) {
-    let mut admin = server.admin().await;
-    admin
-        .open_account(pb::OpenAccountRequest {
-            request_id: "o".into(),
-            account_id: 1,
-            base_currency: "USD".into(),
-        })
-        .await
-        .unwrap();
-    admin
-        .deposit(account_service::proto::events::DepositEvent {
-            event_id: "d".into(),
-            account_id: 1,
-            currency: "USD".into(),
-            amount: "1000000".into(),
-            timestamp: 0,
-            source: String::new(),
-        })
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_down_never_fails_a_reserve_and_snapshots_resume() {
     let pg = Postgres::start();
@@ -176,7 +153,7 @@ async fn postgres_down_never_fails_a_reserve_and_snapshots_resume() {
         &["--postgres-url", &url, "--snapshot-interval-ms", "100"],
     )
     .await;
-    fund(&server).await;
+    common::server::open_and_fund_account_1(&server, "1000000").await;
     pg.wait_snapshot(2, Duration::from_secs(30)).await;
     pg.stop_server();
     let mut accounts = server.accounts().await;
@@ -207,7 +184,7 @@ async fn kill9_during_snapshot_writes_restarts_correctly() {
         "10",
     ];
     let mut server = Server::start(dir.path(), &args).await;
-    fund(&server).await;
+    common::server::open_and_fund_account_1(&server, "1000000").await;
     let acknowledged = common::server::reserve_until_kill9(&mut server, 8, 1_500, reserve).await;
     assert!(
         pg.snapshot_sequence().await > 0,
@@ -231,18 +208,7 @@ async fn wal_segments_covered_by_a_snapshot_are_deleted_and_then_restart_waits_f
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path(), Some(&pg));
     c.wal.segment_size_bytes = 64 * 1024;
-    let segments = || {
-        std::fs::read_dir(dir.path().join("wal"))
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .path()
-                    .extension()
-                    .is_some_and(|x| x == "wal")
-            })
-            .count()
-    };
+    let segments = || common::server::wal_segments(dir.path());
     let (engine, _) = start(c.clone()).await;
     let commands = common::strategies::sample(4_000, true);
     run(&engine, &commands).await;
@@ -484,18 +450,7 @@ async fn a_failed_segment_delete_never_stops_the_engine_and_is_retried() {
     let mut c = config(dir.path(), Some(&pg));
     c.wal.segment_size_bytes = 64 * 1024;
     c.wal.io_hooks = Some(hooks.clone());
-    let segments = || {
-        std::fs::read_dir(dir.path().join("wal"))
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .path()
-                    .extension()
-                    .is_some_and(|x| x == "wal")
-            })
-            .count()
-    };
+    let segments = || common::server::wal_segments(dir.path());
     let (engine, _) = start(c).await;
     run(&engine, &common::strategies::sample(4_000, true)).await;
     let (at, _) = digest(&engine).await;

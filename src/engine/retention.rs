@@ -75,7 +75,10 @@ fn run(rx: Receiver<Retired>) {
             Err(RecvTimeoutError::Timeout) => false,
             Err(RecvTimeoutError::Disconnected) => true,
         };
-        if let Some(retired) = waiting.as_mut().filter(|_| Instant::now() >= retry_at || closed) {
+        if let Some(retired) = waiting
+            .as_mut()
+            .filter(|_| Instant::now() >= retry_at || closed)
+        {
             match retired.remove() {
                 Ok(deleted) => {
                     tracing::info!(deleted, "WAL segments covered by a snapshot deleted");

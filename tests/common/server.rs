@@ -331,3 +331,41 @@ pub fn reserve_one_usd(i: usize) -> pb::ReserveRequest {
         expires_at_ms: 0,
     }
 }
+
+/// Opens account 1 (USD) and deposits `amount` into it.
+pub async fn open_and_fund_account_1(server: &Server, amount: &str) {
+    let mut admin = server.admin().await;
+    admin
+        .open_account(pb::OpenAccountRequest {
+            request_id: "open-1".into(),
+            account_id: 1,
+            base_currency: "USD".into(),
+        })
+        .await
+        .unwrap();
+    admin
+        .deposit(account_service::proto::events::DepositEvent {
+            event_id: "fund-1".into(),
+            account_id: 1,
+            currency: "USD".into(),
+            amount: amount.into(),
+            timestamp: 0,
+            source: String::new(),
+        })
+        .await
+        .unwrap();
+}
+
+/// The segment files of the WAL under `data_dir`.
+pub fn wal_segments(data_dir: &Path) -> usize {
+    std::fs::read_dir(data_dir.join("wal"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "wal")
+        })
+        .count()
+}
