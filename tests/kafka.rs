@@ -446,6 +446,14 @@ async fn bad_messages_go_to_the_dlq_with_reasons_and_the_good_ones_apply() {
     );
     send(&p, FILLS, 1, &fill("f-good-2", 1, "BUY", "2", "10")).await;
     send(&p, DEPOSITS, 1, &deposit("dep-good", 1, "100")).await;
+    // A balance beyond 18 integer digits: refused, never rounded.
+    let overflow = deposit("dep-overflow", 1, "999999999999999999.99999999");
+    bad(
+        DEPOSITS,
+        send(&p, DEPOSITS, 1, &overflow).await,
+        overflow.encode_to_vec(),
+        "amount overflow",
+    );
 
     eventually(Duration::from_secs(20), "the good messages", || async {
         account(&server, 1)
