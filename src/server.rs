@@ -63,7 +63,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         metrics = %args.metrics_addr,
         data_dir = %args.data_dir.display(),
         durability = ?args.durability,
-        "starting"
+        "listening"
     );
 
     let outbox = match &kafka {

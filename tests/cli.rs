@@ -183,3 +183,62 @@ async fn metrics_endpoint_exports_the_core_series() {
         assert!(body.contains(series), "missing {series} in\n{body}");
     }
 }
+
+/// `--log-format json`: every line one JSON object; one line per start-up
+/// phase (listening, with both addresses; replay, with records and seconds;
+/// serving), and nothing per request at info.
+#[tokio::test]
+async fn json_logs_have_one_line_per_start_up_phase_and_none_per_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut server = Server::spawn_logging(
+        &dir.path().join("data"),
+        &["--log-format", "json"],
+        "info",
+        log.into(),
+    );
+    server.wait_serving().await;
+    let read = || std::fs::read_to_string(&log_path).unwrap();
+    let at_start = read().lines().count();
+    common::server::open_and_fund_account_1(&server, "100").await;
+    let mut accounts = server.accounts().await;
+    for i in 0..20 {
+        accounts
+            .reserve(common::server::reserve_one_usd(i))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        read().lines().count(),
+        at_start,
+        "no line per request:\n{}",
+        read()
+    );
+    assert!(server.terminate().success());
+
+    let lines: Vec<serde_json::Value> = read()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let phase = |message: &str| {
+        lines
+            .iter()
+            .find(|l| l["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line in {lines:?}"))
+    };
+    let listening = &phase("listening")["fields"];
+    assert!(listening["grpc"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    assert!(listening["metrics"]
+        .as_str()
+        .unwrap()
+        .starts_with("127.0.0.1:"));
+    let replayed = &phase("write-ahead log replayed")["fields"];
+    assert_eq!(replayed["records"], 0);
+    assert!(replayed["seconds"].is_f64());
+    assert_eq!(phase("serving")["level"], "INFO");
+    assert!(lines.iter().all(|l| l["timestamp"].is_string()));
+}

@@ -145,7 +145,8 @@ impl Writer {
             records,
             sequence = self.state.last_sequence(),
             accounts = self.state.account_count(),
-            elapsed_ms = elapsed.as_millis() as u64,
+            seconds = elapsed.as_secs_f64(),
+            log_id = %wal::format_log_id(self.wal.log_id()),
             "write-ahead log replayed"
         );
         Ok(())

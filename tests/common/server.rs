@@ -42,6 +42,21 @@ impl Server {
     /// own process is killed on drop too (a killed tracer leaves its tracee
     /// running).
     pub fn spawn_under(wrapper: &[&str], data_dir: &Path, extra: &[&str], stderr: Stdio) -> Server {
+        Server::spawn_with(wrapper, data_dir, extra, stderr, "warn")
+    }
+
+    /// [`Server::spawn`] logging at `level` (`RUST_LOG`) to `stderr`.
+    pub fn spawn_logging(data_dir: &Path, extra: &[&str], level: &str, stderr: Stdio) -> Server {
+        Server::spawn_with(&[], data_dir, extra, stderr, level)
+    }
+
+    fn spawn_with(
+        wrapper: &[&str],
+        data_dir: &Path,
+        extra: &[&str],
+        stderr: Stdio,
+        level: &str,
+    ) -> Server {
         let grpc_port = free_port();
         let metrics_port = free_port();
         let binary = env!("CARGO_BIN_EXE_account-service");
@@ -63,7 +78,7 @@ impl Server {
             .arg(format!("127.0.0.1:{metrics_port}"))
             .arg("--no-pin")
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
