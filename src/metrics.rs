@@ -192,12 +192,18 @@ impl Metrics {
         &mut self.registry
     }
 
-    /// The text exposition of every metric.
+    /// The OpenMetrics text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// The same in the Prometheus text format 0.0.4, for a scraper that does
+    /// not ask for OpenMetrics (`promtool check metrics`, older tools).
+    pub fn encode_text_004(&self) -> String {
+        text_004(&self.encode())
     }
 
     pub fn observe_rpc(
@@ -224,16 +230,26 @@ pub async fn serve(
     use axum::{routing::get, Router};
     let app = Router::new().route(
         "/metrics",
-        get(move || {
+        get(move |headers: axum::http::HeaderMap| {
             let metrics = metrics.clone();
             async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
+                // Prometheus asks for OpenMetrics first; others get 0.0.4.
+                let openmetrics = headers
+                    .get(axum::http::header::ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("application/openmetrics-text"));
+                let (content_type, body) = if openmetrics {
+                    (
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    metrics.encode(),
-                )
+                        metrics.encode(),
+                    )
+                } else {
+                    (
+                        "text/plain; version=0.0.4; charset=utf-8",
+                        metrics.encode_text_004(),
+                    )
+                };
+                ([(axum::http::header::CONTENT_TYPE, content_type)], body)
             }
         }),
     );
@@ -337,6 +353,53 @@ impl KafkaMetrics {
             "outbox_published",
             "Outbox records acknowledged by the broker",
             self.outbox_published_total.clone(),
+        );
+    }
+}
+
+/// OpenMetrics text to the Prometheus text format 0.0.4: a counter family is
+/// named with its `_total` suffix in `# HELP` / `# TYPE`, and there is no
+/// `# UNIT` or `# EOF` line. Samples are the same.
+fn text_004(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                out.push(' ');
+                out.push_str(tail);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn text_004_names_counter_families_with_total() {
+        let om = "# HELP a_x Things.\n# TYPE a_x counter\na_x_total 3\n# HELP a_g G.\n# TYPE a_g gauge\na_g 1\n# EOF\n";
+        assert_eq!(
+            super::text_004(om),
+            "# HELP a_x_total Things.\n# TYPE a_x_total counter\na_x_total 3\n# HELP a_g G.\n# TYPE a_g gauge\na_g 1\n"
         );
     }
 }
