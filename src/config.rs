@@ -6,36 +6,9 @@ use crate::state_machine::StateConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+/// The Kafka topics of the service (`serve`, `kafka-topics`).
 #[derive(Clone, Debug, clap::Args)]
-pub struct ServeArgs {
-    /// Directory of the write-ahead log (created if missing).
-    #[arg(long, env = "ACCOUNT_DATA_DIR", default_value = "./data")]
-    pub data_dir: PathBuf,
-
-    /// gRPC listen address (AccountService, AdminService, health, reflection).
-    #[arg(long, env = "ACCOUNT_GRPC_ADDR", default_value = "127.0.0.1:50051")]
-    pub grpc_addr: SocketAddr,
-
-    /// Prometheus `/metrics` listen address.
-    #[arg(long, env = "ACCOUNT_METRICS_ADDR", default_value = "127.0.0.1:9464")]
-    pub metrics_addr: SocketAddr,
-
-    /// `sync`: a reply leaves only once its journal record is durable (group
-    /// commit). `async`: replies leave before the sync, which follows within
-    /// 5 ms; a crash can lose the last few milliseconds of acknowledged writes.
-    #[arg(long, env = "ACCOUNT_DURABILITY", value_enum, default_value_t = Durability::Sync)]
-    pub durability: Durability,
-
-    /// Kafka bootstrap servers (host:port,...). Unset: no Kafka.
-    #[arg(long, env = "ACCOUNT_KAFKA_BROKERS")]
-    pub kafka_brokers: Option<String>,
-
-    /// Consumer group of the inbound topics. Informational only: the offsets
-    /// that count are journaled with each command (exactly once across restarts);
-    /// the group's committed offsets just let lag tooling see progress.
-    #[arg(long, env = "ACCOUNT_KAFKA_GROUP", default_value = "account-service")]
-    pub kafka_group: String,
-
+pub struct KafkaTopics {
     /// Inbound fills (FillEvent). Its dead letters go to `<topic>.dlq`.
     #[arg(
         long,
@@ -67,6 +40,55 @@ pub struct ServeArgs {
         default_value = "trading.account.events"
     )]
     pub kafka_events_topic: String,
+}
+
+impl KafkaTopics {
+    /// Inbound topics, the outbound one, and each inbound topic's dead letters.
+    pub fn all(&self) -> Vec<String> {
+        let inbound = [
+            &self.kafka_fills_topic,
+            &self.kafka_deposits_topic,
+            &self.kafka_withdrawals_topic,
+        ];
+        let mut all: Vec<String> = inbound.iter().map(|t| t.to_string()).collect();
+        all.push(self.kafka_events_topic.clone());
+        all.extend(inbound.iter().map(|t| format!("{t}.dlq")));
+        all
+    }
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Directory of the write-ahead log (created if missing).
+    #[arg(long, env = "ACCOUNT_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+
+    /// gRPC listen address (AccountService, AdminService, health, reflection).
+    #[arg(long, env = "ACCOUNT_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Prometheus `/metrics` listen address.
+    #[arg(long, env = "ACCOUNT_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+
+    /// `sync`: a reply leaves only once its journal record is durable (group
+    /// commit). `async`: replies leave before the sync, which follows within
+    /// 5 ms; a crash can lose the last few milliseconds of acknowledged writes.
+    #[arg(long, env = "ACCOUNT_DURABILITY", value_enum, default_value_t = Durability::Sync)]
+    pub durability: Durability,
+
+    /// Kafka bootstrap servers (host:port,...). Unset: no Kafka.
+    #[arg(long, env = "ACCOUNT_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+
+    /// Consumer group of the inbound topics. Informational only: the offsets
+    /// that count are journaled with each command (exactly once across restarts);
+    /// the group's committed offsets just let lag tooling see progress.
+    #[arg(long, env = "ACCOUNT_KAFKA_GROUP", default_value = "account-service")]
+    pub kafka_group: String,
+
+    #[command(flatten)]
+    pub topics: KafkaTopics,
 
     /// PostgreSQL URL for snapshots and the read model
     /// (e.g. `host=127.0.0.1 port=5432 user=postgres dbname=accounts` or
@@ -184,10 +206,10 @@ impl ServeArgs {
         let config = KafkaConfig {
             brokers: brokers.clone(),
             group: self.kafka_group.clone(),
-            fills_topic: self.kafka_fills_topic.clone(),
-            deposits_topic: self.kafka_deposits_topic.clone(),
-            withdrawals_topic: self.kafka_withdrawals_topic.clone(),
-            events_topic: self.kafka_events_topic.clone(),
+            fills_topic: self.topics.kafka_fills_topic.clone(),
+            deposits_topic: self.topics.kafka_deposits_topic.clone(),
+            withdrawals_topic: self.topics.kafka_withdrawals_topic.clone(),
+            events_topic: self.topics.kafka_events_topic.clone(),
         };
         let mut names = vec![
             &config.fills_topic,

@@ -44,4 +44,5 @@ pub mod proto;
 pub mod server;
 pub mod snapshot;
 pub mod state_machine;
+pub mod topics;
 pub mod workload;

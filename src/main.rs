@@ -1,6 +1,6 @@
 //! `account-service`: the CLI. Everything else lives in the library.
 
-use account_service::{client, config::ServeArgs, server};
+use account_service::{client, config::ServeArgs, server, topics};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -27,6 +27,8 @@ enum LogFormat {
 enum Top {
     /// Run the service (embedded by default: WAL in ./data, no Kafka, no PostgreSQL).
     Serve(ServeArgs),
+    /// Create the service's Kafka topics (inbound, outbound, dead letters) that are missing.
+    KafkaTopics(topics::TopicsArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
@@ -48,6 +50,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match cli.command {
         Top::Serve(args) => runtime.block_on(server::serve(args))?,
+        Top::KafkaTopics(args) => runtime.block_on(topics::create(args))?,
         Top::Client(command) => runtime.block_on(client::run(command))?,
     }
     Ok(())
