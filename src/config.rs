@@ -103,6 +103,11 @@ pub struct ServeArgs {
     #[arg(long, env = "ACCOUNT_RESTORE_FROM_SNAPSHOT", requires = "postgres_url")]
     pub restore_from_snapshot: bool,
 
+    /// Longest a snapshot write, or the snapshot load at start-up, may take
+    /// before it is abandoned and retried (a hung PostgreSQL), in seconds.
+    #[arg(long, env = "ACCOUNT_SNAPSHOT_TIMEOUT_SECS", default_value_t = 30)]
+    pub snapshot_timeout_secs: u64,
+
     /// Time between two incremental snapshots to PostgreSQL, in ms.
     #[arg(long, env = "ACCOUNT_SNAPSHOT_INTERVAL_MS", default_value_t = 1000)]
     pub snapshot_interval_ms: u64,
@@ -246,6 +251,9 @@ impl ServeArgs {
         if self.snapshot_every_records == 0 {
             return Err(ConfigError::Zero("snapshot-every-records"));
         }
+        if self.snapshot_timeout_secs == 0 {
+            return Err(ConfigError::Zero("snapshot-timeout-secs"));
+        }
         let mut config = EngineConfig::new(&self.data_dir);
         config.snapshot = self
             .postgres_url
@@ -254,6 +262,7 @@ impl ServeArgs {
                 interval_ms: self.snapshot_interval_ms,
                 every_records: self.snapshot_every_records,
                 restore_from_snapshot: self.restore_from_snapshot,
+                timeout: std::time::Duration::from_secs(self.snapshot_timeout_secs),
                 ..crate::snapshot::SnapshotConfig::new(url)
             });
         config.wal.segment_size_bytes = self.wal_segment_mib * 1024 * 1024;

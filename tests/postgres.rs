@@ -481,3 +481,65 @@ async fn a_failed_segment_delete_never_stops_the_engine_and_is_retried() {
     }
     engine.stop().unwrap();
 }
+
+/// A hung PostgreSQL (every process stopped, connections open): Reserve never
+/// waits on it, the snapshot write is abandoned after `--snapshot-timeout-secs`
+/// and retried, `snapshot_age_seconds` keeps rising meanwhile, and snapshots
+/// resume once it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_postgres_times_out_snapshots_and_never_blocks_reserve() {
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg.url();
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--postgres-url",
+            &url,
+            "--snapshot-interval-ms",
+            "100",
+            "--snapshot-timeout-secs",
+            "1",
+        ],
+    )
+    .await;
+    common::server::open_and_fund_account_1(&server, "1000000").await;
+    pg.wait_snapshot(2, Duration::from_secs(30)).await;
+    let metric = |name| common::kafka::metric(server.metrics_port, name);
+    let failures_before = metric("account_snapshot_failures_total");
+
+    pg.freeze();
+    let mut accounts = server.accounts().await;
+    let mut last = 0;
+    for i in 0..200 {
+        let r = tokio::time::timeout(Duration::from_secs(5), accounts.reserve(reserve(i)))
+            .await
+            .expect("Reserve never waits on a hung PostgreSQL")
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result, pb::Result::Ok as i32);
+        last = r.sequence;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while metric("account_snapshot_failures_total") <= failures_before
+        || metric("account_snapshot_age_seconds") < 2.5
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed-out writes are failures ({}) and the age rises ({} s)",
+            metric("account_snapshot_failures_total"),
+            metric("account_snapshot_age_seconds")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let age = metric("account_snapshot_age_seconds");
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(
+        metric("account_snapshot_age_seconds") > age + 1.0,
+        "still rising"
+    );
+
+    pg.thaw();
+    let at = pg.wait_snapshot(last, Duration::from_secs(60)).await;
+    assert!(at >= last);
+}

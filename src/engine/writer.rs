@@ -189,7 +189,8 @@ impl Writer {
         let started = Instant::now();
         let mut backoff = Duration::from_millis(100);
         let rows = loop {
-            match runtime.block_on(crate::snapshot::load(&config.url)) {
+            let load = crate::snapshot::load(&config.url);
+            match runtime.block_on(crate::snapshot::within(config.timeout, load)) {
                 Ok(rows) => break rows,
                 Err(e) if self.wal.first_sequence().is_some_and(|first| first == 1) => {
                     tracing::warn!(error = %e, "snapshot not loaded; the WAL holds the whole history, replaying all of it");
@@ -282,7 +283,8 @@ impl Writer {
             }
         };
         if adopt {
-            runtime.block_on(crate::snapshot::set_log_id(&config.url, ours))?;
+            let set = crate::snapshot::set_log_id(&config.url, ours);
+            runtime.block_on(crate::snapshot::within(config.timeout, set))?;
         }
         Ok(())
     }
@@ -294,6 +296,9 @@ impl Writer {
         let (Some(snapshotter), Some(config)) = (&self.snapshotter, &self.config.snapshot) else {
             return Ok(());
         };
+        self.metrics
+            .snapshot_age_seconds
+            .set(snapshotter.age().as_secs_f64());
         let sequence = self.state.last_sequence();
         let due = self.last_snapshot.elapsed() >= Duration::from_millis(config.interval_ms)
             || sequence - self.snapshot_offered_at >= config.every_records;

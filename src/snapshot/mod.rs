@@ -21,7 +21,7 @@ mod key_batch;
 mod schema;
 mod store;
 
-pub use store::{load, set_log_id, SnapshotError};
+pub use store::{load, set_log_id, within, SnapshotError};
 
 /// How long a failed write or start-up load waits at most before retrying.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -47,6 +47,9 @@ pub struct SnapshotConfig {
     /// The WAL's identity, recorded in `snapshot_meta` (set by the engine once
     /// the log is open).
     pub log_id: String,
+    /// Longest a snapshot write or the start-up load may take before it is
+    /// abandoned (and retried).
+    pub timeout: Duration,
 }
 
 impl SnapshotConfig {
@@ -57,6 +60,7 @@ impl SnapshotConfig {
             every_records: 500_000,
             restore_from_snapshot: false,
             log_id: String::new(),
+            timeout: Duration::from_secs(30),
         }
     }
 }
@@ -72,6 +76,8 @@ pub struct Snapshotter {
     durable: Arc<AtomicU64>,
     /// Set on drop: the thread makes a last attempt at what waits, then ends.
     stop: Arc<AtomicBool>,
+    /// Unix ms of the last durable snapshot (or of the start).
+    last_success_ms: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -87,10 +93,12 @@ impl Snapshotter {
         let durable = Arc::new(AtomicU64::new(durable_at_start));
         let busy = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
+        let last_success_ms = Arc::new(AtomicU64::new(crate::engine::now_ms() as u64));
         let shared = Shared {
             durable: durable.clone(),
             busy: busy.clone(),
             stop: stop.clone(),
+            last_success_ms: last_success_ms.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("snapshotter".into())
@@ -101,6 +109,7 @@ impl Snapshotter {
             busy,
             stop,
             durable,
+            last_success_ms,
             thread,
         }
     }
@@ -118,6 +127,13 @@ impl Snapshotter {
 
     pub fn durable_sequence(&self) -> u64 {
         self.durable.load(Ordering::Acquire)
+    }
+
+    /// Time since the last durable snapshot (or the start): it keeps rising
+    /// while PostgreSQL is down, slow or hung.
+    pub fn age(&self) -> Duration {
+        let last = self.last_success_ms.load(Ordering::Acquire) as i64;
+        Duration::from_millis((crate::engine::now_ms() - last).max(0) as u64)
     }
 }
 
@@ -138,13 +154,14 @@ struct Shared {
     durable: Arc<AtomicU64>,
     busy: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
+    last_success_ms: Arc<AtomicU64>,
 }
 
 /// The first retry of a failed write, and how often a snapshot waiting for
 /// the outbox looks again.
 const RETRY_MIN: Duration = Duration::from_millis(100);
 
-/// How often an idle snapshotter refreshes `snapshot_age_seconds`.
+/// How often an idle snapshotter looks whether it is asked to stop.
 const IDLE_WAKE: Duration = Duration::from_millis(500);
 
 fn run(
@@ -168,7 +185,6 @@ fn run(
     let mut pending: Option<Delta> = None;
     let mut backoff = RETRY_MIN;
     let mut client: Option<tokio_postgres::Client> = None;
-    let mut last_success = Instant::now();
     loop {
         // The engine hands over the next delta only once this one is written
         // (`busy`), so one is received only when none waits.
@@ -179,9 +195,6 @@ fn run(
                 Err(RecvTimeoutError::Disconnected) => return,
             }
         }
-        metrics
-            .snapshot_age_seconds
-            .set(last_success.elapsed().as_secs_f64());
         let Some(delta) = &pending else {
             continue;
         };
@@ -191,20 +204,17 @@ fn run(
             RETRY_MIN
         } else {
             let started = Instant::now();
-            match runtime.block_on(store::write(
-                &config.url,
-                &mut client,
-                delta,
-                published,
-                &config.log_id,
-            )) {
+            let write = store::write(&config.url, &mut client, delta, published, &config.log_id);
+            match runtime.block_on(store::within(config.timeout, write)) {
                 Ok(()) => {
                     shared.durable.store(delta.sequence, Ordering::Release);
                     metrics.snapshot_sequence.set(delta.sequence as i64);
                     metrics
                         .snapshot_seconds
                         .observe(started.elapsed().as_secs_f64());
-                    last_success = Instant::now();
+                    shared
+                        .last_success_ms
+                        .store(crate::engine::now_ms() as u64, Ordering::Release);
                     pending = None;
                     shared.busy.store(false, Ordering::Release);
                     backoff = RETRY_MIN;

@@ -19,6 +19,8 @@ pub enum SnapshotError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("snapshot row: invalid {0}")]
     Row(&'static str),
+    #[error("PostgreSQL did not answer within {0:?} (hung or overloaded); abandoned, retried")]
+    Timeout(std::time::Duration),
     #[error("snapshot_meta belongs to write-ahead log {theirs}, not to this service's log {ours}: another deployment's tables; not overwritten")]
     ForeignLog { ours: String, theirs: String },
 }
@@ -34,9 +36,22 @@ impl SnapshotError {
             SnapshotError::Postgres(e) => e
                 .as_db_error()
                 .is_none_or(|db| matches!(&db.code().code()[..2], "08" | "53" | "57")),
+            SnapshotError::Timeout(_) => true,
             SnapshotError::Row(_) | SnapshotError::ForeignLog { .. } => false,
         }
     }
+}
+
+/// `work`, abandoned after `timeout`: a PostgreSQL that stopped answering
+/// (its host frozen, a lock held forever) must not hold a snapshot or the
+/// start-up. Dropping the future closes its connection.
+pub async fn within<T>(
+    timeout: std::time::Duration,
+    work: impl std::future::Future<Output = Result<T, SnapshotError>>,
+) -> Result<T, SnapshotError> {
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| SnapshotError::Timeout(timeout))?
 }
 
 /// Connects and applies the migrations not applied yet.

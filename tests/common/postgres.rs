@@ -165,6 +165,33 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        self.signal_all("CONT");
         let _ = self.pg_ctl(&["-m", "immediate", "stop"]);
+    }
+}
+
+impl Postgres {
+    /// SIGSTOP to the server and every backend: a hung database (connections
+    /// open, nothing answers), not a stopped one.
+    pub fn freeze(&self) {
+        self.signal_all("STOP");
+    }
+
+    pub fn thaw(&self) {
+        self.signal_all("CONT");
+    }
+
+    fn signal_all(&self, signal: &str) {
+        let Ok(pid) = std::fs::read_to_string(self.dir.path().join("db/postmaster.pid")) else {
+            return;
+        };
+        let Some(postmaster) = pid.lines().next() else {
+            return;
+        };
+        let signal = format!("-{signal}");
+        let _ = Command::new("pkill")
+            .args([signal.as_str(), "-P", postmaster])
+            .status();
+        let _ = Command::new("kill").args([&signal, postmaster]).status();
     }
 }
