@@ -15,7 +15,43 @@ pub struct Conn {
     /// Address of the service.
     #[arg(long, env = "ACCOUNT_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
+    /// Bearer token of the caller (`--auth-tokens` on the service); prefer
+    /// the environment variable, which other users cannot see in `ps`.
+    #[arg(long, env = "ACCOUNT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
+
+/// Adds `authorization: Bearer <token>` to every call (when there is a token).
+#[derive(Clone)]
+pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl BearerToken {
+    pub fn new(token: Option<&str>) -> anyhow::Result<BearerToken> {
+        token
+            .map(|t| format!("Bearer {t}").parse())
+            .transpose()
+            .map(BearerToken)
+            .map_err(|_| anyhow::anyhow!("--token: not a valid header value"))
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client channel that sends the bearer token.
+pub type Authorized =
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>;
 
 #[derive(Clone, Debug, clap::Subcommand)]
 pub enum ClientCommand {
@@ -174,16 +210,23 @@ fn fresh_id(prefix: &str) -> String {
     format!("{prefix}-{nanos}-{}", std::process::id())
 }
 
-async fn admin(conn: &Conn) -> anyhow::Result<AdminServiceClient<tonic::transport::Channel>> {
-    AdminServiceClient::connect(conn.addr.clone())
+async fn channel(conn: &Conn) -> anyhow::Result<(tonic::transport::Channel, BearerToken)> {
+    let channel = tonic::transport::Endpoint::from_shared(conn.addr.clone())
+        .with_context(|| format!("--addr {}", conn.addr))?
+        .connect()
         .await
-        .with_context(|| format!("connecting to {}", conn.addr))
+        .with_context(|| format!("connecting to {}", conn.addr))?;
+    Ok((channel, BearerToken::new(conn.token.as_deref())?))
 }
 
-async fn accounts(conn: &Conn) -> anyhow::Result<AccountServiceClient<tonic::transport::Channel>> {
-    AccountServiceClient::connect(conn.addr.clone())
-        .await
-        .with_context(|| format!("connecting to {}", conn.addr))
+async fn admin(conn: &Conn) -> anyhow::Result<AdminServiceClient<Authorized>> {
+    let (channel, token) = channel(conn).await?;
+    Ok(AdminServiceClient::with_interceptor(channel, token))
+}
+
+async fn accounts(conn: &Conn) -> anyhow::Result<AccountServiceClient<Authorized>> {
+    let (channel, token) = channel(conn).await?;
+    Ok(AccountServiceClient::with_interceptor(channel, token))
 }
 
 fn status_error(e: tonic::Status) -> anyhow::Error {

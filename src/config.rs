@@ -96,6 +96,18 @@ pub struct ServeArgs {
     #[arg(long, env = "ACCOUNT_POSTGRES_URL")]
     pub postgres_url: Option<String>,
 
+    /// Callers and roles: one line per caller, `<name> <order|admin|read>
+    /// <sha256 of the token, hex>`; calls carry `authorization: Bearer
+    /// <token>`. Unset: no authentication, and the gRPC listener must be
+    /// loopback (or `--insecure-no-auth`).
+    #[arg(long, env = "ACCOUNT_AUTH_TOKENS_FILE")]
+    pub auth_tokens: Option<PathBuf>,
+
+    /// Allow a non-loopback `--grpc-addr` without `--auth-tokens`: anyone who
+    /// reaches the port may move money.
+    #[arg(long, env = "ACCOUNT_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
     /// Start from the PostgreSQL snapshot alone when the data directory's WAL
     /// is empty (a lost disk). Everything journaled after that snapshot is
     /// lost and its sequence numbers are used again; without this flag such a

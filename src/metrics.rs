@@ -15,11 +15,14 @@ use std::sync::Arc;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
     pub rpc: &'static str,
+    /// The caller's name from the tokens file (`anonymous` without one).
+    pub caller: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
     pub rpc: &'static str,
+    pub caller: &'static str,
     /// A `Result` name without prefix, or a gRPC code name for errors.
     pub outcome: &'static str,
 }
@@ -209,14 +212,19 @@ impl Metrics {
     pub fn observe_rpc(
         &self,
         rpc: &'static str,
+        caller: &'static str,
         outcome: &'static str,
         started: std::time::Instant,
     ) {
         self.rpc_latency_seconds
-            .get_or_create(&RpcLabels { rpc })
+            .get_or_create(&RpcLabels { rpc, caller })
             .observe(started.elapsed().as_secs_f64());
         self.rpc_outcomes_total
-            .get_or_create(&OutcomeLabels { rpc, outcome })
+            .get_or_create(&OutcomeLabels {
+                rpc,
+                caller,
+                outcome,
+            })
             .inc();
     }
 }

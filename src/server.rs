@@ -14,6 +14,7 @@
 use crate::config::ServeArgs;
 use crate::egress::Outbox;
 use crate::engine::{Engine, Phase};
+use crate::ingress::auth::Auth;
 use crate::ingress::grpc::Service;
 use crate::ingress::kafka::KafkaConsumer;
 use crate::metrics::{self, Metrics};
@@ -45,6 +46,12 @@ pub enum ServeError {
     NotBuilt(&'static str),
     #[error("gRPC listener: {0}")]
     Incoming(String),
+    #[error("--grpc-addr {0} is not loopback and no --auth-tokens file is given: anyone who reaches it could move money. \
+             Give --auth-tokens FILE (lines `<name> <order|admin|read> <sha256 of the token>`), listen on 127.0.0.1, \
+             or say --insecure-no-auth")]
+    Insecure(std::net::SocketAddr),
+    #[error(transparent)]
+    Tokens(#[from] crate::ingress::auth::TokensError),
     #[error(transparent)]
     Outbox(#[from] crate::egress::OutboxError),
     #[error("Kafka consumer: {0}")]
@@ -53,6 +60,7 @@ pub enum ServeError {
 
 /// Runs the service until SIGTERM / ctrl-c (or the engine fails).
 pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
+    let auth = auth(&args)?;
     let mut engine_config = args.engine_config()?;
     let kafka = args.kafka_config()?;
     let metrics = Metrics::new();
@@ -100,7 +108,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let service = Service::new(handle, metrics.clone(), idempotency_window_ms);
+    let service = Service::new(handle, metrics.clone(), idempotency_window_ms, auth);
     tokio::spawn(signal_stop(stop_tx.clone()));
     let metrics_task = tokio::spawn(metrics::serve(
         metrics_listener,
@@ -148,6 +156,23 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     engine_result?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The callers of `--auth-tokens`; without them, only a loopback listener
+/// (or `--insecure-no-auth`): reachable must not mean allowed.
+fn auth(args: &ServeArgs) -> Result<Auth, ServeError> {
+    let tokens = args
+        .auth_tokens
+        .as_deref()
+        .map(crate::ingress::auth::Tokens::load)
+        .transpose()?;
+    if tokens.is_none() && !args.grpc_addr.ip().is_loopback() && !args.insecure_no_auth {
+        return Err(ServeError::Insecure(args.grpc_addr));
+    }
+    if tokens.is_none() && !args.grpc_addr.ip().is_loopback() {
+        tracing::warn!(grpc = %args.grpc_addr, "--insecure-no-auth: anyone who reaches the gRPC port may move money");
+    }
+    Ok(Auth::new(tokens))
 }
 
 async fn bind(

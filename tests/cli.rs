@@ -172,7 +172,7 @@ async fn metrics_endpoint_exports_the_core_series() {
     for series in [
         "account_rpc_latency_seconds_bucket{",
         "rpc=\"OpenAccount\"",
-        "account_rpc_outcomes_total{rpc=\"Deposit\",outcome=\"OK\"} 1",
+        "account_rpc_outcomes_total{rpc=\"Deposit\",caller=\"anonymous\",outcome=\"OK\"} 1",
         "account_engine_queue_depth",
         "account_engine_batch_size_bucket",
         "account_wal_sync_seconds_bucket",

@@ -3,6 +3,7 @@
 
 use crate::schedule::Schedule;
 use crate::{Class, Recorder};
+use account_service::client::{Authorized, BearerToken};
 use account_service::proto::account::v1 as pb;
 use account_service::proto::account::v1::account_service_client::AccountServiceClient;
 use account_service::proto::account::v1::admin_service_client::AdminServiceClient;
@@ -20,6 +21,12 @@ use tonic::transport::Channel;
 pub struct LoadArgs {
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     pub addr: String,
+    /// Bearer token for AccountService calls (a service with `--auth-tokens`).
+    #[arg(long, env = "ACCOUNT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Bearer token for AdminService calls (setup, fills); default: `--token`.
+    #[arg(long, env = "ACCOUNT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Requests per second (open loop).
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
@@ -68,6 +75,8 @@ pub struct Ctx {
     pub run_id: String,
     channels: Vec<Channel>,
     next_channel: AtomicUsize,
+    order_token: BearerToken,
+    admin_token: BearerToken,
     /// Orders reserved and not yet released (for mixed mode).
     open_orders: Mutex<Vec<(i64, String)>>,
     pub unreserves: AtomicU64,
@@ -92,8 +101,12 @@ impl Ctx {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_nanos();
+        let order_token = BearerToken::new(args.token.as_deref())?;
+        let admin_token = BearerToken::new(args.admin_token.as_deref().or(args.token.as_deref()))?;
         Ok(Arc::new(Ctx {
             run_id: format!("lt{}-{}", nanos % 1_000_000_000_000, std::process::id()),
+            order_token,
+            admin_token,
             args,
             channels,
             next_channel: AtomicUsize::new(0),
@@ -106,6 +119,16 @@ impl Ctx {
     pub fn channel(&self) -> Channel {
         let i = self.next_channel.fetch_add(1, Ordering::Relaxed) % self.channels.len();
         self.channels[i].clone()
+    }
+
+    /// AccountService on the next connection, with `--token`.
+    pub fn accounts(&self) -> AccountServiceClient<Authorized> {
+        AccountServiceClient::with_interceptor(self.channel(), self.order_token.clone())
+    }
+
+    /// AdminService on the next connection, with `--admin-token`.
+    pub fn admin(&self) -> AdminServiceClient<Authorized> {
+        AdminServiceClient::with_interceptor(self.channel(), self.admin_token.clone())
     }
 
     pub fn account(&self) -> i64 {
@@ -129,7 +152,7 @@ impl Ctx {
             for &account_id in chunk {
                 let ctx = self.clone();
                 tasks.push(tokio::spawn(async move {
-                    let mut admin = AdminServiceClient::new(ctx.channel());
+                    let mut admin = ctx.admin();
                     let open = pb::OpenAccountRequest {
                         request_id: format!("{}-open-{account_id}", ctx.run_id),
                         account_id,
@@ -167,9 +190,7 @@ impl Ctx {
             amount: self.args.amount.clone(),
             expires_at_ms: 0,
         };
-        let result = AccountServiceClient::new(self.channel())
-            .reserve(request)
-            .await;
+        let result = self.accounts().reserve(request).await;
         let class = classify(result.as_ref().map(|r| r.get_ref().result));
         if class == Class::Ok {
             self.open_orders
@@ -190,9 +211,7 @@ impl Ctx {
             order_id,
             amount: String::new(),
         };
-        let result = AccountServiceClient::new(self.channel())
-            .unreserve(request)
-            .await;
+        let result = self.accounts().unreserve(request).await;
         self.unreserves.fetch_add(1, Ordering::Relaxed);
         classify(result.as_ref().map(|r| r.get_ref().result))
     }
@@ -202,9 +221,7 @@ impl Ctx {
             .take_order()
             .unwrap_or_else(|| (self.account(), format!("{}-nf{i}", self.run_id)));
         let request = fill_event(format!("{}-f{i}", self.run_id), order_id, account_id);
-        let result = AdminServiceClient::new(self.channel())
-            .apply_fill(request)
-            .await;
+        let result = self.admin().apply_fill(request).await;
         classify(result.as_ref().map(|r| r.get_ref().result))
     }
 
@@ -212,10 +229,7 @@ impl Ctx {
         let request = pb::GetAccountRequest {
             account_id: self.account(),
         };
-        match AccountServiceClient::new(self.channel())
-            .get_account(request)
-            .await
-        {
+        match self.accounts().get_account(request).await {
             Ok(_) => Class::Ok,
             Err(s) => classify(Err(&s)),
         }

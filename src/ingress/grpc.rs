@@ -3,6 +3,7 @@
 //! queue is full, UNAVAILABLE while replaying) and converts the durable reply.
 //! Business outcomes travel in `result`, never as gRPC errors.
 
+use super::auth::{Access, Auth};
 use super::{convert, validate};
 use crate::domain::{amount::format, Command};
 use crate::engine::{now_ms, EngineHandle, Query, Reply, RequestKind, SubmitError, Want};
@@ -13,6 +14,7 @@ use crate::proto::account::v1::admin_service_server::AdminService;
 use crate::proto::events;
 use std::sync::Arc;
 use std::time::Instant;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 /// Implements both `account.v1.AccountService` and `account.v1.AdminService`.
@@ -24,30 +26,56 @@ pub struct Service {
     /// it (see `validate::reserve`). The engine journals its configured window
     /// before it serves, so this is the window in force.
     idempotency_window_ms: i64,
+    /// Callers and roles: checked before anything else.
+    auth: Auth,
 }
 
 impl Service {
-    pub fn new(engine: EngineHandle, metrics: Arc<Metrics>, idempotency_window_ms: i64) -> Service {
+    pub fn new(
+        engine: EngineHandle,
+        metrics: Arc<Metrics>,
+        idempotency_window_ms: i64,
+        auth: Auth,
+    ) -> Service {
         assert!(idempotency_window_ms > 0);
         Service {
             engine,
             metrics,
             idempotency_window_ms,
+            auth,
         }
     }
 
-    /// Runs one RPC: `handle` does the work; latency and outcome are recorded.
-    async fn observe<T, F>(&self, rpc: &'static str, handle: F) -> Result<Response<T>, Status>
+    /// Runs one RPC: the caller is authorized for `access` first (a refusal
+    /// journals nothing), then `handle` does the work; latency and outcome
+    /// are recorded under the caller's name.
+    async fn observe<T, F>(
+        &self,
+        rpc: &'static str,
+        access: Access,
+        metadata: &MetadataMap,
+        handle: F,
+    ) -> Result<Response<T>, Status>
     where
         F: std::future::Future<Output = Result<(T, &'static str), Status>>,
     {
         let started = Instant::now();
+        let caller = match self.auth.authorize(metadata, rpc, access) {
+            Ok(caller) => caller,
+            Err(denied) => {
+                let status = Status::from(denied);
+                let outcome = code_name(status.code());
+                self.metrics
+                    .observe_rpc(rpc, "unauthorized", outcome, started);
+                return Err(status);
+            }
+        };
         let result = handle.await;
         let outcome = match &result {
             Ok((_, outcome)) => outcome,
             Err(status) => code_name(status.code()),
         };
-        self.metrics.observe_rpc(rpc, outcome, started);
+        self.metrics.observe_rpc(rpc, caller, outcome, started);
         result.map(|(reply, _)| Response::new(reply))
     }
 
@@ -102,6 +130,8 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
         tonic::Code::Unavailable => "UNAVAILABLE",
         tonic::Code::NotFound => "NOT_FOUND",
+        tonic::Code::Unauthenticated => "UNAUTHENTICATED",
+        tonic::Code::PermissionDenied => "PERMISSION_DENIED",
         _ => "ERROR",
     }
 }
@@ -112,7 +142,7 @@ impl AccountService for Service {
         &self,
         request: Request<pb::ReserveRequest>,
     ) -> Result<Response<pb::ReserveReply>, Status> {
-        self.observe("Reserve", async {
+        self.observe("Reserve", Access::Order, request.metadata(), async {
             let command =
                 validate::reserve(request.get_ref(), now_ms(), self.idempotency_window_ms)?;
             let reply = self
@@ -139,7 +169,7 @@ impl AccountService for Service {
         &self,
         request: Request<pb::UnreserveRequest>,
     ) -> Result<Response<pb::UnreserveReply>, Status> {
-        self.observe("Unreserve", async {
+        self.observe("Unreserve", Access::Order, request.metadata(), async {
             let command = validate::unreserve(request.get_ref())?;
             let reply = self
                 .command(Command::Unreserve(command), Want::Reservation)
@@ -166,7 +196,7 @@ impl AccountService for Service {
         &self,
         request: Request<pb::GetAccountRequest>,
     ) -> Result<Response<pb::Account>, Status> {
-        self.observe("GetAccount", async {
+        self.observe("GetAccount", Access::Read, request.metadata(), async {
             let id = validate::account_id("account_id", request.get_ref().account_id)?;
             match self
                 .engine
@@ -190,7 +220,7 @@ impl AccountService for Service {
         &self,
         request: Request<pb::GetReservationRequest>,
     ) -> Result<Response<pb::Reservation>, Status> {
-        self.observe("GetReservation", async {
+        self.observe("GetReservation", Access::Read, request.metadata(), async {
             let r = request.get_ref();
             let id = validate::account_id("account_id", r.account_id)?;
             let order_id = validate::id("order_id", &r.order_id)?;
@@ -217,7 +247,7 @@ impl AdminService for Service {
         &self,
         request: Request<pb::OpenAccountRequest>,
     ) -> Result<Response<pb::CommandReply>, Status> {
-        self.observe("OpenAccount", async {
+        self.observe("OpenAccount", Access::Admin, request.metadata(), async {
             let command = validate::open_account(request.get_ref())?;
             self.admin(Command::OpenAccount(command)).await
         })
@@ -228,10 +258,15 @@ impl AdminService for Service {
         &self,
         request: Request<pb::SetAccountStatusRequest>,
     ) -> Result<Response<pb::CommandReply>, Status> {
-        self.observe("SetAccountStatus", async {
-            let command = validate::set_account_status(request.get_ref())?;
-            self.admin(Command::SetAccountStatus(command)).await
-        })
+        self.observe(
+            "SetAccountStatus",
+            Access::Admin,
+            request.metadata(),
+            async {
+                let command = validate::set_account_status(request.get_ref())?;
+                self.admin(Command::SetAccountStatus(command)).await
+            },
+        )
         .await
     }
 
@@ -239,7 +274,7 @@ impl AdminService for Service {
         &self,
         request: Request<events::DepositEvent>,
     ) -> Result<Response<pb::CommandReply>, Status> {
-        self.observe("Deposit", async {
+        self.observe("Deposit", Access::Admin, request.metadata(), async {
             let command = validate::deposit(request.get_ref(), None)?;
             self.admin(Command::Deposit(command)).await
         })
@@ -250,7 +285,7 @@ impl AdminService for Service {
         &self,
         request: Request<events::WithdrawEvent>,
     ) -> Result<Response<pb::CommandReply>, Status> {
-        self.observe("Withdraw", async {
+        self.observe("Withdraw", Access::Admin, request.metadata(), async {
             let command = validate::withdrawal(request.get_ref(), None)?;
             self.admin(Command::Withdraw(command)).await
         })
@@ -261,7 +296,7 @@ impl AdminService for Service {
         &self,
         request: Request<events::FillEvent>,
     ) -> Result<Response<pb::CommandReply>, Status> {
-        self.observe("ApplyFill", async {
+        self.observe("ApplyFill", Access::Admin, request.metadata(), async {
             let command = validate::fill(request.get_ref(), None)?;
             self.admin(Command::Fill(command)).await
         })
