@@ -19,6 +19,34 @@ pub struct Conn {
     /// the environment variable, which other users cannot see in `ps`.
     #[arg(long, env = "ACCOUNT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// TLS: the CA (PEM) that signed the service's certificate (`https://` addresses).
+    #[arg(long, env = "ACCOUNT_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Mutual TLS: this client's certificate (PEM), with `--tls-key`.
+    #[arg(long, env = "ACCOUNT_TLS_CLIENT_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, env = "ACCOUNT_TLS_CLIENT_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+impl Conn {
+    fn tls(&self) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+        };
+        if self.tls_ca.is_none() && self.tls_cert.is_none() {
+            return Ok(None);
+        }
+        let mut tls = ClientTlsConfig::new();
+        if let Some(ca) = &self.tls_ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        Ok(Some(tls))
+    }
 }
 
 /// Adds `authorization: Bearer <token>` to every call (when there is a token).
@@ -211,8 +239,12 @@ fn fresh_id(prefix: &str) -> String {
 }
 
 async fn channel(conn: &Conn) -> anyhow::Result<(tonic::transport::Channel, BearerToken)> {
-    let channel = tonic::transport::Endpoint::from_shared(conn.addr.clone())
-        .with_context(|| format!("--addr {}", conn.addr))?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(conn.addr.clone())
+        .with_context(|| format!("--addr {}", conn.addr))?;
+    if let Some(tls) = conn.tls()? {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("connecting to {}", conn.addr))?;

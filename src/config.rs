@@ -96,6 +96,19 @@ pub struct ServeArgs {
     #[arg(long, env = "ACCOUNT_POSTGRES_URL")]
     pub postgres_url: Option<String>,
 
+    /// TLS for gRPC: the server's certificate chain (PEM). With `--tls-key`.
+    #[arg(long, env = "ACCOUNT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of `--tls-cert` (PEM).
+    #[arg(long, env = "ACCOUNT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: clients must present a certificate signed by one of these
+    /// CAs (PEM). Needs `--tls-cert`.
+    #[arg(long, env = "ACCOUNT_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
     /// Callers and roles: one line per caller, `<name> <order|admin|read>
     /// <sha256 of the token, hex>`; calls carry `authorization: Bearer
     /// <token>`. Unset: no authentication, and the gRPC listener must be

@@ -52,6 +52,8 @@ pub enum ServeError {
     Insecure(std::net::SocketAddr),
     #[error(transparent)]
     Tokens(#[from] crate::ingress::auth::TokensError),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error(transparent)]
     Outbox(#[from] crate::egress::OutboxError),
     #[error("Kafka consumer: {0}")]
@@ -67,6 +69,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let grpc_listener = bind("gRPC", args.grpc_addr).await?;
     let metrics_listener = bind("metrics", args.metrics_addr).await?;
     tracing::info!(
+        tls = args.tls_cert.is_some(),
+        mutual_tls = args.tls_client_ca.is_some(),
         grpc = %grpc_listener.local_addr().map_err(|source| ServeError::Bind { what: "gRPC", addr: args.grpc_addr, source })?,
         metrics = %args.metrics_addr,
         data_dir = %args.data_dir.display(),
@@ -118,7 +122,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
 
     let incoming = tonic::transport::server::TcpIncoming::from_listener(grpc_listener, true, None)
         .map_err(|e| ServeError::Incoming(e.to_string()))?;
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&args)? {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
         .tcp_nodelay(true)
         .http2_adaptive_window(Some(true))
         .add_service(health_service)
@@ -156,6 +164,22 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     engine_result?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `--tls-cert` / `--tls-key` (and `--tls-client-ca` for mutual TLS).
+fn tls_config(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>, ServeError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())))
+    };
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(ca) = &args.tls_client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
 }
 
 /// The callers of `--auth-tokens`; without them, only a loopback listener

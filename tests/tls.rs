@@ -1,0 +1,183 @@
+//! TLS and mutual TLS for gRPC (rustls through tonic), with certificates made
+//! here (rcgen): a CA, the server's certificate for 127.0.0.1, a client's.
+
+mod common;
+
+use account_service::proto::account::v1 as pb;
+use account_service::proto::account::v1::admin_service_client::AdminServiceClient;
+use common::server::Server;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+fn pki(dir: &Path) -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
+    let (client_cert, client_key) = leaf(vec!["order-desk".into()]);
+    let write = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    Pki {
+        ca: write("ca.pem", &ca.pem()),
+        server_cert: write("server.pem", &server_cert),
+        server_key: write("server.key", &server_key),
+        client_cert: write("client.pem", &client_cert),
+        client_key: write("client.key", &client_key),
+    }
+}
+
+fn tls(pki: &Pki, with_identity: bool) -> ClientTlsConfig {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(&pki.ca).unwrap()));
+    if with_identity {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(&pki.client_cert).unwrap(),
+            std::fs::read(&pki.client_key).unwrap(),
+        ));
+    }
+    tls
+}
+
+async fn connect(port: u16, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://127.0.0.1:{port}")).unwrap();
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).unwrap();
+    }
+    endpoint
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// An OpenAccount over `channel`: Ok, or the error as text.
+async fn open_account(channel: Channel, request_id: &str) -> Result<(), String> {
+    AdminServiceClient::new(channel)
+        .open_account(pb::OpenAccountRequest {
+            request_id: request_id.into(),
+            account_id: 1,
+            base_currency: "USD".into(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// Waits until the TLS listener answers a call with `tls`.
+async fn wait_tls(server: &mut Server, pki: &Pki) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = server.wait_exit(Duration::ZERO) {
+            panic!("account-service exited: {status}");
+        }
+        if let Ok(channel) = connect(server.grpc_port, Some(tls(pki, true))).await {
+            if open_account(channel, "probe").await.is_ok() {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "no TLS service within 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_only_tls_clients_that_trust_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let mut server = Server::spawn(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            pki.server_cert.to_str().unwrap(),
+            "--tls-key",
+            pki.server_key.to_str().unwrap(),
+        ],
+    );
+    wait_tls(&mut server, &pki).await;
+    // Without a client certificate too (no --tls-client-ca).
+    let channel = connect(server.grpc_port, Some(tls(&pki, false)))
+        .await
+        .unwrap();
+    open_account(channel, "open-1").await.unwrap();
+    // Plaintext gets no answer.
+    let plain = match connect(server.grpc_port, None).await {
+        Ok(channel) => open_account(channel, "open-2").await,
+        Err(e) => Err(e),
+    };
+    assert!(plain.is_err(), "plaintext is refused: {plain:?}");
+    // A client that does not trust the CA refuses the server.
+    let untrusted = connect(server.grpc_port, Some(ClientTlsConfig::new())).await;
+    let untrusted = match untrusted {
+        Ok(channel) => open_account(channel, "open-3").await,
+        Err(e) => Err(e),
+    };
+    assert!(untrusted.is_err(), "{untrusted:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_needs_a_client_certificate_signed_by_the_client_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let mut server = Server::spawn(
+        &dir.path().join("data"),
+        &[
+            "--tls-cert",
+            pki.server_cert.to_str().unwrap(),
+            "--tls-key",
+            pki.server_key.to_str().unwrap(),
+            "--tls-client-ca",
+            pki.ca.to_str().unwrap(),
+        ],
+    );
+    wait_tls(&mut server, &pki).await;
+    let without = match connect(server.grpc_port, Some(tls(&pki, false))).await {
+        Ok(channel) => open_account(channel, "open-1").await,
+        Err(e) => Err(e),
+    };
+    assert!(
+        without.is_err(),
+        "no client certificate: refused ({without:?})"
+    );
+    let channel = connect(server.grpc_port, Some(tls(&pki, true)))
+        .await
+        .unwrap();
+    open_account(channel, "open-2").await.unwrap();
+
+    // The client subcommands speak mutual TLS too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_account-service"))
+        .args(["account", "get", "--account-id", "1"])
+        .args(["--addr", &format!("https://127.0.0.1:{}", server.grpc_port)])
+        .args(["--tls-ca", pki.ca.to_str().unwrap()])
+        .args(["--tls-cert", pki.client_cert.to_str().unwrap()])
+        .args(["--tls-key", pki.client_key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("account_id: 1"));
+}
