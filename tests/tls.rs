@@ -102,20 +102,27 @@ async fn wait_tls(server: &mut Server, pki: &Pki) {
     }
 }
 
+/// The service over TLS (`mutual`: with `--tls-client-ca`), once it answers.
+async fn start_tls(dir: &Path, pki: &Pki, mutual: bool) -> Server {
+    let mut args = vec![
+        "--tls-cert",
+        pki.server_cert.to_str().unwrap(),
+        "--tls-key",
+        pki.server_key.to_str().unwrap(),
+    ];
+    if mutual {
+        args.extend(["--tls-client-ca", pki.ca.to_str().unwrap()]);
+    }
+    let mut server = Server::spawn(&dir.join("data"), &args);
+    wait_tls(&mut server, pki).await;
+    server
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_serves_only_tls_clients_that_trust_its_ca() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
-    let mut server = Server::spawn(
-        &dir.path().join("data"),
-        &[
-            "--tls-cert",
-            pki.server_cert.to_str().unwrap(),
-            "--tls-key",
-            pki.server_key.to_str().unwrap(),
-        ],
-    );
-    wait_tls(&mut server, &pki).await;
+    let server = start_tls(dir.path(), &pki, false).await;
     // Without a client certificate too (no --tls-client-ca).
     let channel = connect(server.grpc_port, Some(tls(&pki, false)))
         .await
@@ -140,18 +147,7 @@ async fn tls_serves_only_tls_clients_that_trust_its_ca() {
 async fn mutual_tls_needs_a_client_certificate_signed_by_the_client_ca() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
-    let mut server = Server::spawn(
-        &dir.path().join("data"),
-        &[
-            "--tls-cert",
-            pki.server_cert.to_str().unwrap(),
-            "--tls-key",
-            pki.server_key.to_str().unwrap(),
-            "--tls-client-ca",
-            pki.ca.to_str().unwrap(),
-        ],
-    );
-    wait_tls(&mut server, &pki).await;
+    let server = start_tls(dir.path(), &pki, true).await;
     let without = match connect(server.grpc_port, Some(tls(&pki, false))).await {
         Ok(channel) => open_account(channel, "open-1").await,
         Err(e) => Err(e),
