@@ -90,6 +90,12 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub topics: KafkaTopics,
 
+    /// A librdkafka setting for every Kafka client, `KEY=VALUE`, repeatable
+    /// (`security.protocol=SSL`, `ssl.ca.location=...`, `sasl.mechanism=...`).
+    /// Values are never logged.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
+    pub kafka_option: Vec<String>,
+
     /// PostgreSQL URL for snapshots and the read model
     /// (e.g. `host=127.0.0.1 port=5432 user=postgres dbname=accounts` or
     /// `postgres://user@host/db`). Unset: no PostgreSQL, the WAL keeps everything.
@@ -182,9 +188,45 @@ pub struct KafkaConfig {
     pub deposits_topic: String,
     pub withdrawals_topic: String,
     pub events_topic: String,
+    /// `--kafka-option`: librdkafka settings for every client (SSL, SASL, ...).
+    pub options: KafkaOptions,
+}
+
+/// librdkafka settings given with `--kafka-option KEY=VALUE`. Their values can
+/// be secrets (`sasl.password`, `ssl.key.password`): `Debug` shows the keys only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KafkaOptions(pub Vec<(String, String)>);
+
+impl std::fmt::Debug for KafkaOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| format!("{k}=<redacted>")))
+            .finish()
+    }
+}
+
+impl KafkaOptions {
+    /// Parses `KEY=VALUE` arguments.
+    pub fn parse(args: &[String]) -> Result<KafkaOptions, ConfigError> {
+        args.iter()
+            .map(|a| match a.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+                _ => Err(ConfigError::KafkaOption(
+                    a.split('=').next().unwrap_or("").to_owned(),
+                )),
+            })
+            .collect::<Result<_, _>>()
+            .map(KafkaOptions)
+    }
 }
 
 impl KafkaConfig {
+    /// A librdkafka client configuration: the brokers, then `--kafka-option`;
+    /// each client then sets what its correctness needs (those keys win).
+    pub fn client_config(&self) -> rdkafka::ClientConfig {
+        kafka_client_config(&self.brokers, &self.options)
+    }
+
     /// The seed's topic names and the default group.
     pub fn new(brokers: impl Into<String>) -> KafkaConfig {
         KafkaConfig {
@@ -194,6 +236,7 @@ impl KafkaConfig {
             deposits_topic: "payment.deposits".into(),
             withdrawals_topic: "payment.withdrawals".into(),
             events_topic: "trading.account.events".into(),
+            options: KafkaOptions::default(),
         }
     }
 
@@ -225,6 +268,8 @@ pub enum ConfigError {
     WindowTooLong,
     #[error("Kafka topic names must be distinct and non-empty")]
     Topics,
+    #[error("--kafka-option {0:?}: expected KEY=VALUE")]
+    KafkaOption(String),
 }
 
 impl ServeArgs {
@@ -240,6 +285,7 @@ impl ServeArgs {
             deposits_topic: self.topics.kafka_deposits_topic.clone(),
             withdrawals_topic: self.topics.kafka_withdrawals_topic.clone(),
             events_topic: self.topics.kafka_events_topic.clone(),
+            options: KafkaOptions::parse(&self.kafka_option)?,
         };
         let mut names = vec![
             &config.fills_topic,
@@ -304,5 +350,44 @@ impl ServeArgs {
             ..StateConfig::default()
         };
         Ok(config)
+    }
+}
+
+/// Brokers plus `--kafka-option`, the start of every librdkafka client.
+pub fn kafka_client_config(brokers: &str, options: &KafkaOptions) -> rdkafka::ClientConfig {
+    let mut c = rdkafka::ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (key, value) in &options.0 {
+        c.set(key, value);
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_options_parse_and_never_show_their_values() {
+        let args = [
+            "security.protocol=SASL_SSL".to_owned(),
+            "sasl.password=hunter2=x".to_owned(),
+        ];
+        let options = KafkaOptions::parse(&args).unwrap();
+        assert_eq!(options.0[1], ("sasl.password".into(), "hunter2=x".into()));
+        let shown = format!("{options:?}");
+        assert!(
+            shown.contains("sasl.password") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+        let c = kafka_client_config("127.0.0.1:9092", &options);
+        assert_eq!(c.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(c.get("bootstrap.servers"), Some("127.0.0.1:9092"));
+        for bad in ["no-equals", "=value"] {
+            assert!(matches!(
+                KafkaOptions::parse(&[bad.to_owned()]),
+                Err(ConfigError::KafkaOption(_))
+            ));
+        }
     }
 }

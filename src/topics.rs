@@ -3,7 +3,7 @@
 //! that exist. For a local stack or a new cluster; a managed cluster usually
 //! provisions topics its own way.
 
-use crate::config::KafkaTopics;
+use crate::config::{kafka_client_config, KafkaOptions, KafkaTopics};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
@@ -24,14 +24,17 @@ pub struct TopicsArgs {
     pub replication: i32,
     #[command(flatten)]
     pub topics: KafkaTopics,
+    /// A librdkafka setting, `KEY=VALUE`, repeatable (as for `serve`).
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
+    pub kafka_option: Vec<String>,
 }
 
 /// Creates what is missing; prints one line per topic.
 pub async fn create(args: TopicsArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.partitions > 0, "--partitions must be at least 1");
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &args.kafka_brokers)
-        .create()?;
+    let options = KafkaOptions::parse(&args.kafka_option)?;
+    let admin: AdminClient<DefaultClientContext> =
+        kafka_client_config(&args.kafka_brokers, &options).create()?;
     let names = args.topics.all();
     let topics: Vec<NewTopic> = names
         .iter()

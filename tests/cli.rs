@@ -242,3 +242,29 @@ async fn json_logs_have_one_line_per_start_up_phase_and_none_per_request() {
     assert_eq!(phase("serving")["level"], "INFO");
     assert!(lines.iter().all(|l| l["timestamp"].is_string()));
 }
+
+/// `--kafka-option KEY=VALUE` reaches librdkafka: a bad value stops the start
+/// with librdkafka's own error naming the setting.
+#[test]
+fn kafka_options_reach_librdkafka() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_account-service"))
+        .args(["serve", "--no-pin", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--kafka-brokers", "127.0.0.1:1"])
+        .args(["--kafka-option", "security.protocol=bogus"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(r#"Invalid value "bogus" for configuration property "security.protocol""#),
+        "{stderr}"
+    );
+}

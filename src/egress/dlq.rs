@@ -14,7 +14,7 @@ use crate::ingress::{convert, kafka};
 use crate::state_machine::{Outcome, ResultCode};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use std::time::{Duration, Instant};
 
 /// A refetch that is this far ahead of the reader's position reads forward
@@ -50,8 +50,9 @@ impl Refetcher {
     pub fn fetch(&mut self, source: Source, wait: Duration) -> Fetched {
         let topic = self.config.topic_name(source.topic).to_owned();
         if self.consumer.is_none() {
-            let created = ClientConfig::new()
-                .set("bootstrap.servers", &self.config.brokers)
+            let created = self
+                .config
+                .client_config()
                 .set("group.id", format!("{}.dlq-refetch", self.config.group))
                 .set("enable.auto.commit", "false")
                 .set("enable.auto.offset.store", "false")

@@ -27,7 +27,7 @@ use prost::Message as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, ProducerContext};
-use rdkafka::{ClientConfig, ClientContext};
+use rdkafka::ClientContext;
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::path::Path;
@@ -80,8 +80,8 @@ impl Outbox {
         let durable = Arc::new(AtomicU64::new(watermark));
         let (tx, feed) = crossbeam_channel::unbounded();
         let (delivered_tx, delivered) = crossbeam_channel::unbounded();
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
+        let producer = config
+            .client_config()
             .set("enable.idempotence", "true")
             .set("acks", "all")
             // Never give up on a record: an outage only grows the backlog.

@@ -38,7 +38,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -124,8 +124,8 @@ impl KafkaConsumer {
             metrics: metrics.clone(),
             topics: Topic::ALL.map(|t| config.topic_name(t).to_owned()),
         };
-        let consumer: BaseConsumer<StatsContext> = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
+        let consumer: BaseConsumer<StatsContext> = config
+            .client_config()
             .set("group.id", &config.group)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
