@@ -122,6 +122,22 @@ pub struct ServeArgs {
     #[arg(long, env = "ACCOUNT_AUTH_TOKENS_FILE")]
     pub auth_tokens: Option<PathBuf>,
 
+    /// Server-side deadline of a call, in ms: one the engine has not answered
+    /// by then gets `CANCELLED` (its command may still be journaled: retry
+    /// with the same key).
+    #[arg(long, env = "ACCOUNT_REQUEST_TIMEOUT_MS", default_value_t = 10_000)]
+    pub request_timeout_ms: u64,
+
+    /// Per-caller rate limit: calls per second each caller (each name of the
+    /// tokens file, or `anonymous`) may make, sustained. 0: no limit.
+    #[arg(long, env = "ACCOUNT_RATE_LIMIT_RPS", default_value_t = 0)]
+    pub rate_limit_rps: u32,
+
+    /// Calls a caller may make at once after a quiet spell (with
+    /// `--rate-limit-rps`; default: one second's worth).
+    #[arg(long, env = "ACCOUNT_RATE_LIMIT_BURST")]
+    pub rate_limit_burst: Option<u32>,
+
     /// Allow a non-loopback `--grpc-addr` without `--auth-tokens`: anyone who
     /// reaches the port may move money.
     #[arg(long, env = "ACCOUNT_INSECURE_NO_AUTH")]
@@ -273,6 +289,21 @@ pub enum ConfigError {
 }
 
 impl ServeArgs {
+    /// `--rate-limit-rps` / `--rate-limit-burst`; `None` when off.
+    pub fn rate_limit(&self) -> Result<Option<crate::ingress::limits::RateLimit>, ConfigError> {
+        if self.rate_limit_rps == 0 {
+            return Ok(None);
+        }
+        let burst = self.rate_limit_burst.unwrap_or(self.rate_limit_rps);
+        if burst == 0 {
+            return Err(ConfigError::Zero("rate-limit-burst"));
+        }
+        Ok(Some(crate::ingress::limits::RateLimit {
+            rps: self.rate_limit_rps,
+            burst,
+        }))
+    }
+
     /// The Kafka wiring, if `--kafka-brokers` is set.
     pub fn kafka_config(&self) -> Result<Option<KafkaConfig>, ConfigError> {
         let Some(brokers) = &self.kafka_brokers else {
@@ -321,6 +352,9 @@ impl ServeArgs {
         }
         if self.snapshot_every_records == 0 {
             return Err(ConfigError::Zero("snapshot-every-records"));
+        }
+        if self.request_timeout_ms == 0 {
+            return Err(ConfigError::Zero("request-timeout-ms"));
         }
         if self.snapshot_timeout_secs == 0 {
             return Err(ConfigError::Zero("snapshot-timeout-secs"));

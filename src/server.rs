@@ -17,6 +17,7 @@ use crate::engine::{Engine, Phase};
 use crate::ingress::auth::Auth;
 use crate::ingress::grpc::Service;
 use crate::ingress::kafka::KafkaConsumer;
+use crate::ingress::limits::Limits;
 use crate::metrics::{self, Metrics};
 use crate::proto::account::v1::account_service_server::AccountServiceServer;
 use crate::proto::account::v1::admin_service_server::AdminServiceServer;
@@ -24,6 +25,14 @@ use std::time::Duration;
 
 /// How long a stop waits for clients to finish and close their connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Largest request message accepted (design 4.4: 1 MiB unary).
+pub const REQUEST_BYTES_MAX: usize = 1 << 20;
+/// Concurrent HTTP/2 streams per connection.
+const STREAMS_PER_CONNECTION_MAX: u32 = 1_024;
+/// HTTP/2 pings on a quiet connection, and how long a ping may go unanswered
+/// before the connection is closed (a dead or vanished peer).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +121,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let service = Service::new(handle, metrics.clone(), idempotency_window_ms, auth);
+    let limits = Limits::new(args.rate_limit()?, auth.callers());
+    let service = Service::new(handle, metrics.clone(), idempotency_window_ms, auth, limits);
     tokio::spawn(signal_stop(stop_tx.clone()));
     let metrics_task = tokio::spawn(metrics::serve(
         metrics_listener,
@@ -127,13 +137,20 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         builder = builder.tls_config(tls)?;
     }
     let server = builder
+        .timeout(Duration::from_millis(args.request_timeout_ms))
+        .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
         .tcp_nodelay(true)
         .http2_adaptive_window(Some(true))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AccountServiceServer::new(service.clone()))
-        .add_service(AdminServiceServer::new(service))
+        .add_service(
+            AccountServiceServer::new(service.clone()).max_decoding_message_size(REQUEST_BYTES_MAX),
+        )
+        .add_service(AdminServiceServer::new(service).max_decoding_message_size(REQUEST_BYTES_MAX))
         .serve_with_incoming_shutdown(incoming, wait_stop(stop_rx.clone()));
     // Graceful: in-flight calls finish; connections a client keeps open get
     // SHUTDOWN_GRACE before the engine is drained regardless.

@@ -175,6 +175,13 @@ impl From<Denied> for Status {
     }
 }
 
+impl Tokens {
+    /// Every caller's name.
+    pub fn callers(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.by_hash.values().map(|c| c.name)
+    }
+}
+
 /// The check every RPC makes first.
 #[derive(Clone, Debug, Default)]
 pub struct Auth {
@@ -187,6 +194,14 @@ impl Auth {
     pub fn new(tokens: Option<Tokens>) -> Auth {
         Auth {
             tokens: tokens.map(Arc::new),
+        }
+    }
+
+    /// The names calls can be authorized as.
+    pub fn callers(&self) -> Vec<&'static str> {
+        match &self.tokens {
+            Some(tokens) => tokens.callers().collect(),
+            None => vec![ANONYMOUS],
         }
     }
 

@@ -4,6 +4,7 @@
 //! Business outcomes travel in `result`, never as gRPC errors.
 
 use super::auth::{Access, Auth};
+use super::limits::Limits;
 use super::{convert, validate};
 use crate::domain::{amount::format, Command};
 use crate::engine::{now_ms, EngineHandle, Query, Reply, RequestKind, SubmitError, Want};
@@ -28,6 +29,8 @@ pub struct Service {
     idempotency_window_ms: i64,
     /// Callers and roles: checked before anything else.
     auth: Auth,
+    /// Per-caller rate limits, checked right after.
+    limits: Limits,
 }
 
 impl Service {
@@ -36,6 +39,7 @@ impl Service {
         metrics: Arc<Metrics>,
         idempotency_window_ms: i64,
         auth: Auth,
+        limits: Limits,
     ) -> Service {
         assert!(idempotency_window_ms > 0);
         Service {
@@ -43,6 +47,7 @@ impl Service {
             metrics,
             idempotency_window_ms,
             auth,
+            limits,
         }
     }
 
@@ -70,6 +75,17 @@ impl Service {
                 return Err(status);
             }
         };
+        if let Err(retry_after_ms) = self.limits.admit(caller) {
+            let mut status = Status::resource_exhausted(format!(
+                "caller {caller} is over its rate limit; retry in {retry_after_ms} ms with the same key"
+            ));
+            status
+                .metadata_mut()
+                .insert("retry-after-ms", retry_after_ms.into());
+            self.metrics
+                .observe_rpc(rpc, caller, "RATE_LIMITED", started);
+            return Err(status);
+        }
         let result = handle.await;
         let outcome = match &result {
             Ok((_, outcome)) => outcome,

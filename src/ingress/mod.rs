@@ -4,4 +4,5 @@ pub mod auth;
 pub mod convert;
 pub mod grpc;
 pub mod kafka;
+pub mod limits;
 pub mod validate;
