@@ -45,4 +45,5 @@ pub mod server;
 pub mod snapshot;
 pub mod state_machine;
 pub mod topics;
+pub mod wire;
 pub mod workload;

@@ -14,8 +14,8 @@
 //!    diff (only added lines are compatible).
 
 use account_service::domain::{Command, Side, Source, Topic};
-use account_service::ingress::kafka;
 use account_service::proto::events;
+use account_service::wire::messages;
 use prost::Message;
 use prost_types::field_descriptor_proto::{Label, Type};
 use prost_types::FileDescriptorSet;
@@ -90,7 +90,8 @@ fn a_seed_fill_event_decodes_field_for_field() {
     assert_eq!(m.currency, "", "the seed has no field 10");
 
     // The consumer's own path: decoded, validated, a Fill command.
-    let Ok(Command::Fill(fill)) = kafka::decode(Topic::Fills, &bytes, source(Topic::Fills)) else {
+    let Ok(Command::Fill(fill)) = messages::decode(Topic::Fills, &bytes, source(Topic::Fills))
+    else {
         panic!("a seed FillEvent is a fill, not a dead letter");
     };
     assert_eq!(fill.event_id.as_str(), "fill-9001");
@@ -107,7 +108,8 @@ fn a_seed_fill_event_decodes_field_for_field() {
     // Our field 10 on top of the seed's: the settlement currency.
     let mut ours = bytes;
     ours.extend(Wire::default().string(10, "EUR").0);
-    let Ok(Command::Fill(fill)) = kafka::decode(Topic::Fills, &ours, source(Topic::Fills)) else {
+    let Ok(Command::Fill(fill)) = messages::decode(Topic::Fills, &ours, source(Topic::Fills))
+    else {
         panic!("a fill");
     };
     assert_eq!(
@@ -135,7 +137,8 @@ fn a_seed_deposit_event_decodes_field_for_field() {
     assert_eq!(m.source, "wire:DE89370400440532013000");
     assert_eq!(m.timestamp, 1_764_633_600_456);
 
-    let Ok(Command::Deposit(c)) = kafka::decode(Topic::Deposits, &bytes, source(Topic::Deposits))
+    let Ok(Command::Deposit(c)) =
+        messages::decode(Topic::Deposits, &bytes, source(Topic::Deposits))
     else {
         panic!("a seed DepositEvent is a deposit");
     };
@@ -166,7 +169,7 @@ fn a_seed_withdraw_event_decodes_field_for_field() {
     assert_eq!(m.timestamp, 1_764_633_600_789);
 
     let Ok(Command::Withdraw(c)) =
-        kafka::decode(Topic::Withdrawals, &bytes, source(Topic::Withdrawals))
+        messages::decode(Topic::Withdrawals, &bytes, source(Topic::Withdrawals))
     else {
         panic!("a seed WithdrawEvent is a withdrawal");
     };

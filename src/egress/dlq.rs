@@ -10,8 +10,8 @@
 use super::outbox::DlqReason;
 use crate::config::KafkaConfig;
 use crate::domain::Source;
-use crate::ingress::{convert, kafka};
 use crate::state_machine::{Outcome, ResultCode};
+use crate::wire::{convert, messages};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
@@ -126,7 +126,7 @@ impl Refetcher {
 /// `"amount overflow: ..."` for one whose result would leave the exact range.
 pub fn reason_text(reason: DlqReason, source: Source, payload: &[u8]) -> String {
     match reason {
-        DlqReason::Edge(class) => match kafka::decode(source.topic, payload, source) {
+        DlqReason::Edge(class) => match messages::decode(source.topic, payload, source) {
             Err(rejection) => rejection.text,
             // Only if the validation rules changed since it was journaled.
             Ok(_) => class.name().to_owned(),

@@ -1,8 +1,10 @@
-//! Ingress: the gRPC services, the Kafka consumers, and the validation they share.
+//! Ingress: the gRPC services (with callers, roles and rate limits) and the
+//! Kafka consumers. Decoding and validation live in `crate::wire`, below
+//! ingress and egress both.
 
 pub mod auth;
-pub mod convert;
 pub mod grpc;
 pub mod kafka;
 pub mod limits;
-pub mod validate;
+
+pub use crate::wire::{convert, validate};
