@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::scratch;
+use common::{scratch, segments};
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
 use std::io;
@@ -712,15 +712,6 @@ fn a_segment_of_another_log_is_refused() {
         let mut wal = Wal::open(options(dir, None)).unwrap();
         batch(&mut wal, 1, 30).unwrap();
     }
-    let segments = |dir: &Path| {
-        let mut v: Vec<PathBuf> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "wal"))
-            .collect();
-        v.sort();
-        v
-    };
     let foreign = segments(b.path()).pop().unwrap();
     let target = a.path().join(foreign.file_name().unwrap());
     fs::copy(&foreign, &target).unwrap();

@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use wal::format::SEGMENT_HEADER_LEN;
 use wal::{Wal, WalError, WalOptions};
 
@@ -42,15 +42,7 @@ fn read_all(wal: &Wal, from: u64) -> Vec<(u64, Vec<u8>)> {
     out
 }
 
-fn segments(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "wal"))
-        .collect();
-    v.sort();
-    v
-}
+use common::segments;
 
 /// Copies the template's `LOG_ID` (segments are copied one by one).
 fn copy_log_id(from: &Path, to: &Path) {
