@@ -2,15 +2,19 @@
 //! unary gRPC service reaches on this machine with this client. Design 6
 //! measures the real service as a share of it, in the same run.
 
+// Handlers answer `tonic::Status` by value: that is tonic's API.
+#![allow(clippy::result_large_err)]
+
 use account_service::proto::account::v1 as pb;
 use account_service::proto::account::v1::account_service_server::{
     AccountService, AccountServiceServer,
 };
 use account_service::proto::account::v1::admin_service_server::{AdminService, AdminServiceServer};
 use account_service::proto::events;
+use futures_util::StreamExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 #[derive(Clone, Default)]
 pub struct Echo {
@@ -79,6 +83,79 @@ impl AccountService for Echo {
             order_id: r.get_ref().order_id.clone(),
             ..Default::default()
         }))
+    }
+
+    async fn reserve_batch(
+        &self,
+        r: Request<pb::ReserveBatchRequest>,
+    ) -> Result<Response<pb::ReserveBatchReply>, Status> {
+        let replies = r
+            .into_inner()
+            .requests
+            .into_iter()
+            .map(|q| self.reserved(q))
+            .collect();
+        Ok(Response::new(pb::ReserveBatchReply { replies }))
+    }
+
+    async fn unreserve_batch(
+        &self,
+        r: Request<pb::UnreserveBatchRequest>,
+    ) -> Result<Response<pb::UnreserveBatchReply>, Status> {
+        let replies = r
+            .into_inner()
+            .requests
+            .into_iter()
+            .map(|q| self.unreserved(q))
+            .collect();
+        Ok(Response::new(pb::UnreserveBatchReply { replies }))
+    }
+
+    type ReserveStreamStream = Replies<pb::ReserveReply>;
+
+    async fn reserve_stream(
+        &self,
+        r: Request<Streaming<pb::ReserveRequest>>,
+    ) -> Result<Response<Self::ReserveStreamStream>, Status> {
+        let echo = self.clone();
+        let replies = r.into_inner().map(move |q| q.map(|q| echo.reserved(q)));
+        Ok(Response::new(Box::pin(replies)))
+    }
+
+    type UnreserveStreamStream = Replies<pb::UnreserveReply>;
+
+    async fn unreserve_stream(
+        &self,
+        r: Request<Streaming<pb::UnreserveRequest>>,
+    ) -> Result<Response<Self::UnreserveStreamStream>, Status> {
+        let echo = self.clone();
+        let replies = r.into_inner().map(move |q| q.map(|q| echo.unreserved(q)));
+        Ok(Response::new(Box::pin(replies)))
+    }
+}
+
+type Replies<R> = std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<R, Status>> + Send>>;
+
+impl Echo {
+    fn reserved(&self, q: pb::ReserveRequest) -> pb::ReserveReply {
+        pb::ReserveReply {
+            result: pb::Result::Ok as i32,
+            sequence: self.next(),
+            available: "0".into(),
+            reserved: "0".into(),
+            request_id: q.request_id,
+            ..Default::default()
+        }
+    }
+
+    fn unreserved(&self, q: pb::UnreserveRequest) -> pb::UnreserveReply {
+        pb::UnreserveReply {
+            result: pb::Result::Ok as i32,
+            sequence: self.next(),
+            released: "0".into(),
+            request_id: q.request_id,
+            ..Default::default()
+        }
     }
 }
 

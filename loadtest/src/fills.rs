@@ -82,7 +82,7 @@ pub async fn run(ctx: &Arc<Ctx>, kafka: &FillsArgs) -> anyhow::Result<(Arc<Recor
         ctx.args.rate,
         ctx.args.duration,
         &produced,
-        move |ctx, i, due| {
+        move |ctx, i, due, _| {
             let (producer, pending, topic) = (producer.clone(), sent.clone(), topic.clone());
             let event_id = format!("{run_id}-f{i}");
             async move {

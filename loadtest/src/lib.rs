@@ -15,6 +15,7 @@
 
 pub mod echo;
 pub mod fills;
+pub mod high_rate;
 pub mod inproc;
 pub mod modes;
 pub mod recorder;

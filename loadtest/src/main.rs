@@ -1,6 +1,7 @@
 //! `loadtest`: open-loop load for the account service. See loadtest/README.md.
 
 use clap::{Parser, Subcommand};
+use loadtest::high_rate::{measure, Via, ViaArgs};
 use loadtest::modes::{self, Ctx, LoadArgs, Mix};
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -26,6 +27,26 @@ enum Mode {
         #[arg(long, default_value = "reserve=50,unreserve=30,fill=10,get=10")]
         mix: Mix,
     },
+    /// ReserveBatch calls at --rate batches/s of --batch-size items each
+    /// (latency per item and per batch from the intended send time).
+    Batch {
+        #[command(flatten)]
+        load: LoadArgs,
+        #[arg(long, default_value_t = 100)]
+        batch_size: usize,
+        #[arg(long)]
+        all_or_nothing: bool,
+    },
+    /// ReserveStream items at --rate items/s over --streams streams, at most
+    /// --window items in flight on each (latency per item from its intended send time).
+    Stream {
+        #[command(flatten)]
+        load: LoadArgs,
+        #[arg(long, default_value_t = 4)]
+        streams: usize,
+        #[arg(long, default_value_t = 1024)]
+        window: usize,
+    },
     /// FillEvents to Kafka at --rate; lag until each fill's AccountEvent is read back.
     Fills {
         #[command(flatten)]
@@ -34,9 +55,12 @@ enum Mode {
         kafka: loadtest::fills::FillsArgs,
     },
     /// Step the Reserve rate up until p99 or errors pass the limits; report the highest sustained.
+    /// --via batch|stream steps ReserveBatch calls/s or ReserveStream items/s instead.
     Max {
         #[command(flatten)]
         load: LoadArgs,
+        #[command(flatten)]
+        via: loadtest::high_rate::ViaArgs,
         #[arg(long, default_value_t = 1000.0)]
         start_rate: f64,
         /// Each step multiplies the rate by this.
@@ -125,6 +149,40 @@ async fn main() -> anyhow::Result<()> {
             summary["mix"] = json!(format!("{mix:?}"));
             emit(&summary, &ctx.args.json_out)?;
         }
+        Mode::Batch {
+            load,
+            batch_size,
+            all_or_nothing,
+        } => {
+            let ctx = Ctx::connect(load).await?;
+            ctx.setup().await?;
+            let via = ViaArgs {
+                via: Via::Batch,
+                batch_size,
+                all_or_nothing,
+                streams: 1,
+                window: 1,
+            };
+            let summary = measure(&ctx, &via, ctx.args.rate, ctx.args.duration).await?;
+            emit(&summary, &ctx.args.json_out)?;
+        }
+        Mode::Stream {
+            load,
+            streams,
+            window,
+        } => {
+            let ctx = Ctx::connect(load).await?;
+            ctx.setup().await?;
+            let via = ViaArgs {
+                via: Via::Stream,
+                batch_size: 1,
+                all_or_nothing: false,
+                streams,
+                window,
+            };
+            let summary = measure(&ctx, &via, ctx.args.rate, ctx.args.duration).await?;
+            emit(&summary, &ctx.args.json_out)?;
+        }
         Mode::Fills { mut load, kafka } => {
             // Every fill sent is matched when its event comes back: no warm-up
             // phase, so warm-up events cannot be counted as measured ones.
@@ -141,6 +199,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Mode::Max {
             load,
+            via,
             start_rate,
             step,
             step_duration,
@@ -154,15 +213,16 @@ async fn main() -> anyhow::Result<()> {
             let mut steps = Vec::new();
             let mut best: Option<Value> = None;
             for _ in 0..max_steps {
-                let (recorder, elapsed) = modes::reserve(&ctx, rate, step_duration).await;
-                let s = recorder.summary("max", rate, elapsed);
+                let mut s = measure(&ctx, &via, rate, step_duration).await?;
+                s["mode"] = json!("max");
                 let sent = s["sent"].as_u64().unwrap_or(0).max(1) as f64;
                 let error_share = s["errors"].as_u64().unwrap_or(0) as f64 / sent;
                 let p99_ms = s["latency_us"]["p99"].as_u64().unwrap_or(0) as f64 / 1000.0;
                 let throughput = s["throughput"].as_f64().unwrap_or(0.0);
                 eprintln!("step rate={rate:.0} throughput={throughput:.0} p99_ms={p99_ms:.2} errors={error_share:.4}");
                 steps.push(json!({"rate": rate, "throughput": throughput, "p99_us": s["latency_us"]["p99"], "errors": s["errors"]}));
-                if p99_ms > p99_limit_ms || error_share > 0.01 || throughput < 0.95 * rate {
+                let offered = s["target_rate"].as_f64().unwrap_or(rate);
+                if p99_ms > p99_limit_ms || error_share > 0.01 || throughput < 0.95 * offered {
                     break;
                 }
                 best = Some(s);

@@ -116,6 +116,11 @@ impl Ctx {
         }))
     }
 
+    /// A request number no other request of this run has.
+    pub fn next_request(&self) -> u64 {
+        self.next_request.fetch_add(1, Ordering::Relaxed)
+    }
+
     pub fn channel(&self) -> Channel {
         let i = self.next_channel.fetch_add(1, Ordering::Relaxed) % self.channels.len();
         self.channels[i].clone()
@@ -270,7 +275,7 @@ fn classify(result: Result<i32, &tonic::Status>) -> Class {
     }
 }
 
-/// Sends `op(i)` on the open-loop schedule for warm-up + duration seconds and
+/// Sends `op(ctx, i, due, measured)` on the open-loop schedule for warm-up + duration seconds and
 /// records the measured part. Returns the measured wall time.
 pub async fn open_loop<F, Fut>(
     ctx: &Arc<Ctx>,
@@ -280,7 +285,7 @@ pub async fn open_loop<F, Fut>(
     op: F,
 ) -> Duration
 where
-    F: Fn(Arc<Ctx>, u64, Instant) -> Fut + Send + 'static,
+    F: Fn(Arc<Ctx>, u64, Instant, bool) -> Fut + Send + 'static,
     Fut: Future<Output = Class> + Send + 'static,
 {
     let args = &ctx.args;
@@ -313,7 +318,7 @@ where
                 }
                 inflight.fetch_add(1, Ordering::Relaxed);
                 let n = ctx.next_request.fetch_add(1, Ordering::Relaxed);
-                let call = op(ctx.clone(), n, due);
+                let call = op(ctx.clone(), n, due, measured);
                 let (recorder, inflight, done) =
                     (recorder.clone(), inflight.clone(), done_tx.clone());
                 runtime.spawn(async move {
@@ -368,7 +373,7 @@ async fn progress(recorder: Arc<Recorder>) {
 /// Reserve at the rate; each reserved order is then released (not measured).
 pub async fn reserve(ctx: &Arc<Ctx>, rate: f64, duration: f64) -> (Arc<Recorder>, Duration) {
     let recorder = Arc::new(Recorder::default());
-    let elapsed = open_loop(ctx, rate, duration, &recorder, |ctx, i, _| async move {
+    let elapsed = open_loop(ctx, rate, duration, &recorder, |ctx, i, _, _| async move {
         let class = ctx.reserve(i).await;
         if class == Class::Ok
             && rand::thread_rng().gen_bool(ctx.args.unreserve_share.clamp(0.0, 1.0))
@@ -429,7 +434,7 @@ pub async fn mixed(ctx: &Arc<Ctx>, mix: Mix) -> (Arc<Recorder>, Duration) {
         ctx.args.rate,
         ctx.args.duration,
         &recorder,
-        move |ctx, i, _| async move {
+        move |ctx, i, _, _| async move {
             let pick = rand::thread_rng().gen_range(0..total);
             if pick < mix.reserve {
                 ctx.reserve(i).await

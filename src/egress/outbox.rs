@@ -166,6 +166,26 @@ impl Collector {
         outcome
     }
 
+    /// `state.apply_basket`, keeping each item's events (their cause is the
+    /// item's request_id; event ids run on across the basket's items).
+    pub fn apply_basket(
+        &mut self,
+        state: &mut State,
+        items: &[crate::domain::Reserve],
+        sequence: u64,
+        timestamp_ms: i64,
+        outcomes: &mut Vec<Outcome>,
+    ) {
+        let mut sink = Sink {
+            records: &mut self.records,
+            sequence,
+            timestamp_ms,
+            cause_id: Id::default(),
+            index: 0,
+        };
+        state.apply_basket(items, sequence, timestamp_ms, &mut sink, outcomes);
+    }
+
     /// Hands over everything collected; call only once every command through
     /// `through_sequence` is durable.
     pub fn hand_off(&mut self, through_sequence: u64) {
@@ -239,5 +259,9 @@ impl EventSink for Sink<'_> {
             },
         });
         self.index += 1;
+    }
+
+    fn cause(&mut self, request_id: Id) {
+        self.cause_id = request_id;
     }
 }

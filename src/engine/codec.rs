@@ -13,7 +13,11 @@
 //! enums           = u8 of the domain enum's discriminant
 //! dead letter     = source (always present), reason u8
 //! configure       = idempotency_window_ms i64 LE (> 0), tick_work_max u32 LE (> 0)
+//! basket          = u16 LE count (1..=BASKET_ITEMS_MAX), then each Reserve's fields
 //! ```
+//!
+//! A basket is an all-or-nothing batch of Reserves: one record, one sequence,
+//! so no crash can leave part of it journaled.
 //!
 //! Fixed-width little-endian fields, no allocation either way; decoding checks
 //! every bound and enum value, so a record that passed the CRC but is not a
@@ -29,6 +33,25 @@ pub const FORMAT_VERSION: u8 = 1;
 
 /// Largest encoded command, in bytes (a fill: 2 ids, 4 decimals, ...).
 pub const ENCODED_LEN_MAX: usize = 512;
+
+/// Most Reserves in one all-or-nothing basket (one journal record).
+pub const BASKET_ITEMS_MAX: usize = 1024;
+
+/// Largest Reserve's fields: two ids, an account, kind, asset, amount, expiry.
+const RESERVE_FIELDS_LEN_MAX: usize = 65 + 8 + 65 + 1 + 13 + 16 + 9;
+
+/// Largest journal record: a full basket.
+pub const RECORD_LEN_MAX: usize = 10 + 2 + BASKET_ITEMS_MAX * RESERVE_FIELDS_LEN_MAX;
+
+/// One journal record: a command, or an all-or-nothing basket of Reserves.
+// Decoded once per record and moved once: boxing the common case would
+// allocate per record.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq)]
+pub enum Record {
+    Command(Command),
+    Basket(Vec<Reserve>),
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {
@@ -50,6 +73,50 @@ const TAG_FILL: u8 = 7;
 const TAG_TICK: u8 = 8;
 const TAG_DEAD_LETTER: u8 = 9;
 const TAG_CONFIGURE: u8 = 10;
+const TAG_BASKET: u8 = 11;
+
+/// Appends the encoding of an all-or-nothing basket (1..=[`BASKET_ITEMS_MAX`]
+/// Reserves) to `out` (cleared first).
+pub fn encode_basket(items: &[Reserve], timestamp_ms: i64, out: &mut Vec<u8>) {
+    assert!((1..=BASKET_ITEMS_MAX).contains(&items.len()), "basket size");
+    out.clear();
+    out.extend_from_slice(&[FORMAT_VERSION, TAG_BASKET]);
+    out.extend_from_slice(&timestamp_ms.to_le_bytes());
+    out.extend_from_slice(&(items.len() as u16).to_le_bytes());
+    let mut w = Writer(out);
+    for c in items {
+        w.reserve(c);
+    }
+    debug_assert!(out.len() <= RECORD_LEN_MAX);
+}
+
+/// Decodes any journal record: a command or a basket.
+pub fn decode_record(bytes: &[u8]) -> Result<(Record, i64), CodecError> {
+    if bytes.get(1) != Some(&TAG_BASKET) {
+        return decode(bytes).map(|(c, ts)| (Record::Command(c), ts));
+    }
+    let mut r = Reader { bytes, at: 0 };
+    let version = r.u8()?;
+    if version != FORMAT_VERSION {
+        return Err(CodecError::Version(version));
+    }
+    r.u8()?;
+    let timestamp_ms = r.i64()?;
+    let at = r.at;
+    let count = u16::from_le_bytes(r.array()?) as usize;
+    if !(1..=BASKET_ITEMS_MAX).contains(&count) {
+        return Err(CodecError::Invalid {
+            field: "basket size",
+            at,
+        });
+    }
+    let mut items = Vec::with_capacity(count);
+    for _ in 0..count {
+        items.push(r.reserve()?);
+    }
+    r.end()?;
+    Ok((Record::Basket(items), timestamp_ms))
+}
 
 /// Appends the encoding of `(command, timestamp_ms)` to `out` (cleared first).
 pub fn encode(command: &Command, timestamp_ms: i64, out: &mut Vec<u8>) {
@@ -81,21 +148,7 @@ pub fn encode(command: &Command, timestamp_ms: i64, out: &mut Vec<u8>) {
             w.u8(c.status as u8);
             w.id(&c.reason);
         }
-        Command::Reserve(c) => {
-            w.id(&c.request_id);
-            w.account(c.account_id);
-            w.id(&c.order_id);
-            w.u8(c.kind as u8);
-            w.asset(&c.asset);
-            w.dec(c.amount);
-            match c.expires_at_ms {
-                Some(at) => {
-                    w.u8(1);
-                    w.i64(at);
-                }
-                None => w.u8(0),
-            }
-        }
+        Command::Reserve(c) => w.reserve(c),
         Command::Unreserve(c) => {
             w.id(&c.request_id);
             w.account(c.account_id);
@@ -168,15 +221,7 @@ pub fn decode(bytes: &[u8]) -> Result<(Command, i64), CodecError> {
             status: r.enumerated("status", AccountStatus::from_u8)?,
             reason: r.id()?,
         }),
-        TAG_RESERVE => Command::Reserve(Reserve {
-            request_id: r.id()?,
-            account_id: r.account()?,
-            order_id: r.id()?,
-            kind: r.enumerated("kind", ReservationKind::from_u8)?,
-            asset: r.asset()?,
-            amount: r.dec()?,
-            expires_at_ms: if r.flag()? { Some(r.i64()?) } else { None },
-        }),
+        TAG_RESERVE => Command::Reserve(r.reserve()?),
         TAG_UNRESERVE => Command::Unreserve(Unreserve {
             request_id: r.id()?,
             account_id: r.account()?,
@@ -242,18 +287,28 @@ pub fn decode(bytes: &[u8]) -> Result<(Command, i64), CodecError> {
             })
         }
     };
-    if r.at != bytes.len() {
-        return Err(CodecError::Invalid {
-            field: "trailing bytes",
-            at: r.at,
-        });
-    }
+    r.end()?;
     Ok((command, timestamp_ms))
 }
 
 struct Writer<'a>(&'a mut Vec<u8>);
 
 impl Writer<'_> {
+    fn reserve(&mut self, c: &Reserve) {
+        self.id(&c.request_id);
+        self.account(c.account_id);
+        self.id(&c.order_id);
+        self.u8(c.kind as u8);
+        self.asset(&c.asset);
+        self.dec(c.amount);
+        match c.expires_at_ms {
+            Some(at) => {
+                self.u8(1);
+                self.i64(at);
+            }
+            None => self.u8(0),
+        }
+    }
     fn u8(&mut self, v: u8) {
         self.0.push(v);
     }
@@ -296,6 +351,32 @@ struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    fn reserve(&mut self) -> Result<Reserve, CodecError> {
+        Ok(Reserve {
+            request_id: self.id()?,
+            account_id: self.account()?,
+            order_id: self.id()?,
+            kind: self.enumerated("kind", ReservationKind::from_u8)?,
+            asset: self.asset()?,
+            amount: self.dec()?,
+            expires_at_ms: if self.flag()? {
+                Some(self.i64()?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn end(&self) -> Result<(), CodecError> {
+        if self.at != self.bytes.len() {
+            return Err(CodecError::Invalid {
+                field: "trailing bytes",
+                at: self.at,
+            });
+        }
+        Ok(())
+    }
+
     fn take(&mut self, n: usize) -> Result<&'a [u8], CodecError> {
         let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
         let end = end.ok_or(CodecError::Truncated(self.at))?;
@@ -504,5 +585,77 @@ mod tests {
             longer.push(0);
             assert!(decode(&longer).is_err());
         }
+    }
+
+    fn basket(n: usize, id_len: usize) -> Vec<Reserve> {
+        (0..n)
+            .map(|i| {
+                let long = |prefix: &str| {
+                    let s = format!("{prefix}{i}");
+                    Id::new(&format!("{s}{}", "x".repeat(id_len - s.len()))).unwrap()
+                };
+                Reserve {
+                    request_id: long("r"),
+                    account_id: AccountId(i as i64 + 1),
+                    order_id: long("o"),
+                    kind: ReservationKind::Security,
+                    asset: Asset::symbol("ABCDEFGH.JKL").unwrap(),
+                    amount: Decimal::from_str("123456789012345678.12345678").unwrap(),
+                    expires_at_ms: (i % 2 == 0).then_some(i64::MAX),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_basket_round_trips_and_its_largest_fits_the_bound() {
+        let mut buf = Vec::new();
+        let items = basket(BASKET_ITEMS_MAX, 64);
+        encode_basket(&items, 77, &mut buf);
+        assert!(
+            buf.len() <= RECORD_LEN_MAX,
+            "{} > {RECORD_LEN_MAX}",
+            buf.len()
+        );
+        assert!(
+            buf.len() > RECORD_LEN_MAX - BASKET_ITEMS_MAX * 10,
+            "the bound is tight"
+        );
+        assert_eq!(decode_record(&buf).unwrap(), (Record::Basket(items), 77));
+        // A basket is not a command: `decode` refuses it by its tag.
+        assert_eq!(
+            decode(&buf),
+            Err(CodecError::Invalid {
+                field: "tag",
+                at: 1
+            })
+        );
+        // Every command decodes as a record too.
+        for c in samples() {
+            encode(&c, 5, &mut buf);
+            assert_eq!(decode_record(&buf).unwrap(), (Record::Command(c), 5));
+        }
+    }
+
+    #[test]
+    fn a_damaged_basket_is_an_error_not_a_panic() {
+        let mut buf = Vec::new();
+        encode_basket(&basket(3, 8), 1, &mut buf);
+        for cut in 0..buf.len() {
+            assert!(decode_record(&buf[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut longer = buf.clone();
+        longer.push(0);
+        assert!(decode_record(&longer).is_err());
+        let mut empty = buf.clone();
+        empty[10] = 0;
+        empty[11] = 0;
+        assert_eq!(
+            decode_record(&empty),
+            Err(CodecError::Invalid {
+                field: "basket size",
+                at: 10
+            })
+        );
     }
 }

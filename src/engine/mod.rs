@@ -60,8 +60,8 @@ pub struct EngineConfig {
 impl EngineConfig {
     pub fn new(data_dir: impl Into<std::path::PathBuf>) -> EngineConfig {
         let mut wal = wal::WalOptions::new(data_dir.into().join("wal"));
-        // A journal record is one encoded command.
-        wal.record_size_max = codec::ENCODED_LEN_MAX as u32;
+        // A journal record is one encoded command, or an all-or-nothing basket.
+        wal.record_size_max = codec::RECORD_LEN_MAX as u32;
         EngineConfig {
             wal,
             durability: Durability::Sync,
@@ -98,6 +98,13 @@ pub enum Query {
 #[derive(Debug)]
 pub enum RequestKind {
     Command(Command, Want),
+    /// Many commands in one queue entry (one wake-up, one sync): each is
+    /// journaled, applied and answered exactly as if sent alone, in order.
+    Batch(Vec<Command>, Want),
+    /// An all-or-nothing basket of 1..=[`codec::BASKET_ITEMS_MAX`] Reserves:
+    /// one journal record, so either all are applied or none (see
+    /// [`crate::state_machine::State::apply_basket`]).
+    Basket(Vec<crate::domain::Reserve>),
     Query(Query),
 }
 
@@ -117,12 +124,20 @@ pub struct CommandReply {
     pub state_sequence: u64,
 }
 
+// A reply moves once, through its oneshot: no allocation per command beats a
+// smaller enum.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum Reply {
-    Command(Box<CommandReply>),
+    Command(CommandReply),
+    /// One per command of a `Batch` or item of a `Basket`, in order.
+    Batch(Vec<CommandReply>),
     Account(Option<(Box<Account>, u64)>),
     Reservation(Option<Reservation>),
-    Digest { sequence: u64, digest: u64 },
+    Digest {
+        sequence: u64,
+        digest: u64,
+    },
     Offsets(Vec<(crate::domain::Topic, i32, i64)>),
 }
 

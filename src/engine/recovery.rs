@@ -1,7 +1,8 @@
 //! Start-up: rebuild the state by replaying the journal through the same pure
 //! `apply` the live path uses.
 
-use super::{codec, EngineError};
+use super::codec::{self, Record};
+use super::EngineError;
 use crate::egress::Collector;
 use crate::state_machine::{NoEvents, State};
 use wal::Wal;
@@ -46,16 +47,25 @@ pub fn replay_with_outbox(
             });
         }
     }
+    let mut outcomes = Vec::new();
     let records = wal.replay(from, |sequence, payload| {
-        let (command, timestamp_ms) =
-            codec::decode(payload).map_err(|source| EngineError::Decode { sequence, source })?;
-        match outbox.as_deref_mut() {
-            Some(outbox) if sequence > watermark => {
+        let (record, timestamp_ms) = codec::decode_record(payload)
+            .map_err(|source| EngineError::Decode { sequence, source })?;
+        let outbox = outbox.as_deref_mut().filter(|_| sequence > watermark);
+        match (record, outbox) {
+            (Record::Command(command), Some(outbox)) => {
                 outbox.apply(state, &command, sequence, timestamp_ms);
                 outbox.hand_off_if_full(sequence);
             }
-            _ => {
+            (Record::Command(command), None) => {
                 state.apply(&command, sequence, timestamp_ms, &mut NoEvents);
+            }
+            (Record::Basket(items), Some(outbox)) => {
+                outbox.apply_basket(state, &items, sequence, timestamp_ms, &mut outcomes);
+                outbox.hand_off_if_full(sequence);
+            }
+            (Record::Basket(items), None) => {
+                state.apply_basket(&items, sequence, timestamp_ms, &mut NoEvents, &mut outcomes);
             }
         }
         Ok::<(), EngineError>(())

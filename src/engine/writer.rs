@@ -49,6 +49,8 @@ pub struct Writer {
     wal: Wal,
     /// Reused encoding buffer: no allocation per command.
     record: Vec<u8>,
+    /// Reused outcomes of a basket's items.
+    basket_outcomes: Vec<Outcome>,
     batch: Vec<Request>,
     held: Vec<(oneshot::Sender<Reply>, Reply)>,
     last_tick_ms: i64,
@@ -97,6 +99,7 @@ impl Writer {
             stop,
             wal,
             record: Vec::with_capacity(codec::ENCODED_LEN_MAX),
+            basket_outcomes: Vec::new(),
             batch: Vec::with_capacity(batch_size_max),
             held: Vec::with_capacity(batch_size_max),
             last_tick_ms: 0,
@@ -342,8 +345,17 @@ impl Writer {
             let reply = match request.kind {
                 RequestKind::Command(command, want) => {
                     let outcome = self.execute(&command, now)?;
-                    self.command_reply(&command, outcome, want)
+                    Reply::Command(self.command_reply(&command, outcome, want))
                 }
+                RequestKind::Batch(commands, want) => {
+                    let mut replies = Vec::with_capacity(commands.len());
+                    for command in &commands {
+                        let outcome = self.execute(command, now)?;
+                        replies.push(self.command_reply(command, outcome, want));
+                    }
+                    Reply::Batch(replies)
+                }
+                RequestKind::Basket(items) => Reply::Batch(self.execute_basket(&items, now)?),
                 RequestKind::Query(query) => self.query(query),
             };
             self.held.push((request.reply, reply));
@@ -439,6 +451,45 @@ impl Writer {
         Ok(outcome)
     }
 
+    /// Journals then applies an all-or-nothing basket: one record, one
+    /// sequence; one reply per item, in order.
+    fn execute_basket(
+        &mut self,
+        items: &[crate::domain::Reserve],
+        now: i64,
+    ) -> Result<Vec<CommandReply>, EngineError> {
+        let sequence = self.state.last_sequence() + 1;
+        let timestamp_ms = now.max(self.state.last_timestamp_ms());
+        codec::encode_basket(items, timestamp_ms, &mut self.record);
+        self.wal.append(sequence, &self.record)?;
+        self.unsynced = true;
+        let mut outcomes = std::mem::take(&mut self.basket_outcomes);
+        match &mut self.outbox {
+            Some(outbox) => outbox.apply_basket(
+                &mut self.state,
+                items,
+                sequence,
+                timestamp_ms,
+                &mut outcomes,
+            ),
+            None => {
+                self.state
+                    .apply_basket(items, sequence, timestamp_ms, &mut NoEvents, &mut outcomes)
+            }
+        }
+        debug_assert_eq!(self.state.last_sequence(), sequence);
+        self.metrics.engine_commands_total.inc();
+        let replies = items
+            .iter()
+            .zip(outcomes.drain(..))
+            .map(|(c, outcome)| {
+                self.command_reply(&Command::Reserve(*c), outcome, Want::Reservation)
+            })
+            .collect();
+        self.basket_outcomes = outcomes;
+        Ok(replies)
+    }
+
     /// Journals a tick when the state has a deadline that has passed.
     fn maybe_tick(&mut self, now: i64) -> Result<(), EngineError> {
         let due = self.state.next_deadline_ms().is_some_and(|at| at <= now);
@@ -474,7 +525,7 @@ impl Writer {
         }
     }
 
-    fn command_reply(&self, command: &Command, outcome: Outcome, want: Want) -> Reply {
+    fn command_reply(&self, command: &Command, outcome: Outcome, want: Want) -> CommandReply {
         let account_id = command.account_id();
         let reservation = match (want, command) {
             (Want::Reservation, Command::Reserve(c)) => {
@@ -489,12 +540,12 @@ impl Writer {
             (Want::Account, Some(id)) => self.state.account(id).cloned(),
             _ => None,
         };
-        Reply::Command(Box::new(CommandReply {
+        CommandReply {
             outcome,
             reservation: reservation.copied(),
             account,
             state_sequence: self.state.last_sequence(),
-        }))
+        }
     }
 
     fn query(&self, query: Query) -> Reply {

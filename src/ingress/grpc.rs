@@ -3,10 +3,13 @@
 //! queue is full, UNAVAILABLE while replaying) and converts the durable reply.
 //! Business outcomes travel in `result`, never as gRPC errors.
 
+// Handlers answer `tonic::Status` by value: that is tonic's API.
+#![allow(clippy::result_large_err)]
+
 use super::auth::{Access, Auth};
 use super::limits::Limits;
-use super::{convert, validate};
-use crate::domain::{amount::format, Command};
+use super::{batch, convert, validate};
+use crate::domain::Command;
 use crate::engine::{now_ms, EngineHandle, Query, Reply, RequestKind, SubmitError, Want};
 use crate::metrics::Metrics;
 use crate::proto::account::v1 as pb;
@@ -16,7 +19,7 @@ use crate::proto::events;
 use std::sync::Arc;
 use std::time::Instant;
 use tonic::metadata::MetadataMap;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 /// Implements both `account.v1.AccountService` and `account.v1.AdminService`.
 #[derive(Clone)]
@@ -65,6 +68,25 @@ impl Service {
         F: std::future::Future<Output = Result<(T, &'static str), Status>>,
     {
         let started = Instant::now();
+        let caller = self.admit(rpc, access, metadata, started)?;
+        let result = handle.await;
+        let outcome = match &result {
+            Ok((_, outcome)) => outcome,
+            Err(status) => code_name(status.code()),
+        };
+        self.metrics.observe_rpc(rpc, caller, outcome, started);
+        result.map(|(reply, _)| Response::new(reply))
+    }
+
+    /// Authorizes the caller for `access`, then its rate limit; a refusal is
+    /// counted under the RPC and journals nothing.
+    fn admit(
+        &self,
+        rpc: &'static str,
+        access: Access,
+        metadata: &MetadataMap,
+        started: Instant,
+    ) -> Result<&'static str, Status> {
         let caller = match self.auth.authorize(metadata, rpc, access) {
             Ok(caller) => caller,
             Err(denied) => {
@@ -86,20 +108,60 @@ impl Service {
                 .observe_rpc(rpc, caller, "RATE_LIMITED", started);
             return Err(status);
         }
-        let result = handle.await;
-        let outcome = match &result {
-            Ok((_, outcome)) => outcome,
-            Err(status) => code_name(status.code()),
+        Ok(caller)
+    }
+
+    /// A batch call (not all-or-nothing) of Reserves or Unreserves.
+    async fn batch<T: batch::Item>(&self, items: Vec<T>) -> Result<Vec<T::Reply>, Status> {
+        batch::check_size(items.len(), batch::BATCH_ITEMS_MAX)?;
+        let answered = batch::submit_batch(
+            &self.engine,
+            items,
+            now_ms(),
+            self.idempotency_window_ms,
+            Want::Reservation,
+            batch::Naming::Batch,
+        )
+        .map_err(|(e, _)| submit_status(e))?;
+        answered.await.map_err(submit_status)
+    }
+
+    /// Opens a stream of Reserves or Unreserves: authorized once, rate limited
+    /// per chunk of items read, served by [`batch::serve_stream`].
+    fn stream<T: batch::Item>(
+        &self,
+        rpc: &'static str,
+        request: Request<Streaming<T>>,
+    ) -> Result<Response<ReplyStream<T::Reply>>, Status> {
+        let started = Instant::now();
+        let caller = self.admit(rpc, Access::Order, request.metadata(), started)?;
+        self.metrics.observe_rpc(rpc, caller, "OPENED", started);
+        let (replies, stream) = batch::reply_channel();
+        let limits = self.limits.clone();
+        let admit = move |_items: usize| {
+            limits.admit(caller).map_err(|retry_after_ms| {
+                format!(
+                    "caller {caller} is over its rate limit: not applied; \
+                     resend in {retry_after_ms} ms with the same request_id"
+                )
+            })
         };
-        self.metrics.observe_rpc(rpc, caller, outcome, started);
-        result.map(|(reply, _)| Response::new(reply))
+        tokio::spawn(batch::serve_stream(
+            self.engine.clone(),
+            request.into_inner(),
+            replies,
+            self.idempotency_window_ms,
+            Want::Reservation,
+            admit,
+        ));
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn command(
         &self,
         command: Command,
         want: Want,
-    ) -> Result<Box<crate::engine::CommandReply>, Status> {
+    ) -> Result<crate::engine::CommandReply, Status> {
         match self.engine.call(RequestKind::Command(command, want)).await {
             Ok(Reply::Command(reply)) => Ok(reply),
             Ok(_) => Err(Status::internal(
@@ -164,18 +226,10 @@ impl AccountService for Service {
             let reply = self
                 .command(Command::Reserve(command), Want::Reservation)
                 .await?;
-            let o = reply.outcome;
+            let request_id = &request.get_ref().request_id;
             Ok((
-                pb::ReserveReply {
-                    result: convert::result(o.result) as i32,
-                    replayed: o.replayed,
-                    sequence: o.sequence,
-                    reservation: reply.reservation.as_ref().map(convert::reservation),
-                    available: format(o.available),
-                    reserved: format(o.reserved),
-                    message: convert::message(&o),
-                },
-                o.result.name(),
+                batch::reserve_reply(request_id, &reply),
+                reply.outcome.result.name(),
             ))
         })
         .await
@@ -190,19 +244,10 @@ impl AccountService for Service {
             let reply = self
                 .command(Command::Unreserve(command), Want::Reservation)
                 .await?;
-            let o = reply.outcome;
+            let request_id = &request.get_ref().request_id;
             Ok((
-                pb::UnreserveReply {
-                    result: convert::result(o.result) as i32,
-                    replayed: o.replayed,
-                    sequence: o.sequence,
-                    released: format(o.released),
-                    reservation: reply.reservation.as_ref().map(convert::reservation),
-                    available: format(o.available),
-                    reserved: format(o.reserved),
-                    message: convert::message(&o),
-                },
-                o.result.name(),
+                batch::unreserve_reply(request_id, &reply),
+                reply.outcome.result.name(),
             ))
         })
         .await
@@ -255,7 +300,66 @@ impl AccountService for Service {
         })
         .await
     }
+
+    async fn reserve_batch(
+        &self,
+        request: Request<pb::ReserveBatchRequest>,
+    ) -> Result<Response<pb::ReserveBatchReply>, Status> {
+        let metadata = request.metadata().clone();
+        let request = request.into_inner();
+        self.observe("ReserveBatch", Access::Order, &metadata, async {
+            let replies = if request.all_or_nothing {
+                batch::check_size(request.requests.len(), batch::BASKET_ITEMS_MAX)?;
+                batch::basket(
+                    &self.engine,
+                    request.requests,
+                    now_ms(),
+                    self.idempotency_window_ms,
+                )
+                .await?
+            } else {
+                self.batch(request.requests).await?
+            };
+            Ok((pb::ReserveBatchReply { replies }, "OK"))
+        })
+        .await
+    }
+
+    async fn unreserve_batch(
+        &self,
+        request: Request<pb::UnreserveBatchRequest>,
+    ) -> Result<Response<pb::UnreserveBatchReply>, Status> {
+        let metadata = request.metadata().clone();
+        let request = request.into_inner();
+        self.observe("UnreserveBatch", Access::Order, &metadata, async {
+            let replies = self.batch(request.requests).await?;
+            Ok((pb::UnreserveBatchReply { replies }, "OK"))
+        })
+        .await
+    }
+
+    type ReserveStreamStream = ReplyStream<pb::ReserveReply>;
+
+    async fn reserve_stream(
+        &self,
+        request: Request<Streaming<pb::ReserveRequest>>,
+    ) -> Result<Response<Self::ReserveStreamStream>, Status> {
+        self.stream("ReserveStream", request)
+    }
+
+    type UnreserveStreamStream = ReplyStream<pb::UnreserveReply>;
+
+    async fn unreserve_stream(
+        &self,
+        request: Request<Streaming<pb::UnreserveRequest>>,
+    ) -> Result<Response<Self::UnreserveStreamStream>, Status> {
+        self.stream("UnreserveStream", request)
+    }
 }
+
+/// The reply half of a stream RPC.
+pub type ReplyStream<R> =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<R, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl AdminService for Service {

@@ -3,6 +3,7 @@
 //! ingress and egress both.
 
 pub mod auth;
+pub mod batch;
 pub mod grpc;
 pub mod kafka;
 pub mod limits;

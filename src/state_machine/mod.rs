@@ -153,14 +153,7 @@ impl State {
         timestamp_ms: i64,
         events: &mut S,
     ) -> Outcome {
-        assert_eq!(sequence, self.last_sequence + 1, "sequences are contiguous");
-        debug_assert!(
-            timestamp_ms >= self.last_timestamp_ms,
-            "journaled time never decreases"
-        );
-        self.last_sequence = sequence;
-        self.last_timestamp_ms = timestamp_ms.max(self.last_timestamp_ms);
-        let now = self.last_timestamp_ms;
+        let now = self.advance(sequence, timestamp_ms);
 
         if let Some(source) = command.source() {
             let last = self
@@ -190,6 +183,146 @@ impl State {
             self.tick(now, sequence, events);
             return Outcome::new(ResultCode::Ok, sequence);
         };
+        self.apply_keyed(command, key, sequence, now, events)
+    }
+
+    /// Moves to `sequence` at journaled time `timestamp_ms`; returns the time
+    /// the command is judged at.
+    fn advance(&mut self, sequence: u64, timestamp_ms: i64) -> i64 {
+        assert_eq!(sequence, self.last_sequence + 1, "sequences are contiguous");
+        debug_assert!(
+            timestamp_ms >= self.last_timestamp_ms,
+            "journaled time never decreases"
+        );
+        self.last_sequence = sequence;
+        self.last_timestamp_ms = timestamp_ms.max(self.last_timestamp_ms);
+        self.last_timestamp_ms
+    }
+
+    /// Applies one journaled all-or-nothing basket of Reserves (one sequence,
+    /// one record): either every item is applied or none is. `out` receives
+    /// one outcome per item, in order:
+    ///
+    /// - every item would succeed: each is applied exactly as a Reserve sent
+    ///   alone (an item whose key was already applied replays its outcome);
+    /// - otherwise nothing moves: a failing item carries its own result, the
+    ///   others `LinkedRequestFailed`, and every new key keeps that outcome,
+    ///   so a retry of the basket replays the same replies.
+    ///
+    /// Items are judged in order against the state plus the earlier items'
+    /// effects, with the same rules as [`Command::Reserve`]; a key that
+    /// appears twice in one basket is an `IdempotencyConflict` (the edge
+    /// refuses such a basket before it is journaled).
+    pub fn apply_basket<S: EventSink>(
+        &mut self,
+        items: &[Reserve],
+        sequence: u64,
+        timestamp_ms: i64,
+        events: &mut S,
+        out: &mut Vec<Outcome>,
+    ) {
+        let now = self.advance(sequence, timestamp_ms);
+        out.clear();
+        let mut trial = Trial::default();
+        let mut failed = false;
+        for c in items {
+            let outcome = self.judge_reserve(c, sequence, now, &mut trial);
+            failed |= !outcome.result.is_ok();
+            out.push(outcome);
+        }
+        for (c, outcome) in items.iter().zip(out.iter_mut()) {
+            events.cause(c.request_id);
+            let command = Command::Reserve(*c);
+            let key = command.key().expect("a Reserve has a key");
+            if outcome.replayed || outcome.result == ResultCode::IdempotencyConflict {
+                // The key keeps the entry it has.
+                continue;
+            }
+            if !failed {
+                let applied = self.apply_keyed(&command, key, sequence, now, events);
+                debug_assert_eq!(applied, *outcome, "judged as applied");
+                *outcome = applied;
+                continue;
+            }
+            if outcome.result.is_ok() {
+                outcome.result = ResultCode::LinkedRequestFailed;
+            }
+            // Nothing moved: the balances after are the state's.
+            if let (Some(asset), Some(account)) = (outcome.asset, self.accounts.get(&c.account_id))
+            {
+                let (available, reserved) = balance_of(account, c.kind, asset);
+                *outcome = outcome.with_balance(asset, available, reserved);
+            }
+            self.idempotency.insert(
+                key,
+                IdempotencyEntry {
+                    fingerprint: command.fingerprint(),
+                    outcome: *outcome,
+                    recorded_at_ms: now,
+                },
+            );
+            self.mark(
+                Some(c.account_id),
+                Some(ReservationKey {
+                    account_id: c.account_id,
+                    order_id: c.order_id,
+                }),
+            );
+        }
+    }
+
+    /// What a Reserve of a basket would do, given the earlier items' effects
+    /// in `trial` (updated when it would succeed). Reads the state only.
+    fn judge_reserve(&self, c: &Reserve, seq: u64, now: i64, trial: &mut Trial) -> Outcome {
+        let command = Command::Reserve(*c);
+        let key = command.key().expect("a Reserve has a key");
+        if !trial.keys.insert(key.id) {
+            return Outcome::new(ResultCode::IdempotencyConflict, seq);
+        }
+        if let Some(entry) = self.idempotency.get(&key) {
+            if entry.fingerprint == command.fingerprint() {
+                return Outcome {
+                    replayed: true,
+                    ..entry.outcome
+                };
+            }
+            return Outcome::new(ResultCode::IdempotencyConflict, seq);
+        }
+        let account = self.accounts.get(&c.account_id);
+        let asset = (c.account_id, c.kind, c.asset);
+        let balance = match (trial.balances.get(&asset), account) {
+            (Some(&balance), _) => balance,
+            (None, Some(account)) => balance_of(account, c.kind, c.asset),
+            (None, None) => (Decimal::ZERO, Decimal::ZERO),
+        };
+        let order = ReservationKey {
+            account_id: c.account_id,
+            order_id: c.order_id,
+        };
+        let taken = self.reservations.contains_key(&order) || trial.orders.contains(&order);
+        match reserve_rules(c, now, account, balance, taken) {
+            Err(code) if account.is_none() || code == ResultCode::ExpiryPassed => {
+                Outcome::new(code, seq)
+            }
+            Err(code) => Outcome::new(code, seq).with_balance(c.asset, balance.0, balance.1),
+            Ok(after) => {
+                trial.balances.insert(asset, after);
+                trial.orders.insert(order);
+                Outcome::new(ResultCode::Ok, seq).with_balance(c.asset, after.0, after.1)
+            }
+        }
+    }
+
+    /// A keyed command after its sequence and offset checks: the idempotency
+    /// table, then the command's own rules.
+    fn apply_keyed<S: EventSink>(
+        &mut self,
+        command: &Command,
+        key: IdempotencyKey,
+        sequence: u64,
+        now: i64,
+        events: &mut S,
+    ) -> Outcome {
         let fingerprint = command.fingerprint();
         if let Some(entry) = self.idempotency.get(&key) {
             if entry.fingerprint == fingerprint {
@@ -293,41 +426,29 @@ impl State {
         events: &mut S,
     ) -> Outcome {
         debug_assert!(c.amount > Decimal::ZERO);
-        // Judged at the journaled time, not at the edge: a retry of an
-        // acknowledged Reserve replays even once its expiry has passed.
-        if c.expires_at_ms.is_some_and(|at| at <= now) {
-            return Outcome::new(ResultCode::ExpiryPassed, seq);
-        }
-        let Some(account) = self.accounts.get_mut(&c.account_id) else {
-            return Outcome::new(ResultCode::AccountNotFound, seq);
-        };
-        let (available, reserved) = balance_of(account, c.kind, c.asset);
-        let reject = |result| Outcome::new(result, seq).with_balance(c.asset, available, reserved);
-        if account.status != AccountStatus::Active {
-            return reject(ResultCode::AccountNotActive);
-        }
         let key = ReservationKey {
             account_id: c.account_id,
             order_id: c.order_id,
         };
-        // One probe: the vacant slot is filled below.
-        let slot = match self.reservations.entry(key) {
-            Entry::Occupied(_) => return reject(ResultCode::OrderAlreadyReserved),
-            Entry::Vacant(slot) => slot,
-        };
-        if available < c.amount {
-            return reject(match c.kind {
-                ReservationKind::Cash => ResultCode::InsufficientFunds,
-                ReservationKind::Security => ResultCode::InsufficientPosition,
+        let account = self.accounts.get_mut(&c.account_id);
+        let balance = account
+            .as_deref()
+            .map_or((Decimal::ZERO, Decimal::ZERO), |a| {
+                balance_of(a, c.kind, c.asset)
             });
-        }
-        // Cash moves within one balance (its total stays in range), shares
-        // lock at most the quantity: checked all the same.
-        let after =
-            amount::checked_sub(available, c.amount).zip(amount::checked_add(reserved, c.amount));
-        let Some((available_after, reserved_after)) = after else {
-            return reject(ResultCode::AmountOverflow);
+        // One probe: the vacant slot is filled below.
+        let slot = self.reservations.entry(key);
+        let taken = matches!(slot, Entry::Occupied(_));
+        let after = reserve_rules(c, now, account.as_deref(), balance, taken);
+        let (account, slot) = match (after, account, slot) {
+            (Ok(_), Some(account), Entry::Vacant(slot)) => (account, slot),
+            (Err(code), Some(_), _) if code != ResultCode::ExpiryPassed => {
+                return Outcome::new(code, seq).with_balance(c.asset, balance.0, balance.1)
+            }
+            (Err(code), _, _) => return Outcome::new(code, seq),
+            (Ok(_), _, _) => unreachable!("the rules need the account and a free order"),
         };
+        let (available_after, reserved_after) = after.expect("matched Ok");
         set_balance(account, c.kind, c.asset, available_after, reserved_after);
         let (available, reserved) = balance_of(account, c.kind, c.asset);
         debug_assert!(available >= Decimal::ZERO || account.overdrawn);
@@ -618,6 +739,52 @@ impl State {
             }
         }
     }
+}
+
+/// The rules of a new Reserve, judged on what it would apply to: its account,
+/// `balance` = (available, reserved) of its asset, `taken` = its order already
+/// has a reservation. The balances after, or why not. Reads only.
+fn reserve_rules(
+    c: &Reserve,
+    now: i64,
+    account: Option<&Account>,
+    (available, reserved): (Decimal, Decimal),
+    taken: bool,
+) -> Result<(Decimal, Decimal), ResultCode> {
+    // Judged at the journaled time, not at the edge: a retry of an
+    // acknowledged Reserve replays even once its expiry has passed.
+    if c.expires_at_ms.is_some_and(|at| at <= now) {
+        return Err(ResultCode::ExpiryPassed);
+    }
+    let Some(account) = account else {
+        return Err(ResultCode::AccountNotFound);
+    };
+    if account.status != AccountStatus::Active {
+        return Err(ResultCode::AccountNotActive);
+    }
+    if taken {
+        return Err(ResultCode::OrderAlreadyReserved);
+    }
+    if available < c.amount {
+        return Err(match c.kind {
+            ReservationKind::Cash => ResultCode::InsufficientFunds,
+            ReservationKind::Security => ResultCode::InsufficientPosition,
+        });
+    }
+    // Cash moves within one balance (its total stays in range), shares
+    // lock at most the quantity: checked all the same.
+    amount::checked_sub(available, c.amount)
+        .zip(amount::checked_add(reserved, c.amount))
+        .ok_or(ResultCode::AmountOverflow)
+}
+
+/// The effects of a basket's earlier items, while judging the next.
+#[derive(Default)]
+struct Trial {
+    /// (available, reserved) after the earlier items, per (account, kind, asset).
+    balances: FxHashMap<(AccountId, ReservationKind, crate::domain::Asset), (Decimal, Decimal)>,
+    orders: rustc_hash::FxHashSet<ReservationKey>,
+    keys: rustc_hash::FxHashSet<Id>,
 }
 
 /// (available, reserved) of a cash currency or (free, reserved) shares of a symbol.

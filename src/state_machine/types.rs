@@ -359,6 +359,10 @@ pub struct Event {
 /// when events are published, and [`NoEvents`] when nobody listens.
 pub trait EventSink {
     fn push(&mut self, event: Event);
+
+    /// The events that follow belong to the item keyed `request_id` (the
+    /// items of an all-or-nothing basket share one journal record).
+    fn cause(&mut self, _request_id: Id) {}
 }
 
 impl EventSink for Vec<Event> {
