@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Plots p99 latency against offered rate from loadtest/results/*.json (written by
-loadtest/run-benchmarks.sh): the service (durable Reserve, `max` steps), the echo
-server (the unary gRPC ceiling) and the seed's design (pgbench peer). Writes an SVG
+loadtest/run-benchmarks.sh): the service (durable Reserve unary, in batches of
+100 and on streams: `max` steps, items/s), the echo server (the gRPC ceiling of
+each) and the seed's design (pgbench peer). Writes an SVG
 with no dependencies beyond the standard library.
 
     python3 loadtest/plot.py [RESULTS_DIR] [OUT.svg]
@@ -22,7 +23,11 @@ def load(name):
 
 series = []
 for name, label, colour in [("reserve-sync-max", "account-service, durable Reserve", "#1f77b4"),
-                            ("echo-max", "echo server (gRPC ceiling)", "#2ca02c")]:
+                            ("echo-max", "echo server (gRPC ceiling)", "#2ca02c"),
+                            ("batch-max", "account-service, ReserveBatch of 100", "#ff7f0e"),
+                            ("stream-max", "account-service, ReserveStream", "#8c564b"),
+                            ("echo-batch-max", "echo server, ReserveBatch of 100", "#bcbd22"),
+                            ("echo-stream-max", "echo server, ReserveStream", "#17becf")]:
     d = load(name)
     if d:
         series.append((label, colour, [(s["rate"], s["p99_us"]) for s in d["steps"]]))
@@ -56,7 +61,7 @@ for e in range(y_lo, y_hi + 1):
     label = f"{10**e} µs" if e < 3 else f"{10**(e-3)} ms" if e < 6 else f"{10**(e-6)} s"
     svg.append(f'<line x1="{L}" x2="{W-R}" y1="{y}" y2="{y}" stroke="#ddd"/>')
     svg.append(f'<text x="{L-6}" y="{y+4}" text-anchor="end">{label}</text>')
-step = 5000 if x_max > 20000 else 2000
+step = max(1000, 10 ** int(math.log10(x_max)) // 2)
 for x in range(0, int(x_max) + 1, step):
     svg.append(f'<line x1="{px(x)}" x2="{px(x)}" y1="{T}" y2="{H-B}" stroke="#eee"/>')
     svg.append(f'<text x="{px(x)}" y="{H-B+16}" text-anchor="middle">{x:,}</text>')

@@ -2,7 +2,8 @@
 # Runs the design-section-6 gRPC measurements side by side in one run and
 # writes one JSON line per measurement to loadtest/results/<name>.json:
 # disk fdatasync latency, the echo-server ceiling, the service (sync and async
-# durability) at fixed rates and at its maximum, and the seed's design as a peer.
+# durability) at fixed rates and at its maximum, ReserveBatch and ReserveStream
+# at their maximum (and the echo server's), and the seed's design as a peer.
 #   loadtest/run-benchmarks.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,19 +26,33 @@ $lt sync-probe --dir "$data" --count 2000 --json-out $out/sync-probe.json
 p=$(port); $lt echo-server --listen 127.0.0.1:$p 2>/dev/null & pids+=($!); wait_port $p
 $lt max --addr http://127.0.0.1:$p --start-rate 2000 --step 1.25 --step-duration 5 --p99-limit-ms 20 \
     --accounts 1000 --json-out $out/echo-max.json 2>/dev/null
+# The same ceiling for the batch and stream RPCs (it answers them at once too).
+$lt max --addr http://127.0.0.1:$p --via batch --batch-size 100 --start-rate 100 --step 1.25 --step-duration 5 \
+    --p99-limit-ms 10 --unreserve-share 0 --accounts 1000 --json-out $out/echo-batch-max.json 2>/dev/null
+$lt max --addr http://127.0.0.1:$p --via stream --streams 4 --window 1024 --start-rate 10000 --step 1.25 --step-duration 5 \
+    --p99-limit-ms 10 --unreserve-share 0 --accounts 1000 --json-out $out/echo-stream-max.json 2>/dev/null
 kill "${pids[-1]}"
 
 run_service() { # name durability then loadtest args
     local name=$1 durability=$2; shift 2
     local g=$(port) m=$(port) dir=$(mktemp -d -p "$data")
-    $svc serve --data-dir "$dir" --grpc-addr 127.0.0.1:$g --metrics-addr 127.0.0.1:$m --durability "$durability" 2>/dev/null & pids+=($!)
-    wait_port $g; sleep 0.5
+    # Tables sized for the run's orders (3 M, about 3 GiB): no resize stalls inside it.
+    $svc serve --data-dir "$dir" --grpc-addr 127.0.0.1:$g --metrics-addr 127.0.0.1:$m --durability "$durability" \
+        --capacity-orders 3000000 2>/dev/null & pids+=($!)
+    wait_port $m
+    for _ in $(seq 600); do curl -s 127.0.0.1:$m/metrics | grep -qx 'account_ready 1' && break; sleep 0.1; done
     $lt "$@" --addr http://127.0.0.1:$g --accounts 1000 --json-out $out/$name.json 2>/dev/null
     kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
 }
 run_service reserve-sync-1k sync reserve --rate 1000 --duration "$secs"
 run_service reserve-async-10k async reserve --rate 10000 --duration "$secs"
 run_service reserve-sync-max sync max --start-rate 2000 --step 1.25 --step-duration 5 --p99-limit-ms 20
+# The high-rate path (design 4.1): Reserves only, as the seed peer does.
+run_service batch-100x1k sync batch --rate 1000 --batch-size 100 --duration "$secs" --unreserve-share 0
+run_service batch-max sync max --via batch --batch-size 100 --start-rate 100 --step 1.25 --step-duration 5 \
+    --p99-limit-ms 10 --unreserve-share 0
+run_service stream-max sync max --via stream --streams 4 --window 1024 --start-rate 10000 --step 1.25 --step-duration 5 \
+    --p99-limit-ms 10 --unreserve-share 0
 # The seed's design (PostgreSQL transaction per Reserve), same rates.
 loadtest/peers/seed-pg/run.sh --rate 1000 --duration "$secs" > $out/seed-pg-1k.json
 loadtest/peers/seed-pg/run.sh --rate 5000 --duration "$secs" --clients 16 > $out/seed-pg-5k.json

@@ -220,8 +220,9 @@ async fn main() -> anyhow::Result<()> {
                 let p99_ms = s["latency_us"]["p99"].as_u64().unwrap_or(0) as f64 / 1000.0;
                 let throughput = s["throughput"].as_f64().unwrap_or(0.0);
                 eprintln!("step rate={rate:.0} throughput={throughput:.0} p99_ms={p99_ms:.2} errors={error_share:.4}");
-                steps.push(json!({"rate": rate, "throughput": throughput, "p99_us": s["latency_us"]["p99"], "errors": s["errors"]}));
+                // Items/s offered (calls/s times the batch size for batches).
                 let offered = s["target_rate"].as_f64().unwrap_or(rate);
+                steps.push(json!({"rate": offered, "calls_rate": rate, "throughput": throughput, "p99_us": s["latency_us"]["p99"], "errors": s["errors"]}));
                 if p99_ms > p99_limit_ms || error_share > 0.01 || throughput < 0.95 * offered {
                     break;
                 }

@@ -50,6 +50,8 @@ pub struct EngineConfig {
     pub state: StateConfig,
     /// Pin the writer thread to the last core, where the OS allows it.
     pub pin_core: bool,
+    /// Orders the state's tables get room for before serving (no resize below).
+    pub capacity_orders: usize,
     /// Where derived account events and dead letters go once durable (Kafka
     /// outbox); `None`: nobody listens and `apply` discards them.
     pub outbox: Option<crate::egress::OutboxSink>,
@@ -69,6 +71,7 @@ impl EngineConfig {
             batch_size_max: 4_096,
             state: StateConfig::default(),
             pin_core: true,
+            capacity_orders: 0,
             outbox: None,
             snapshot: None,
         }

@@ -113,6 +113,15 @@ impl Writer {
     pub fn run(mut self, phase: &PhaseCell) -> Result<(), EngineError> {
         self.recover()?;
         self.configure()?;
+        if self.config.capacity_orders > 0 {
+            let started = Instant::now();
+            self.state.reserve_orders(self.config.capacity_orders);
+            tracing::info!(
+                orders = self.config.capacity_orders,
+                seconds = started.elapsed().as_secs_f64(),
+                "tables sized"
+            );
+        }
         if self.config.pin_core {
             pin_to_last_core();
         }

@@ -122,6 +122,32 @@ impl KeyTable {
         self.positions.len() == self.ring.len()
     }
 
+    /// Room for `keys` keys in all, without a resize, every page written once
+    /// (see `State::reserve_orders`).
+    pub fn reserve(&mut self, keys: usize) {
+        self.positions
+            .reserve(keys.saturating_sub(self.positions.len()));
+        // Placeholders at a position no key has; a real key's hash keeps its slot.
+        let room = self.positions.capacity() - self.positions.len();
+        for i in 0..room as u128 {
+            self.positions.entry(u128::MAX - i).or_insert(u64::MAX);
+        }
+        self.positions.retain(|_, position| *position != u64::MAX);
+        let placeholder = Record {
+            hash: 0,
+            key: IdempotencyKey {
+                space: crate::domain::KeySpace::Requests,
+                id: crate::domain::Id::default(),
+            },
+            entry: IdempotencyEntry {
+                fingerprint: 0,
+                outcome: super::Outcome::new(super::ResultCode::Ok, 0),
+                recorded_at_ms: 0,
+            },
+        };
+        super::touch_room(&mut self.ring, keys, placeholder);
+    }
+
     pub fn shrink_to_fit(&mut self) {
         self.positions.shrink_to_fit();
         self.ring.shrink_to_fit();
@@ -185,6 +211,19 @@ mod tests {
         t.insert(as_event, entry(10, 2));
         assert_eq!(t.get(&as_request).unwrap().outcome.sequence, 1);
         assert_eq!(t.get(&as_event).unwrap().outcome.sequence, 2);
+        assert!(t.is_consistent());
+    }
+
+    #[test]
+    fn a_reserved_table_does_not_resize_below_its_room() {
+        let mut t = KeyTable::default();
+        t.reserve(10_000);
+        let (map, ring) = (t.positions.capacity(), t.ring.capacity());
+        assert!(map >= 10_000 && ring >= 10_000);
+        for i in 0..10_000 {
+            t.insert(request(&format!("k{i}")), entry(i, i as u64));
+        }
+        assert_eq!((t.positions.capacity(), t.ring.capacity()), (map, ring));
         assert!(t.is_consistent());
     }
 }

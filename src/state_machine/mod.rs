@@ -126,6 +126,44 @@ impl State {
         self.overdrawn_accounts
     }
 
+    /// Makes room for `orders` reservations and the keys of their Reserve and
+    /// Unreserve, so the tables do not resize (a stall that copies a whole
+    /// table) until they hold more. Changes nothing observable.
+    ///
+    /// Every page of the room is written once here: memory allocated but never
+    /// touched would fault its pages in on the hot path instead.
+    pub fn reserve_orders(&mut self, orders: usize) {
+        self.reservations
+            .reserve(orders.saturating_sub(self.reservations.len()));
+        // Placeholders under account ids no command can name (they are > 0).
+        let placeholder = Reservation {
+            account_id: AccountId(-1),
+            order_id: Id::default(),
+            kind: ReservationKind::Cash,
+            asset: crate::domain::Asset::currency("XXX").expect("a currency"),
+            amount: Decimal::ZERO,
+            remaining: Decimal::ZERO,
+            consumed: Decimal::ZERO,
+            released: Decimal::ZERO,
+            state: ReservationState::Released,
+            expires_at_ms: None,
+            sequence: 0,
+            closed_at_ms: 0,
+            closed_sequence: 0,
+        };
+        let room = self.reservations.capacity() - self.reservations.len();
+        for i in 0..room {
+            let key = ReservationKey {
+                account_id: AccountId(-1 - i as i64),
+                order_id: Id::default(),
+            };
+            self.reservations.insert(key, placeholder);
+        }
+        self.reservations.retain(|key, _| key.account_id.0 > 0);
+        touch_room(&mut self.closed, orders, (0, placeholder.key()));
+        self.idempotency.reserve(orders.saturating_mul(2));
+    }
+
     /// Returns the memory of pruned keys and reservations to the allocator.
     /// Changes nothing observable (not part of `apply`); for quiet times.
     pub fn shrink_to_fit(&mut self) {
@@ -785,6 +823,17 @@ struct Trial {
     balances: FxHashMap<(AccountId, ReservationKind, crate::domain::Asset), (Decimal, Decimal)>,
     orders: rustc_hash::FxHashSet<ReservationKey>,
     keys: rustc_hash::FxHashSet<Id>,
+}
+
+/// Grows `ring` to room for `len` and writes every slot of it once, keeping
+/// its contents.
+pub(crate) fn touch_room<T: Copy>(ring: &mut VecDeque<T>, len: usize, placeholder: T) {
+    ring.reserve(len.saturating_sub(ring.len()));
+    let kept = ring.len();
+    while ring.len() < ring.capacity() {
+        ring.push_back(placeholder);
+    }
+    ring.truncate(kept);
 }
 
 /// (available, reserved) of a cash currency or (free, reserved) shares of a symbol.
