@@ -28,9 +28,9 @@ $lt max --addr http://127.0.0.1:$p --start-rate 2000 --step 1.25 --step-duration
     --accounts 1000 --json-out $out/echo-max.json 2>/dev/null
 # The same ceiling for the batch and stream RPCs (it answers them at once too).
 $lt max --addr http://127.0.0.1:$p --via batch --batch-size 100 --start-rate 100 --step 1.25 --step-duration 5 \
-    --p99-limit-ms 10 --unreserve-share 0 --accounts 1000 --json-out $out/echo-batch-max.json 2>/dev/null
+    --p99-limit-ms 10 --max-steps 16 --unreserve-share 0 --accounts 1000 --json-out $out/echo-batch-max.json 2>/dev/null
 $lt max --addr http://127.0.0.1:$p --via stream --streams 4 --window 1024 --start-rate 10000 --step 1.25 --step-duration 5 \
-    --p99-limit-ms 10 --unreserve-share 0 --accounts 1000 --json-out $out/echo-stream-max.json 2>/dev/null
+    --p99-limit-ms 10 --max-steps 16 --unreserve-share 0 --accounts 1000 --json-out $out/echo-stream-max.json 2>/dev/null
 kill "${pids[-1]}"
 
 run_service() { # name durability then loadtest args

@@ -17,8 +17,8 @@
 
 use super::IdempotencyEntry;
 use crate::domain::IdempotencyKey;
-use rustc_hash::FxHashMap;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasherDefault;
 
 #[derive(Clone, Copy, Debug)]
 struct Record {
@@ -27,10 +27,36 @@ struct Record {
     entry: IdempotencyEntry,
 }
 
+/// The map's keys are already 128-bit xxh3 hashes: hashing them again would
+/// only cost time, so the map takes their low 64 bits as they are.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u128` is used; anything else still hashes soundly.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+type Positions = HashMap<u128, u64, BuildHasherDefault<Prehashed>>;
+
+/// A key's hash, computed once per command for both the lookup and the insert.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyHash(u128);
+
 #[derive(Clone, Debug, Default)]
 pub struct KeyTable {
     /// Key hash -> absolute position in `ring`.
-    positions: FxHashMap<u128, u64>,
+    positions: Positions,
     ring: VecDeque<Record>,
     /// Absolute position of `ring`'s front.
     base: u64,
@@ -41,20 +67,35 @@ fn hash(key: &IdempotencyKey) -> u128 {
 }
 
 impl KeyTable {
+    pub fn hash(key: &IdempotencyKey) -> KeyHash {
+        KeyHash(hash(key))
+    }
+
     pub fn get(&self, key: &IdempotencyKey) -> Option<&IdempotencyEntry> {
-        let position = *self.positions.get(&hash(key))?;
+        self.get_hashed(KeyTable::hash(key), key)
+    }
+
+    /// [`KeyTable::get`] with the key's hash already computed.
+    pub fn get_hashed(&self, hash: KeyHash, key: &IdempotencyKey) -> Option<&IdempotencyEntry> {
+        debug_assert_eq!(hash, KeyTable::hash(key));
+        let position = *self.positions.get(&hash.0)?;
         let record = &self.ring[(position - self.base) as usize];
         (record.key == *key).then_some(&record.entry)
     }
 
     /// Records a key not present; `entry.recorded_at_ms` never decreases.
     pub fn insert(&mut self, key: IdempotencyKey, entry: IdempotencyEntry) {
-        debug_assert!(self.get(&key).is_none());
+        self.insert_hashed(KeyTable::hash(&key), key, entry)
+    }
+
+    /// [`KeyTable::insert`] with the key's hash already computed.
+    pub fn insert_hashed(&mut self, hash: KeyHash, key: IdempotencyKey, entry: IdempotencyEntry) {
+        debug_assert!(self.get_hashed(hash, &key).is_none());
         debug_assert!(self
             .ring
             .back()
             .is_none_or(|r| r.entry.recorded_at_ms <= entry.recorded_at_ms));
-        let hash = hash(&key);
+        let hash = hash.0;
         self.positions
             .insert(hash, self.base + self.ring.len() as u64);
         self.ring.push_back(Record { hash, key, entry });

@@ -362,7 +362,8 @@ impl State {
         events: &mut S,
     ) -> Outcome {
         let fingerprint = command.fingerprint();
-        if let Some(entry) = self.idempotency.get(&key) {
+        let hash = keys::KeyTable::hash(&key);
+        if let Some(entry) = self.idempotency.get_hashed(hash, &key) {
             if entry.fingerprint == fingerprint {
                 return Outcome {
                     replayed: true,
@@ -385,7 +386,8 @@ impl State {
             }
         };
         debug_assert!(!outcome.replayed && outcome.sequence == sequence);
-        self.idempotency.insert(
+        self.idempotency.insert_hashed(
+            hash,
             key,
             IdempotencyEntry {
                 fingerprint,
