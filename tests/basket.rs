@@ -200,3 +200,32 @@ fn a_basket_replays_to_the_same_state() {
     assert_eq!(ra, rb);
     assert_eq!(a.state.digest(), b.state.digest());
 }
+
+#[test]
+fn room_made_for_orders_changes_nothing_observable() {
+    let mut sized = funded("100");
+    let mut grown = funded("100");
+    for h in [&mut sized, &mut grown] {
+        h.run(reserve_cash("k1", 1, "o1", "10"));
+        h.run(unreserve("u1", 1, "o1", None));
+    }
+    sized.state.reserve_orders(50_000);
+    assert_eq!(sized.state.digest(), grown.state.digest());
+    for i in 0..2_000 {
+        for h in [&mut sized, &mut grown] {
+            h.run_quiet(reserve_cash(
+                &format!("r{i}"),
+                1 + i % 2,
+                &format!("p{i}"),
+                "0.01",
+            ));
+        }
+    }
+    assert_eq!(sized.state.digest(), grown.state.digest());
+    invariants::check(&sized.state).unwrap();
+    let replay = sized.run(reserve_cash("k1", 1, "o1", "10"));
+    assert!(
+        replay.replayed,
+        "keys recorded before the room was made are kept"
+    );
+}

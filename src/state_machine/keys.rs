@@ -166,14 +166,8 @@ impl KeyTable {
     /// Room for `keys` keys in all, without a resize, every page written once
     /// (see `State::reserve_orders`).
     pub fn reserve(&mut self, keys: usize) {
-        self.positions
-            .reserve(keys.saturating_sub(self.positions.len()));
-        // Placeholders at a position no key has; a real key's hash keeps its slot.
-        let room = self.positions.capacity() - self.positions.len();
-        for i in 0..room as u128 {
-            self.positions.entry(u128::MAX - i).or_insert(u64::MAX);
-        }
-        self.positions.retain(|_, position| *position != u64::MAX);
+        let positions = std::mem::take(&mut self.positions);
+        self.positions = super::touched_map(positions, keys, |i| (i as u128, u64::MAX));
         let placeholder = Record {
             hash: 0,
             key: IdempotencyKey {

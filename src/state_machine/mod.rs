@@ -151,15 +151,14 @@ impl State {
             closed_at_ms: 0,
             closed_sequence: 0,
         };
-        let room = self.reservations.capacity() - self.reservations.len();
-        for i in 0..room {
+        let reservations = std::mem::take(&mut self.reservations);
+        self.reservations = touched_map(reservations, orders, |i| {
             let key = ReservationKey {
                 account_id: AccountId(-1 - i as i64),
                 order_id: Id::default(),
             };
-            self.reservations.insert(key, placeholder);
-        }
-        self.reservations.retain(|key, _| key.account_id.0 > 0);
+            (key, placeholder)
+        });
         touch_room(&mut self.closed, orders, (0, placeholder.key()));
         self.idempotency.reserve(orders.saturating_mul(2));
     }
@@ -825,6 +824,29 @@ struct Trial {
     balances: FxHashMap<(AccountId, ReservationKind, crate::domain::Asset), (Decimal, Decimal)>,
     orders: rustc_hash::FxHashSet<ReservationKey>,
     keys: rustc_hash::FxHashSet<Id>,
+}
+
+/// `map`'s entries in a map with room for `len`, every bucket written once
+/// (filled with `placeholder(i)`, distinct keys, then cleared: a cleared map
+/// keeps no tombstones, which a removal would leave and which shrink the room).
+pub(crate) fn touched_map<K, V, S>(
+    map: std::collections::HashMap<K, V, S>,
+    len: usize,
+    placeholder: impl Fn(usize) -> (K, V),
+) -> std::collections::HashMap<K, V, S>
+where
+    K: Eq + std::hash::Hash,
+    S: std::hash::BuildHasher + Default,
+{
+    let mut fresh =
+        std::collections::HashMap::with_capacity_and_hasher(len.max(map.len()), S::default());
+    for i in 0..fresh.capacity() {
+        let (key, value) = placeholder(i);
+        fresh.insert(key, value);
+    }
+    fresh.clear();
+    fresh.extend(map);
+    fresh
 }
 
 /// Grows `ring` to room for `len` and writes every slot of it once, keeping
