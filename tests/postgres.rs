@@ -207,10 +207,10 @@ async fn wal_segments_covered_by_a_snapshot_are_deleted_and_then_restart_waits_f
     let pg = Postgres::start();
     let dir = tempfile::tempdir().unwrap();
     let mut c = config(dir.path(), Some(&pg));
-    c.wal.segment_size_bytes = 64 * 1024;
+    c.wal.segment_size_bytes = 256 * 1024;
     let segments = || common::server::wal_segments(dir.path());
     let (engine, _) = start(c.clone()).await;
-    let commands = common::strategies::sample(4_000, true);
+    let commands = common::strategies::sample(16_000, true);
     run(&engine, &commands).await;
     let (at, expected) = digest(&engine).await;
     pg.wait_snapshot(at, Duration::from_secs(30)).await;
@@ -448,11 +448,11 @@ async fn a_failed_segment_delete_never_stops_the_engine_and_is_retried() {
         failed: 0.into(),
     });
     let mut c = config(dir.path(), Some(&pg));
-    c.wal.segment_size_bytes = 64 * 1024;
+    c.wal.segment_size_bytes = 256 * 1024;
     c.wal.io_hooks = Some(hooks.clone());
     let segments = || common::server::wal_segments(dir.path());
     let (engine, _) = start(c).await;
-    run(&engine, &common::strategies::sample(4_000, true)).await;
+    run(&engine, &common::strategies::sample(16_000, true)).await;
     let (at, _) = digest(&engine).await;
     pg.wait_snapshot(at, Duration::from_secs(30)).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

@@ -238,3 +238,24 @@ async fn a_restart_with_another_window_never_re_decides_history() {
     .unwrap();
     assert_eq!(windows, [old_window, new_window]);
 }
+
+#[tokio::test]
+async fn an_engine_that_panics_reports_stopped_instead_of_hanging_its_callers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path());
+    // Too small for the largest record: the WAL refuses to open (an assert).
+    c.wal.segment_size_bytes = 64 * 1024;
+    let engine = Engine::start(c, Metrics::new()).unwrap();
+    let mut phase = engine.handle().phase();
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while *phase.borrow_and_update() != Phase::Stopped {
+            phase
+                .changed()
+                .await
+                .expect("the phase cell outlives the thread");
+        }
+    })
+    .await;
+    assert!(stopped.is_ok(), "the phase became Stopped");
+    assert!(engine.stop().is_err(), "stop reports the failure");
+}

@@ -294,8 +294,14 @@ impl Engine {
         let thread = std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
-                let result = Writer::open(config, rx, wake_rx, metrics, thread_stop)
-                    .and_then(|writer| writer.run(&phase_tx));
+                // A panic (a broken invariant, a bad configuration) stops the
+                // engine like an error: callers waiting for a phase see
+                // `Stopped` instead of waiting forever.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    Writer::open(config, rx, wake_rx, metrics, thread_stop)
+                        .and_then(|writer| writer.run(&phase_tx))
+                }))
+                .unwrap_or_else(|_| Err(EngineError::Thread("engine thread panicked".into())));
                 match &result {
                     // Never retried: after a failed fdatasync the page cache may
                     // hold pages the disk lost, so only a restart, which reads
