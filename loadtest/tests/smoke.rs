@@ -187,6 +187,69 @@ fn reserve_against_the_real_service() {
 }
 
 #[test]
+fn batch_and_stream_modes_against_the_real_service() {
+    let (_guard, _dir, grpc) = service(&["--capacity-orders", "10000"]);
+    std::thread::sleep(Duration::from_millis(300)); // replay of an empty WAL
+    let addr = format!("http://127.0.0.1:{grpc}");
+    let common = ["--addr", &addr, "--accounts", "5", "--warmup", "0"];
+    let v = run(&[
+        &[
+            "batch",
+            "--rate",
+            "20",
+            "--batch-size",
+            "50",
+            "--duration",
+            "1",
+        ][..],
+        &common[..],
+    ]
+    .concat());
+    assert_eq!(v["mode"], "batch");
+    assert_eq!(v["errors"], 0, "{v}");
+    // Items are counted one by one; the calls apart.
+    assert_eq!(v["sent"], 1_000, "{v}");
+    assert_eq!(v["ok"], 1_000, "{v}");
+    assert_eq!(v["batches"]["ok"], 20, "{v}");
+    coherent(&v);
+    let v = run(&[
+        &[
+            "batch",
+            "--rate",
+            "10",
+            "--batch-size",
+            "4",
+            "--duration",
+            "1",
+            "--all-or-nothing",
+        ][..],
+        &common[..],
+    ]
+    .concat());
+    assert_eq!(v["all_or_nothing"], true);
+    assert_eq!(v["ok"], 40, "{v}");
+    let v = run(&[
+        &[
+            "stream",
+            "--rate",
+            "2000",
+            "--streams",
+            "2",
+            "--window",
+            "256",
+            "--duration",
+            "1",
+        ][..],
+        &common[..],
+    ]
+    .concat());
+    assert_eq!(v["mode"], "stream");
+    assert_eq!(v["errors"], 0, "{v}");
+    assert_eq!(v["ok"], 2_000, "every item answered, in order: {v}");
+    coherent(&v);
+}
+
+#[test]
 fn sync_probe_measures_the_disk() {
     let dir = tempfile::tempdir().unwrap();
     let v = run(&[
