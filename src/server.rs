@@ -25,8 +25,12 @@ use std::time::Duration;
 
 /// How long a stop waits for clients to finish and close their connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
-/// Largest request message accepted (design 4.4: 1 MiB unary).
+/// Largest request message accepted by AdminService (design 4.4: 1 MiB unary).
 pub const REQUEST_BYTES_MAX: usize = 1 << 20;
+/// Largest request message accepted by AccountService: a ReserveBatch of
+/// 8,192 Reserves with every field at its largest is about 1.6 MB. Validation
+/// bounds each field, so only a batch can come near it.
+pub const ACCOUNT_REQUEST_BYTES_MAX: usize = 2 << 20;
 /// Concurrent HTTP/2 streams per connection.
 const STREAMS_PER_CONNECTION_MAX: u32 = 1_024;
 /// HTTP/2 pings on a quiet connection, and how long a ping may go unanswered
@@ -148,7 +152,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            AccountServiceServer::new(service.clone()).max_decoding_message_size(REQUEST_BYTES_MAX),
+            AccountServiceServer::new(service.clone())
+                .max_decoding_message_size(ACCOUNT_REQUEST_BYTES_MAX),
         )
         .add_service(AdminServiceServer::new(service).max_decoding_message_size(REQUEST_BYTES_MAX))
         .serve_with_incoming_shutdown(incoming, wait_stop(stop_rx.clone()));

@@ -165,10 +165,19 @@ async fn a_batch_outside_its_size_bounds_is_refused_whole() {
     assert_eq!(e.code(), Code::InvalidArgument);
     // Nothing of them was journaled; the largest bounds are accepted.
     assert_eq!(reserved_usd(&server).await, ("100000".into(), "0".into()));
-    let big = batch(&server, (0..8_192).map(reserve_one_usd).collect(), false)
-        .await
-        .unwrap();
+    // The largest batch with every id at its 64-byte limit fits the message limit.
+    let long = |prefix: &str, i: usize| format!("{prefix}{i:0>60}");
+    let big = (0..8_192)
+        .map(|i| pb::ReserveRequest {
+            request_id: long("req-", i),
+            order_id: long("ord-", i),
+            amount: "0.00000001".into(),
+            ..reserve_one_usd(i)
+        })
+        .collect();
+    let big = batch(&server, big, false).await.unwrap();
     assert!(big.iter().all(|r| result(r.result) == pb::Result::Ok));
+    assert_eq!(big[8_191].request_id.len(), 64);
     let basket = batch(
         &server,
         (10_000..11_024).map(reserve_one_usd).collect(),
@@ -179,7 +188,10 @@ async fn a_batch_outside_its_size_bounds_is_refused_whole() {
     assert!(basket.iter().all(|r| result(r.result) == pb::Result::Ok));
     let seq = basket[0].sequence;
     assert!(basket.iter().all(|r| r.sequence == seq), "one record");
-    assert_eq!(reserved_usd(&server).await, ("90784".into(), "9216".into()));
+    assert_eq!(
+        reserved_usd(&server).await,
+        ("98975.99991808".into(), "1024.00008192".into())
+    );
 }
 
 #[tokio::test]

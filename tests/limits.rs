@@ -1,6 +1,7 @@
 //! Limits at the edge (design 4.4): a caller over its rate gets
 //! RESOURCE_EXHAUSTED with `retry-after-ms` and nothing is journaled for it;
-//! a request over 1 MiB is refused; the service keeps serving.
+//! a request over its size limit (2 MiB to AccountService, 1 MiB to
+//! AdminService) is refused; the service keeps serving.
 
 mod common;
 
@@ -75,16 +76,16 @@ async fn a_caller_over_its_rate_is_told_when_to_retry_and_nothing_is_journaled()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_over_one_mib_is_refused_and_the_service_keeps_serving() {
+async fn a_request_over_its_size_limit_is_refused_and_the_service_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &[]).await;
     let mut accounts = server.accounts().await;
     let mut huge = common::server::reserve_one_usd(1);
-    huge.order_id = "x".repeat(2 << 20);
+    huge.order_id = "x".repeat(3 << 20);
     let e = accounts
         .reserve(huge)
         .await
-        .expect_err("over the 1 MiB limit");
+        .expect_err("over the 2 MiB limit of AccountService");
     assert!(
         matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted),
         "{e}"
