@@ -338,10 +338,7 @@ impl State {
         };
         let taken = self.reservations.contains_key(&order) || trial.orders.contains(&order);
         match reserve_rules(c, now, account, balance, taken) {
-            Err(code) if account.is_none() || code == ResultCode::ExpiryPassed => {
-                Outcome::new(code, seq)
-            }
-            Err(code) => Outcome::new(code, seq).with_balance(c.asset, balance.0, balance.1),
+            Err(code) => reserve_refused(c, code, seq, account.is_some(), balance),
             Ok(after) => {
                 trial.balances.insert(asset, after);
                 trial.orders.insert(order);
@@ -479,15 +476,13 @@ impl State {
         let slot = self.reservations.entry(key);
         let taken = matches!(slot, Entry::Occupied(_));
         let after = reserve_rules(c, now, account.as_deref(), balance, taken);
-        let (account, slot) = match (after, account, slot) {
-            (Ok(_), Some(account), Entry::Vacant(slot)) => (account, slot),
-            (Err(code), Some(_), _) if code != ResultCode::ExpiryPassed => {
-                return Outcome::new(code, seq).with_balance(c.asset, balance.0, balance.1)
+        let ((available_after, reserved_after), account, slot) = match (after, account, slot) {
+            (Ok(after), Some(account), Entry::Vacant(slot)) => (after, account, slot),
+            (Err(code), account, _) => {
+                return reserve_refused(c, code, seq, account.is_some(), balance)
             }
-            (Err(code), _, _) => return Outcome::new(code, seq),
             (Ok(_), _, _) => unreachable!("the rules need the account and a free order"),
         };
-        let (available_after, reserved_after) = after.expect("matched Ok");
         set_balance(account, c.kind, c.asset, available_after, reserved_after);
         let (available, reserved) = balance_of(account, c.kind, c.asset);
         debug_assert!(available >= Decimal::ZERO || account.overdrawn);
@@ -815,6 +810,22 @@ fn reserve_rules(
     amount::checked_sub(available, c.amount)
         .zip(amount::checked_add(reserved, c.amount))
         .ok_or(ResultCode::AmountOverflow)
+}
+
+/// The outcome of a Reserve the rules refused: with the asset's balances
+/// when the account exists and the refusal is about it (not an expiry).
+fn reserve_refused(
+    c: &Reserve,
+    code: ResultCode,
+    seq: u64,
+    account_found: bool,
+    (available, reserved): (Decimal, Decimal),
+) -> Outcome {
+    if account_found && code != ResultCode::ExpiryPassed {
+        Outcome::new(code, seq).with_balance(c.asset, available, reserved)
+    } else {
+        Outcome::new(code, seq)
+    }
 }
 
 /// The effects of a basket's earlier items, while judging the next.
