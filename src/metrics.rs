@@ -2,15 +2,136 @@
 //!
 //! Names carry their unit last (`_seconds`, `_total`, `_bytes`). The engine
 //! thread touches only atomics and one histogram per batch (not per command).
+//!
+//! Nothing on a request's path takes a lock: histograms are [`Histogram`]s of
+//! atomic buckets (prometheus-client's own takes a write lock per
+//! observation), and an RPC's labelled series are resolved once per thread
+//! ([`Metrics::observe_rpc`]), not looked up in their family on every call.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::exponential_buckets;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicU64;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// A histogram of fixed buckets whose observations are atomic additions: no
+/// lock, so handlers on every core and the engine thread never wait on each
+/// other or on a scrape. A scrape reads the buckets one by one, so it may see
+/// an observation in `count` and not yet in its bucket (or the reverse); the
+/// next scrape sees it whole.
+#[derive(Clone, Debug)]
+pub struct Histogram {
+    inner: Arc<HistogramInner>,
+}
+
+#[derive(Debug)]
+struct HistogramInner {
+    /// Upper bounds, increasing; a last bucket (+Inf) follows them.
+    bounds: Box<[f64]>,
+    /// Per bucket (not cumulative), `bounds.len() + 1` of them.
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    /// The sum's `f64` bits, added to by compare-and-swap.
+    sum: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: impl Iterator<Item = f64>) -> Histogram {
+        let bounds: Box<[f64]> = bounds.collect();
+        assert!(bounds.windows(2).all(|w| w[0] < w[1]), "increasing bounds");
+        let buckets = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
+        Histogram {
+            inner: Arc::new(HistogramInner {
+                bounds,
+                buckets,
+                count: AtomicU64::new(0),
+                sum: AtomicU64::new(0f64.to_bits()),
+            }),
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        let inner = &*self.inner;
+        // The first bucket whose bound is >= v (NaN lands in +Inf).
+        let i = inner.bounds.partition_point(|&bound| bound < v);
+        inner.buckets[i].fetch_add(1, Ordering::Relaxed);
+        inner.count.fetch_add(1, Ordering::Relaxed);
+        let mut sum = inner.sum.load(Ordering::Relaxed);
+        loop {
+            let next = (f64::from_bits(sum) + v).to_bits();
+            match inner
+                .sum
+                .compare_exchange_weak(sum, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(now) => sum = now,
+            }
+        }
+    }
+
+    /// Sum, count, and `(upper bound, count)` per bucket (not cumulative),
+    /// the last bound `f64::MAX` (+Inf).
+    pub fn get(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let inner = &*self.inner;
+        let buckets = inner
+            .bounds
+            .iter()
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(inner.buckets.iter())
+            .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
+            .collect();
+        (
+            f64::from_bits(inner.sum.load(Ordering::Relaxed)),
+            inner.count.load(Ordering::Relaxed),
+            buckets,
+        )
+    }
+}
+
+impl TypedMetric for Histogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let (sum, count, buckets) = self.get();
+        encoder.encode_histogram::<()>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// An RPC's series for one (rpc, caller, outcome), resolved from the families.
+#[derive(Clone)]
+struct RpcSeries {
+    latency: Histogram,
+    outcomes: Counter,
+}
+
+/// Which [`Metrics`] and labels a resolved series belongs to: the instance's
+/// id and the address and length of each `'static` label string (the same
+/// text at two addresses is only resolved twice, to the same series). Labels
+/// are `'static`, so the cache is bounded by the program's label strings.
+type SeriesKey = (u64, [(usize, usize); 3]);
+
+fn label_key(label: &'static str) -> (usize, usize) {
+    (label.as_ptr() as usize, label.len())
+}
+
+thread_local! {
+    static RPC_SERIES: RefCell<HashMap<SeriesKey, RpcSeries>> = RefCell::new(HashMap::new());
+}
+
+static METRICS_IDS: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RpcLabels {
@@ -36,6 +157,8 @@ fn latency_histogram() -> Histogram {
 
 pub struct Metrics {
     registry: Registry,
+    /// Tells apart the instances (tests run several) in the per-thread cache.
+    id: u64,
     pub rpc_latency_seconds: HistogramFamily<RpcLabels>,
     pub rpc_outcomes_total: Family<OutcomeLabels, Counter>,
     pub engine_queue_depth: Gauge,
@@ -90,6 +213,7 @@ impl Metrics {
             snapshot_failures_total: Counter::default(),
             kafka: KafkaMetrics::new(),
             registry: Registry::default(),
+            id: METRICS_IDS.fetch_add(1, Ordering::Relaxed),
         };
         registry.register(
             "rpc_latency_seconds",
@@ -209,6 +333,10 @@ impl Metrics {
         text_004(&self.encode())
     }
 
+    /// Records one RPC's latency and outcome. The labelled series are looked
+    /// up in their families (a lock) only the first time a thread sees these
+    /// labels; after that, from the thread's own cache: a hash lookup and
+    /// atomic additions.
     pub fn observe_rpc(
         &self,
         rpc: &'static str,
@@ -216,16 +344,29 @@ impl Metrics {
         outcome: &'static str,
         started: std::time::Instant,
     ) {
-        self.rpc_latency_seconds
-            .get_or_create(&RpcLabels { rpc, caller })
-            .observe(started.elapsed().as_secs_f64());
-        self.rpc_outcomes_total
-            .get_or_create(&OutcomeLabels {
-                rpc,
-                caller,
-                outcome,
-            })
-            .inc();
+        let elapsed = started.elapsed().as_secs_f64();
+        let key = (
+            self.id,
+            [label_key(rpc), label_key(caller), label_key(outcome)],
+        );
+        RPC_SERIES.with_borrow_mut(|cache| {
+            let series = cache.entry(key).or_insert_with(|| RpcSeries {
+                latency: self
+                    .rpc_latency_seconds
+                    .get_or_create(&RpcLabels { rpc, caller })
+                    .clone(),
+                outcomes: self
+                    .rpc_outcomes_total
+                    .get_or_create(&OutcomeLabels {
+                        rpc,
+                        caller,
+                        outcome,
+                    })
+                    .clone(),
+            });
+            series.latency.observe(elapsed);
+            series.outcomes.inc();
+        });
     }
 }
 
@@ -409,5 +550,103 @@ mod tests {
             super::text_004(om),
             "# HELP a_x_total Things.\n# TYPE a_x_total counter\na_x_total 3\n# HELP a_g G.\n# TYPE a_g gauge\na_g 1\n"
         );
+    }
+
+    /// Encodes one histogram registered alone.
+    fn encoded<
+        M: prometheus_client::encoding::EncodeMetric
+            + prometheus_client::metrics::TypedMetric
+            + Send
+            + Sync
+            + std::fmt::Debug
+            + 'static,
+    >(
+        metric: M,
+    ) -> String {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("h", "A histogram", metric);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        out
+    }
+
+    #[test]
+    fn atomic_histogram_encodes_as_the_locking_one_does() {
+        let bounds = || prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 6);
+        let ours = super::Histogram::new(bounds());
+        let theirs = prometheus_client::metrics::histogram::Histogram::new(bounds());
+        // On bounds, between them, below the first, above the last, and NaN-free.
+        for v in [
+            0.0005, 0.001, 0.0015, 0.002, 0.004, 0.0041, 0.032, 0.033, 100.0, 0.001,
+        ] {
+            ours.observe(v);
+            theirs.observe(v);
+        }
+        let text = encoded(ours.clone());
+        assert_eq!(text, encoded(theirs));
+        assert!(text.contains("h_count 10"), "{text}");
+        let (_, count, buckets) = ours.get();
+        assert_eq!(count, 10);
+        // 0.0005 and twice 0.001 in the first bucket (bounds are inclusive).
+        assert_eq!(buckets[0], (0.001, 3));
+        assert_eq!(buckets.last(), Some(&(f64::MAX, 2)));
+    }
+
+    #[test]
+    fn atomic_histogram_loses_no_observation_across_threads() {
+        let h = super::Histogram::new([1.0, 2.0].into_iter());
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let h = h.clone();
+                s.spawn(move || {
+                    for _ in 0..10_000 {
+                        h.observe(if t % 2 == 0 { 1.0 } else { 3.0 });
+                    }
+                });
+            }
+        });
+        let (sum, count, buckets) = h.get();
+        assert_eq!(count, 40_000);
+        // Sums of small integers are exact in f64.
+        assert_eq!(sum, 80_000.0);
+        assert_eq!(buckets, vec![(1.0, 20_000), (2.0, 0), (f64::MAX, 20_000)]);
+    }
+
+    #[test]
+    fn rpc_series_resolved_per_thread_count_every_call_on_one_series() {
+        let a = super::Metrics::new();
+        let b = super::Metrics::new();
+        let started = std::time::Instant::now();
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    for _ in 0..5 {
+                        a.observe_rpc("Reserve", "desk", "OK", started);
+                    }
+                    a.observe_rpc("Reserve", "desk", "INSUFFICIENT_FUNDS", started);
+                });
+            }
+        });
+        b.observe_rpc("Reserve", "desk", "OK", started);
+        let text = a.encode();
+        let line = |prefix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("{prefix} in {text}"))
+                .to_string()
+        };
+        assert!(
+            line("account_rpc_outcomes_total{rpc=\"Reserve\",caller=\"desk\",outcome=\"OK\"}")
+                .ends_with(" 15")
+        );
+        assert!(line("account_rpc_outcomes_total{rpc=\"Reserve\",caller=\"desk\",outcome=\"INSUFFICIENT_FUNDS\"}").ends_with(" 3"));
+        assert!(
+            line("account_rpc_latency_seconds_count{rpc=\"Reserve\",caller=\"desk\"}")
+                .ends_with(" 18")
+        );
+        // The other instance's call is its own.
+        assert!(b
+            .encode()
+            .contains("account_rpc_latency_seconds_count{rpc=\"Reserve\",caller=\"desk\"} 1\n"));
     }
 }

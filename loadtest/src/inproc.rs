@@ -26,12 +26,15 @@ fn command(n: u64) -> Command {
 
 /// Applies `commands` reserve / fill / unreserve commands (a third each) to a
 /// state of 10,000 funded accounts, generated ahead in chunks so only `apply`
-/// is timed. A tick every 1,000 commands prunes a 1 s idempotency window.
-pub fn engine(commands: u64) -> serde_json::Value {
+/// is timed. A tick every 1,000 commands prunes a 1 s idempotency window
+/// (about a million keys at this rate). With `capacity_orders`, room for that
+/// many orders is made first, as the service's `--capacity-orders` does.
+pub fn engine(commands: u64, capacity_orders: usize) -> serde_json::Value {
     let mut state = State::new(StateConfig {
         idempotency_window_ms: 1_000,
         tick_work_max: 100_000,
     });
+    state.reserve_orders(capacity_orders);
     let mut now = 1_700_000_000_000i64;
     let apply = |state: &mut State, c: &Command, now: i64| {
         let seq = state.last_sequence() + 1;
@@ -42,8 +45,11 @@ pub fn engine(commands: u64) -> serde_json::Value {
     }
     let mut timed = std::time::Duration::ZERO;
     let mut n = 0;
+    // One buffer for every chunk: its pages are faulted in once, untimed.
+    let mut chunk: Vec<Command> = Vec::with_capacity(CHUNK);
     while n < commands {
-        let chunk: Vec<Command> = (n..(n + 100_000).min(commands)).map(command).collect();
+        chunk.clear();
+        chunk.extend((n..(n + CHUNK as u64).min(commands)).map(command));
         let started = Instant::now();
         for (i, c) in chunk.iter().enumerate() {
             apply(&mut state, c, now);
@@ -58,11 +64,15 @@ pub fn engine(commands: u64) -> serde_json::Value {
     serde_json::json!({
         "mode": "engine",
         "commands": commands,
+        "capacity_orders": capacity_orders,
         "seconds": (timed.as_secs_f64() * 1000.0).round() / 1000.0,
         "commands_per_s": (commands as f64 / timed.as_secs_f64()).round(),
         "ns_per_command": (timed.as_nanos() as f64 / commands as f64).round(),
     })
 }
+
+/// Commands generated ahead per timed stretch of the engine mode.
+const CHUNK: usize = 100_000;
 
 /// Journals `records` commands through the engine, stops it, starts it again and
 /// times the replay until it serves.

@@ -82,6 +82,10 @@ enum Mode {
     Engine {
         #[arg(long, default_value_t = 3_000_000)]
         commands: u64,
+        /// Room made for this many orders before the run (the service's
+        /// `--capacity-orders`): the tables never grow while timed.
+        #[arg(long, default_value_t = 0)]
+        capacity_orders: usize,
         #[arg(long)]
         json_out: Option<std::path::PathBuf>,
     },
@@ -248,9 +252,15 @@ async fn main() -> anyhow::Result<()> {
             eprintln!("echo server on {listen}");
             loadtest::echo::serve(listen).await?;
         }
-        Mode::Engine { commands, json_out } => {
-            let summary =
-                tokio::task::spawn_blocking(move || loadtest::inproc::engine(commands)).await?;
+        Mode::Engine {
+            commands,
+            capacity_orders,
+            json_out,
+        } => {
+            let summary = tokio::task::spawn_blocking(move || {
+                loadtest::inproc::engine(commands, capacity_orders)
+            })
+            .await?;
             emit(&summary, &json_out)?;
         }
         Mode::Replay {
