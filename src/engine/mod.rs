@@ -11,16 +11,18 @@
 pub mod codec;
 mod recovery;
 mod retention;
+pub mod view;
 mod writer;
 
 use crate::domain::{AccountId, Command, Id};
 use crate::metrics::Metrics;
-use crate::state_machine::{Account, Outcome, Reservation, StateConfig};
+use crate::state_machine::StateConfig;
 use crossbeam_channel::{Sender, TrySendError};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use tokio::sync::{oneshot, watch};
+use view::{AccountView, Outcome, ReservationView};
 
 pub use recovery::{replay, replay_with_outbox};
 pub use writer::Writer;
@@ -121,8 +123,8 @@ pub struct Request {
 #[derive(Clone, Debug)]
 pub struct CommandReply {
     pub outcome: Outcome,
-    pub reservation: Option<Reservation>,
-    pub account: Option<Account>,
+    pub reservation: Option<ReservationView>,
+    pub account: Option<AccountView>,
     /// Sequence of the state `account` / `reservation` were read at.
     pub state_sequence: u64,
 }
@@ -135,8 +137,8 @@ pub enum Reply {
     Command(CommandReply),
     /// One per command of a `Batch` or item of a `Basket`, in order.
     Batch(Vec<CommandReply>),
-    Account(Option<(Box<Account>, u64)>),
-    Reservation(Option<Reservation>),
+    Account(Option<AccountView>),
+    Reservation(Option<ReservationView>),
     Digest {
         sequence: u64,
         digest: u64,

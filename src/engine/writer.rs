@@ -13,6 +13,7 @@
 //! In `--durability async` step 4 comes before step 3 and the sync is spaced by
 //! [`super::ASYNC_SYNC_INTERVAL_MS`].
 
+use super::view::{AccountView, ReservationView};
 use super::{
     codec, now_ms, CommandReply, Durability, EngineConfig, EngineError, Phase, PhaseCell, Query,
     Reply, Request, RequestKind, Want,
@@ -546,12 +547,15 @@ impl Writer {
             _ => None,
         };
         let account = match (want, account_id) {
-            (Want::Account, Some(id)) => self.state.account(id).cloned(),
+            (Want::Account, Some(id)) => self
+                .state
+                .account(id)
+                .map(|a| AccountView::of(a, self.state.last_sequence())),
             _ => None,
         };
         CommandReply {
             outcome,
-            reservation: reservation.copied(),
+            reservation: reservation.map(ReservationView::from),
             account,
             state_sequence: self.state.last_sequence(),
         }
@@ -562,11 +566,13 @@ impl Writer {
             Query::Account(id) => Reply::Account(
                 self.state
                     .account(id)
-                    .map(|a| (Box::new(a.clone()), self.state.last_sequence())),
+                    .map(|a| AccountView::of(a, self.state.last_sequence())),
             ),
-            Query::Reservation(id, order_id) => {
-                Reply::Reservation(self.state.reservation(id, &order_id).copied())
-            }
+            Query::Reservation(id, order_id) => Reply::Reservation(
+                self.state
+                    .reservation(id, &order_id)
+                    .map(ReservationView::from),
+            ),
             Query::Digest => Reply::Digest {
                 sequence: self.state.last_sequence(),
                 digest: self.state.digest(),

@@ -180,10 +180,7 @@ impl Service {
                 replayed: outcome.replayed,
                 sequence: outcome.sequence,
                 message: convert::message(&outcome),
-                account: reply
-                    .account
-                    .as_ref()
-                    .map(|a| convert::account(a, reply.state_sequence)),
+                account: reply.account.as_ref().map(convert::account),
             },
             outcome.result.name(),
         ))
@@ -264,9 +261,7 @@ impl AccountService for Service {
                 .call(RequestKind::Query(Query::Account(id)))
                 .await
             {
-                Ok(Reply::Account(Some((account, sequence)))) => {
-                    Ok((convert::account(&account, sequence), "OK"))
-                }
+                Ok(Reply::Account(Some(account))) => Ok((convert::account(&account), "OK")),
                 Ok(Reply::Account(None)) => {
                     Err(Status::not_found(format!("account {id} not found")))
                 }

@@ -1,8 +1,8 @@
 //! Domain values to wire messages. Amounts leave as canonical decimal strings.
 
 use crate::domain::{amount::format, AccountStatus, ReservationKind};
+use crate::engine::view::{AccountView, Outcome, ReservationState, ReservationView, ResultCode};
 use crate::proto::account::v1 as pb;
-use crate::state_machine::{Account, Outcome, Reservation, ReservationState, ResultCode};
 
 pub fn result(code: ResultCode) -> pb::Result {
     use pb::Result as R;
@@ -87,7 +87,7 @@ pub fn reservation_state(s: ReservationState) -> pb::ReservationState {
     }
 }
 
-pub fn reservation(r: &Reservation) -> pb::Reservation {
+pub fn reservation(r: &ReservationView) -> pb::Reservation {
     pb::Reservation {
         account_id: r.account_id.0,
         order_id: r.order_id.as_str().to_owned(),
@@ -103,7 +103,7 @@ pub fn reservation(r: &Reservation) -> pb::Reservation {
     }
 }
 
-pub fn account(a: &Account, sequence: u64) -> pb::Account {
+pub fn account(a: &AccountView) -> pb::Account {
     pb::Account {
         account_id: a.account_id.0,
         status: status(a.status) as i32,
@@ -125,13 +125,13 @@ pub fn account(a: &Account, sequence: u64) -> pb::Account {
                 quantity: format(p.quantity),
                 reserved_quantity: format(p.reserved_quantity),
                 cost_basis: format(p.cost_basis),
-                average_price: format(p.average_price()),
+                average_price: format(p.average_price),
                 realized_pnl: format(p.realized_pnl),
                 currency: p.currency.as_str().to_owned(),
             })
             .collect(),
         overdrawn: a.overdrawn,
-        sequence,
+        sequence: a.sequence,
     }
 }
 
