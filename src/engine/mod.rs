@@ -10,6 +10,7 @@
 
 pub mod codec;
 mod recovery;
+mod release;
 mod retention;
 pub mod view;
 mod writer;

@@ -26,7 +26,6 @@ use crossbeam_channel::Receiver;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 use wal::Wal;
 
 /// Longest the writer sleeps with nothing to do: it wakes for a request, a
@@ -53,7 +52,9 @@ pub struct Writer {
     /// Reused outcomes of a basket's items.
     basket_outcomes: Vec<Outcome>,
     batch: Vec<Request>,
-    held: Vec<(oneshot::Sender<Reply>, Reply)>,
+    held: super::release::Held,
+    /// Sends the held replies of a synced batch (on its own thread when there are several).
+    releaser: super::release::Releaser,
     last_tick_ms: i64,
     last_sync: Instant,
     /// Records appended since the last sync.
@@ -103,6 +104,7 @@ impl Writer {
             basket_outcomes: Vec::new(),
             batch: Vec::with_capacity(batch_size_max),
             held: Vec::with_capacity(batch_size_max),
+            releaser: super::release::Releaser::start(batch_size_max),
             last_tick_ms: 0,
             last_sync: Instant::now(),
             unsynced: false,
@@ -530,9 +532,7 @@ impl Writer {
 
     /// Sends the held replies. A caller that gave up (timeout) is not an error.
     fn release(&mut self) {
-        for (tx, reply) in self.held.drain(..) {
-            let _ = tx.send(reply);
-        }
+        self.releaser.release(&mut self.held);
     }
 
     fn command_reply(&self, command: &Command, outcome: Outcome, want: Want) -> CommandReply {
