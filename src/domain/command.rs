@@ -417,12 +417,101 @@ impl Fingerprint {
         self.put(b);
     }
 
-    /// At a fixed scale of 8 ("10" and "10.00" give the same bytes): one
-    /// multiplication, where `normalize` would divide digit by digit.
+    /// At a fixed scale of 8 ("10" and "10.00" give the same bytes): the
+    /// bytes of `Decimal::rescale(8)` then `serialize`, computed from the
+    /// mantissa with one multiplication.
     fn dec(&mut self, d: &Decimal) {
+        self.put(&fixed_scale_bytes(d));
+    }
+}
+
+/// `d` rescaled to 8 fractional digits, serialized (`Decimal::serialize`:
+/// flags, then the 96-bit magnitude as three little-endian words). The
+/// fingerprints of journaled and snapshotted keys depend on these bytes:
+/// they must never change. Amounts past that scale or that range (none
+/// pass validation) take `rescale` itself.
+fn fixed_scale_bytes(d: &Decimal) -> [u8; 16] {
+    const SCALE: u32 = crate::domain::amount::SCALE_MAX;
+    const POW10: [u128; SCALE as usize + 1] = {
+        let mut p = [1u128; SCALE as usize + 1];
+        let mut i = 1;
+        while i < p.len() {
+            p[i] = p[i - 1] * 10;
+            i += 1;
+        }
+        p
+    };
+    let scale = d.scale();
+    let magnitude = d.mantissa().unsigned_abs();
+    let fixed = (scale <= SCALE)
+        .then(|| magnitude.checked_mul(POW10[(SCALE - scale) as usize]))
+        .flatten()
+        .filter(|&m| m < 1u128 << 96);
+    let Some(fixed) = fixed else {
+        let mut slow = *d;
+        slow.rescale(SCALE);
+        return slow.serialize();
+    };
+    let sign = if d.is_sign_negative() { 1u32 << 31 } else { 0 };
+    let flags = sign | (SCALE << 16);
+    let mut out = [0u8; 16];
+    out[..4].copy_from_slice(&flags.to_le_bytes());
+    out[4..].copy_from_slice(&fixed.to_le_bytes()[..12]);
+    debug_assert_eq!(out, {
+        let mut slow = *d;
+        slow.rescale(SCALE);
+        slow.serialize()
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn slow(d: &Decimal) -> [u8; 16] {
         let mut fixed = *d;
         fixed.rescale(crate::domain::amount::SCALE_MAX);
-        debug_assert_eq!(fixed, *d, "amounts have at most 8 fractional digits");
-        self.put(&fixed.serialize());
+        fixed.serialize()
+    }
+
+    #[test]
+    fn fixed_scale_bytes_are_rescale_then_serialize_at_the_edges() {
+        let cases = [
+            Decimal::ZERO,
+            -Decimal::ZERO,
+            Decimal::new(0, 8),
+            Decimal::new(1, 8),
+            Decimal::new(-1, 8),
+            Decimal::new(10_050, 2),
+            Decimal::from(10),
+            Decimal::from_i128_with_scale(10i128.pow(26) - 1, 8),
+            Decimal::from_i128_with_scale(10i128.pow(18) - 1, 0),
+            Decimal::from_i128_with_scale(-(10i128.pow(18) - 1), 0),
+            // Past the range and the scale: the slow path.
+            Decimal::from_i128_with_scale(10i128.pow(27), 0),
+            Decimal::new(123_456_789, 9),
+            Decimal::MAX,
+        ];
+        for d in cases {
+            assert_eq!(fixed_scale_bytes(&d), slow(&d), "{d:?}");
+        }
+        // "10" and "10.00" are the same payload.
+        assert_eq!(
+            fixed_scale_bytes(&Decimal::new(1000, 2)),
+            fixed_scale_bytes(&Decimal::from(10))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn fixed_scale_bytes_are_rescale_then_serialize(
+            mantissa in -(10i128.pow(26))..10i128.pow(26),
+            scale in 0u32..=10,
+        ) {
+            let d = Decimal::from_i128_with_scale(mantissa, scale);
+            prop_assert_eq!(fixed_scale_bytes(&d), slow(&d));
+        }
     }
 }
