@@ -421,6 +421,14 @@ pub struct DlqLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DroppedLabels {
+    /// The topic the record was for.
+    pub topic: String,
+    /// Why the broker can never take it, e.g. `MESSAGE_SIZE_TOO_LARGE`.
+    pub reason: &'static str,
+}
+
 /// Kafka consumers, dead-letter queues and the outbox publisher.
 pub struct KafkaMetrics {
     pub consumer_lag_records: Family<PartitionLabels, Gauge>,
@@ -433,6 +441,8 @@ pub struct KafkaMetrics {
     pub outbox_backlog_age_seconds: Gauge<f64, AtomicU64>,
     pub outbox_watermark: Gauge,
     pub outbox_published_total: Counter,
+    /// Records the broker refused for good, passed over (see the publisher).
+    pub outbox_dropped_total: Family<DroppedLabels, Counter>,
 }
 
 impl KafkaMetrics {
@@ -449,6 +459,7 @@ impl KafkaMetrics {
             outbox_backlog_age_seconds: Gauge::default(),
             outbox_watermark: Gauge::default(),
             outbox_published_total: Counter::default(),
+            outbox_dropped_total: Family::default(),
         }
     }
 
@@ -502,6 +513,11 @@ impl KafkaMetrics {
             "outbox_published",
             "Outbox records acknowledged by the broker",
             self.outbox_published_total.clone(),
+        );
+        registry.register(
+            "outbox_dropped",
+            "Outbox records the broker refused for good (too large, malformed): logged and passed over",
+            self.outbox_dropped_total.clone(),
         );
     }
 }

@@ -593,6 +593,63 @@ async fn broker_outage_never_blocks_reserve_and_the_backlog_drains() {
     assert_eq!(reserved.len(), 1300, "every Reserve's event arrived");
 }
 
+/// A record the broker can never take (here a dead letter over the producer's
+/// `message.max.bytes`: it carries the original message) is logged, counted
+/// and passed over: the events journaled after it are still published and the
+/// watermark moves on. Before, it was retried forever and held everything
+/// behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_refused_for_good_is_passed_over_and_the_records_after_it_publish() {
+    let broker = Broker::start();
+    broker.create_service_topics(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bootstrap = broker.bootstrap();
+    let server = Server::start(
+        dir.path(),
+        &[
+            "--kafka-brokers",
+            &bootstrap,
+            "--kafka-option",
+            "message.max.bytes=20000",
+        ],
+    )
+    .await;
+    open_accounts(&server, [1]).await;
+    let p = broker.producer();
+    // Not a FillEvent: dead-lettered, and its dead letter is over 20,000 bytes.
+    produce(&p, FILLS, "1", &[0xff; 30_000]).await;
+    send(&p, DEPOSITS, 1, &deposit("dep-after", 1, "100")).await;
+    let port = server.metrics_port;
+    eventually(
+        Duration::from_secs(30),
+        "the refused dead letter dropped and the deposit after it published",
+        || async {
+            metric(port, "account_outbox_dropped_total") == 1.0
+                && metric(port, "account_outbox_backlog_records") == 0.0
+                && metric(port, "account_kafka_consumer_messages_total") >= 2.0
+                // The watermark passed the refused record.
+                && metric(port, "account_outbox_watermark")
+                    >= metric(port, "account_engine_last_sequence")
+        },
+    )
+    .await;
+    let text = common::kafka::metrics_text(port);
+    assert!(
+        text.contains(
+            "account_outbox_dropped_total{topic=\"trading.fills.dlq\",reason=\"MESSAGE_SIZE_TOO_LARGE\"} 1"
+        ),
+        "{text}"
+    );
+    let messages = broker.read_all(EVENTS, 2, Duration::from_secs(30));
+    let deposited = account_events(&messages).into_iter().any(|(_, e)| {
+        e.r#type == events::AccountEventType::Deposited as i32 && e.cause_id == "dep-after"
+    });
+    assert!(
+        deposited,
+        "the deposit after the refused record is published"
+    );
+}
+
 /// Measurement, run by hand in release:
 /// `cargo test --release --test kafka -- --ignored --nocapture fills_ingest`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,8 +8,12 @@
 //! * Broker outage: librdkafka buffers and retries without a timeout
 //!   (`message.timeout.ms = 0`); once its queue is full, records wait here.
 //!   The backlog and its age are metered and logged. The writer never waits.
-//! * A failed delivery (a permanent broker error) is retried after
-//!   [`RETRY_BACKOFF`]; the watermark does not pass it.
+//! * A failed delivery is retried after [`RETRY_BACKOFF`]; the watermark does
+//!   not pass it. A record the broker can never take (over the message size
+//!   limit, malformed: [`permanent_error`]) is not retried: it is logged at
+//!   error with its sequence and topic, counted in `outbox_dropped_total`,
+//!   and passed over, so the records after it are published. It stays in the
+//!   WAL (until retention); the watermark passes it, so it is not republished.
 //! * Shutdown: when the writer is gone the publisher drains for at most
 //!   [`DRAIN_MAX`], stores the watermark and exits; what is left is
 //!   republished from the WAL at the next start.
@@ -164,7 +168,7 @@ impl Topics {
 
 /// Delivery reports, forwarded to the publisher loop.
 struct Deliveries {
-    tx: Sender<(usize, Option<String>)>,
+    tx: Sender<(usize, Option<KafkaError>)>,
 }
 
 impl ClientContext for Deliveries {
@@ -177,7 +181,7 @@ impl ProducerContext for Deliveries {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
-        let error = result.as_ref().err().map(|(e, _)| e.to_string());
+        let error = result.as_ref().err().map(|(e, _)| e.clone());
         let _ = self.tx.send((opaque, error));
     }
 }
@@ -198,7 +202,7 @@ struct Publisher {
     refetcher: Refetcher,
     feed: Receiver<OutboxBatch>,
     producer: BaseProducer<Deliveries>,
-    delivered: Receiver<(usize, Option<String>)>,
+    delivered: Receiver<(usize, Option<KafkaError>)>,
     file: WatermarkFile,
     durable: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
@@ -400,6 +404,12 @@ impl Publisher {
                 self.producer.poll(Duration::from_millis(1));
                 Sent::Later
             }
+            Err(e) if permanent_error(&e).is_some() => {
+                // Refused before it left (over `message.max.bytes`): never
+                // deliverable, so passed over instead of blocking the rest.
+                self.drop_record(slot, index, &e);
+                Sent::Ok
+            }
             Err(e) => {
                 tracing::warn!(error = %e, sequence = record.sequence, "outbox produce; retrying");
                 self.retry_at = Some(Instant::now() + RETRY_BACKOFF);
@@ -436,7 +446,35 @@ impl Publisher {
         let _ = ev.encode(&mut self.payload);
     }
 
-    fn on_delivery(&mut self, opaque: usize, error: Option<String>) {
+    /// Settles a record the broker can never take: logged, counted, and
+    /// acknowledged as far as the watermark is concerned.
+    fn drop_record(&mut self, slot: usize, index: usize, error: &KafkaError) {
+        let reason = permanent_error(error).unwrap_or("UNKNOWN");
+        let record = self.pending[slot].records[index];
+        let topic = match record.item {
+            OutboxItem::Event { .. } => self.topics.events.clone(),
+            OutboxItem::DeadLetter { source, .. } => self.topics.source(source.topic).1.clone(),
+        };
+        tracing::error!(
+            error = %error,
+            reason,
+            sequence = record.sequence,
+            topic,
+            "outbox record refused for good: not published (it stays in the WAL; the records after it go on)"
+        );
+        self.metrics
+            .kafka
+            .outbox_dropped_total
+            .get_or_create(&crate::metrics::DroppedLabels { topic, reason })
+            .inc();
+        let batch = &mut self.pending[slot];
+        if !std::mem::replace(&mut batch.acked[index], true) {
+            batch.unacked -= 1;
+            self.backlog -= 1;
+        }
+    }
+
+    fn on_delivery(&mut self, opaque: usize, error: Option<KafkaError>) {
         let id = opaque as u64 >> INDEX_BITS;
         let index = opaque & ((1 << INDEX_BITS) - 1);
         let Some(slot) = id.checked_sub(self.first_id) else {
@@ -446,8 +484,12 @@ impl Publisher {
             return;
         };
         if let Some(error) = error {
+            if permanent_error(&error).is_some() {
+                self.drop_record(slot as usize, index, &error);
+                return;
+            }
             tracing::warn!(
-                error,
+                error = %error,
                 sequence = batch.records[index].sequence,
                 "outbox delivery failed; retrying"
             );
@@ -553,4 +595,20 @@ fn write_amount(out: &mut String, value: Decimal) {
     } else {
         let _ = write!(out, "{v}");
     }
+}
+
+/// The name of a produce or delivery error that no retry can cure (the
+/// record itself is refused), or `None` for one worth retrying (the broker
+/// unreachable, a leader moving, a topic not there yet).
+pub fn permanent_error(error: &KafkaError) -> Option<&'static str> {
+    use RDKafkaErrorCode as C;
+    Some(match error.rdkafka_error_code()? {
+        C::MessageSizeTooLarge => "MESSAGE_SIZE_TOO_LARGE",
+        C::InvalidMessageSize => "INVALID_MESSAGE_SIZE",
+        C::MessageBatchTooLarge => "MESSAGE_BATCH_TOO_LARGE",
+        C::InvalidMessage => "INVALID_MESSAGE",
+        C::InvalidRecord => "INVALID_RECORD",
+        C::InvalidTimestamp => "INVALID_TIMESTAMP",
+        _ => return None,
+    })
 }
