@@ -650,6 +650,72 @@ async fn a_record_refused_for_good_is_passed_over_and_the_records_after_it_publi
     );
 }
 
+/// SIGTERM while the broker is down with a backlog of events: the service
+/// stops within seconds (the outbox drains for at most `DRAIN_MAX`, then
+/// leaves the rest to the WAL) instead of waiting for the broker, and after a
+/// restart with the broker back every event of the backlog is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_broker_outage_stops_promptly_and_the_backlog_publishes_after() {
+    let broker = Broker::start();
+    broker.create_service_topics(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(&broker, dir.path()).await;
+    open_accounts(&server, [1]).await;
+    let mut admin = server.admin().await;
+    admin.deposit(deposit("dep-1", 1, "1000000")).await.unwrap();
+    let mut accounts = server.accounts().await;
+
+    broker.pause();
+    for i in 0..2_000 {
+        let r = accounts
+            .reserve(common::server::reserve_one_usd(i))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result, pb::Result::Ok as i32);
+    }
+    // The gauge is refreshed every 100 ms.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let backlog = metric(server.metrics_port, "account_outbox_backlog_records");
+    assert!(
+        backlog >= 1_000.0,
+        "the events wait for the broker: {backlog}"
+    );
+    let started = Instant::now();
+    server.sigterm();
+    let status = server.wait_exit(Duration::from_secs(60));
+    let took = started.elapsed();
+    eprintln!("stop with the broker down and {backlog} events unpublished: {took:?}");
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "clean exit: {status:?}"
+    );
+    // The outbox drains for at most DRAIN_MAX (5 s) and a metadata request
+    // takes at most 1 s; a stop that waited for the broker would last until
+    // it is back (before this test, 12-17 s: three metadata requests of 5 s).
+    assert!(took < Duration::from_secs(15), "stop took {took:?}");
+
+    broker.resume();
+    let server = start(&broker, dir.path()).await;
+    eventually(
+        Duration::from_secs(60),
+        "the backlog to publish",
+        || async {
+            metric(server.metrics_port, "account_outbox_backlog_records") == 0.0
+                && metric(server.metrics_port, "account_outbox_watermark")
+                    >= metric(server.metrics_port, "account_engine_last_sequence")
+        },
+    )
+    .await;
+    let messages = broker.read_all(EVENTS, 2_002, Duration::from_secs(30));
+    let by_id = assert_duplicates_identical(&account_events(&messages));
+    let reserved = by_id
+        .values()
+        .filter(|e| e.r#type == events::AccountEventType::Reserved as i32)
+        .count();
+    assert_eq!(reserved, 2_000, "every Reserve's event, once per event id");
+}
+
 /// Measurement, run by hand in release:
 /// `cargo test --release --test kafka -- --ignored --nocapture fills_ingest`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,7 +50,10 @@ pub const METADATA_REFRESH: Duration = Duration::from_secs(2);
 /// How often the (informational) group offsets are committed.
 const COMMIT_INTERVAL: Duration = Duration::from_secs(1);
 const POLL_TIMEOUT: Duration = Duration::from_millis(50);
-const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
+/// One topic's metadata request. It blocks the consumer loop (a stop waits
+/// for it), so it is short: a refresh that times out is retried at the next
+/// [`METADATA_REFRESH`], and partitions already assigned keep being consumed.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(1);
 /// Back-pressure: retry a held message every this long while the queue drains.
 const DRAIN_POLL: Duration = Duration::from_millis(1);
 /// Most warnings about consumer errors per this interval.
@@ -325,6 +328,10 @@ impl Worker {
     fn refresh_assignment(&mut self) {
         let mut new = Vec::new();
         for topic in Topic::ALL {
+            // A stop never waits for more than one request (the broker may be gone).
+            if self.stopping() {
+                return;
+            }
             let name = self.config.topic_name(topic).to_owned();
             let metadata = match self.consumer.fetch_metadata(Some(&name), METADATA_TIMEOUT) {
                 Ok(m) => m,

@@ -186,6 +186,14 @@ impl Server {
         }
     }
 
+    /// SIGTERM without waiting (see [`Server::wait_exit`]).
+    #[allow(dead_code)]
+    pub fn sigterm(&self) {
+        let child = self.child.as_ref().expect("running");
+        let pid = child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    }
+
     /// SIGTERM and wait for a clean exit; returns the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
