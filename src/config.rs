@@ -168,7 +168,8 @@ pub struct ServeArgs {
     )]
     pub snapshot_every_records: u64,
 
-    /// Capacity of the ingress queue; a full queue answers RESOURCE_EXHAUSTED.
+    /// Capacity of each ingress lane (gRPC clients; the Kafka consumer): a full
+    /// clients lane answers RESOURCE_EXHAUSTED, a full feeds lane pauses the consumer.
     #[arg(long, env = "ACCOUNT_QUEUE_CAPACITY", default_value_t = 65_536)]
     pub queue_capacity: usize,
 

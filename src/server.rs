@@ -103,7 +103,12 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let engine = Engine::start(engine_config, metrics.clone())?;
     let handle = engine.handle();
     let consumer = match kafka {
-        Some(k) => Some(KafkaConsumer::start(k, handle.clone(), metrics.clone())?),
+        // Its own lane: a backlog of fills never takes the room of Reserve.
+        Some(k) => Some(KafkaConsumer::start(
+            k,
+            handle.on_lane(crate::engine::Lane::Feeds),
+            metrics.clone(),
+        )?),
         None => None,
     };
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -46,7 +46,7 @@ pub const ASYNC_SYNC_INTERVAL_MS: u64 = 5;
 pub struct EngineConfig {
     pub wal: wal::WalOptions,
     pub durability: Durability,
-    /// Capacity of the ingress queue, in requests.
+    /// Capacity of each ingress lane ([`Lane`]), in requests.
     pub queue_capacity: usize,
     /// Most requests taken into one batch (one sync).
     pub batch_size_max: usize,
@@ -233,10 +233,30 @@ pub enum EngineError {
     Thread(String),
 }
 
+/// The ingress queue a handle submits to. Each lane is bounded on its own,
+/// so a Kafka backlog that fills the feeds lane to the brim never refuses a
+/// client's Reserve (`RESOURCE_EXHAUSTED`), and the writer takes client
+/// requests first, feeds at most [`FEED_SHARE`] of each batch (see the
+/// writer's `take_batch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// gRPC callers.
+    Clients,
+    /// The Kafka consumer (fills, deposits, withdrawals).
+    Feeds,
+}
+
+/// A batch holds at most `batch_size_max / FEED_SHARE` requests of the feeds
+/// lane: a batch a client request waits behind stays short, and a backlog
+/// still drains hundreds of records per sync.
+pub const FEED_SHARE: usize = 4;
+
 /// The ingress side of the engine: cheap to clone, one per ingress task.
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: Sender<Request>,
+    clients: Sender<Request>,
+    feeds: Sender<Request>,
+    lane: Lane,
     phase: Arc<PhaseCell>,
     stop: Arc<AtomicBool>,
 }
@@ -250,7 +270,7 @@ impl EngineHandle {
             Phase::Stopped => return Err(SubmitError::Stopped),
         }
         let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Request { kind, reply }) {
+        match self.tx().try_send(Request { kind, reply }) {
             Ok(()) => Ok(rx),
             Err(TrySendError::Full(_)) => Err(SubmitError::Overloaded),
             Err(TrySendError::Disconnected(_)) => Err(SubmitError::Stopped),
@@ -266,12 +286,33 @@ impl EngineHandle {
         self.phase.changes.subscribe()
     }
 
-    pub fn queue_len(&self) -> usize {
-        self.tx.len()
+    /// The same engine, submitting to `lane`.
+    pub fn on_lane(&self, lane: Lane) -> EngineHandle {
+        EngineHandle {
+            lane,
+            ..self.clone()
+        }
     }
 
+    pub fn lane(&self) -> Lane {
+        self.lane
+    }
+
+    fn tx(&self) -> &Sender<Request> {
+        match self.lane {
+            Lane::Clients => &self.clients,
+            Lane::Feeds => &self.feeds,
+        }
+    }
+
+    /// Requests waiting in this handle's lane.
+    pub fn queue_len(&self) -> usize {
+        self.tx().len()
+    }
+
+    /// Room of this handle's lane.
     pub fn queue_capacity(&self) -> usize {
-        self.tx.capacity().unwrap_or(usize::MAX)
+        self.tx().capacity().unwrap_or(usize::MAX)
     }
 }
 
@@ -288,7 +329,9 @@ impl Engine {
     /// `Replaying`), then serves (phase `Serving`).
     pub fn start(config: EngineConfig, metrics: Arc<Metrics>) -> Result<Engine, EngineError> {
         assert!(config.queue_capacity > 0 && config.batch_size_max > 0);
-        let (tx, rx) = crossbeam_channel::bounded(config.queue_capacity);
+        // One bound per lane: the feeds lane cannot take the clients' room.
+        let (clients, clients_rx) = crossbeam_channel::bounded(config.queue_capacity);
+        let (feeds, feeds_rx) = crossbeam_channel::bounded(config.queue_capacity);
         let (wake, wake_rx) = crossbeam_channel::bounded(1);
         let phase = PhaseCell::new();
         let phase_tx = phase.clone();
@@ -301,7 +344,7 @@ impl Engine {
                 // engine like an error: callers waiting for a phase see
                 // `Stopped` instead of waiting forever.
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    Writer::open(config, rx, wake_rx, metrics, thread_stop)
+                    Writer::open(config, [clients_rx, feeds_rx], wake_rx, metrics, thread_stop)
                         .and_then(|writer| writer.run(&phase_tx))
                 }))
                 .unwrap_or_else(|_| Err(EngineError::Thread("engine thread panicked".into())));
@@ -322,7 +365,13 @@ impl Engine {
             })
             .map_err(|e| EngineError::Thread(e.to_string()))?;
         Ok(Engine {
-            handle: EngineHandle { tx, phase, stop },
+            handle: EngineHandle {
+                clients,
+                feeds,
+                lane: Lane::Clients,
+                phase,
+                stop,
+            },
             wake,
             thread: Some(thread),
         })

@@ -40,7 +40,10 @@ const TICK_SPACING_MS: i64 = 10;
 
 pub struct Writer {
     config: EngineConfig,
+    /// The clients lane (gRPC).
     rx: Receiver<Request>,
+    /// The feeds lane (Kafka): at most `batch_size_max / FEED_SHARE` per batch.
+    feeds: Receiver<Request>,
     /// A stop request wakes the writer through this.
     wake: Receiver<()>,
     metrics: Arc<Metrics>,
@@ -76,7 +79,7 @@ impl Writer {
     /// can report `Replaying` meanwhile.
     pub fn open(
         config: EngineConfig,
-        rx: Receiver<Request>,
+        [rx, feeds]: [Receiver<Request>; 2],
         wake: Receiver<()>,
         metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
@@ -96,6 +99,7 @@ impl Writer {
             state: State::default(),
             config,
             rx,
+            feeds,
             wake,
             metrics,
             stop,
@@ -394,35 +398,69 @@ impl Writer {
         Ok(drained)
     }
 
+    /// Takes the next batch: blocks for the first request of either lane,
+    /// then takes what the clients lane holds, then the feeds lane's, at most
+    /// `batch_size_max / FEED_SHARE` of those, so a Kafka backlog never makes
+    /// the batch a client waits behind long. Returns true when both lanes
+    /// were found empty.
     fn take_batch(&mut self) -> bool {
         debug_assert!(self.batch.is_empty() && self.held.is_empty());
         let timeout = self.idle_timeout();
+        let first_from_feeds;
         crossbeam_channel::select! {
             recv(self.rx) -> first => match first {
-                Ok(first) => self.batch.push(first),
+                Ok(first) => {
+                    self.batch.push(first);
+                    first_from_feeds = false;
+                }
                 // Every handle is gone: treat as a stop request.
                 Err(_) => {
                     self.stop.store(true, Ordering::Release);
                     return true;
                 }
             },
+            recv(self.feeds) -> first => match first {
+                Ok(first) => {
+                    self.batch.push(first);
+                    first_from_feeds = true;
+                }
+                Err(_) => {
+                    self.stop.store(true, Ordering::Release);
+                    return true;
+                }
+            },
             // A stop request: the loop sees the flag.
-            recv(self.wake) -> _ => return self.rx.is_empty(),
+            recv(self.wake) -> _ => return self.rx.is_empty() && self.feeds.is_empty(),
             default(timeout) => return true,
         }
-        while self.batch.len() < self.config.batch_size_max {
-            match self.rx.try_recv() {
-                Ok(request) => self.batch.push(request),
+        // Clients first, leaving the feeds their share; then the feeds (a
+        // Reserve flood never stops the fills); then clients into what is left.
+        let max = self.config.batch_size_max;
+        let feeds_max = (max / super::FEED_SHARE).max(1);
+        let mut feeds = usize::from(first_from_feeds);
+        take(
+            &self.rx,
+            &mut self.batch,
+            max.saturating_sub(feeds_max).max(1),
+        );
+        while self.batch.len() < max && feeds < feeds_max {
+            match self.feeds.try_recv() {
+                Ok(request) => {
+                    self.batch.push(request);
+                    feeds += 1;
+                }
                 Err(_) => break,
             }
         }
+        take(&self.rx, &mut self.batch, max);
         self.metrics
             .engine_batch_size
             .observe(self.batch.len() as f64);
-        self.metrics.engine_queue_depth.set(self.rx.len() as i64);
-        self.rx.is_empty()
+        self.metrics
+            .engine_queue_depth
+            .set((self.rx.len() + self.feeds.len()) as i64);
+        self.rx.is_empty() && self.feeds.is_empty()
     }
-
     /// How long the writer may wait for the first request of a batch: until
     /// its next deadline, at most [`IDLE_MAX`]; not at all while stopping.
     fn idle_timeout(&self) -> Duration {
@@ -608,9 +646,102 @@ impl Writer {
 
 /// Pins the current thread to the last core. Best effort: where the OS refuses
 /// (containers without the capability, macOS), the writer runs unpinned.
+/// Moves requests from `rx` into `batch` until it holds `up_to` or `rx` is empty.
+fn take(rx: &Receiver<Request>, batch: &mut Vec<Request>, up_to: usize) {
+    while batch.len() < up_to {
+        match rx.try_recv() {
+            Ok(request) => batch.push(request),
+            Err(_) => break,
+        }
+    }
+}
+
 fn pin_to_last_core() {
     let pinned = core_affinity::get_core_ids()
         .and_then(|ids| ids.last().copied())
         .is_some_and(core_affinity::set_for_current);
     tracing::info!(pinned, "engine writer thread affinity");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::AccountId;
+
+    const CLIENT: i64 = 1;
+    const FEED: i64 = 2;
+
+    /// A writer (not running) with a batch of at most 8, and the senders of
+    /// its two lanes.
+    fn writer(
+        dir: &std::path::Path,
+    ) -> (
+        Writer,
+        [crossbeam_channel::Sender<Request>; 2],
+        crossbeam_channel::Sender<()>,
+    ) {
+        let mut config = EngineConfig::new(dir);
+        config.batch_size_max = 8;
+        let (clients, clients_rx) = crossbeam_channel::bounded(64);
+        let (feeds, feeds_rx) = crossbeam_channel::bounded(64);
+        // Kept by the caller: a closed wake channel reads as a stop request.
+        let (wake, wake_rx) = crossbeam_channel::bounded(1);
+        let writer = Writer::open(
+            config,
+            [clients_rx, feeds_rx],
+            wake_rx,
+            Metrics::new(),
+            Arc::new(AtomicBool::new(false)),
+        )
+        .unwrap();
+        (writer, [clients, feeds], wake)
+    }
+
+    fn send(lane: &crossbeam_channel::Sender<Request>, id: i64, n: usize) {
+        for _ in 0..n {
+            let (reply, _) = tokio::sync::oneshot::channel();
+            let kind = RequestKind::Query(Query::Account(AccountId(id)));
+            lane.send(Request { kind, reply }).unwrap();
+        }
+    }
+
+    /// (client requests, feed requests) in the next batch.
+    fn next_batch(writer: &mut Writer) -> (usize, usize) {
+        writer.take_batch();
+        let of = |id| {
+            writer
+                .batch
+                .iter()
+                .filter(|r| matches!(r.kind, RequestKind::Query(Query::Account(AccountId(a))) if a == id))
+                .count()
+        };
+        let counts = (of(CLIENT), of(FEED));
+        writer.batch.clear();
+        counts
+    }
+
+    #[test]
+    fn a_batch_takes_clients_first_and_feeds_at_most_their_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut writer, [clients, feeds], _wake) = writer(dir.path());
+        // Both lanes full: 8 / FEED_SHARE = 2 feeds, the rest clients,
+        // whichever lane the first request came from.
+        send(&clients, CLIENT, 20);
+        send(&feeds, FEED, 20);
+        assert_eq!(next_batch(&mut writer), (6, 2));
+        assert_eq!(next_batch(&mut writer), (6, 2));
+        // A client flood never stops the feeds, nor feeds the clients.
+        assert_eq!(next_batch(&mut writer), (6, 2));
+        assert_eq!(next_batch(&mut writer), (2, 2));
+        // Feeds alone (12 left): their share per batch, so a client arriving
+        // meanwhile waits behind a short batch.
+        for _ in 0..6 {
+            assert_eq!(next_batch(&mut writer), (0, 2));
+        }
+        // Clients alone: the whole batch.
+        send(&clients, CLIENT, 20);
+        assert_eq!(next_batch(&mut writer), (8, 0));
+        assert_eq!(next_batch(&mut writer), (8, 0));
+        assert_eq!(next_batch(&mut writer), (4, 0));
+    }
 }
