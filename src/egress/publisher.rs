@@ -404,17 +404,19 @@ impl Publisher {
                 self.producer.poll(Duration::from_millis(1));
                 Sent::Later
             }
-            Err(e) if permanent_error(&e).is_some() => {
+            Err(e) => match permanent_error(&e) {
                 // Refused before it left (over `message.max.bytes`): never
                 // deliverable, so passed over instead of blocking the rest.
-                self.drop_record(slot, index, &e);
-                Sent::Ok
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, sequence = record.sequence, "outbox produce; retrying");
-                self.retry_at = Some(Instant::now() + RETRY_BACKOFF);
-                Sent::Later
-            }
+                Some(reason) => {
+                    self.drop_record(slot, index, &e, reason);
+                    Sent::Ok
+                }
+                None => {
+                    tracing::warn!(error = %e, sequence = record.sequence, "outbox produce; retrying");
+                    self.retry_at = Some(Instant::now() + RETRY_BACKOFF);
+                    Sent::Later
+                }
+            },
         }
     }
 
@@ -448,8 +450,7 @@ impl Publisher {
 
     /// Settles a record the broker can never take: logged, counted, and
     /// acknowledged as far as the watermark is concerned.
-    fn drop_record(&mut self, slot: usize, index: usize, error: &KafkaError) {
-        let reason = permanent_error(error).unwrap_or("UNKNOWN");
+    fn drop_record(&mut self, slot: usize, index: usize, error: &KafkaError, reason: &'static str) {
         let record = self.pending[slot].records[index];
         let topic = match record.item {
             OutboxItem::Event { .. } => self.topics.events.clone(),
@@ -484,8 +485,8 @@ impl Publisher {
             return;
         };
         if let Some(error) = error {
-            if permanent_error(&error).is_some() {
-                self.drop_record(slot as usize, index, &error);
+            if let Some(reason) = permanent_error(&error) {
+                self.drop_record(slot as usize, index, &error, reason);
                 return;
             }
             tracing::warn!(

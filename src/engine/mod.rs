@@ -125,9 +125,8 @@ pub struct Request {
 pub struct CommandReply {
     pub outcome: Outcome,
     pub reservation: Option<ReservationView>,
+    /// Read at the state of the command's batch (its `sequence` says which).
     pub account: Option<AccountView>,
-    /// Sequence of the state `account` / `reservation` were read at.
-    pub state_sequence: u64,
 }
 
 // A reply moves once, through its oneshot: no allocation per command beats a
@@ -292,10 +291,6 @@ impl EngineHandle {
             lane,
             ..self.clone()
         }
-    }
-
-    pub fn lane(&self) -> Lane {
-        self.lane
     }
 
     fn tx(&self) -> &Sender<Request> {

@@ -138,13 +138,15 @@ fn decoded_in_chunks(
                 }
                 read
             })
-            .expect("spawn the replay reader");
+            .map_err(|e| EngineError::Thread(format!("replay: starting the reader: {e}")))?;
         for mut chunk in &full_rx {
             apply(&mut chunk);
             // The reader may have finished: the chunk is then dropped.
             let _ = empty_tx.try_send(chunk);
         }
-        reader.join().expect("the replay reader does not panic")
+        reader
+            .join()
+            .unwrap_or_else(|_| Err(EngineError::Thread("replay: the reader panicked".into())))
     })
 }
 
@@ -154,9 +156,8 @@ mod tests {
     use crate::state_machine::StateConfig;
     use crate::workload;
 
-    /// A log of `commands` (journaled at one time each), then `garbage` as
-    /// one more record if given. Returns the log and the state the commands
-    /// give applied directly.
+    /// A log of `commands`, each journaled 1 ms after the one before. Returns
+    /// the log and the state the commands give applied directly.
     fn journal(dir: &std::path::Path, commands: &[crate::domain::Command]) -> (Wal, State) {
         let mut wal = Wal::open(wal::WalOptions::new(dir)).unwrap();
         let mut expected = State::new(StateConfig::default());

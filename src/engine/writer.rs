@@ -406,52 +406,31 @@ impl Writer {
     fn take_batch(&mut self) -> bool {
         debug_assert!(self.batch.is_empty() && self.held.is_empty());
         let timeout = self.idle_timeout();
-        let first_from_feeds;
-        crossbeam_channel::select! {
-            recv(self.rx) -> first => match first {
-                Ok(first) => {
-                    self.batch.push(first);
-                    first_from_feeds = false;
-                }
-                // Every handle is gone: treat as a stop request.
-                Err(_) => {
-                    self.stop.store(true, Ordering::Release);
-                    return true;
-                }
-            },
-            recv(self.feeds) -> first => match first {
-                Ok(first) => {
-                    self.batch.push(first);
-                    first_from_feeds = true;
-                }
-                Err(_) => {
-                    self.stop.store(true, Ordering::Release);
-                    return true;
-                }
-            },
+        let first = crossbeam_channel::select! {
+            recv(self.rx) -> first => first.map(|r| (r, false)),
+            recv(self.feeds) -> first => first.map(|r| (r, true)),
             // A stop request: the loop sees the flag.
             recv(self.wake) -> _ => return self.rx.is_empty() && self.feeds.is_empty(),
             default(timeout) => return true,
-        }
+        };
+        let Ok((first, from_feeds)) = first else {
+            // Every handle is gone: treat as a stop request.
+            self.stop.store(true, Ordering::Release);
+            return true;
+        };
+        self.batch.push(first);
         // Clients first, leaving the feeds their share; then the feeds (a
         // Reserve flood never stops the fills); then clients into what is left.
         let max = self.config.batch_size_max;
         let feeds_max = (max / super::FEED_SHARE).max(1);
-        let mut feeds = usize::from(first_from_feeds);
+        let feeds_room = feeds_max - usize::from(from_feeds);
         take(
             &self.rx,
             &mut self.batch,
             max.saturating_sub(feeds_max).max(1),
         );
-        while self.batch.len() < max && feeds < feeds_max {
-            match self.feeds.try_recv() {
-                Ok(request) => {
-                    self.batch.push(request);
-                    feeds += 1;
-                }
-                Err(_) => break,
-            }
-        }
+        let feeds_up_to = (self.batch.len() + feeds_room).min(max);
+        take(&self.feeds, &mut self.batch, feeds_up_to);
         take(&self.rx, &mut self.batch, max);
         self.metrics
             .engine_batch_size
@@ -461,6 +440,7 @@ impl Writer {
             .set((self.rx.len() + self.feeds.len()) as i64);
         self.rx.is_empty() && self.feeds.is_empty()
     }
+
     /// How long the writer may wait for the first request of a batch: until
     /// its next deadline, at most [`IDLE_MAX`]; not at all while stopping.
     fn idle_timeout(&self) -> Duration {
@@ -595,7 +575,6 @@ impl Writer {
             outcome,
             reservation: reservation.map(ReservationView::from),
             account,
-            state_sequence: self.state.last_sequence(),
         }
     }
 
