@@ -43,7 +43,8 @@ struct HistogramInner {
 
 impl Histogram {
     pub fn new(bounds: impl Iterator<Item = f64>) -> Histogram {
-        let bounds: Box<[f64]> = bounds.collect();
+        // The overflow bucket is implicit: a non-finite bound is dropped.
+        let bounds: Box<[f64]> = bounds.filter(|bound| bound.is_finite()).collect();
         assert!(bounds.windows(2).all(|w| w[0] < w[1]), "increasing bounds");
         let buckets = (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect();
         Histogram {
@@ -76,14 +77,14 @@ impl Histogram {
     }
 
     /// Sum, count, and `(upper bound, count)` per bucket (not cumulative),
-    /// the last bound `f64::MAX` (+Inf).
+    /// the last bound `f64::INFINITY` (`le="+Inf"`).
     pub fn get(&self) -> (f64, u64, Vec<(f64, u64)>) {
         let inner = &*self.inner;
         let buckets = inner
             .bounds
             .iter()
             .copied()
-            .chain(std::iter::once(f64::MAX))
+            .chain(std::iter::once(f64::INFINITY))
             .zip(inner.buckets.iter())
             .map(|(bound, n)| (bound, n.load(Ordering::Relaxed)))
             .collect();
@@ -102,7 +103,8 @@ impl TypedMetric for Histogram {
 impl EncodeMetric for Histogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         let (sum, count, buckets) = self.get();
-        encoder.encode_histogram::<()>(sum, count, &buckets, None)
+        encoder
+            .encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)
     }
 
     fn metric_type(&self) -> MetricType {
@@ -181,6 +183,7 @@ pub struct Metrics {
     /// Deltas handed to the snapshotter (at most one waits at a time).
     pub snapshot_deltas_total: Counter,
     pub snapshot_failures_total: Counter,
+    pub snapshot_history_events_total: Counter,
     /// Consumers, dead-letter queues and the outbox (zero without Kafka).
     pub kafka: KafkaMetrics,
 }
@@ -211,6 +214,7 @@ impl Metrics {
             snapshot_copy_seconds: latency_histogram(),
             snapshot_deltas_total: Counter::default(),
             snapshot_failures_total: Counter::default(),
+            snapshot_history_events_total: Counter::default(),
             kafka: KafkaMetrics::new(),
             registry: Registry::default(),
             id: METRICS_IDS.fetch_add(1, Ordering::Relaxed),
@@ -310,6 +314,11 @@ impl Metrics {
             "snapshot_failures",
             "Snapshot writes that failed (retried)",
             m.snapshot_failures_total.clone(),
+        );
+        registry.register(
+            "snapshot_history_events",
+            "Account events written to the account_events table",
+            m.snapshot_history_events_total.clone(),
         );
         m.kafka.register(&mut registry);
         Arc::new(Metrics { registry, ..m })
@@ -432,7 +441,7 @@ pub struct DroppedLabels {
 /// Kafka consumers, dead-letter queues and the outbox publisher.
 pub struct KafkaMetrics {
     pub consumer_lag_records: Family<PartitionLabels, Gauge>,
-    pub consumer_lag_ms: Family<PartitionLabels, Gauge>,
+    pub consumer_message_age_seconds: Family<PartitionLabels, Gauge<f64, AtomicU64>>,
     pub consumer_lag_seconds: Histogram,
     pub consumer_messages_total: Counter,
     pub consumer_pauses_total: Counter,
@@ -449,7 +458,7 @@ impl KafkaMetrics {
     fn new() -> KafkaMetrics {
         KafkaMetrics {
             consumer_lag_records: Family::default(),
-            consumer_lag_ms: Family::default(),
+            consumer_message_age_seconds: Family::default(),
             // 100 µs .. ~100 s
             consumer_lag_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 20)),
             consumer_messages_total: Counter::default(),
@@ -470,9 +479,9 @@ impl KafkaMetrics {
             self.consumer_lag_records.clone(),
         );
         registry.register(
-            "kafka_consumer_lag_ms",
+            "kafka_consumer_message_age_seconds",
             "Age of the last consumed message of a partition at consumption (from its timestamp)",
-            self.consumer_lag_ms.clone(),
+            self.consumer_message_age_seconds.clone(),
         );
         registry.register(
             "kafka_consumer_lag_seconds",
@@ -605,7 +614,7 @@ mod tests {
         assert_eq!(count, 10);
         // 0.0005 and twice 0.001 in the first bucket (bounds are inclusive).
         assert_eq!(buckets[0], (0.001, 3));
-        assert_eq!(buckets.last(), Some(&(f64::MAX, 2)));
+        assert_eq!(buckets.last(), Some(&(f64::INFINITY, 2)));
     }
 
     #[test]
@@ -625,7 +634,10 @@ mod tests {
         assert_eq!(count, 40_000);
         // Sums of small integers are exact in f64.
         assert_eq!(sum, 80_000.0);
-        assert_eq!(buckets, vec![(1.0, 20_000), (2.0, 0), (f64::MAX, 20_000)]);
+        assert_eq!(
+            buckets,
+            vec![(1.0, 20_000), (2.0, 0), (f64::INFINITY, 20_000)]
+        );
     }
 
     #[test]

@@ -57,8 +57,6 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("{0} is not available in this build yet")]
     NotBuilt(&'static str),
-    #[error("gRPC listener: {0}")]
-    Incoming(String),
     #[error("--grpc-addr {0} is not loopback and no --auth-tokens file is given: anyone who reaches it could move money. \
              Give --auth-tokens FILE (lines `<name> <order|admin|read> <sha256 of the token>`), listen on 127.0.0.1, \
              or say --insecure-no-auth")]
@@ -139,8 +137,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         wait_stop(stop_rx.clone()),
     ));
 
-    let incoming = tonic::transport::server::TcpIncoming::from_listener(grpc_listener, true, None)
-        .map_err(|e| ServeError::Incoming(e.to_string()))?;
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls_config(&args)? {
         builder = builder.tls_config(tls)?;

@@ -2,11 +2,14 @@
 //! thing: `promtool check metrics` on a live `/metrics` after traffic,
 //! `promtool check config` (and so the alert rules) on `ops/prometheus/`, and
 //! every metric the dashboard and the alert rules name is one the service
-//! exports. `scripts/test` installs promtool (Debian's `prometheus`) when it is
-//! missing; without it these tests fail rather than skip.
+//! exports. The service runs with a broker (tansu) and has consumed a good
+//! and a bad message, so the per-partition and per-reason families have
+//! series too. `scripts/test` installs promtool (Debian's `prometheus`) and
+//! tansu when they are missing; without them these tests fail rather than skip.
 
 mod common;
 
+use common::kafka::{metric, produce, Broker, DEPOSITS};
 use common::server::Server;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -100,8 +103,40 @@ fn ops_expressions() -> Vec<(String, String)> {
 async fn promtool_accepts_the_live_metrics_and_ops_names_only_exported_metrics() {
     let mut promtool_metrics = promtool();
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &[]).await;
+    let broker = Broker::start();
+    broker.create_service_topics(1).await;
+    let server = Server::start(dir.path(), &["--kafka-brokers", &broker.bootstrap()]).await;
     common::server::open_and_fund_account_1(&server, "1000").await;
+    // One deposit applied, one message dead-lettered (not protobuf).
+    let deposit = account_service::proto::events::DepositEvent {
+        event_id: "dep-ops-1".into(),
+        account_id: 1,
+        amount: "5".into(),
+        currency: "USD".into(),
+        source: String::new(),
+        timestamp: account_service::engine::now_ms(),
+    };
+    let producer = broker.producer();
+    produce(
+        &producer,
+        DEPOSITS,
+        "1",
+        &prost::Message::encode_to_vec(&deposit),
+    )
+    .await;
+    produce(&producer, DEPOSITS, "1", b"\xff not protobuf").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // The consumer's lag comes from librdkafka's statistics, once a second.
+    while metric(server.metrics_port, "account_dlq_messages_total") < 1.0
+        || !common::kafka::metrics_text(server.metrics_port)
+            .contains("\naccount_kafka_consumer_lag_records{")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bad message is dead-lettered and the consumer's lag reported"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let mut accounts = server.accounts().await;
     for i in 0..50 {
         accounts

@@ -9,7 +9,7 @@ use crate::modes::{open_loop, Ctx};
 use crate::schedule::Schedule;
 use crate::{Class, Recorder};
 use account_service::proto::account::v1 as pb;
-use rand::Rng;
+use rand::RngExt;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -58,7 +58,7 @@ impl Ctx {
     }
 
     fn wants_release(&self) -> bool {
-        rand::thread_rng().gen_bool(self.args.unreserve_share.clamp(0.0, 1.0))
+        rand::rng().random_bool(self.args.unreserve_share.clamp(0.0, 1.0))
     }
 }
 

@@ -8,7 +8,7 @@ use account_service::proto::account::v1 as pb;
 use account_service::proto::account::v1::account_service_client::AccountServiceClient;
 use account_service::proto::account::v1::admin_service_client::AdminServiceClient;
 use account_service::proto::events;
-use rand::Rng;
+use rand::RngExt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -137,12 +137,12 @@ impl Ctx {
     }
 
     pub fn account(&self) -> i64 {
-        let mut rng = rand::thread_rng();
+        let mut rng = rand::rng();
         let a = &self.args;
-        let n = if a.hot_accounts > 0 && rng.gen_bool(a.hot_share.clamp(0.0, 1.0)) {
-            rng.gen_range(0..a.hot_accounts.min(a.accounts))
+        let n = if a.hot_accounts > 0 && rng.random_bool(a.hot_share.clamp(0.0, 1.0)) {
+            rng.random_range(0..a.hot_accounts.min(a.accounts))
         } else {
-            rng.gen_range(0..a.accounts)
+            rng.random_range(0..a.accounts)
         };
         a.account_base + n as i64
     }
@@ -245,7 +245,7 @@ impl Ctx {
         if orders.is_empty() {
             return None;
         }
-        let i = rand::thread_rng().gen_range(0..orders.len());
+        let i = rand::rng().random_range(0..orders.len());
         Some(orders.swap_remove(i))
     }
 }
@@ -375,9 +375,7 @@ pub async fn reserve(ctx: &Arc<Ctx>, rate: f64, duration: f64) -> (Arc<Recorder>
     let recorder = Arc::new(Recorder::default());
     let elapsed = open_loop(ctx, rate, duration, &recorder, |ctx, i, _, _| async move {
         let class = ctx.reserve(i).await;
-        if class == Class::Ok
-            && rand::thread_rng().gen_bool(ctx.args.unreserve_share.clamp(0.0, 1.0))
-        {
+        if class == Class::Ok && rand::rng().random_bool(ctx.args.unreserve_share.clamp(0.0, 1.0)) {
             tokio::spawn(async move { ctx.unreserve_one(i).await });
         }
         class
@@ -435,7 +433,7 @@ pub async fn mixed(ctx: &Arc<Ctx>, mix: Mix) -> (Arc<Recorder>, Duration) {
         ctx.args.duration,
         &recorder,
         move |ctx, i, _, _| async move {
-            let pick = rand::thread_rng().gen_range(0..total);
+            let pick = rand::rng().random_range(0..total);
             if pick < mix.reserve {
                 ctx.reserve(i).await
             } else if pick < mix.reserve + mix.unreserve {

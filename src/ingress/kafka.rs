@@ -164,7 +164,7 @@ impl ConsumerContext for StatsContext {}
 struct PartitionState {
     /// The offset the next message must have (last submitted + 1).
     next_offset: i64,
-    lag_ms: Gauge,
+    message_age: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 struct Worker {
@@ -246,7 +246,7 @@ impl Worker {
         }
         if let Some(ts) = message.timestamp().to_millis() {
             let lag_ms = (now_ms() - ts).max(0);
-            partition.lag_ms.set(lag_ms);
+            partition.message_age.set(lag_ms as f64 / 1000.0);
             self.metrics
                 .kafka
                 .consumer_lag_seconds
@@ -363,10 +363,10 @@ impl Worker {
                 topic: self.config.topic_name(topic).to_owned(),
                 partition,
             };
-            let lag_ms = self
+            let message_age = self
                 .metrics
                 .kafka
-                .consumer_lag_ms
+                .consumer_message_age_seconds
                 .get_or_create(&labels)
                 .clone();
             tracing::info!(topic = %labels.topic, partition, last_applied = ?last, "assigning partition");
@@ -375,7 +375,7 @@ impl Worker {
                 PartitionState {
                     // -1: never seen; the earliest offset is >= 0.
                     next_offset: last.map_or(-1, |o| o + 1),
-                    lag_ms,
+                    message_age,
                 },
             );
         }
