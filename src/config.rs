@@ -150,10 +150,23 @@ pub struct ServeArgs {
     #[arg(long, env = "ACCOUNT_RESTORE_FROM_SNAPSHOT", requires = "postgres_url")]
     pub restore_from_snapshot: bool,
 
-    /// Longest a snapshot write, or the snapshot load at start-up, may take
-    /// before it is abandoned and retried (a hung PostgreSQL), in seconds.
+    /// Longest a statement of a snapshot write, or the snapshot load at
+    /// start-up, may take before it is abandoned and retried (a hung
+    /// PostgreSQL), in seconds.
     #[arg(long, env = "ACCOUNT_SNAPSHOT_TIMEOUT_SECS", default_value_t = 30)]
     pub snapshot_timeout_secs: u64,
+
+    /// Keep every account event in PostgreSQL (`account_events`, written with
+    /// each snapshot; read with `account-service history`). Its derivation
+    /// keeps a second copy of the state on the snapshotter thread.
+    #[arg(
+        long,
+        env = "ACCOUNT_HISTORY",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        value_name = "BOOL"
+    )]
+    pub history: bool,
 
     /// Time between two incremental snapshots to PostgreSQL, in ms.
     #[arg(long, env = "ACCOUNT_SNAPSHOT_INTERVAL_MS", default_value_t = 1000)]
@@ -379,6 +392,7 @@ impl ServeArgs {
                 every_records: self.snapshot_every_records,
                 restore_from_snapshot: self.restore_from_snapshot,
                 timeout: std::time::Duration::from_secs(self.snapshot_timeout_secs),
+                history: self.history,
                 ..crate::snapshot::SnapshotConfig::new(url)
             });
         config.wal.segment_size_bytes = self.wal_segment_mib * 1024 * 1024;

@@ -1,6 +1,6 @@
 //! `account-service`: the CLI. Everything else lives in the library.
 
-use account_service::{client, config::ServeArgs, server, topics};
+use account_service::{client, config::ServeArgs, server, snapshot, topics};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -29,6 +29,8 @@ enum Top {
     Serve(ServeArgs),
     /// Create the service's Kafka topics (inbound, outbound, dead letters) that are missing.
     KafkaTopics(topics::TopicsArgs),
+    /// One account's movements (every account event) from the PostgreSQL read model.
+    History(snapshot::HistoryArgs),
     #[command(flatten)]
     Client(client::ClientCommand),
 }
@@ -51,6 +53,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Top::Serve(args) => runtime.block_on(server::serve(args))?,
         Top::KafkaTopics(args) => runtime.block_on(topics::create(args))?,
+        Top::History(args) => runtime.block_on(snapshot::print_history(args))?,
         Top::Client(command) => runtime.block_on(client::run(command))?,
     }
     Ok(())

@@ -549,3 +549,173 @@ async fn a_hung_postgres_times_out_snapshots_and_never_blocks_reserve() {
     let at = pg.wait_snapshot(last, Duration::from_secs(60)).await;
     assert!(at >= last);
 }
+
+/// The read model's history (`account_events`) across a kill -9 during
+/// snapshot writes and a restart: every acknowledged Reserve has exactly one
+/// RESERVED row with its sequence and request id; each record's events are
+/// numbered 0.. without a hole; nothing lies beyond `snapshot_meta.sequence`;
+/// the movements add up to the snapshot's balances, and the newest row's
+/// after-balances are the snapshot's. `account-service history` reads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn account_events_hold_every_movement_once_across_kill9_and_match_the_snapshot() {
+    use rust_decimal::Decimal;
+    let pg = Postgres::start();
+    let dir = tempfile::tempdir().unwrap();
+    let url = pg.url();
+    let args = [
+        "--postgres-url",
+        url.as_str(),
+        "--snapshot-interval-ms",
+        "10",
+    ];
+    let mut server = Server::start(dir.path(), &args).await;
+    common::server::open_and_fund_account_1(&server, "1000000").await;
+    let acknowledged = common::server::reserve_until_kill9(&mut server, 8, 1_500, reserve).await;
+    assert!(
+        pg.snapshot_sequence().await > 0,
+        "snapshots were being written when the server was killed"
+    );
+
+    // After the restart: release a tenth of them, so two kinds of movement.
+    let mut server = Server::start(dir.path(), &args).await;
+    let mut accounts = server.accounts().await;
+    let mut last = 0;
+    for &(i, _) in acknowledged.iter().step_by(10) {
+        let r = accounts
+            .unreserve(pb::UnreserveRequest {
+                request_id: format!("unr-{i}"),
+                account_id: 1,
+                order_id: format!("ord-{i}"),
+                amount: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.result, pb::Result::Ok as i32);
+        last = r.sequence;
+    }
+    pg.wait_snapshot(last, Duration::from_secs(60)).await;
+    assert!(server.terminate().success());
+
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let at: i64 = client
+        .query_one("SELECT sequence FROM snapshot_meta", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let beyond: i64 = client
+        .query_one(
+            "SELECT count(*) FROM account_events WHERE sequence > $1",
+            &[&at],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(beyond, 0, "no event beyond the snapshot's sequence");
+    let holes: i64 = client
+        .query_one(
+            "SELECT count(*) FROM (SELECT sequence FROM account_events GROUP BY sequence
+               HAVING max(event_index) + 1 <> count(*) OR min(event_index) <> 0) h",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        holes, 0,
+        "each record's events are numbered 0.. without a hole"
+    );
+
+    let reserved: std::collections::HashMap<i64, (String, i64)> = client
+        .query(
+            "SELECT sequence, cause_id, count(*) OVER (PARTITION BY cause_id)
+               FROM account_events WHERE type = 'RESERVED'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i64>(0),
+                (r.get::<_, String>(1), r.get::<_, i64>(2)),
+            )
+        })
+        .collect();
+    for &(i, sequence) in &acknowledged {
+        let (cause, copies) = reserved
+            .get(&(sequence as i64))
+            .unwrap_or_else(|| panic!("acknowledged req-{i} at {sequence} has no RESERVED row"));
+        assert_eq!(cause, &format!("req-{i}"));
+        assert_eq!(*copies, 1, "req-{i} once");
+    }
+
+    // The movements add up to the snapshot's balances (nothing missing,
+    // nothing twice), and the newest row is the snapshot's state.
+    let sums = client
+        .query_one(
+            "SELECT coalesce(sum(amount) FILTER (WHERE type = 'DEPOSITED'), 0),
+                    coalesce(sum(amount) FILTER (WHERE type = 'RESERVED'), 0),
+                    coalesce(sum(amount) FILTER (WHERE type = 'UNRESERVED'), 0)
+               FROM account_events WHERE account_id = 1 AND asset = 'USD'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (deposited, reserves, releases): (Decimal, Decimal, Decimal) =
+        (sums.get(0), sums.get(1), sums.get(2));
+    let balance = client
+        .query_one(
+            "SELECT available, reserved FROM cash_balances WHERE account_id = 1 AND currency = 'USD'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (available, held): (Decimal, Decimal) = (balance.get(0), balance.get(1));
+    assert_eq!(deposited, Decimal::from(1_000_000));
+    assert_eq!(held, reserves - releases, "reserved = reserves - releases");
+    assert_eq!(available, deposited - held);
+    let newest = client
+        .query_one(
+            "SELECT available_after, reserved_after FROM account_events
+              WHERE account_id = 1 AND asset = 'USD' ORDER BY sequence DESC, event_index DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (newest.get::<_, Decimal>(0), newest.get::<_, Decimal>(1)),
+        (available, held)
+    );
+
+    let history = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_account-service"))
+            .args(["history", "--postgres-url", &url, "--account-id", "1"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first: Vec<serde_json::Value> = history(&["--format", "json", "--limit", "3"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(first.len(), 3);
+    assert_eq!(first[0]["type"], "ACCOUNT_OPENED");
+    assert_eq!(first[1]["type"], "DEPOSITED");
+    assert_eq!(first[1]["available_after"], "1000000");
+    assert_eq!(first[2]["type"], "RESERVED");
+    let table = history(&["--since", "2026-01-01", "--asset", "USD", "--limit", "5"]);
+    assert_eq!(table.lines().count(), 6, "a header and five rows:\n{table}");
+    assert!(table.contains("DEPOSITED"), "{table}");
+    let later = history(&["--since", "2999-01-01"]);
+    assert_eq!(later.lines().count(), 1, "only the header:\n{later}");
+}

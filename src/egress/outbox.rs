@@ -144,26 +144,7 @@ impl Collector {
         sequence: u64,
         timestamp_ms: i64,
     ) -> Outcome {
-        let cause_id = command.key().map(|k| k.id).unwrap_or_default();
-        let before = self.records.len();
-        let mut sink = Sink {
-            records: &mut self.records,
-            sequence,
-            timestamp_ms,
-            cause_id,
-            index: 0,
-        };
-        let outcome = state.apply(command, sequence, timestamp_ms, &mut sink);
-        let emitted = self.records.len() - before;
-        if let Some((source, reason)) = dead_letter_reason(command, &outcome, emitted) {
-            self.records.push(OutboxRecord {
-                sequence,
-                timestamp_ms,
-                cause_id,
-                item: OutboxItem::DeadLetter { source, reason },
-            });
-        }
-        outcome
+        collect(&mut self.records, state, command, sequence, timestamp_ms)
     }
 
     /// `state.apply_basket`, keeping each item's events (their cause is the
@@ -176,14 +157,14 @@ impl Collector {
         timestamp_ms: i64,
         outcomes: &mut Vec<Outcome>,
     ) {
-        let mut sink = Sink {
-            records: &mut self.records,
+        collect_basket(
+            &mut self.records,
+            state,
+            items,
             sequence,
             timestamp_ms,
-            cause_id: Id::default(),
-            index: 0,
-        };
-        state.apply_basket(items, sequence, timestamp_ms, &mut sink, outcomes);
+            outcomes,
+        )
     }
 
     /// Hands over everything collected; call only once every command through
@@ -216,6 +197,57 @@ impl Collector {
     pub fn held(&self) -> usize {
         self.records.len()
     }
+}
+
+/// `state.apply`, appending to `records` the command's events and its dead
+/// letter, if any: what is published for it, and what the read model's
+/// history keeps.
+pub fn collect(
+    records: &mut Vec<OutboxRecord>,
+    state: &mut State,
+    command: &Command,
+    sequence: u64,
+    timestamp_ms: i64,
+) -> Outcome {
+    let cause_id = command.key().map(|k| k.id).unwrap_or_default();
+    let before = records.len();
+    let mut sink = Sink {
+        records,
+        sequence,
+        timestamp_ms,
+        cause_id,
+        index: 0,
+    };
+    let outcome = state.apply(command, sequence, timestamp_ms, &mut sink);
+    let emitted = records.len() - before;
+    if let Some((source, reason)) = dead_letter_reason(command, &outcome, emitted) {
+        records.push(OutboxRecord {
+            sequence,
+            timestamp_ms,
+            cause_id,
+            item: OutboxItem::DeadLetter { source, reason },
+        });
+    }
+    outcome
+}
+
+/// `state.apply_basket`, appending each item's events to `records`.
+pub fn collect_basket(
+    records: &mut Vec<OutboxRecord>,
+    state: &mut State,
+    items: &[crate::domain::Reserve],
+    sequence: u64,
+    timestamp_ms: i64,
+    outcomes: &mut Vec<Outcome>,
+) {
+    let mut sink = Sink {
+        records,
+        sequence,
+        timestamp_ms,
+        cause_id: Id::default(),
+        index: 0,
+    };
+    state.apply_basket(items, sequence, timestamp_ms, &mut sink, outcomes);
 }
 
 /// The dead-letter rule: a Kafka message that was not applied and produced no

@@ -251,6 +251,7 @@ impl Writer {
             self.metrics.clone(),
             watermark,
             at,
+            self.wal.reader(),
         ));
         self.retained_from = at;
         self.snapshot_offered_at = at;

@@ -17,11 +17,13 @@
 //! Tables use the proto's names and enum names without prefix (`'ACTIVE'`,
 //! `'CASH'`, `'OPEN'`); amounts are `NUMERIC`. They double as the read model.
 
+mod history;
 mod key_batch;
 mod schema;
 mod store;
 
-pub use store::{load, set_log_id, within, SnapshotError};
+pub use history::{print as print_history, HistoryArgs, HistoryFormat};
+pub use store::{load, set_log_id, within, SnapshotError, Written};
 
 /// How long a failed write or start-up load waits at most before retrying.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -47,9 +49,11 @@ pub struct SnapshotConfig {
     /// The WAL's identity, recorded in `snapshot_meta` (set by the engine once
     /// the log is open).
     pub log_id: String,
-    /// Longest a snapshot write or the start-up load may take before it is
-    /// abandoned (and retried).
+    /// Longest a statement of a snapshot write, or the start-up load, may
+    /// take before it is abandoned (and retried).
     pub timeout: Duration,
+    /// Write every account event to `account_events` with the snapshots.
+    pub history: bool,
 }
 
 impl SnapshotConfig {
@@ -61,6 +65,7 @@ impl SnapshotConfig {
             restore_from_snapshot: false,
             log_id: String::new(),
             timeout: Duration::from_secs(30),
+            history: true,
         }
     }
 }
@@ -83,11 +88,13 @@ pub struct Snapshotter {
 
 impl Snapshotter {
     /// Starts the thread. `watermark`, when Kafka is on, gates each commit.
+    /// `journal`: the WAL the history is derived from.
     pub fn start(
         config: SnapshotConfig,
         metrics: Arc<Metrics>,
         watermark: Option<Arc<AtomicU64>>,
         durable_at_start: u64,
+        journal: wal::Reader,
     ) -> Snapshotter {
         let (deltas, rx) = crossbeam_channel::unbounded();
         let durable = Arc::new(AtomicU64::new(durable_at_start));
@@ -102,7 +109,7 @@ impl Snapshotter {
         };
         let thread = std::thread::Builder::new()
             .name("snapshotter".into())
-            .spawn(move || run(config, rx, metrics, watermark, shared))
+            .spawn(move || run(config, rx, metrics, watermark, shared, journal))
             .ok();
         Snapshotter {
             deltas,
@@ -170,7 +177,9 @@ fn run(
     metrics: Arc<Metrics>,
     watermark: Option<Arc<AtomicU64>>,
     shared: Shared,
+    journal: wal::Reader,
 ) {
+    let mut history = config.history.then(|| history::History::new(journal));
     background_priority();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -204,9 +213,18 @@ fn run(
             RETRY_MIN
         } else {
             let started = Instant::now();
-            let write = store::write(&config.url, &mut client, delta, published, &config.log_id);
-            match runtime.block_on(store::within(config.timeout, write)) {
-                Ok(()) => {
+            let write = store::write(
+                &config.url,
+                &mut client,
+                delta,
+                published,
+                &config.log_id,
+                history.as_mut(),
+                config.timeout,
+            );
+            match runtime.block_on(write) {
+                Ok(written) => {
+                    metrics.snapshot_history_events_total.inc_by(written.events);
                     shared.durable.store(delta.sequence, Ordering::Release);
                     metrics.snapshot_sequence.set(delta.sequence as i64);
                     metrics

@@ -80,4 +80,27 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
          -- this snapshot, is refused at start-up (NULL: written before log ids).
          ALTER TABLE snapshot_meta ADD COLUMN log_id text;",
     ),
+    (
+        4,
+        "-- Every account event (design 4.2), written in the transaction of the
+         -- snapshot whose sequence it is at or below: the movements behind the
+         -- balances. Absent fields are NULL. Retention is the operator's.
+         CREATE TABLE account_events (
+            sequence bigint NOT NULL,
+            event_index integer NOT NULL,
+            event_id text NOT NULL,
+            account_id bigint NOT NULL,
+            type text NOT NULL,
+            order_id text,
+            asset text,
+            amount numeric NOT NULL,
+            available_after numeric NOT NULL,
+            reserved_after numeric NOT NULL,
+            cause_id text,
+            reason text,
+            \"timestamp\" bigint NOT NULL,
+            PRIMARY KEY (sequence, event_index));
+         -- One account's movements in time order.
+         CREATE INDEX account_events_by_account ON account_events (account_id, sequence, event_index);",
+    ),
 ];

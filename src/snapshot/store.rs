@@ -21,6 +21,10 @@ pub enum SnapshotError {
     Row(&'static str),
     #[error("PostgreSQL did not answer within {0:?} (hung or overloaded); abandoned, retried")]
     Timeout(std::time::Duration),
+    #[error("history from the write-ahead log: {0}")]
+    Wal(#[from] wal::WalError),
+    #[error("history from the write-ahead log: {0}")]
+    Journal(String),
     #[error("snapshot_meta belongs to write-ahead log {theirs}, not to this service's log {ours}: another deployment's tables; not overwritten")]
     ForeignLog { ours: String, theirs: String },
 }
@@ -37,7 +41,10 @@ impl SnapshotError {
                 .as_db_error()
                 .is_none_or(|db| matches!(&db.code().code()[..2], "08" | "53" | "57")),
             SnapshotError::Timeout(_) => true,
-            SnapshotError::Row(_) | SnapshotError::ForeignLog { .. } => false,
+            SnapshotError::Row(_)
+            | SnapshotError::ForeignLog { .. }
+            | SnapshotError::Wal(_)
+            | SnapshotError::Journal(_) => false,
         }
     }
 }
@@ -104,63 +111,117 @@ const CHUNK: usize = 2_000;
 /// service's queue would build up behind it (measured in BENCHMARKS.md).
 const PACE: u32 = 2;
 
-async fn paced<T>(
+/// One statement, abandoned after `timeout` (see [`within`]), then paced.
+pub(super) async fn paced<T>(
+    timeout: std::time::Duration,
     work: impl std::future::Future<Output = Result<T, SnapshotError>>,
 ) -> Result<T, SnapshotError> {
     let started = std::time::Instant::now();
-    let out = work.await?;
+    let out = within(timeout, work).await?;
     tokio::time::sleep(started.elapsed() * PACE).await;
     Ok(out)
 }
 
-/// Writes one delta and the new `snapshot_meta` in one transaction.
-/// `outbox_watermark`: the sequence up to which account events are published
-/// (Kafka on), recorded for the read model. `log_id`: the WAL's identity; a
-/// `snapshot_meta` of another log is never overwritten.
+/// What one snapshot write did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Rows added to `account_events`.
+    pub events: u64,
+}
+
+/// Writes one delta, the account events that lead to it (`history`) and the
+/// new `snapshot_meta` in one transaction. `outbox_watermark`: the sequence
+/// up to which account events are published (Kafka on), recorded for the
+/// read model. `log_id`: the WAL's identity; a `snapshot_meta` of another log
+/// is never overwritten. Each statement is abandoned after `timeout` (a
+/// PostgreSQL that stopped answering), so a long catch-up after an outage
+/// may take longer than `timeout` as a whole, but never hangs.
 pub async fn write(
     url: &str,
     client: &mut Option<Client>,
     delta: &Delta,
     outbox_watermark: Option<u64>,
     log_id: &str,
-) -> Result<(), SnapshotError> {
+    history: Option<&mut super::history::History>,
+    timeout: std::time::Duration,
+) -> Result<Written, SnapshotError> {
     let client = match client {
         Some(open) if !open.is_closed() => open,
-        _ => client.insert(connect(url).await?),
+        _ => client.insert(within(timeout, connect(url)).await?),
     };
-    let tx = client.transaction().await?;
+    let tx = within(timeout, async { Ok(client.transaction().await?) }).await?;
+    // The snapshot this one follows, locked: its sequence is where history
+    // goes on from.
+    let previous = within(timeout, async {
+        Ok(tx
+            .query_opt(
+                "SELECT sequence, log_id FROM snapshot_meta WHERE id = 1 FOR UPDATE",
+                &[],
+            )
+            .await?)
+    })
+    .await?;
+    let (previous, theirs) = previous.map_or((0, None), |row| {
+        (row.get::<_, i64>(0) as u64, row.get::<_, Option<String>>(1))
+    });
+    if let Some(theirs) = theirs.filter(|theirs| theirs != log_id) {
+        return Err(SnapshotError::ForeignLog {
+            ours: log_id.to_owned(),
+            theirs,
+        });
+    }
+    let mut written = Written::default();
+    if let Some(history) = history {
+        // Before a full delta empties the tables the follower may be rebuilt from.
+        written.events = history
+            .write(&tx, previous, delta.sequence, timeout)
+            .await?;
+    }
     if delta.full {
-        tx.batch_execute(
-            "TRUNCATE accounts, cash_balances, positions, reservations, idempotency_key_batches, kafka_offsets",
-        )
+        paced(timeout, async {
+            Ok(tx
+                .batch_execute(
+                    "TRUNCATE accounts, cash_balances, positions, reservations, idempotency_key_batches, kafka_offsets",
+                )
+                .await?)
+        })
         .await?;
     }
     for chunk in delta.accounts.chunks(CHUNK) {
-        paced(write_accounts(&tx, chunk)).await?;
+        paced(timeout, write_accounts(&tx, chunk)).await?;
     }
     for chunk in delta.reservations.chunks(CHUNK) {
-        paced(write_reservations(&tx, chunk)).await?;
+        paced(timeout, write_reservations(&tx, chunk)).await?;
     }
     for chunk in delta.removed_reservations.chunks(CHUNK) {
-        paced(delete_reservations(&tx, chunk)).await?;
+        paced(timeout, delete_reservations(&tx, chunk)).await?;
     }
-    tx.execute(
-        "DELETE FROM idempotency_key_batches WHERE last_position < $1",
-        &[&(delta.keys_base as i64)],
-    )
+    paced(timeout, async {
+        Ok(tx
+            .execute(
+                "DELETE FROM idempotency_key_batches WHERE last_position < $1",
+                &[&(delta.keys_base as i64)],
+            )
+            .await?)
+    })
     .await?;
     for chunk in delta.keys.chunks(CHUNK * 10) {
-        paced(write_keys(&tx, chunk)).await?;
+        paced(timeout, write_keys(&tx, chunk)).await?;
     }
-    for (topic, partition, offset) in &delta.offsets {
-        tx.execute(
-            "INSERT INTO kafka_offsets (topic, partition, \"offset\") VALUES ($1, $2, $3)
-             ON CONFLICT (topic, partition) DO UPDATE SET \"offset\" = $3",
-            &[&(*topic as i16), partition, offset],
-        )
-        .await?;
-    }
-    let written = tx
+    within(timeout, async {
+        for (topic, partition, offset) in &delta.offsets {
+            tx.execute(
+                "INSERT INTO kafka_offsets (topic, partition, \"offset\") VALUES ($1, $2, $3)
+                 ON CONFLICT (topic, partition) DO UPDATE SET \"offset\" = $3",
+                &[&(*topic as i16), partition, offset],
+            )
+            .await?;
+        }
+        Ok(())
+    })
+    .await?;
+    let meta = within(timeout, async {
+        Ok(tx
         .execute(
             "INSERT INTO snapshot_meta (id, sequence, timestamp_ms, keys_base, outbox_watermark,
                                         idempotency_window_ms, tick_work_max, log_id)
@@ -179,8 +240,10 @@ pub async fn write(
                 &log_id,
             ],
         )
-        .await?;
-    if written == 0 {
+        .await?)
+    })
+    .await?;
+    if meta == 0 {
         // Rolled back on drop: not one row of another log's tables is touched.
         let theirs: String = tx
             .query_one("SELECT log_id FROM snapshot_meta WHERE id = 1", &[])
@@ -191,8 +254,8 @@ pub async fn write(
             theirs,
         });
     }
-    tx.commit().await?;
-    Ok(())
+    within(timeout, async { Ok(tx.commit().await?) }).await?;
+    Ok(written)
 }
 
 /// Makes `log_id` the log of the newest snapshot: the WAL that continues it
@@ -416,6 +479,22 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
         .read_only(true)
         .start()
         .await?;
+    let loaded = load_in(&tx).await?;
+    if let Some(rows) = &loaded {
+        tracing::debug!(
+            sequence = rows.sequence,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "snapshot rows read"
+        );
+    }
+    Ok(loaded)
+}
+
+/// The snapshot's rows as `tx` sees them; `None` when there is none yet.
+pub(super) async fn load_in(
+    tx: &tokio_postgres::Transaction<'_>,
+) -> Result<Option<Rows>, SnapshotError> {
+    let started = std::time::Instant::now();
     let Some(meta) = tx
         .query_opt(
             "SELECT sequence, timestamp_ms, keys_base, idempotency_window_ms, tick_work_max, log_id
@@ -444,7 +523,7 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
     };
     let mut accounts: HashMap<i64, Account> = HashMap::new();
     let mut stream = rows(
-        &tx,
+        tx,
         "SELECT account_id, status, base_currency, overdrawn FROM accounts",
         &[],
     )
@@ -458,7 +537,7 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
     }
     const CASH: &str =
         "SELECT account_id, currency, available, reserved FROM cash_balances ORDER BY account_id, ordinal";
-    let mut stream = rows(&tx, CASH, &[]).await?;
+    let mut stream = rows(tx, CASH, &[]).await?;
     while let Some(r) = stream.try_next().await? {
         let a = accounts
             .get_mut(&r.get::<_, i64>(0))
@@ -472,7 +551,7 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
     const POSITIONS: &str =
         "SELECT account_id, symbol, quantity, reserved_quantity, cost_basis, realized_pnl,
                                     currency FROM positions ORDER BY account_id, ordinal";
-    let mut stream = rows(&tx, POSITIONS, &[]).await?;
+    let mut stream = rows(tx, POSITIONS, &[]).await?;
     while let Some(r) = stream.try_next().await? {
         let a = accounts
             .get_mut(&r.get::<_, i64>(0))
@@ -494,7 +573,7 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
     const RESERVATIONS: &str =
         "SELECT account_id, order_id, kind, asset, amount, remaining, consumed, released, state, expires_at_ms,
                 sequence, closed_at_ms, closed_sequence FROM reservations";
-    let mut stream = rows(&tx, RESERVATIONS, &[]).await?;
+    let mut stream = rows(tx, RESERVATIONS, &[]).await?;
     while let Some(r) = stream.try_next().await? {
         let kind = match r.get::<_, &str>(2) {
             "CASH" => ReservationKind::Cash,
@@ -534,7 +613,7 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
     let mut keys = Vec::new();
     const KEYS: &str =
         "SELECT keys FROM idempotency_key_batches WHERE last_position >= $1 ORDER BY first_position";
-    let mut stream = rows(&tx, KEYS, &[&(loaded.keys_base as i64)]).await?;
+    let mut stream = rows(tx, KEYS, &[&(loaded.keys_base as i64)]).await?;
     while let Some(r) = stream.try_next().await? {
         super::key_batch::decode(r.get(0), &mut keys)
             .ok_or(SnapshotError::Row("idempotency key batch"))?;
@@ -559,7 +638,7 @@ pub async fn load(url: &str) -> Result<Option<Rows>, SnapshotError> {
         "snapshot keys read"
     );
     let mut stream = rows(
-        &tx,
+        tx,
         "SELECT topic, partition, \"offset\" FROM kafka_offsets",
         &[],
     )

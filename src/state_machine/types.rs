@@ -340,6 +340,25 @@ pub enum EventKind {
     StatusChanged = 10,
 }
 
+impl EventKind {
+    /// The proto's enum name without its prefix, as the read model stores it.
+    pub fn name(self) -> &'static str {
+        use EventKind::*;
+        match self {
+            Reserved => "RESERVED",
+            Unreserved => "UNRESERVED",
+            ReservationExpired => "RESERVATION_EXPIRED",
+            FillApplied => "FILL_APPLIED",
+            Deposited => "DEPOSITED",
+            Withdrawn => "WITHDRAWN",
+            WithdrawalRejected => "WITHDRAWAL_REJECTED",
+            Overdrawn => "OVERDRAWN",
+            AccountOpened => "ACCOUNT_OPENED",
+            StatusChanged => "STATUS_CHANGED",
+        }
+    }
+}
+
 /// An account event, as `apply` derives it. The sequence, timestamp and cause id
 /// come from the journaled command it belongs to; `event_id` is
 /// `"<sequence>-<index>"`, so re-deriving after a restart gives the same ids.

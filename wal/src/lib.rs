@@ -49,11 +49,13 @@
 mod error;
 pub mod format;
 mod hooks;
+mod reader;
 mod recovery;
 mod segment;
 
 pub use error::{IoOp, WalError};
 pub use hooks::{IoHooks, IoStep, WritePurpose};
+pub use reader::Reader;
 
 use error::io;
 use format::SegmentHeader;
@@ -291,6 +293,12 @@ impl Wal {
             )?;
         }
         Ok(visited)
+    }
+
+    /// A read-only view of this log for another thread: records already
+    /// synced, read while this handle goes on appending.
+    pub fn reader(&self) -> Reader {
+        Reader::new(self.options.dir.clone(), self.options.record_size_max)
     }
 
     /// Deletes closed segments whose records all have a sequence below
