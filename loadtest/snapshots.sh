@@ -9,6 +9,9 @@
 #   reserve-snap-{off,on}-<rate>-<n>
 #                       the gRPC Reserve hot path with snapshots off and on
 #                       (every second), alternated so drift hits both alike
+#   reserve-snap-nohist-<rate>-<n>
+#                       snapshots on with --history false: what writing
+#                       account_events costs per snapshot (snapshot_write_mean_us)
 #   loadtest/snapshots.sh [SECONDS] [RECORDS]   (RECORDS=0: skip the restart;
 #   RATES="1000 5000" by default; TAG: a suffix for the result names)
 set -euo pipefail
@@ -57,12 +60,14 @@ f = sys.argv[1]; s = json.load(open(f))
 s["snapshots"] = int(m.get("account_snapshot_seconds_count", 0))
 s["snapshot_write_mean_us"] = mean("account_snapshot_seconds")
 s["snapshot_copy_mean_us"] = mean("account_snapshot_copy_seconds")
+s["history_events"] = int(m.get("account_snapshot_history_events_total", 0))
 json.dump(s, open(f, "w"), sort_keys=True)' $out/$name.json
     kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
 }
 for rate in ${RATES:-1000 5000}; do
     for n in 1 2; do
         reserve reserve-snap-off-$rate-$n${TAG:+-$TAG} $rate
+        reserve reserve-snap-nohist-$rate-$n${TAG:+-$TAG} $rate --postgres-url "$pg_url" --snapshot-interval-ms 1000 --history false
         reserve reserve-snap-on-$rate-$n${TAG:+-$TAG} $rate --postgres-url "$pg_url" --snapshot-interval-ms 1000
     done
 done

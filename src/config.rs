@@ -138,6 +138,21 @@ pub struct ServeArgs {
     #[arg(long, env = "ACCOUNT_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
 
+    /// Export traces by OpenTelemetry OTLP/gRPC to this collector
+    /// (`http://127.0.0.1:4317`). Off by default, and then free.
+    #[arg(long, env = "ACCOUNT_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Fraction of traces started here that are recorded (a caller's
+    /// `traceparent` decides for its own trace).
+    #[arg(
+        long,
+        env = "ACCOUNT_OTLP_SAMPLE_RATIO",
+        default_value_t = 1.0,
+        requires = "otlp_endpoint"
+    )]
+    pub otlp_sample_ratio: f64,
+
     /// Allow a non-loopback `--grpc-addr` without `--auth-tokens`: anyone who
     /// reaches the port may move money.
     #[arg(long, env = "ACCOUNT_INSECURE_NO_AUTH")]

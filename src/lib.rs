@@ -44,6 +44,7 @@ pub mod proto;
 pub mod server;
 pub mod snapshot;
 pub mod state_machine;
+pub mod telemetry;
 pub mod topics;
 pub mod wire;
 pub mod workload;

@@ -1,6 +1,6 @@
 //! `account-service`: the CLI. Everything else lives in the library.
 
-use account_service::{client, config::ServeArgs, server, snapshot, topics};
+use account_service::{client, config::ServeArgs, server, snapshot, telemetry, topics};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -37,24 +37,54 @@ enum Top {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().init(),
-    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match cli.command {
-        Top::Serve(args) => runtime.block_on(server::serve(args))?,
-        Top::KafkaTopics(args) => runtime.block_on(topics::create(args))?,
-        Top::History(args) => runtime.block_on(snapshot::print_history(args))?,
-        Top::Client(command) => runtime.block_on(client::run(command))?,
+    // The exporter sends its batches from the service's runtime.
+    let telemetry = match &cli.command {
+        Top::Serve(ServeArgs {
+            otlp_endpoint: Some(endpoint),
+            otlp_sample_ratio,
+            ..
+        }) => {
+            let _runtime = runtime.enter();
+            Some(telemetry::Telemetry::init(endpoint, *otlp_sample_ratio)?)
+        }
+        _ => None,
+    };
+    init_logs(cli.log_format, telemetry.as_ref());
+    let result = match cli.command {
+        Top::Serve(args) => runtime.block_on(server::serve(args)).map_err(Into::into),
+        Top::KafkaTopics(args) => runtime.block_on(topics::create(args)),
+        Top::History(args) => runtime.block_on(snapshot::print_history(args)),
+        Top::Client(command) => runtime.block_on(client::run(command)),
+    };
+    if let Some(telemetry) = telemetry {
+        // Flushes what is buffered; blocks on the runtime's exporter task.
+        let _ = runtime.block_on(tokio::task::spawn_blocking(move || telemetry.shutdown()));
     }
-    Ok(())
+    result
+}
+
+/// Logs to stderr (`RUST_LOG` filters them, `info` by default); with traces
+/// on, the service's own spans also go to the OTLP exporter.
+fn init_logs(format: LogFormat, telemetry: Option<&telemetry::Telemetry>) {
+    use tracing_subscriber::{filter, prelude::*, EnvFilter};
+    let levels = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs.json().boxed(),
+    };
+    let spans = telemetry.map(|t| {
+        tracing_opentelemetry::layer()
+            .with_tracer(t.tracer())
+            .with_filter(
+                filter::Targets::new().with_target("account_service", tracing::Level::INFO),
+            )
+    });
+    tracing_subscriber::registry()
+        .with(logs.with_filter(levels))
+        .with(spans)
+        .init();
 }

@@ -65,6 +65,10 @@ pub struct OutboxRecord {
     /// request_id or event_id of the command; empty for ticks.
     pub cause_id: Id,
     pub item: OutboxItem,
+    /// The trace of the request that journaled the command, while it is in
+    /// memory (traces on): the event's `traceparent`. Not journaled, so an
+    /// event re-derived after a restart has none.
+    pub trace: Option<crate::telemetry::TraceParent>,
 }
 
 /// Everything derived from the commands up to `through_sequence` (inclusive)
@@ -143,8 +147,16 @@ impl Collector {
         command: &Command,
         sequence: u64,
         timestamp_ms: i64,
+        trace: Option<crate::telemetry::TraceParent>,
     ) -> Outcome {
-        collect(&mut self.records, state, command, sequence, timestamp_ms)
+        collect(
+            &mut self.records,
+            state,
+            command,
+            sequence,
+            timestamp_ms,
+            trace,
+        )
     }
 
     /// `state.apply_basket`, keeping each item's events (their cause is the
@@ -155,6 +167,7 @@ impl Collector {
         items: &[crate::domain::Reserve],
         sequence: u64,
         timestamp_ms: i64,
+        trace: Option<crate::telemetry::TraceParent>,
         outcomes: &mut Vec<Outcome>,
     ) {
         collect_basket(
@@ -163,6 +176,7 @@ impl Collector {
             items,
             sequence,
             timestamp_ms,
+            trace,
             outcomes,
         )
     }
@@ -208,6 +222,7 @@ pub fn collect(
     command: &Command,
     sequence: u64,
     timestamp_ms: i64,
+    trace: Option<crate::telemetry::TraceParent>,
 ) -> Outcome {
     let cause_id = command.key().map(|k| k.id).unwrap_or_default();
     let before = records.len();
@@ -217,6 +232,7 @@ pub fn collect(
         timestamp_ms,
         cause_id,
         index: 0,
+        trace,
     };
     let outcome = state.apply(command, sequence, timestamp_ms, &mut sink);
     let emitted = records.len() - before;
@@ -226,6 +242,7 @@ pub fn collect(
             timestamp_ms,
             cause_id,
             item: OutboxItem::DeadLetter { source, reason },
+            trace,
         });
     }
     outcome
@@ -238,6 +255,7 @@ pub fn collect_basket(
     items: &[crate::domain::Reserve],
     sequence: u64,
     timestamp_ms: i64,
+    trace: Option<crate::telemetry::TraceParent>,
     outcomes: &mut Vec<Outcome>,
 ) {
     let mut sink = Sink {
@@ -246,6 +264,7 @@ pub fn collect_basket(
         timestamp_ms,
         cause_id: Id::default(),
         index: 0,
+        trace,
     };
     state.apply_basket(items, sequence, timestamp_ms, &mut sink, outcomes);
 }
@@ -277,6 +296,7 @@ struct Sink<'a> {
     timestamp_ms: i64,
     cause_id: Id,
     index: u32,
+    trace: Option<crate::telemetry::TraceParent>,
 }
 
 impl EventSink for Sink<'_> {
@@ -289,6 +309,7 @@ impl EventSink for Sink<'_> {
                 index: self.index,
                 event,
             },
+            trace: self.trace,
         });
         self.index += 1;
     }

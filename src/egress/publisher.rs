@@ -352,14 +352,19 @@ impl Publisher {
                 self.encode_event(&record, n, &event);
                 self.key.clear();
                 let _ = write!(self.key, "{}", event.account_id.0);
-                self.producer
-                    .send(
-                        BaseRecord::with_opaque_to(&self.topics.events, opaque)
-                            .key(self.key.as_bytes())
-                            .payload(&self.payload)
-                            .timestamp(record.timestamp_ms),
-                    )
-                    .map_err(|(e, _)| e)
+                let mut out = BaseRecord::with_opaque_to(&self.topics.events, opaque)
+                    .key(self.key.as_bytes())
+                    .payload(&self.payload)
+                    .timestamp(record.timestamp_ms);
+                if let Some(trace) = &record.trace {
+                    out = out.headers(rdkafka::message::OwnedHeaders::new().insert(
+                        rdkafka::message::Header {
+                            key: "traceparent",
+                            value: Some(&trace.header()),
+                        },
+                    ));
+                }
+                self.producer.send(out).map_err(|(e, _)| e)
             }
             OutboxItem::DeadLetter { source, reason } => {
                 let original = match self.refetcher.fetch(source, REFETCH_WAIT) {

@@ -119,6 +119,8 @@ pub enum RequestKind {
 pub struct Request {
     pub kind: RequestKind,
     pub reply: oneshot::Sender<Reply>,
+    /// Stamped by the writer when traces are on and the request is traced.
+    pub trace: Option<Arc<crate::telemetry::Trace>>,
 }
 
 #[derive(Clone, Debug)]
@@ -261,15 +263,28 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Queues a request; never blocks.
+    /// Queues a request; never blocks. Traced when the RPC handled on this
+    /// task is (see [`crate::telemetry::current`]).
     pub fn submit(&self, kind: RequestKind) -> Result<oneshot::Receiver<Reply>, SubmitError> {
+        self.submit_traced(kind, crate::telemetry::current())
+    }
+
+    /// [`EngineHandle::submit`] with an explicit trace (the Kafka consumer's).
+    pub fn submit_traced(
+        &self,
+        kind: RequestKind,
+        trace: Option<Arc<crate::telemetry::Trace>>,
+    ) -> Result<oneshot::Receiver<Reply>, SubmitError> {
         match self.phase.get() {
             Phase::Serving => {}
             Phase::Replaying => return Err(SubmitError::NotReady),
             Phase::Stopped => return Err(SubmitError::Stopped),
         }
+        if let Some(trace) = &trace {
+            trace.submitted();
+        }
         let (reply, rx) = oneshot::channel();
-        match self.tx().try_send(Request { kind, reply }) {
+        match self.tx().try_send(Request { kind, reply, trace }) {
             Ok(()) => Ok(rx),
             Err(TrySendError::Full(_)) => Err(SubmitError::Overloaded),
             Err(TrySendError::Disconnected(_)) => Err(SubmitError::Stopped),

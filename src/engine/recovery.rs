@@ -58,14 +58,14 @@ pub fn replay_with_outbox(
             let outbox = outbox.as_deref_mut().filter(|_| sequence > watermark);
             match (record, outbox) {
                 (Record::Command(command), Some(outbox)) => {
-                    outbox.apply(state, &command, sequence, timestamp_ms);
+                    outbox.apply(state, &command, sequence, timestamp_ms, None);
                     outbox.hand_off_if_full(sequence);
                 }
                 (Record::Command(command), None) => {
                     state.apply(&command, sequence, timestamp_ms, &mut NoEvents);
                 }
                 (Record::Basket(items), Some(outbox)) => {
-                    outbox.apply_basket(state, &items, sequence, timestamp_ms, &mut outcomes);
+                    outbox.apply_basket(state, &items, sequence, timestamp_ms, None, &mut outcomes);
                     outbox.hand_off_if_full(sequence);
                 }
                 (Record::Basket(items), None) => {

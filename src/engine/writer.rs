@@ -56,6 +56,10 @@ pub struct Writer {
     basket_outcomes: Vec<Outcome>,
     batch: Vec<Request>,
     held: super::release::Held,
+    /// The traced requests of the batch (empty unless traces are on).
+    traced: Vec<Arc<crate::telemetry::Trace>>,
+    /// The trace of the command being applied: its events carry it.
+    trace: Option<crate::telemetry::TraceParent>,
     /// Sends the held replies of a synced batch (on its own thread when there are several).
     releaser: super::release::Releaser,
     last_tick_ms: i64,
@@ -108,6 +112,8 @@ impl Writer {
             basket_outcomes: Vec::new(),
             batch: Vec::with_capacity(batch_size_max),
             held: Vec::with_capacity(batch_size_max),
+            traced: Vec::new(),
+            trace: None,
             releaser: super::release::Releaser::start(batch_size_max),
             last_tick_ms: 0,
             last_sync: Instant::now(),
@@ -359,6 +365,10 @@ impl Writer {
         // 2. Journal + apply each command; hold its reply.
         let mut batch = std::mem::take(&mut self.batch);
         for request in batch.drain(..) {
+            if let Some(trace) = &request.trace {
+                trace.apply_started();
+                self.trace = Some(trace.parent);
+            }
             let reply = match request.kind {
                 RequestKind::Command(command, want) => {
                     let outcome = self.execute(&command, now)?;
@@ -375,6 +385,11 @@ impl Writer {
                 RequestKind::Basket(items) => Reply::Batch(self.execute_basket(&items, now)?),
                 RequestKind::Query(query) => self.query(query),
             };
+            if let Some(trace) = request.trace {
+                trace.apply_ended();
+                self.trace = None;
+                self.traced.push(trace);
+            }
             self.held.push((request.reply, reply));
         }
         self.batch = batch;
@@ -472,7 +487,9 @@ impl Writer {
         self.wal.append(sequence, &self.record)?;
         self.unsynced = true;
         let outcome = match &mut self.outbox {
-            Some(outbox) => outbox.apply(&mut self.state, command, sequence, timestamp_ms),
+            Some(outbox) => {
+                outbox.apply(&mut self.state, command, sequence, timestamp_ms, self.trace)
+            }
             None => self
                 .state
                 .apply(command, sequence, timestamp_ms, &mut NoEvents),
@@ -501,6 +518,7 @@ impl Writer {
                 items,
                 sequence,
                 timestamp_ms,
+                self.trace,
                 &mut outcomes,
             ),
             None => {
@@ -536,8 +554,16 @@ impl Writer {
             return Ok(());
         }
         let started = Instant::now();
+        let traced_from = (!self.traced.is_empty()).then(crate::telemetry::now_ns);
         self.wal.sync()?;
         self.unsynced = false;
+        if let Some(from) = traced_from {
+            let to = crate::telemetry::now_ns();
+            let batch = self.held.len();
+            for trace in self.traced.drain(..) {
+                trace.synced(from, to, batch);
+            }
+        }
         if let Some(outbox) = &mut self.outbox {
             outbox.hand_off(self.state.last_sequence());
         }
@@ -551,6 +577,8 @@ impl Writer {
 
     /// Sends the held replies. A caller that gave up (timeout) is not an error.
     fn release(&mut self) {
+        // Replied before a sync (async durability): no sync span.
+        self.traced.clear();
         self.releaser.release(&mut self.held);
     }
 
@@ -681,7 +709,12 @@ mod tests {
         for _ in 0..n {
             let (reply, _) = tokio::sync::oneshot::channel();
             let kind = RequestKind::Query(Query::Account(AccountId(id)));
-            lane.send(Request { kind, reply }).unwrap();
+            lane.send(Request {
+                kind,
+                reply,
+                trace: None,
+            })
+            .unwrap();
         }
     }
 

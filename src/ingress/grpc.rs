@@ -21,6 +21,55 @@ use std::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
+/// Runs `handle` inside a server span for `rpc`, continuing the caller's
+/// `traceparent`, with the engine's steps as its children.
+async fn traced<T, F>(
+    rpc: &'static str,
+    caller: &'static str,
+    metadata: &MetadataMap,
+    handle: F,
+) -> Result<(T, &'static str), Status>
+where
+    F: std::future::Future<Output = Result<(T, &'static str), Status>>,
+{
+    use tracing::Instrument;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let span = tracing::info_span!(
+        "rpc",
+        otel.name = rpc,
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.method = rpc,
+        caller,
+        outcome = tracing::field::Empty,
+    );
+    if let Some(parent) = metadata
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::telemetry::TraceParent::parse)
+    {
+        let _ = span.set_parent(parent.context());
+    }
+    let cx = span.context();
+    let Some(parent) = crate::telemetry::TraceParent::of(&cx) else {
+        // Not recorded (sampled out): no trace to stamp.
+        return handle.instrument(span).await;
+    };
+    let trace = crate::telemetry::Trace::new(parent);
+    // The steps are emitted inside the RPC's span: it ends after them.
+    let work = async {
+        let result = handle.await;
+        let outcome = match &result {
+            Ok((_, outcome)) => outcome,
+            Err(status) => code_name(status.code()),
+        };
+        tracing::Span::current().record("outcome", outcome);
+        trace.emit(&cx);
+        result
+    };
+    crate::telemetry::scope(trace.clone(), work.instrument(span)).await
+}
+
 /// Implements both `account.v1.AccountService` and `account.v1.AdminService`.
 #[derive(Clone)]
 pub struct Service {
@@ -69,7 +118,11 @@ impl Service {
     {
         let started = Instant::now();
         let caller = self.admit(rpc, access, metadata, started)?;
-        let result = handle.await;
+        let result = if crate::telemetry::enabled() {
+            traced(rpc, caller, metadata, handle).await
+        } else {
+            handle.await
+        };
         let outcome = match &result {
             Ok((_, outcome)) => outcome,
             Err(status) => code_name(status.code()),

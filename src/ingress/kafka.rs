@@ -34,7 +34,7 @@ use crate::wire::messages::to_command;
 use prometheus_client::metrics::gauge::Gauge;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::cell::Cell;
@@ -44,6 +44,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
+
+/// A consumed message, decoded: where it came from, its command, its trace.
+type Prepared = (Source, Command, Option<Arc<crate::telemetry::Trace>>);
 
 /// How often topic metadata is read to find new partitions.
 pub const METADATA_REFRESH: Duration = Duration::from_secs(2);
@@ -237,7 +240,7 @@ impl Worker {
 
     /// Decodes one message into its command; `None` for one already submitted
     /// (a refetch after re-assignment) or of a partition no longer assigned.
-    fn prepare(&self, message: &BorrowedMessage<'_>) -> Option<(Source, Command)> {
+    fn prepare(&self, message: &BorrowedMessage<'_>) -> Option<Prepared> {
         let topic = self.config.topic_of(message.topic())?;
         let partition = self.partitions.get(&(topic, message.partition()))?;
         let offset = message.offset();
@@ -257,16 +260,26 @@ impl Worker {
             partition: message.partition(),
             offset,
         };
+        let trace = crate::telemetry::enabled().then(|| {
+            let header = message.headers().and_then(|headers| {
+                headers
+                    .iter()
+                    .find(|h| h.key == "traceparent")
+                    .and_then(|h| std::str::from_utf8(h.value?).ok())
+            });
+            crate::telemetry::consumed(message.topic(), source.partition, offset, header)
+        });
         Some((
             source,
             to_command(topic, message.payload().unwrap_or(&[]), source),
+            trace,
         ))
     }
 
     /// Submits a prepared message (with back-pressure) and moves its
     /// partition on. Returns false when stopping.
-    fn deliver(&mut self, (source, command): (Source, Command)) -> bool {
-        if !self.submit(command) {
+    fn deliver(&mut self, (source, command, trace): Prepared) -> bool {
+        if !self.submit(command, trace) {
             return false;
         }
         if let Some(p) = self.partitions.get_mut(&(source.topic, source.partition)) {
@@ -277,12 +290,12 @@ impl Worker {
     }
 
     /// Submits, pausing the partitions while the engine queue is full.
-    fn submit(&mut self, command: Command) -> bool {
+    fn submit(&mut self, command: Command, trace: Option<Arc<crate::telemetry::Trace>>) -> bool {
         loop {
             // The per-message reply is not needed: the offset is in the state.
             match self
                 .engine
-                .submit(RequestKind::Command(command, Want::Nothing))
+                .submit_traced(RequestKind::Command(command, Want::Nothing), trace.clone())
             {
                 Ok(_) => {
                     if self.paused {

@@ -83,6 +83,7 @@ impl History {
                             &command,
                             sequence,
                             timestamp_ms,
+                            None,
                         );
                     }
                     Record::Basket(items) => collect_basket(
@@ -91,6 +92,7 @@ impl History {
                         &items,
                         sequence,
                         timestamp_ms,
+                        None,
                         &mut self.outcomes,
                     ),
                 }
