@@ -1,5 +1,6 @@
-//! TLS and mutual TLS for gRPC (rustls through tonic), with certificates made
-//! here (rcgen): a CA, the server's certificate for 127.0.0.1, a client's.
+//! TLS and mutual TLS for gRPC (rustls through tonic), and PostgreSQL over
+//! TLS when the URL asks for it, with certificates made here (rcgen): a CA,
+//! the server's certificate for 127.0.0.1, a client's.
 
 mod common;
 
@@ -176,4 +177,91 @@ async fn mutual_tls_needs_a_client_certificate_signed_by_the_client_ca() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("account_id: 1"));
+}
+
+/// Snapshots reach a PostgreSQL that accepts TLS only when the URL says
+/// `sslmode=require sslrootcert=<CA>`; a CA that does not vouch for the
+/// server's certificate is refused (snapshots fail and are retried, Reserve
+/// never notices).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_go_to_postgres_over_tls_and_verify_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ours = pki(dir.path());
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = pki(other_dir.path());
+    let pg = common::postgres::Postgres::start();
+    pg.require_tls(
+        &std::fs::read_to_string(&ours.server_cert).unwrap(),
+        &std::fs::read_to_string(&ours.server_key).unwrap(),
+    );
+    assert!(
+        tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+            .await
+            .is_err(),
+        "the server refuses plaintext"
+    );
+    let url = |ca: &Path| format!("{} sslmode=require sslrootcert={}", pg.url(), ca.display());
+
+    let data = tempfile::tempdir().unwrap();
+    let trusted = url(&ours.ca);
+    let server = Server::start(
+        data.path(),
+        &["--postgres-url", &trusted, "--snapshot-interval-ms", "50"],
+    )
+    .await;
+    common::server::open_and_fund_account_1(&server, "100").await;
+    let mut accounts = server.accounts().await;
+    let reply = accounts
+        .reserve(common::server::reserve_one_usd(1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.result, pb::Result::Ok as i32);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let loaded = account_service::snapshot::load(&trusted).await;
+        match loaded {
+            Ok(Some(rows)) if rows.sequence >= reply.sequence => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "no snapshot over TLS at {}: {other:?}",
+                reply.sequence
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(accounts);
+    drop(server);
+
+    let untrusted = url(&other.ca);
+    let refused = account_service::snapshot::load(&untrusted)
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().to_lowercase().contains("certificate"),
+        "{refused}"
+    );
+    // The same data directory: its WAL holds the whole history, so the
+    // service serves without loading the snapshot it cannot reach.
+    let server = Server::start(
+        data.path(),
+        &["--postgres-url", &untrusted, "--snapshot-interval-ms", "50"],
+    )
+    .await;
+    let mut accounts = server.accounts().await;
+    let reply = accounts
+        .reserve(common::server::reserve_one_usd(2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        reply.result,
+        pb::Result::Ok as i32,
+        "Reserve never waits on PostgreSQL"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common::kafka::metric(server.metrics_port, "account_snapshot_failures_total") < 1.0 {
+        assert!(Instant::now() < deadline, "the untrusted server is refused");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -206,10 +206,10 @@ pub enum HistoryFormat {
 /// Prints the events `args` asks for to stdout.
 pub async fn print(args: HistoryArgs) -> anyhow::Result<()> {
     use anyhow::Context;
-    let (client, connection) = tokio_postgres::connect(&args.postgres_url, tokio_postgres::NoTls)
+    let client = super::database::Database::parse(&args.postgres_url)?
+        .connect()
         .await
         .context("connecting to PostgreSQL")?;
-    tokio::spawn(connection);
     let since_ms: Option<i64> = match &args.since {
         None => None,
         Some(text) => match text.parse::<i64>() {

@@ -17,6 +17,7 @@
 //! Tables use the proto's names and enum names without prefix (`'ACTIVE'`,
 //! `'CASH'`, `'OPEN'`); amounts are `NUMERIC`. They double as the read model.
 
+mod database;
 mod history;
 mod key_batch;
 mod schema;

@@ -11,22 +11,37 @@ use crate::state_machine::{
 use futures_util::TryStreamExt;
 use rust_decimal::Decimal;
 use std::collections::HashMap;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {0}{causes}", causes = causes(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("snapshot row: invalid {0}")]
     Row(&'static str),
     #[error("PostgreSQL did not answer within {0:?} (hung or overloaded); abandoned, retried")]
     Timeout(std::time::Duration),
+    #[error("PostgreSQL TLS: {0}")]
+    Tls(String),
     #[error("history from the write-ahead log: {0}")]
     Wal(#[from] wal::WalError),
     #[error("history from the write-ahead log: {0}")]
     Journal(String),
     #[error("snapshot_meta belongs to write-ahead log {theirs}, not to this service's log {ours}: another deployment's tables; not overwritten")]
     ForeignLog { ours: String, theirs: String },
+}
+
+/// `: cause: its cause...` (a TLS handshake's "invalid peer certificate",
+/// a refused connection's OS error), or nothing.
+fn causes(error: &tokio_postgres::Error) -> String {
+    let mut text = String::new();
+    let mut next = std::error::Error::source(error);
+    while let Some(cause) = next {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    text
 }
 
 impl SnapshotError {
@@ -43,6 +58,7 @@ impl SnapshotError {
             SnapshotError::Timeout(_) => true,
             SnapshotError::Row(_)
             | SnapshotError::ForeignLog { .. }
+            | SnapshotError::Tls(_)
             | SnapshotError::Wal(_)
             | SnapshotError::Journal(_) => false,
         }
@@ -63,17 +79,7 @@ pub async fn within<T>(
 
 /// Connects and applies the migrations not applied yet.
 async fn connect(url: &str) -> Result<Client, SnapshotError> {
-    let mut config: tokio_postgres::Config = url.parse()?;
-    if config.get_connect_timeout().is_none() {
-        // A host that drops packets must not hold a snapshot (or start-up) forever.
-        config.connect_timeout(std::time::Duration::from_secs(5));
-    }
-    let (mut client, connection) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "PostgreSQL connection closed");
-        }
-    });
+    let mut client = super::database::Database::parse(url)?.connect().await?;
     client
         .batch_execute("CREATE TABLE IF NOT EXISTS schema_migrations (version integer PRIMARY KEY)")
         .await?;

@@ -171,6 +171,35 @@ impl Drop for Postgres {
 }
 
 impl Postgres {
+    /// Restarts the server with TLS on (`cert_pem` / `key_pem` its identity)
+    /// and accepting TCP connections over TLS only: a plaintext client is
+    /// refused.
+    pub fn require_tls(&self, cert_pem: &str, key_pem: &str) {
+        let data = self.dir.path().join("db");
+        std::fs::write(data.join("server.crt"), cert_pem).unwrap();
+        std::fs::write(data.join("server.key"), key_pem).unwrap();
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(&mut conf, b"\nssl = on\n").unwrap();
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .unwrap();
+        let _ = Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(&data)
+            .status();
+        let _ = Command::new("chmod")
+            .arg("600")
+            .arg(data.join("server.key"))
+            .status();
+        self.stop_server();
+        self.start_server();
+    }
+
     /// SIGSTOP to the server and every backend: a hung database (connections
     /// open, nothing answers), not a stopped one.
     pub fn freeze(&self) {
