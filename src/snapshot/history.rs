@@ -21,7 +21,6 @@ use crate::egress::outbox::{collect, collect_basket};
 use crate::egress::{OutboxItem, OutboxRecord};
 use crate::engine::codec::{self, Record};
 use crate::state_machine::{Outcome, State, StateConfig};
-use rust_decimal::Decimal;
 use std::time::Duration;
 use tokio_postgres::Transaction;
 
@@ -107,69 +106,71 @@ impl History {
     }
 }
 
-/// One statement for a chunk's events (dead letters are not account events).
+/// One `COPY ... FROM STDIN BINARY` for a chunk's events (dead letters are
+/// not account events): a few times cheaper per row than an INSERT.
 async fn insert(tx: &Transaction<'_>, records: &[OutboxRecord]) -> Result<u64, SnapshotError> {
-    let mut sequences = Vec::with_capacity(records.len());
-    let mut indexes = Vec::with_capacity(records.len());
-    let mut ids = Vec::with_capacity(records.len());
-    let mut accounts = Vec::with_capacity(records.len());
-    let mut types = Vec::with_capacity(records.len());
-    let mut orders: Vec<Option<&str>> = Vec::with_capacity(records.len());
-    let mut assets: Vec<Option<&str>> = Vec::with_capacity(records.len());
-    let mut amounts: Vec<Decimal> = Vec::with_capacity(records.len());
-    let mut available: Vec<Decimal> = Vec::with_capacity(records.len());
-    let mut reserved: Vec<Decimal> = Vec::with_capacity(records.len());
-    let mut causes: Vec<Option<&str>> = Vec::with_capacity(records.len());
-    let mut reasons: Vec<Option<&str>> = Vec::with_capacity(records.len());
-    let mut timestamps = Vec::with_capacity(records.len());
-    for record in records {
-        let OutboxItem::Event { index, event } = &record.item else {
-            continue;
-        };
-        sequences.push(record.sequence as i64);
-        indexes.push(*index as i32);
-        ids.push(format!("{}-{}", record.sequence, index));
-        accounts.push(event.account_id.0);
-        types.push(event.kind.name());
-        orders.push(event.order_id.as_ref().map(|o| o.as_str()));
-        assets.push(event.asset.as_ref().map(|a| a.as_str()));
-        amounts.push(event.amount);
-        available.push(event.available_after);
-        reserved.push(event.reserved_after);
-        causes.push(Some(record.cause_id.as_str()).filter(|s| !s.is_empty()));
-        reasons.push(Some(event.reason.as_str()).filter(|s| !s.is_empty()));
-        timestamps.push(record.timestamp_ms);
-    }
-    if sequences.is_empty() {
+    use tokio_postgres::binary_copy::BinaryCopyInWriter;
+    use tokio_postgres::types::{ToSql, Type};
+    if !records
+        .iter()
+        .any(|r| matches!(r.item, OutboxItem::Event { .. }))
+    {
         return Ok(0);
     }
     // The primary key refuses a second copy of an event: a bug would fail the
     // snapshot loudly instead of doubling a movement.
-    let inserted = tx
-        .execute(
-            "INSERT INTO account_events (sequence, event_index, event_id, account_id, type, order_id, asset,
-                                         amount, available_after, reserved_after, cause_id, reason, \"timestamp\")
-             SELECT * FROM unnest($1::bigint[], $2::int4[], $3::text[], $4::bigint[], $5::text[], $6::text[],
-                                  $7::text[], $8::numeric[], $9::numeric[], $10::numeric[], $11::text[],
-                                  $12::text[], $13::bigint[])",
-            &[
-                &sequences,
-                &indexes,
-                &ids,
-                &accounts,
-                &types,
-                &orders,
-                &assets,
-                &amounts,
-                &available,
-                &reserved,
-                &causes,
-                &reasons,
-                &timestamps,
-            ],
+    let sink = tx
+        .copy_in(
+            "COPY account_events (sequence, event_index, event_id, account_id, type, order_id, asset,
+                                  amount, available_after, reserved_after, cause_id, reason, \"timestamp\")
+             FROM STDIN BINARY",
         )
         .await?;
-    Ok(inserted)
+    let types = [
+        Type::INT8,
+        Type::INT4,
+        Type::TEXT,
+        Type::INT8,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::NUMERIC,
+        Type::NUMERIC,
+        Type::NUMERIC,
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT8,
+    ];
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    futures_util::pin_mut!(writer);
+    let mut event_id = String::new();
+    for record in records {
+        let OutboxItem::Event { index, event } = &record.item else {
+            continue;
+        };
+        event_id.clear();
+        let _ = std::fmt::Write::write_fmt(
+            &mut event_id,
+            format_args!("{}-{}", record.sequence, index),
+        );
+        let row: [&(dyn ToSql + Sync); 13] = [
+            &(record.sequence as i64),
+            &(*index as i32),
+            &event_id.as_str(),
+            &event.account_id.0,
+            &event.kind.name(),
+            &event.order_id.as_ref().map(|o| o.as_str()),
+            &event.asset.as_ref().map(|a| a.as_str()),
+            &event.amount,
+            &event.available_after,
+            &event.reserved_after,
+            &Some(record.cause_id.as_str()).filter(|s| !s.is_empty()),
+            &Some(event.reason.as_str()).filter(|s| !s.is_empty()),
+            &record.timestamp_ms,
+        ];
+        writer.as_mut().write(&row).await?;
+    }
+    Ok(writer.finish().await?)
 }
 
 /// `account-service history`: one account's movements, oldest first, from
