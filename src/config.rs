@@ -96,6 +96,13 @@ pub struct ServeArgs {
     #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
     pub kafka_option: Vec<String>,
 
+    /// Account events and dead letters the outbox holds in memory at most
+    /// while the broker does not take them (about 350 bytes each). Past it,
+    /// they are re-derived from the WAL once the broker takes records again.
+    #[arg(long, env = "ACCOUNT_OUTBOX_WINDOW_RECORDS", default_value_t = crate::egress::spill::WINDOW_RECORDS_DEFAULT,
+          value_parser = window_records)]
+    pub outbox_window_records: usize,
+
     /// PostgreSQL URL for snapshots and the read model
     /// (e.g. `host=127.0.0.1 port=5432 user=postgres dbname=accounts` or
     /// `postgres://user@host/db`). Unset: no PostgreSQL, the WAL keeps everything.
@@ -245,6 +252,8 @@ pub struct KafkaConfig {
     pub events_topic: String,
     /// `--kafka-option`: librdkafka settings for every client (SSL, SASL, ...).
     pub options: KafkaOptions,
+    /// `--outbox-window-records`: outbox records held in memory at most.
+    pub outbox_window_records: usize,
 }
 
 /// librdkafka settings given with `--kafka-option KEY=VALUE`. Their values can
@@ -292,6 +301,7 @@ impl KafkaConfig {
             withdrawals_topic: "payment.withdrawals".into(),
             events_topic: "trading.account.events".into(),
             options: KafkaOptions::default(),
+            outbox_window_records: crate::egress::spill::WINDOW_RECORDS_DEFAULT,
         }
     }
 
@@ -356,6 +366,7 @@ impl ServeArgs {
             withdrawals_topic: self.topics.kafka_withdrawals_topic.clone(),
             events_topic: self.topics.kafka_events_topic.clone(),
             options: KafkaOptions::parse(&self.kafka_option)?,
+            outbox_window_records: self.outbox_window_records,
         };
         let mut names = vec![
             &config.fills_topic,
@@ -436,6 +447,14 @@ pub fn kafka_client_config(brokers: &str, options: &KafkaOptions) -> rdkafka::Cl
         c.set(key, value);
     }
     c
+}
+
+/// `--outbox-window-records`: a count of at least 1.
+fn window_records(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{s:?}: a number of records, at least 1")),
+    }
 }
 
 #[cfg(test)]

@@ -450,6 +450,9 @@ pub struct KafkaMetrics {
     pub outbox_backlog_age_seconds: Gauge<f64, AtomicU64>,
     pub outbox_watermark: Gauge,
     pub outbox_published_total: Counter,
+    /// Records the outbox holds in memory (bounded by its window).
+    pub outbox_held_records: Gauge,
+    pub outbox_spills_total: Counter,
     /// Records the broker refused for good, passed over (see the publisher).
     pub outbox_dropped_total: Family<DroppedLabels, Counter>,
 }
@@ -468,6 +471,8 @@ impl KafkaMetrics {
             outbox_backlog_age_seconds: Gauge::default(),
             outbox_watermark: Gauge::default(),
             outbox_published_total: Counter::default(),
+            outbox_held_records: Gauge::default(),
+            outbox_spills_total: Counter::default(),
             outbox_dropped_total: Family::default(),
         }
     }
@@ -522,6 +527,16 @@ impl KafkaMetrics {
             "outbox_published",
             "Outbox records acknowledged by the broker",
             self.outbox_published_total.clone(),
+        );
+        registry.register(
+            "outbox_held_records",
+            "Outbox records in memory, waiting for the broker (bounded by --outbox-window-records)",
+            self.outbox_held_records.clone(),
+        );
+        registry.register(
+            "outbox_spills",
+            "Times the outbox window was full and later events were left to be re-derived from the WAL",
+            self.outbox_spills_total.clone(),
         );
         registry.register(
             "outbox_dropped",

@@ -716,6 +716,107 @@ async fn sigterm_during_a_broker_outage_stops_promptly_and_the_backlog_publishes
     assert_eq!(reserved, 2_000, "every Reserve's event, once per event id");
 }
 
+/// A long outage holds only the outbox's window in memory: past it, the
+/// writer spills and the events are re-derived from the WAL once the broker
+/// takes records again; a restart during the outage replays the same way
+/// instead of loading the whole backlog. Everything publishes after, each
+/// event id with one content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_outage_holds_only_the_window_and_every_event_publishes_after() {
+    const WINDOW: f64 = 1_000.0;
+    const RESERVES: usize = 20_000;
+    let broker = Broker::start();
+    broker.create_service_topics(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--kafka-brokers",
+        &broker.bootstrap(),
+        "--outbox-window-records",
+        "1000",
+    ];
+    let mut server = Server::start(dir.path(), &args).await;
+    open_accounts(&server, [1]).await;
+    let mut admin = server.admin().await;
+    admin.deposit(deposit("dep-1", 1, "1000000")).await.unwrap();
+    let mut accounts = server.accounts().await;
+
+    broker.pause();
+    let rss_before = server.peak_rss_mib();
+    let mut held_max: f64 = 0.0;
+    for chunk in (0..RESERVES).collect::<Vec<_>>().chunks(100) {
+        let requests = chunk
+            .iter()
+            .map(|&i| common::server::reserve_one_usd(i))
+            .collect();
+        let replies = accounts
+            .reserve_batch(pb::ReserveBatchRequest {
+                requests,
+                all_or_nothing: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .replies;
+        assert!(replies.iter().all(|r| r.result == pb::Result::Ok as i32));
+        held_max = held_max.max(metric(server.metrics_port, "account_outbox_held_records"));
+    }
+    // The gauges are refreshed every 100 ms.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held_max = held_max.max(metric(server.metrics_port, "account_outbox_held_records"));
+    let spills = metric(server.metrics_port, "account_outbox_spills_total");
+    eprintln!(
+        "outage: {RESERVES} events, held at most {held_max} records (window {WINDOW}), \
+         {spills} spill(s), peak RSS {rss_before:?} MiB before, {:?} MiB after",
+        server.peak_rss_mib()
+    );
+    assert!(spills >= 1.0, "the window filled up: {spills} spills");
+    assert!(
+        held_max <= 3.0 * WINDOW,
+        "at most the window and a batch or two in memory: {held_max}"
+    );
+
+    // A restart during the outage: replay spills as well.
+    server.sigterm();
+    let status = server.wait_exit(Duration::from_secs(60));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let server = Server::start(dir.path(), &args).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let held = metric(server.metrics_port, "account_outbox_held_records");
+    let spills = metric(server.metrics_port, "account_outbox_spills_total");
+    eprintln!(
+        "restart during the outage: held {held} records, {spills} spill(s), peak RSS {:?} MiB",
+        server.peak_rss_mib()
+    );
+    assert!(held <= 3.0 * WINDOW, "replay held {held} records");
+    assert!(spills >= 1.0, "replay spilled: {spills}");
+
+    broker.resume();
+    eventually(
+        Duration::from_secs(120),
+        "the backlog to publish",
+        || async {
+            metric(server.metrics_port, "account_outbox_backlog_records") == 0.0
+                && metric(server.metrics_port, "account_outbox_watermark")
+                    >= metric(server.metrics_port, "account_engine_last_sequence")
+        },
+    )
+    .await;
+    let messages = broker.read_all(EVENTS, RESERVES + 2, Duration::from_secs(60));
+    let by_id = assert_duplicates_identical(&account_events(&messages));
+    let reserved: HashSet<_> = by_id
+        .values()
+        .filter(|e| e.r#type == events::AccountEventType::Reserved as i32)
+        .map(|e| e.cause_id.clone())
+        .collect();
+    assert_eq!(reserved.len(), RESERVES, "every Reserve's event arrived");
+    let ids: HashSet<_> = by_id.keys().collect();
+    assert_eq!(
+        ids.len(),
+        RESERVES + 2,
+        "open, deposit and every Reserve, nothing else"
+    );
+}
+
 /// Measurement, run by hand in release:
 /// `cargo test --release --test kafka -- --ignored --nocapture fills_ingest`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -194,6 +194,8 @@ async fn promtool_accepts_the_live_metrics_and_ops_names_only_exported_metrics()
         "account_kafka_consumer_lag_records",
         "account_outbox_backlog_records",
         "account_outbox_backlog_age_seconds",
+        "account_outbox_dropped_total",
+        "account_outbox_spills_total",
         "account_snapshot_age_seconds",
         "account_dlq_messages_total",
         "account_overdrawn_accounts",

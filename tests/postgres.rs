@@ -330,7 +330,8 @@ async fn with_kafka_a_snapshot_waits_for_the_outbox_watermark() {
     let (tx, batches) = crossbeam_channel::unbounded();
     let watermark = std::sync::Arc::new(AtomicU64::new(0));
     let mut c = config(dir.path(), Some(&pg));
-    c.outbox = Some(OutboxSink::new(tx, watermark.clone()));
+    let window = account_service::egress::Window::new(1 << 30);
+    c.outbox = Some(OutboxSink::new(tx, watermark.clone(), window));
     let (engine, _) = start(c).await;
     run(&engine, &common::strategies::sample(300, true)).await;
     // Let the expiry ticks the commands call for happen first.

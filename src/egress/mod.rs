@@ -7,6 +7,8 @@
 //!   `trading.account.events` (keyed by account_id) and to `<topic>.dlq`; a
 //!   durable watermark ([`watermark`]) of what the broker acknowledged. After a
 //!   restart the engine re-derives everything above the watermark from the WAL.
+//! * [`spill`]: the bounded window: past it, events are re-derived from the
+//!   WAL instead of held in memory.
 //! * [`dlq`]: dead-letter records: the original message (read back from its
 //!   topic by offset, so it goes out unchanged), and the `dlq.*` headers.
 //!
@@ -20,7 +22,9 @@
 pub mod dlq;
 pub mod outbox;
 pub mod publisher;
+pub mod spill;
 pub mod watermark;
 
 pub use outbox::{Collector, DlqReason, OutboxBatch, OutboxItem, OutboxRecord, OutboxSink};
 pub use publisher::{Outbox, OutboxError};
+pub use spill::{Handed, Intake, Window};

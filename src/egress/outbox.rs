@@ -8,17 +8,20 @@
 //! append to WAL, Collector::apply ──┐
 //!   (events + DLQ facts, in memory) │
 //! sync (group commit) ──────────────┴─► OutboxBatch ─► produce ─► broker ack
-//!                                       (unbounded)              │
+//!                                       (a window)               │
 //!                          watermark file + AtomicU64 ◄──────────┘
 //! ```
 //!
-//! Nothing is handed over before the sync that makes its command durable. The
-//! channel is unbounded on purpose: a broker outage must never block the
-//! writer (design 2: Reserve keeps answering); the backlog is metered and, if
-//! the process dies, re-derived from the WAL above the durable watermark.
+//! Nothing is handed over before the sync that makes its command durable. A
+//! broker outage never blocks the writer (design 2: Reserve keeps answering):
+//! once the outbox holds its window of records, the writer stops collecting
+//! and the rest is re-derived from the WAL when the broker takes records again
+//! ([`super::spill`]). If the process dies, everything above the durable
+//! watermark is re-derived from the WAL at the next start.
 
+use super::spill::{self, Handed, Handshake, Window};
 use crate::domain::{Command, DeadLetterReason, Id, Source};
-use crate::state_machine::{Event, EventSink, Outcome, ResultCode, State};
+use crate::state_machine::{Event, EventSink, NoEvents, Outcome, ResultCode, State};
 use crossbeam_channel::Sender;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -80,11 +83,13 @@ pub struct OutboxBatch {
     pub records: Vec<OutboxRecord>,
 }
 
-/// The writer's handle on the publisher: the feed, and the durable watermark.
+/// The writer's handle on the publisher: the feed, its window, and the
+/// durable watermark.
 #[derive(Clone)]
 pub struct OutboxSink {
-    tx: Sender<OutboxBatch>,
+    tx: Sender<Handed>,
     watermark: Arc<AtomicU64>,
+    window: Arc<Window>,
 }
 
 impl fmt::Debug for OutboxSink {
@@ -92,13 +97,18 @@ impl fmt::Debug for OutboxSink {
         f.debug_struct("OutboxSink")
             .field("watermark", &self.watermark())
             .field("queued_batches", &self.tx.len())
+            .field("held_records", &self.window.held())
             .finish()
     }
 }
 
 impl OutboxSink {
-    pub fn new(tx: Sender<OutboxBatch>, watermark: Arc<AtomicU64>) -> OutboxSink {
-        OutboxSink { tx, watermark }
+    pub fn new(tx: Sender<Handed>, watermark: Arc<AtomicU64>, window: Arc<Window>) -> OutboxSink {
+        OutboxSink {
+            tx,
+            watermark,
+            window,
+        }
     }
 
     /// Every record of a command with `sequence <= watermark()` has been
@@ -124,6 +134,17 @@ pub struct Collector {
     sink: OutboxSink,
     records: Vec<OutboxRecord>,
     handed_through: u64,
+    /// The window was full: nothing is collected until the re-deriver of
+    /// this spill has caught up.
+    spilled: Option<Arc<Handshake>>,
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        if let Some(handshake) = &self.spilled {
+            handshake.abandon();
+        }
+    }
 }
 
 impl Collector {
@@ -132,6 +153,7 @@ impl Collector {
             handed_through: sink.watermark(),
             sink,
             records: Vec::with_capacity(1024),
+            spilled: None,
         }
     }
 
@@ -149,6 +171,9 @@ impl Collector {
         timestamp_ms: i64,
         trace: Option<crate::telemetry::TraceParent>,
     ) -> Outcome {
+        if self.spilled.is_some() {
+            return state.apply(command, sequence, timestamp_ms, &mut NoEvents);
+        }
         collect(
             &mut self.records,
             state,
@@ -170,6 +195,9 @@ impl Collector {
         trace: Option<crate::telemetry::TraceParent>,
         outcomes: &mut Vec<Outcome>,
     ) {
+        if self.spilled.is_some() {
+            return state.apply_basket(items, sequence, timestamp_ms, &mut NoEvents, outcomes);
+        }
         collect_basket(
             &mut self.records,
             state,
@@ -182,8 +210,19 @@ impl Collector {
     }
 
     /// Hands over everything collected; call only once every command through
-    /// `through_sequence` is durable.
-    pub fn hand_off(&mut self, through_sequence: u64) {
+    /// `through_sequence` is durable, with `state` at `through_sequence`. When
+    /// the outbox's window is full after it, spills: a copy of `state` goes to
+    /// a re-deriver that reads `wal`, and collecting stops until it caught up.
+    pub fn hand_off(&mut self, through_sequence: u64, state: &State, wal: &wal::Wal) {
+        if let Some(handshake) = &self.spilled {
+            debug_assert!(self.records.is_empty());
+            handshake.synced(through_sequence);
+            self.handed_through = through_sequence;
+            if handshake.resume_after(through_sequence) {
+                self.spilled = None;
+            }
+            return;
+        }
         if self.records.is_empty() && through_sequence <= self.handed_through {
             return;
         }
@@ -191,20 +230,60 @@ impl Collector {
         debug_assert!(self.records.iter().all(|r| r.sequence <= through_sequence));
         let capacity = self.records.len().clamp(1024, HAND_OFF_CHUNK_RECORDS);
         let records = std::mem::replace(&mut self.records, Vec::with_capacity(capacity));
+        self.sink.window.fed(records.len());
         // A publisher that is gone (shutting down) loses nothing: the WAL keeps
         // the records above the watermark and the next start re-derives them.
-        let _ = self.sink.tx.send(OutboxBatch {
+        let _ = self.sink.tx.send(Handed::Batch(OutboxBatch {
             through_sequence,
             records,
-        });
+        }));
         self.handed_through = through_sequence;
+        if self.sink.window.held() >= self.sink.window.capacity() {
+            self.spill(state, wal);
+        }
     }
 
     /// During replay: hands over a full chunk early (the WAL records are on disk).
-    pub fn hand_off_if_full(&mut self, through_sequence: u64) {
-        if self.records.len() >= HAND_OFF_CHUNK_RECORDS {
-            self.hand_off(through_sequence);
+    pub fn hand_off_if_full(&mut self, through_sequence: u64, state: &State, wal: &wal::Wal) {
+        let chunk = HAND_OFF_CHUNK_RECORDS.min(self.sink.window.capacity());
+        if self.records.len() >= chunk {
+            self.hand_off(through_sequence, state, wal);
         }
+    }
+
+    /// The window is full: from the next command on, events are re-derived
+    /// from the WAL by a re-deriver that starts from a copy of `state`.
+    fn spill(&mut self, state: &State, wal: &wal::Wal) {
+        let from = self.handed_through + 1;
+        let copying = std::time::Instant::now();
+        match spill::start(
+            state.untracked_copy(),
+            wal.reader(),
+            from,
+            self.sink.window.clone(),
+        ) {
+            Ok((spill, handshake)) => {
+                self.sink.window.spilled();
+                tracing::warn!(
+                    from,
+                    held = self.sink.window.held(),
+                    window = self.sink.window.capacity(),
+                    copy_ms = copying.elapsed().as_secs_f64() * 1e3,
+                    "outbox window full: events from here on are re-derived from the WAL when the broker takes them"
+                );
+                let _ = self.sink.tx.send(Handed::Spill(spill));
+                self.spilled = Some(handshake);
+            }
+            // Nothing is lost: the window just grows past its bound.
+            Err(e) => {
+                tracing::error!(error = %e, "outbox: the re-deriver did not start; collecting on")
+            }
+        }
+    }
+
+    /// Whether the window was full and events are left to the re-deriver.
+    pub fn spilled(&self) -> bool {
+        self.spilled.is_some()
     }
 
     /// Records applied but not yet handed over (waiting for the sync).

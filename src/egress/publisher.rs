@@ -14,19 +14,23 @@
 //!   error with its sequence and topic, counted in `outbox_dropped_total`,
 //!   and passed over, so the records after it are published. It stays in the
 //!   WAL (until retention); the watermark passes it, so it is not republished.
+//! * Bounded memory: at most the window (`--outbox-window-records`) is held
+//!   here and in the feed; beyond it the writer spills and the records are
+//!   re-derived from the WAL as the broker takes them ([`super::spill`]).
 //! * Shutdown: when the writer is gone the publisher drains for at most
 //!   [`DRAIN_MAX`], stores the watermark and exits; what is left is
 //!   republished from the WAL at the next start.
 
 use super::dlq::{self, Fetched, Refetcher};
 use super::outbox::{OutboxBatch, OutboxItem, OutboxRecord, OutboxSink};
+use super::spill::{Intake, Window};
 use super::watermark::{WatermarkError, WatermarkFile};
 use crate::config::KafkaConfig;
 use crate::domain::{Decimal, Topic};
 use crate::metrics::{DlqLabels, Metrics};
 use crate::proto::events;
 use crate::state_machine::Event;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use prost::Message as _;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
@@ -83,6 +87,7 @@ impl Outbox {
         let watermark = file.load()?;
         let durable = Arc::new(AtomicU64::new(watermark));
         let (tx, feed) = crossbeam_channel::unbounded();
+        let window = Window::new(config.outbox_window_records);
         let (delivered_tx, delivered) = crossbeam_channel::unbounded();
         let producer = config
             .client_config()
@@ -94,13 +99,28 @@ impl Outbox {
             .set("queue.buffering.max.messages", "500000")
             .create_with_context(Deliveries { tx: delivered_tx })?;
         metrics.kafka.outbox_watermark.set(watermark as i64);
+        // Every (topic, reason) series exists from the start at 0, so an
+        // alert on its increase fires on the first drop.
+        let topics = Topics::new(config);
+        let targets = std::iter::once(topics.events.clone())
+            .chain(topics.sources.iter().map(|(_, dlq)| dlq.clone()));
+        for topic in targets {
+            for reason in PERMANENT_ERRORS.iter().map(|(_, name)| *name) {
+                let labels = crate::metrics::DroppedLabels {
+                    topic: topic.clone(),
+                    reason,
+                };
+                metrics.kafka.outbox_dropped_total.get_or_create(&labels);
+            }
+        }
         tracing::info!(watermark, file = %file.path().display(), "outbox watermark loaded");
         let stop = Arc::new(AtomicBool::new(false));
         let publisher = Publisher {
             stop: stop.clone(),
-            topics: Topics::new(config),
+            topics,
             refetcher: Refetcher::new(config.clone()),
-            feed,
+            intake: Intake::new(feed, window.clone()),
+            spills_seen: 0,
             producer,
             delivered,
             file,
@@ -130,7 +150,7 @@ impl Outbox {
                 thread: Some(thread),
                 stop,
             },
-            OutboxSink::new(tx, durable),
+            OutboxSink::new(tx, durable, window),
         ))
     }
 
@@ -200,7 +220,9 @@ struct Publisher {
     stop: Arc<AtomicBool>,
     topics: Topics,
     refetcher: Refetcher,
-    feed: Receiver<OutboxBatch>,
+    intake: Intake,
+    /// `Window::spills` already counted in the metric.
+    spills_seen: u64,
     producer: BaseProducer<Deliveries>,
     delivered: Receiver<(usize, Option<KafkaError>)>,
     file: WatermarkFile,
@@ -246,23 +268,26 @@ impl Publisher {
                 Duration::from_millis(2)
             };
             if drain_deadline.is_none() && self.stop.load(Ordering::Acquire) {
-                while let Ok(batch) = self.feed.try_recv() {
+                // What is still in the feed is in memory already; a spill's
+                // records stay in the WAL for the next start.
+                while let Ok(Some(batch)) = self.intake.next(Duration::ZERO, 0) {
                     self.accept(batch);
+                    if self.intake.spilling() {
+                        break;
+                    }
                 }
                 drain_deadline = Some(Instant::now() + DRAIN_MAX);
             }
             if drain_deadline.is_none() {
-                match self.feed.recv_timeout(wait) {
-                    Ok(batch) => {
+                match self.intake.next(wait, self.backlog) {
+                    Ok(Some(batch)) => {
                         self.accept(batch);
-                        while let Ok(batch) = self.feed.try_recv() {
+                        while let Ok(Some(batch)) = self.intake.next(Duration::ZERO, self.backlog) {
                             self.accept(batch);
                         }
                     }
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => {
-                        drain_deadline = Some(Instant::now() + DRAIN_MAX);
-                    }
+                    Ok(None) => {}
+                    Err(_) => drain_deadline = Some(Instant::now() + DRAIN_MAX),
                 }
             } else {
                 std::thread::sleep(wait.max(Duration::from_millis(1)));
@@ -273,6 +298,7 @@ impl Publisher {
                 self.on_delivery(opaque, error);
             }
             self.advance();
+            self.intake.window().set_pending(self.backlog);
             self.observe_backlog();
             match drain_deadline {
                 Some(deadline) if self.pending.is_empty() || Instant::now() >= deadline => break,
@@ -575,6 +601,11 @@ impl Publisher {
             Duration::from_millis(crate::engine::now_ms().saturating_sub(ts).max(0) as u64)
         });
         let k = &self.metrics.kafka;
+        let window = self.intake.window();
+        k.outbox_held_records.set(window.held() as i64);
+        let spills = window.spills();
+        k.outbox_spills_total.inc_by(spills - self.spills_seen);
+        self.spills_seen = spills;
         k.outbox_backlog_records.set(backlog as i64);
         k.outbox_backlog_age_seconds.set(age.as_secs_f64());
         let log_due = self
@@ -607,14 +638,25 @@ fn write_amount(out: &mut String, value: Decimal) {
 /// record itself is refused), or `None` for one worth retrying (the broker
 /// unreachable, a leader moving, a topic not there yet).
 pub fn permanent_error(error: &KafkaError) -> Option<&'static str> {
-    use RDKafkaErrorCode as C;
-    Some(match error.rdkafka_error_code()? {
-        C::MessageSizeTooLarge => "MESSAGE_SIZE_TOO_LARGE",
-        C::InvalidMessageSize => "INVALID_MESSAGE_SIZE",
-        C::MessageBatchTooLarge => "MESSAGE_BATCH_TOO_LARGE",
-        C::InvalidMessage => "INVALID_MESSAGE",
-        C::InvalidRecord => "INVALID_RECORD",
-        C::InvalidTimestamp => "INVALID_TIMESTAMP",
-        _ => return None,
-    })
+    let code = error.rdkafka_error_code()?;
+    PERMANENT_ERRORS
+        .iter()
+        .find(|(c, _)| *c == code)
+        .map(|(_, name)| *name)
 }
+
+/// The errors no retry can cure, with their metric label.
+const PERMANENT_ERRORS: [(RDKafkaErrorCode, &str); 6] = [
+    (
+        RDKafkaErrorCode::MessageSizeTooLarge,
+        "MESSAGE_SIZE_TOO_LARGE",
+    ),
+    (RDKafkaErrorCode::InvalidMessageSize, "INVALID_MESSAGE_SIZE"),
+    (
+        RDKafkaErrorCode::MessageBatchTooLarge,
+        "MESSAGE_BATCH_TOO_LARGE",
+    ),
+    (RDKafkaErrorCode::InvalidMessage, "INVALID_MESSAGE"),
+    (RDKafkaErrorCode::InvalidRecord, "INVALID_RECORD"),
+    (RDKafkaErrorCode::InvalidTimestamp, "INVALID_TIMESTAMP"),
+];

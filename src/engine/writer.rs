@@ -565,7 +565,7 @@ impl Writer {
             }
         }
         if let Some(outbox) = &mut self.outbox {
-            outbox.hand_off(self.state.last_sequence());
+            outbox.hand_off(self.state.last_sequence(), &self.state, &self.wal);
         }
         self.last_sync = Instant::now();
         self.metrics

@@ -91,6 +91,21 @@ impl Server {
         }
     }
 
+    /// The process id, while it runs.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Peak resident memory so far (`VmHWM`), in MiB.
+    #[allow(dead_code)]
+    pub fn peak_rss_mib(&self) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib / 1024.0)
+    }
+
     pub fn addr(&self) -> String {
         format!("http://127.0.0.1:{}", self.grpc_port)
     }
