@@ -110,7 +110,7 @@ impl Outbox {
                     topic: topic.clone(),
                     reason,
                 };
-                metrics.kafka.outbox_dropped_total.get_or_create(&labels);
+                let _ = metrics.kafka.outbox_dropped_total.get_or_create(&labels);
             }
         }
         tracing::info!(watermark, file = %file.path().display(), "outbox watermark loaded");
