@@ -377,3 +377,16 @@ impl Intake {
         &self.window
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The README and `--outbox-window-records` state about 350 bytes a record.
+    #[test]
+    fn a_held_record_is_about_350_bytes() {
+        let size = std::mem::size_of::<OutboxRecord>();
+        eprintln!("OutboxRecord: {size} bytes");
+        assert!((250..=400).contains(&size), "{size} bytes");
+    }
+}
