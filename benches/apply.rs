@@ -96,6 +96,12 @@ fn apply(c: &mut Criterion) {
     group.bench_function("mixed", |b| {
         b.iter_custom(|iters| timed(&mut bench, iters, &[true, true, true]))
     });
+    // What one copy of the whole state costs (the accounts above and the
+    // idempotency keys the mixed load left): why an outbox spill builds its
+    // base off the writer thread instead of copying the writer's state.
+    group.bench_function("state_clone", |b| {
+        b.iter(|| std::hint::black_box(bench.state.clone()))
+    });
     group.finish();
 }
 

@@ -38,6 +38,8 @@ pub mod config;
 pub mod domain;
 pub mod egress;
 pub mod engine;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ingress;
 pub mod metrics;
 pub mod proto;

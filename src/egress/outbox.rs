@@ -137,6 +137,8 @@ pub struct Collector {
     /// The window was full: nothing is collected until the re-deriver of
     /// this spill has caught up.
     spilled: Option<Arc<Handshake>>,
+    /// Where a re-deriver gets its base state (none: the whole WAL).
+    snapshots: Option<crate::snapshot::SnapshotConfig>,
 }
 
 impl Drop for Collector {
@@ -154,7 +156,14 @@ impl Collector {
             sink,
             records: Vec::with_capacity(1024),
             spilled: None,
+            snapshots: None,
         }
+    }
+
+    /// Snapshots are on: a spill's re-deriver starts from the newest one.
+    pub fn with_snapshots(mut self, config: Option<crate::snapshot::SnapshotConfig>) -> Collector {
+        self.snapshots = config;
+        self
     }
 
     /// The durable watermark (see [`OutboxSink::watermark`]).
@@ -210,10 +219,10 @@ impl Collector {
     }
 
     /// Hands over everything collected; call only once every command through
-    /// `through_sequence` is durable, with `state` at `through_sequence`. When
-    /// the outbox's window is full after it, spills: a copy of `state` goes to
-    /// a re-deriver that reads `wal`, and collecting stops until it caught up.
-    pub fn hand_off(&mut self, through_sequence: u64, state: &State, wal: &wal::Wal) {
+    /// `through_sequence` is durable. When the outbox's window is full after
+    /// it, spills: a re-deriver derives what follows from `wal`, and
+    /// collecting stops until it caught up.
+    pub fn hand_off(&mut self, through_sequence: u64, wal: &wal::Wal) {
         if let Some(handshake) = &self.spilled {
             debug_assert!(self.records.is_empty());
             handshake.synced(through_sequence);
@@ -239,25 +248,24 @@ impl Collector {
         }));
         self.handed_through = through_sequence;
         if self.sink.window.held() >= self.sink.window.capacity() {
-            self.spill(state, wal);
+            self.spill(wal);
         }
     }
 
     /// During replay: hands over a full chunk early (the WAL records are on disk).
-    pub fn hand_off_if_full(&mut self, through_sequence: u64, state: &State, wal: &wal::Wal) {
+    pub fn hand_off_if_full(&mut self, through_sequence: u64, wal: &wal::Wal) {
         let chunk = HAND_OFF_CHUNK_RECORDS.min(self.sink.window.capacity());
         if self.records.len() >= chunk {
-            self.hand_off(through_sequence, state, wal);
+            self.hand_off(through_sequence, wal);
         }
     }
 
     /// The window is full: from the next command on, events are re-derived
-    /// from the WAL by a re-deriver that starts from a copy of `state`.
-    fn spill(&mut self, state: &State, wal: &wal::Wal) {
+    /// from the WAL by a re-deriver thread.
+    fn spill(&mut self, wal: &wal::Wal) {
         let from = self.handed_through + 1;
-        let copying = std::time::Instant::now();
         match spill::start(
-            state.untracked_copy(),
+            self.snapshots.clone(),
             wal.reader(),
             from,
             self.sink.window.clone(),
@@ -268,7 +276,6 @@ impl Collector {
                     from,
                     held = self.sink.window.held(),
                     window = self.sink.window.capacity(),
-                    copy_ms = copying.elapsed().as_secs_f64() * 1e3,
                     "outbox window full: events from here on are re-derived from the WAL when the broker takes them"
                 );
                 let _ = self.sink.tx.send(Handed::Spill(spill));

@@ -59,14 +59,14 @@ pub fn replay_with_outbox(
             match (record, outbox) {
                 (Record::Command(command), Some(outbox)) => {
                     outbox.apply(state, &command, sequence, timestamp_ms, None);
-                    outbox.hand_off_if_full(sequence, state, wal);
+                    outbox.hand_off_if_full(sequence, wal);
                 }
                 (Record::Command(command), None) => {
                     state.apply(&command, sequence, timestamp_ms, &mut NoEvents);
                 }
                 (Record::Basket(items), Some(outbox)) => {
                     outbox.apply_basket(state, &items, sequence, timestamp_ms, None, &mut outcomes);
-                    outbox.hand_off_if_full(sequence, state, wal);
+                    outbox.hand_off_if_full(sequence, wal);
                 }
                 (Record::Basket(items), None) => {
                     state.apply_basket(
@@ -81,7 +81,7 @@ pub fn replay_with_outbox(
         }
     })?;
     if let Some(outbox) = outbox {
-        outbox.hand_off(state.last_sequence(), state, wal);
+        outbox.hand_off(state.last_sequence(), wal);
     }
     debug_assert_eq!(state.last_sequence(), wal.last_sequence().max(from - 1));
     Ok(records)

@@ -90,7 +90,10 @@ impl Writer {
     ) -> Result<Writer, EngineError> {
         let wal = Wal::open(config.wal.clone())?;
         let batch_size_max = config.batch_size_max;
-        let outbox = config.outbox.clone().map(Collector::new);
+        let outbox = config
+            .outbox
+            .clone()
+            .map(|sink| Collector::new(sink).with_snapshots(config.snapshot.clone()));
         Ok(Writer {
             outbox,
             snapshotter: None,
@@ -565,7 +568,7 @@ impl Writer {
             }
         }
         if let Some(outbox) = &mut self.outbox {
-            outbox.hand_off(self.state.last_sequence(), &self.state, &self.wal);
+            outbox.hand_off(self.state.last_sequence(), &self.wal);
         }
         self.last_sync = Instant::now();
         self.metrics

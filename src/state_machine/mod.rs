@@ -68,25 +68,6 @@ impl State {
         }
     }
 
-    /// A copy of the state without its change tracking (the rows changed
-    /// since the last snapshot stay with the original): a follower that
-    /// derives on another thread.
-    pub fn untracked_copy(&self) -> State {
-        State {
-            config: self.config,
-            accounts: self.accounts.clone(),
-            reservations: self.reservations.clone(),
-            expiries: self.expiries.clone(),
-            closed: self.closed.clone(),
-            idempotency: self.idempotency.clone(),
-            offsets: self.offsets.clone(),
-            last_sequence: self.last_sequence,
-            last_timestamp_ms: self.last_timestamp_ms,
-            overdrawn_accounts: self.overdrawn_accounts,
-            dirty: snapshot::Dirty::default(),
-        }
-    }
-
     /// The settings in force: [`StateConfig::default`] for a fresh state,
     /// then those of the last journaled [`Command::Configure`].
     pub fn config(&self) -> &StateConfig {
