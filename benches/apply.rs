@@ -105,5 +105,72 @@ fn apply(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, apply);
+/// A fill, and the view `GetAccount` copies out, on an account holding
+/// `held` positions: the cost per call of thousands of symbols on one account.
+fn positions(c: &mut Criterion) {
+    use account_service::engine::view::AccountView;
+    let mut group = c.benchmark_group("positions");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1));
+    group.throughput(Throughput::Elements(1));
+    for held in [5_u64, 5_000] {
+        let mut state = State::new(StateConfig {
+            idempotency_window_ms: 1_000,
+            tick_work_max: 100_000,
+        });
+        let mut now = 1_700_000_000_000;
+        let mut seq = 0;
+        let mut step = |state: &mut State, command: &Command, now: i64| {
+            seq += 1;
+            state.apply(command, seq, now, &mut NoEvents);
+        };
+        for command in workload::funded_accounts(1) {
+            step(&mut state, &command, now);
+        }
+        let account_id = AccountId::new(1).unwrap();
+        let fill = |n: u64, symbol: u64| {
+            Command::Fill(Fill {
+                event_id: workload::id("pf", n),
+                account_id,
+                order_id: workload::id("po", n),
+                symbol: Asset::symbol(&format!("S{symbol}")).unwrap(),
+                side: Side::Buy,
+                quantity: rust_decimal::Decimal::ONE,
+                price: rust_decimal::Decimal::ONE,
+                filled_amount: rust_decimal::Decimal::ONE,
+                currency: None,
+                source: None,
+            })
+        };
+        for n in 0..held {
+            step(&mut state, &fill(n, n), now);
+        }
+        let mut n = held;
+        group.bench_function(format!("fill/{held}"), |b| {
+            b.iter_custom(|iters| {
+                let commands: Vec<Command> =
+                    (0..iters).map(|i| fill(n + i, (n + i) % held)).collect();
+                let started = Instant::now();
+                for command in &commands {
+                    step(&mut state, command, now);
+                }
+                let elapsed = started.elapsed();
+                n += iters;
+                now += 2_000;
+                step(&mut state, &Command::Tick, now);
+                elapsed
+            })
+        });
+        let account = state.account(account_id).unwrap();
+        assert_eq!(account.positions.len() as u64, held);
+        group.bench_function(format!("account_view/{held}"), |b| {
+            b.iter(|| std::hint::black_box(AccountView::of(account, 1)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, apply, positions);
 criterion_main!(benches);

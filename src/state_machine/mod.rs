@@ -573,7 +573,12 @@ impl State {
                 .moved(amount, available, reserved),
         );
         // Released cash can cover a negative balance.
-        refresh_overdrawn(account, &mut self.overdrawn_accounts, events);
+        refresh_overdrawn(
+            account,
+            &[reservation.asset],
+            &mut self.overdrawn_accounts,
+            events,
+        );
         let mut outcome =
             Outcome::new(ResultCode::Ok, seq).with_balance(reservation.asset, available, reserved);
         outcome.released = amount;
@@ -601,7 +606,7 @@ impl State {
                 .asset(c.currency)
                 .moved(c.amount, available, reserved),
         );
-        refresh_overdrawn(account, &mut self.overdrawn_accounts, events);
+        refresh_overdrawn(account, &[c.currency], &mut self.overdrawn_accounts, events);
         Outcome::new(ResultCode::Ok, seq).with_balance(c.currency, available, reserved)
     }
 
@@ -703,7 +708,12 @@ impl State {
                 .moved(c.filled_amount, cash_available, cash_reserved),
         );
         events.push(fill.asset(c.symbol).moved(c.quantity, free, locked));
-        refresh_overdrawn(account, &mut self.overdrawn_accounts, events);
+        refresh_overdrawn(
+            account,
+            &[currency, c.symbol],
+            &mut self.overdrawn_accounts,
+            events,
+        );
         Outcome::new(ResultCode::Ok, seq).with_balance(currency, cash_available, cash_reserved)
     }
 
@@ -743,7 +753,12 @@ impl State {
                     .asset(reservation.asset)
                     .moved(amount, available, reserved),
             );
-            refresh_overdrawn(account, &mut self.overdrawn_accounts, events);
+            refresh_overdrawn(
+                account,
+                &[reservation.asset],
+                &mut self.overdrawn_accounts,
+                events,
+            );
             self.mark(Some(key.account_id), Some(key));
         }
         let window = self.config.idempotency_window_ms;
@@ -956,7 +971,7 @@ fn set_balance(
         ReservationKind::Security => {
             // Only called where free shares were found or are locked, and
             // positions are never removed.
-            let position = account.positions.iter_mut().find(|p| p.symbol == asset);
+            let position = account.position_mut(asset);
             let position = position.expect("a position with locked or free shares exists");
             position.reserved_quantity = reserved;
             debug_assert_eq!(position.free_quantity(), available);
@@ -1021,12 +1036,22 @@ fn close(
     closed.push_back((now, reservation.key()));
 }
 
+/// After a command changed only the balances and positions in `touched`: an
+/// account is overdrawn when one of those went negative, or when it was and
+/// still is somewhere else (a full scan only then: not per fill on an account
+/// holding thousands of positions).
 fn refresh_overdrawn<S: EventSink>(
     account: &mut Account,
+    touched: &[crate::domain::Asset],
     overdrawn_accounts: &mut u64,
     events: &mut S,
 ) {
-    let overdrawn = account.computes_overdrawn();
+    let overdrawn = if touched.iter().any(|&asset| account.is_negative_in(asset)) {
+        true
+    } else {
+        account.overdrawn && account.computes_overdrawn()
+    };
+    debug_assert_eq!(overdrawn, account.computes_overdrawn());
     if overdrawn == account.overdrawn {
         return;
     }

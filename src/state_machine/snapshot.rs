@@ -147,6 +147,7 @@ impl State {
         state.last_timestamp_ms = rows.timestamp_ms;
         for mut account in rows.accounts {
             account.open_reservations = 0;
+            account.sort_positions();
             state.overdrawn_accounts += u64::from(account.overdrawn);
             state.accounts.insert(account.account_id, account);
         }
