@@ -145,6 +145,24 @@ pub struct ServeArgs {
     #[arg(long, env = "ACCOUNT_RATE_LIMIT_BURST")]
     pub rate_limit_burst: Option<u32>,
 
+    /// gRPC connections open at once; one more is closed as soon as it is
+    /// accepted (`account_grpc_connections_refused_total`). The process
+    /// raises its open-file limit to the hard limit at start and warns when
+    /// that is too low for this.
+    #[arg(long, env = "ACCOUNT_MAX_CONNECTIONS", default_value_t = 4_096)]
+    pub max_connections: usize,
+
+    /// A gRPC connection from which nothing is read this long is closed (a
+    /// live HTTP/2 client answers the server's ping every 30 s of quiet, so
+    /// this closes only silent sockets; below 40 s idle clients are closed too,
+    /// and reconnect).
+    #[arg(
+        long,
+        env = "ACCOUNT_IDLE_CONNECTION_TIMEOUT_SECS",
+        default_value_t = 120
+    )]
+    pub idle_connection_timeout_secs: u64,
+
     /// Export traces by OpenTelemetry OTLP/gRPC to this collector
     /// (`http://127.0.0.1:4317`). Off by default, and then free.
     #[arg(long, env = "ACCOUNT_OTLP_ENDPOINT", value_name = "URL")]

@@ -26,7 +26,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Top {
     /// Run the service (embedded by default: WAL in ./data, no Kafka, no PostgreSQL).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create the service's Kafka topics (inbound, outbound, dead letters) that are missing.
     KafkaTopics(topics::TopicsArgs),
     /// One account's movements (every account event) from the PostgreSQL read model.
@@ -42,19 +42,19 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     // The exporter sends its batches from the service's runtime.
     let telemetry = match &cli.command {
-        Top::Serve(ServeArgs {
-            otlp_endpoint: Some(endpoint),
-            otlp_sample_ratio,
-            ..
-        }) => {
+        Top::Serve(args) if args.otlp_endpoint.is_some() => {
             let _runtime = runtime.enter();
-            Some(telemetry::Telemetry::init(endpoint, *otlp_sample_ratio)?)
+            let endpoint = args.otlp_endpoint.as_deref().unwrap_or_default();
+            Some(telemetry::Telemetry::init(
+                endpoint,
+                args.otlp_sample_ratio,
+            )?)
         }
         _ => None,
     };
     init_logs(cli.log_format, telemetry.as_ref());
     let result = match cli.command {
-        Top::Serve(args) => runtime.block_on(server::serve(args)).map_err(Into::into),
+        Top::Serve(args) => runtime.block_on(server::serve(*args)).map_err(Into::into),
         Top::KafkaTopics(args) => runtime.block_on(topics::create(args)),
         Top::History(args) => runtime.block_on(snapshot::print_history(args)),
         Top::Client(command) => runtime.block_on(client::run(command)),

@@ -184,6 +184,9 @@ pub struct Metrics {
     pub snapshot_deltas_total: Counter,
     pub snapshot_failures_total: Counter,
     pub snapshot_history_events_total: Counter,
+    /// gRPC connections open now, and those closed at accept for the limit.
+    pub connections: Gauge,
+    pub connections_refused_total: Counter,
     /// Consumers, dead-letter queues and the outbox (zero without Kafka).
     pub kafka: KafkaMetrics,
 }
@@ -215,6 +218,8 @@ impl Metrics {
             snapshot_deltas_total: Counter::default(),
             snapshot_failures_total: Counter::default(),
             snapshot_history_events_total: Counter::default(),
+            connections: Gauge::default(),
+            connections_refused_total: Counter::default(),
             kafka: KafkaMetrics::new(),
             registry: Registry::default(),
             id: METRICS_IDS.fetch_add(1, Ordering::Relaxed),
@@ -319,6 +324,16 @@ impl Metrics {
             "snapshot_history_events",
             "Account events written to the account_events table",
             m.snapshot_history_events_total.clone(),
+        );
+        registry.register(
+            "grpc_connections",
+            "gRPC connections open",
+            m.connections.clone(),
+        );
+        registry.register(
+            "grpc_connections_refused",
+            "gRPC connections closed at accept: --max-connections were open",
+            m.connections_refused_total.clone(),
         );
         m.kafka.register(&mut registry);
         Arc::new(Metrics { registry, ..m })

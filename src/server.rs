@@ -77,6 +77,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     let mut engine_config = args.engine_config()?;
     let kafka = args.kafka_config()?;
     let metrics = Metrics::new();
+    raise_open_file_limit(args.max_connections);
     let grpc_listener = bind("gRPC", args.grpc_addr).await?;
     let metrics_listener = bind("metrics", args.metrics_addr).await?;
     tracing::info!(
@@ -137,8 +138,14 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         wait_stop(stop_rx.clone()),
     ));
 
-    let incoming =
-        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let incoming = crate::ingress::connections::guard(
+        tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
+        crate::ingress::connections::ConnectionLimits {
+            max_connections: args.max_connections,
+            idle_timeout: Duration::from_secs(args.idle_connection_timeout_secs),
+        },
+        metrics.clone(),
+    );
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls_config(&args)? {
         builder = builder.tls_config(tls)?;
@@ -192,6 +199,44 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
 }
 
 /// `--tls-cert` / `--tls-key` (and `--tls-client-ca` for mutual TLS).
+/// Files the process needs besides its gRPC connections: WAL segments,
+/// listeners, PostgreSQL and Kafka sockets, with room to spare.
+const FILES_BESIDES_CONNECTIONS: u64 = 256;
+
+/// Raises the soft open-file limit to the hard one (a default soft limit of
+/// 1,024 would refuse connections long before `--max-connections`); warns when
+/// even the hard limit is too low for `max_connections`.
+fn raise_open_file_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `limit`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    let needed = max_connections as u64 + FILES_BESIDES_CONNECTIONS;
+    if limit.rlim_cur < needed {
+        tracing::warn!(
+            open_file_limit = limit.rlim_cur,
+            max_connections,
+            "the open-file limit is below --max-connections + {FILES_BESIDES_CONNECTIONS}: \
+             accepts fail before the connection limit (raise LimitNOFILE / ulimit -n)"
+        );
+    }
+}
+
 fn tls_config(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>, ServeError> {
     use tonic::transport::{Certificate, Identity, ServerTlsConfig};
     let read = |path: &std::path::Path| {

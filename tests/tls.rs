@@ -264,4 +264,23 @@ async fn snapshots_go_to_postgres_over_tls_and_verify_its_certificate() {
         assert!(Instant::now() < deadline, "the untrusted server is refused");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    drop(server);
+
+    // A fresh data directory needs the snapshot: an untrusted certificate is
+    // not retried for ever behind NOT_SERVING; the service stops and says why.
+    let fresh = tempfile::tempdir().unwrap();
+    let log = fresh.path().join("stderr.log");
+    let mut server = Server::spawn_under(
+        &[],
+        &fresh.path().join("data"),
+        &["--postgres-url", &untrusted],
+        std::process::Stdio::from(std::fs::File::create(&log).unwrap()),
+    );
+    let status = server
+        .wait_exit(Duration::from_secs(60))
+        .expect("stops instead of retrying a refused certificate");
+    assert!(!status.success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("sslrootcert"), "{text}");
+    assert!(text.to_lowercase().contains("certificate"), "{text}");
 }

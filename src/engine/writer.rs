@@ -224,8 +224,13 @@ impl Writer {
                     tracing::warn!(error = %e, "snapshot not loaded; the WAL holds the whole history, replaying all of it");
                     break None;
                 }
-                Err(e) if self.stop.load(Ordering::Acquire) || !e.is_transient() => {
-                    return Err(e.into())
+                Err(e) if self.stop.load(Ordering::Acquire) => return Err(e.into()),
+                Err(e) if !e.is_transient() => {
+                    tracing::error!(error = %e,
+                        "snapshot needed (the WAL starts after it) and PostgreSQL refused in a way \
+                         retrying cannot fix (for a TLS refusal: check sslrootcert and the server's \
+                         certificate in --postgres-url); stopping");
+                    return Err(e.into());
                 }
                 Err(e) => {
                     self.metrics.snapshot_failures_total.inc();

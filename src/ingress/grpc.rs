@@ -150,6 +150,19 @@ impl Service {
                 return Err(status);
             }
         };
+        if deadline_already_past(metadata) {
+            self.metrics.observe_rpc(
+                rpc,
+                caller,
+                code_name(tonic::Code::DeadlineExceeded),
+                started,
+            );
+            return Err(Status::deadline_exceeded(format!(
+                "grpc-timeout under {} µs: the reply could not arrive in time (one journal \
+                 sync takes longer), so nothing was done",
+                DEADLINE_MIN.as_micros()
+            )));
+        }
         if let Err(retry_after_ms) = self.limits.admit(caller) {
             let mut status = Status::resource_exhausted(format!(
                 "caller {caller} is over its rate limit; retry in {retry_after_ms} ms with the same key"
@@ -260,6 +273,7 @@ fn code_name(code: tonic::Code) -> &'static str {
         tonic::Code::NotFound => "NOT_FOUND",
         tonic::Code::Unauthenticated => "UNAUTHENTICATED",
         tonic::Code::PermissionDenied => "PERMISSION_DENIED",
+        tonic::Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
         _ => "ERROR",
     }
 }
@@ -469,5 +483,61 @@ impl AdminService for Service {
             self.admin(Command::Fill(command)).await
         })
         .await
+    }
+}
+
+/// The shortest deadline a call may carry and still be served: below it the
+/// deadline has in effect passed on arrival (a journal sync alone takes
+/// longer), and the call is refused before anything is journaled.
+pub const DEADLINE_MIN: std::time::Duration = std::time::Duration::from_micros(100);
+
+/// Whether the call's `grpc-timeout` (gRPC over HTTP/2: 1-8 digits and a unit,
+/// `H M S m u n`) is under [`DEADLINE_MIN`]. A malformed header is left to
+/// tonic, which ignores it.
+fn deadline_already_past(metadata: &MetadataMap) -> bool {
+    grpc_timeout(metadata).is_some_and(|timeout| timeout < DEADLINE_MIN)
+}
+
+fn grpc_timeout(metadata: &MetadataMap) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3_600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod deadline_tests {
+    use super::*;
+
+    fn with_timeout(value: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert("grpc-timeout", value.parse().unwrap());
+        m
+    }
+
+    #[test]
+    fn a_deadline_under_the_minimum_is_past_and_others_are_not() {
+        for past in ["0n", "1n", "99999n", "99u", "0S", "0m"] {
+            assert!(deadline_already_past(&with_timeout(past)), "{past}");
+        }
+        for fine in ["100u", "100000n", "1m", "5S", "1H", "99999999M"] {
+            assert!(!deadline_already_past(&with_timeout(fine)), "{fine}");
+        }
+        for malformed in ["", "m", "1x", "123456789n", "-1m", "1.5S"] {
+            assert_eq!(grpc_timeout(&with_timeout(malformed)), None, "{malformed}");
+        }
+        assert!(!deadline_already_past(&MetadataMap::new()));
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod batch;
+pub mod connections;
 pub mod grpc;
 pub mod kafka;
 pub mod limits;

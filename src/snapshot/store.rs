@@ -44,6 +44,23 @@ fn causes(error: &tokio_postgres::Error) -> String {
     text
 }
 
+/// Whether `error` comes from rustls (as a cause, or inside an I/O error of
+/// the TLS stream).
+fn tls_refused(error: &tokio_postgres::Error) -> bool {
+    let mut next = std::error::Error::source(error);
+    while let Some(cause) = next {
+        let inner = cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|e| e as &(dyn std::error::Error + 'static));
+        if cause.is::<rustls::Error>() || inner.is_some_and(|e| e.is::<rustls::Error>()) {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
+}
+
 impl SnapshotError {
     /// Whether retrying may help (PostgreSQL unreachable or restarting),
     /// as opposed to rows that cannot be read.
@@ -52,6 +69,10 @@ impl SnapshotError {
             // No server answer (refused, reset, closed), or a server-side
             // class that passes: connection (08), resources (53), operator
             // intervention such as "starting up" (57).
+            // A TLS handshake the client refused (an untrusted or mismatched
+            // certificate) is the configuration, not the network: retrying
+            // would only hide it.
+            SnapshotError::Postgres(e) if tls_refused(e) => false,
             SnapshotError::Postgres(e) => e
                 .as_db_error()
                 .is_none_or(|db| matches!(&db.code().code()[..2], "08" | "53" | "57")),
