@@ -1,5 +1,5 @@
 //! Crash campaign: cycles of mixed concurrent load (reserves, unreserves,
-//! deposits on a few accounts) against the real binary with 1 MiB WAL
+//! fills, deposits on a few accounts) against the real binary with 1 MiB WAL
 //! segments and PostgreSQL snapshots every 50 ms, each ended by kill -9.
 //! After every restart:
 //! * every acknowledged write, sent again, replays its original result and
@@ -7,7 +7,8 @@
 //! * the writes that were in flight at the kill are sent again: each is then
 //!   applied exactly once (idempotency);
 //! * money is conserved per account (available + reserved = the deposits
-//!   applied) and `reserved` equals the open reservations.
+//!   applied less the fills bought), `reserved` equals the open reservations,
+//!   and the shares held equal the fills applied.
 //!
 //! `CRASH_CYCLES` sets the number of cycles (default 5, in the suite). The long
 //! campaign: `CRASH_CYCLES=50 cargo test --release --test crash_campaign -- --nocapture`.
@@ -38,6 +39,7 @@ enum Write {
     Reserve(pb::ReserveRequest),
     Unreserve(pb::UnreserveRequest),
     Deposit(events::DepositEvent),
+    Fill(events::FillEvent),
 }
 
 /// What a write answered: result and sequence.
@@ -59,6 +61,10 @@ async fn send(
         }
         Write::Deposit(d) => {
             let a = admin.deposit(d.clone()).await?.into_inner();
+            ((a.result, a.sequence), a.replayed)
+        }
+        Write::Fill(f) => {
+            let a = admin.apply_fill(f.clone()).await?.into_inner();
             ((a.result, a.sequence), a.replayed)
         }
     })
@@ -84,6 +90,21 @@ fn next_write(cycle: usize, worker: usize, n: usize, reserved: &mut Vec<(i64, St
             currency: "USD".into(),
             ..Default::default()
         }),
+        4 if !reserved.is_empty() => {
+            // The exchange filled one of its open orders: 1 share at 1 USD.
+            let (account_id, order_id) = reserved.swap_remove(n % reserved.len());
+            Write::Fill(events::FillEvent {
+                event_id: format!("fill-{key}"),
+                account_id,
+                order_id,
+                symbol: "ACME".into(),
+                side: "BUY".into(),
+                fill_price: "1".into(),
+                quantity: "1".into(),
+                filled_amount: "1".into(),
+                ..Default::default()
+            })
+        }
         1 | 3 if !reserved.is_empty() => {
             let (account_id, order_id) = reserved.swap_remove(n % reserved.len());
             Write::Unreserve(pb::UnreserveRequest {
@@ -126,6 +147,12 @@ async fn cycle(server: &mut Server, cycle: usize) -> Ledger {
                     let write = next_write(cycle, worker, n, &mut reserved);
                     match send(&mut accounts, &mut admin, &write).await {
                         Ok((answer, _)) => {
+                            // Only orders actually reserved are filled later.
+                            if let Write::Reserve(r) = &write {
+                                if answer.0 != pb::Result::Ok as i32 {
+                                    reserved.retain(|(_, o)| *o != r.order_id);
+                                }
+                            }
                             ledger.lock().unwrap().answered.push((write, answer));
                             answered.fetch_add(1, Ordering::Relaxed);
                         }
@@ -207,9 +234,15 @@ async fn kill9_cycles_under_mixed_load_keep_every_acknowledged_write_and_the_mon
         history.extend(ledger.answered);
         history.extend(retried);
         check_money(&mut accounts, &history, c).await;
+        let fills = history
+            .iter()
+            .filter(|(w, (result, _))| {
+                matches!(w, Write::Fill(_)) && *result == pb::Result::Ok as i32
+            })
+            .count();
         eprintln!(
             "cycle {c}: {acked} acknowledged and {cut} in flight at the kill; restart ok, every acknowledged \
-             write replayed, money conserved; {} writes so far, {} WAL segments, snapshot at {}",
+             write replayed, money conserved; {} writes so far ({fills} fills), {} WAL segments, snapshot at {}",
             history.len(),
             common::server::wal_segments(dir.path()),
             pg.snapshot_sequence().await
@@ -218,15 +251,17 @@ async fn kill9_cycles_under_mixed_load_keep_every_acknowledged_write_and_the_mon
     assert!(pg.snapshot_sequence().await > 0, "snapshots were on");
 }
 
-/// Per account: available + reserved = the deposits applied; reserved = the
-/// open reservations (1 each).
+/// Per account: available + reserved = the deposits applied less the fills
+/// bought; reserved = the open reservations (1 each); shares = the fills.
 async fn check_money(
     accounts: &mut AccountServiceClient<Channel>,
     history: &[(Write, Answer)],
     cycle: usize,
 ) {
     let ok = pb::Result::Ok as i32;
+    // Deposits less what fills bought, and the shares they bought.
     let mut deposited: HashMap<i64, Decimal> = HashMap::new();
+    let mut shares: HashMap<i64, Decimal> = HashMap::new();
     let mut orders: BTreeMap<(i64, String), bool> = BTreeMap::new();
     for (write, (result, _)) in history {
         match write {
@@ -238,6 +273,13 @@ async fn check_money(
             }
             Write::Unreserve(r) if *result == ok => {
                 if let Some(open) = orders.get_mut(&(r.account_id, r.order_id.clone())) {
+                    *open = false;
+                }
+            }
+            Write::Fill(f) if *result == ok => {
+                *deposited.entry(f.account_id).or_default() -= Decimal::ONE;
+                *shares.entry(f.account_id).or_default() += Decimal::ONE;
+                if let Some(open) = orders.get_mut(&(f.account_id, f.order_id.clone())) {
                     *open = false;
                 }
             }
@@ -268,5 +310,19 @@ async fn check_money(
             "cycle {cycle}: account {account_id} reserved = its open reservations"
         );
         assert!(available >= Decimal::ZERO);
+        let held = a
+            .positions
+            .iter()
+            .find(|p| p.symbol == "ACME")
+            .map_or(Decimal::ZERO, |p| p.quantity.parse().unwrap());
+        assert_eq!(
+            held,
+            shares.get(&account_id).copied().unwrap_or_default(),
+            "cycle {cycle}: account {account_id} shares = the fills applied"
+        );
+        assert!(
+            !a.overdrawn,
+            "cycle {cycle}: account {account_id} overdrawn"
+        );
     }
 }
