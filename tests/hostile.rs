@@ -243,41 +243,57 @@ async fn ten_thousand_idle_connections_are_held_cheaply_then_closed() {
         .into_inner();
     assert_eq!(reply.result, pb::Result::Ok as i32);
 
-    // Past the limit: closed at accept and counted.
+    // Past the limit: closed at accept and counted. (The start-up health
+    // check's own connection may still hold a slot for a moment, so the
+    // test counts what was refused rather than assuming which socket.)
     drop(server);
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(dir.path(), &["--max-connections", "50"]).await;
-    let mut held = Vec::new();
-    for _ in 0..50 {
-        held.push(
+    let mut sockets = Vec::new();
+    for _ in 0..60 {
+        sockets.push(
             tokio::net::TcpStream::connect(&addr_of(&server))
                 .await
                 .unwrap(),
         );
     }
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while metric(server.metrics_port, "account_grpc_connections") < 50.0 {
-        assert!(std::time::Instant::now() < deadline, "50 accepted");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let mut extra = tokio::net::TcpStream::connect(&addr_of(&server))
-        .await
-        .unwrap();
-    let n = tokio::time::timeout(Duration::from_secs(10), async {
-        use tokio::io::AsyncReadExt;
-        extra.read(&mut [0u8; 1]).await.unwrap_or(0)
-    })
-    .await
-    .expect("the 51st connection is closed at once");
-    assert_eq!(n, 0);
-    assert_eq!(
+    let refused = || {
         metric(
             server.metrics_port,
-            "account_grpc_connections_refused_total"
-        ),
-        1.0
+            "account_grpc_connections_refused_total",
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while refused() < 10.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} refused",
+            refused()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(metric(server.metrics_port, "account_grpc_connections") <= 50.0);
+    // A refused socket reads end of file at once; an accepted one gets the
+    // server's HTTP/2 SETTINGS and stays open.
+    let mut closed = 0;
+    for socket in &mut sockets {
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        if let Ok(read) =
+            tokio::time::timeout(Duration::from_millis(200), socket.read(&mut byte)).await
+        {
+            if read.unwrap_or(0) == 0 {
+                closed += 1;
+            }
+        }
+    }
+    assert!(closed >= 10, "{closed} sockets closed at accept");
+    assert!(
+        closed as f64 <= refused(),
+        "{closed} closed, {} counted",
+        refused()
     );
-    drop(held);
+    drop(sockets);
 }
 
 fn addr_of(server: &Server) -> String {
