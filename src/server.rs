@@ -198,7 +198,6 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     Ok(())
 }
 
-/// `--tls-cert` / `--tls-key` (and `--tls-client-ca` for mutual TLS).
 /// Files the process needs besides its gRPC connections: WAL segments,
 /// listeners, PostgreSQL and Kafka sockets, with room to spare.
 const FILES_BESIDES_CONNECTIONS: u64 = 256;
@@ -237,6 +236,7 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
+/// `--tls-cert` / `--tls-key` (and `--tls-client-ca` for mutual TLS).
 fn tls_config(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>, ServeError> {
     use tonic::transport::{Certificate, Identity, ServerTlsConfig};
     let read = |path: &std::path::Path| {

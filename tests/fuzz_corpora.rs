@@ -169,6 +169,17 @@ fn amount() {
     eprintln!("amount: {n} mutations");
 }
 
+fn deposit_seed() -> events::DepositEvent {
+    events::DepositEvent {
+        event_id: "d-1".into(),
+        account_id: 1,
+        amount: "10".into(),
+        currency: "USD".into(),
+        source: "bank".into(),
+        timestamp: 1,
+    }
+}
+
 fn tagged(kind: u8, message: impl Message) -> Vec<u8> {
     let mut out = vec![kind];
     message.encode(&mut out).unwrap();
@@ -201,17 +212,7 @@ fn grpc_request() {
                 base_currency: "USD".into(),
             },
         ),
-        tagged(
-            4,
-            events::DepositEvent {
-                event_id: "d-1".into(),
-                account_id: 1,
-                amount: "10".into(),
-                currency: "USD".into(),
-                source: "bank".into(),
-                timestamp: 1,
-            },
-        ),
+        tagged(4, deposit_seed()),
         tagged(
             7,
             pb::ReserveBatchRequest {
@@ -243,17 +244,7 @@ fn kafka_message() {
     };
     let seeds = vec![
         tagged(0, fill),
-        tagged(
-            1,
-            events::DepositEvent {
-                event_id: "d-1".into(),
-                account_id: 1,
-                amount: "10".into(),
-                currency: "USD".into(),
-                source: "bank".into(),
-                timestamp: 1,
-            },
-        ),
+        tagged(1, deposit_seed()),
         tagged(
             2,
             events::WithdrawEvent {

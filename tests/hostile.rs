@@ -13,6 +13,19 @@ use common::server::{open_and_fund_account_1, reserve_one_usd, Server};
 use std::time::Duration;
 use tonic::Code;
 
+/// Reserve 1 USD for order `ord-{i}`: applied.
+async fn reserve_is_served(
+    accounts: &mut pb::account_service_client::AccountServiceClient<tonic::transport::Channel>,
+    i: usize,
+) {
+    let reply = accounts
+        .reserve(reserve_one_usd(i))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(reply.result, pb::Result::Ok as i32, "ord-{i}");
+}
+
 fn last_sequence(server: &Server) -> f64 {
     metric(server.metrics_port, "account_engine_last_sequence")
 }
@@ -203,12 +216,7 @@ async fn ten_thousand_idle_connections_are_held_cheaply_then_closed() {
     }
     // A client with a real channel is served meanwhile.
     let mut accounts = server.accounts().await;
-    let reply = accounts
-        .reserve(reserve_one_usd(1))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(reply.result, pb::Result::Ok as i32);
+    reserve_is_served(&mut accounts, 1).await;
     let with_idle = server.peak_rss_mib().unwrap();
     eprintln!(
         "{idle_count} idle connections: peak RSS {before_rss:.1} -> {with_idle:.1} MiB \
@@ -236,12 +244,7 @@ async fn ten_thousand_idle_connections_are_held_cheaply_then_closed() {
     drop(idle);
     // The channel that was used is live: it answers the server's pings and
     // reconnects if it was idle too long, so it keeps working.
-    let reply = accounts
-        .reserve(reserve_one_usd(2))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(reply.result, pb::Result::Ok as i32);
+    reserve_is_served(&mut accounts, 2).await;
 
     // Past the limit: closed at accept and counted. (The start-up health
     // check's own connection may still hold a slot for a moment, so the
@@ -348,12 +351,7 @@ async fn streams_whose_client_never_reads_are_held_back_by_flow_control() {
         last = now;
     }
     let mut accounts = server.accounts().await;
-    let reply = accounts
-        .reserve(reserve_one_usd(999_999_999))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(reply.result, pb::Result::Ok as i32);
+    reserve_is_served(&mut accounts, 999_999_999).await;
     let rss = server.peak_rss_mib().unwrap();
     assert!(
         last_sequence(&server) <= 3.0,

@@ -309,26 +309,7 @@ impl Rederiver {
             Some(rows) => State::restore(rows),
             None => State::default(),
         };
-        let state = &mut self.state;
-        let mut outcomes = Vec::new();
-        self.reader
-            .read(state.last_sequence() + 1, from - 1, |sequence, payload| {
-                let (record, timestamp_ms) = codec::decode_record(payload)
-                    .map_err(|source| RederiveError::Decode { sequence, source })?;
-                match record {
-                    Record::Command(command) => {
-                        state.apply(&command, sequence, timestamp_ms, &mut NoEvents);
-                    }
-                    Record::Basket(items) => state.apply_basket(
-                        &items,
-                        sequence,
-                        timestamp_ms,
-                        &mut NoEvents,
-                        &mut outcomes,
-                    ),
-                }
-                Ok::<(), RederiveError>(())
-            })?;
+        self.apply(self.state.last_sequence() + 1, from - 1, None)?;
         self.next = from;
         Ok(())
     }
@@ -340,15 +321,29 @@ impl Rederiver {
         through: u64,
         records: &mut Vec<OutboxRecord>,
     ) -> Result<u64, RederiveError> {
+        self.apply(self.next, through, Some(records))
+    }
+
+    /// Applies the WAL's records `from..=through` to the state, collecting
+    /// what they publish into `records` when given (else without events).
+    fn apply(
+        &mut self,
+        from: u64,
+        through: u64,
+        mut records: Option<&mut Vec<OutboxRecord>>,
+    ) -> Result<u64, RederiveError> {
         let (state, outcomes) = (&mut self.state, &mut self.outcomes);
-        self.reader.read(self.next, through, |sequence, payload| {
+        self.reader.read(from, through, |sequence, payload| {
             let (record, timestamp_ms) = codec::decode_record(payload)
                 .map_err(|source| RederiveError::Decode { sequence, source })?;
-            match record {
-                Record::Command(command) => {
+            match (record, records.as_deref_mut()) {
+                (Record::Command(command), Some(records)) => {
                     collect(records, state, &command, sequence, timestamp_ms, None);
                 }
-                Record::Basket(items) => collect_basket(
+                (Record::Command(command), None) => {
+                    state.apply(&command, sequence, timestamp_ms, &mut NoEvents);
+                }
+                (Record::Basket(items), Some(records)) => collect_basket(
                     records,
                     state,
                     &items,
@@ -357,6 +352,9 @@ impl Rederiver {
                     None,
                     outcomes,
                 ),
+                (Record::Basket(items), None) => {
+                    state.apply_basket(&items, sequence, timestamp_ms, &mut NoEvents, outcomes)
+                }
             }
             Ok(())
         })
