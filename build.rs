@@ -15,5 +15,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .compile_fds(fds)?;
+    // The replicas' own transport: compiled apart, so it is neither in the
+    // client contract nor in the reflection of the client port.
+    let raft = protox::compile(["proto/raft.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(raft)?;
     Ok(())
 }

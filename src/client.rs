@@ -99,6 +99,12 @@ pub enum ClientCommand {
     Unreserve(UnreserveArgs),
     /// Apply a fill (AdminService.ApplyFill); filled amount = price x quantity.
     Fill(FillArgs),
+    /// This replica's view of its group: leader, term, each replica's
+    /// progress (AdminService.ClusterStatus; any replica answers).
+    Cluster {
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Clone, Debug, clap::Subcommand)]
@@ -261,6 +267,56 @@ async fn accounts(conn: &Conn) -> anyhow::Result<AccountServiceClient<Authorized
     Ok(AccountServiceClient::with_interceptor(channel, token))
 }
 
+/// How often a call follows a `leader` trailer (or waits out an election)
+/// before its `UNAVAILABLE` is the answer.
+const FOLLOW_MAX: usize = 10;
+const FOLLOW_WAIT: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// Where a replica's `UNAVAILABLE` says the leader is (`leader` trailer), as
+/// an address with `conn`'s scheme.
+pub fn leader_of(status: &tonic::Status, conn: &str) -> Option<String> {
+    let leader = status.metadata().get("leader")?.to_str().ok()?;
+    let scheme = conn.split_once("://").map_or("http", |(s, _)| s);
+    Some(format!("{scheme}://{leader}"))
+}
+
+/// One call, sent again to the leader a replica names (or after a pause, in
+/// an election), with the same request (its idempotency key): a follower
+/// applies nothing.
+macro_rules! follow {
+    ($conn:expr, $client:ident, $method:ident, $request:expr) => {{
+        let given = $conn.clone();
+        let mut conn = given.clone();
+        let request = $request;
+        let mut hops = 0;
+        loop {
+            let mut client = match $client(&conn).await {
+                Ok(client) => client,
+                // The leader it was sent to is gone: ask the given address
+                // again once the group has had time to elect another.
+                Err(_) if hops < FOLLOW_MAX && conn.addr != given.addr => {
+                    hops += 1;
+                    conn = given.clone();
+                    tokio::time::sleep(FOLLOW_WAIT).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let result = client.$method(request.clone()).await;
+            match result {
+                Err(status) if hops < FOLLOW_MAX && status.code() == tonic::Code::Unavailable => {
+                    hops += 1;
+                    match leader_of(&status, &conn.addr) {
+                        Some(addr) if addr != conn.addr => conn.addr = addr,
+                        _ => tokio::time::sleep(FOLLOW_WAIT).await,
+                    }
+                }
+                other => break other.map_err(status_error)?,
+            }
+        }
+    }};
+}
+
 fn status_error(e: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", e.code(), e.message())
 }
@@ -279,19 +335,16 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 account_id,
                 base_currency: currency,
             };
-            let reply = admin(&conn)
-                .await?
-                .open_account(request)
-                .await
-                .map_err(status_error)?;
+            let reply = follow!(conn, admin, open_account, request);
             command_reply(&reply.into_inner())
         }
         ClientCommand::Account(AccountCommand::Get { account_id, conn }) => {
-            let reply = accounts(&conn)
-                .await?
-                .get_account(pb::GetAccountRequest { account_id })
-                .await
-                .map_err(status_error)?;
+            let reply = follow!(
+                conn,
+                accounts,
+                get_account,
+                pb::GetAccountRequest { account_id }
+            );
             account(&reply.into_inner())
         }
         ClientCommand::Account(AccountCommand::Status {
@@ -313,11 +366,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 status: status as i32,
                 reason,
             };
-            let reply = admin(&conn)
-                .await?
-                .set_account_status(request)
-                .await
-                .map_err(status_error)?;
+            let reply = follow!(conn, admin, set_account_status, request);
             command_reply(&reply.into_inner())
         }
         ClientCommand::Reservation(ReservationCommand::Get {
@@ -325,14 +374,15 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
             order_id,
             conn,
         }) => {
-            let reply = accounts(&conn)
-                .await?
-                .get_reservation(pb::GetReservationRequest {
+            let reply = follow!(
+                conn,
+                accounts,
+                get_reservation,
+                pb::GetReservationRequest {
                     account_id,
                     order_id,
-                })
-                .await
-                .map_err(status_error)?;
+                }
+            );
             reservation(&reply.into_inner(), "")
         }
         ClientCommand::Deposit(a) => {
@@ -344,11 +394,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 timestamp: crate::engine::now_ms(),
                 source: a.reference,
             };
-            let reply = admin(&a.conn)
-                .await?
-                .deposit(request)
-                .await
-                .map_err(status_error)?;
+            let reply = follow!(a.conn, admin, deposit, request);
             command_reply(&reply.into_inner())
         }
         ClientCommand::Withdraw(a) => {
@@ -360,11 +406,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 timestamp: crate::engine::now_ms(),
                 destination: a.reference,
             };
-            let reply = admin(&a.conn)
-                .await?
-                .withdraw(request)
-                .await
-                .map_err(status_error)?;
+            let reply = follow!(a.conn, admin, withdraw, request);
             command_reply(&reply.into_inner())
         }
         ClientCommand::Reserve(a) => {
@@ -382,12 +424,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 amount: a.amount,
                 expires_at_ms: a.expires_at_ms,
             };
-            let r = accounts(&a.conn)
-                .await?
-                .reserve(request)
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let r = follow!(a.conn, accounts, reserve, request).into_inner();
             let mut out = head(r.result, r.replayed, r.sequence, &r.message);
             let _ = writeln!(out, "available: {}\nreserved: {}", r.available, r.reserved);
             if let Some(res) = &r.reservation {
@@ -402,12 +439,7 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 order_id: a.order_id,
                 amount: a.amount,
             };
-            let r = accounts(&a.conn)
-                .await?
-                .unreserve(request)
-                .await
-                .map_err(status_error)?
-                .into_inner();
+            let r = follow!(a.conn, accounts, unreserve, request).into_inner();
             let mut out = head(r.result, r.replayed, r.sequence, &r.message);
             let _ = writeln!(
                 out,
@@ -445,12 +477,30 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 timestamp: crate::engine::now_ms(),
                 currency: a.currency,
             };
-            let reply = admin(&a.conn)
-                .await?
-                .apply_fill(request)
-                .await
-                .map_err(status_error)?;
+            let reply = follow!(a.conn, admin, apply_fill, request);
             command_reply(&reply.into_inner())
+        }
+        ClientCommand::Cluster { conn } => {
+            let s = admin(&conn)
+                .await?
+                .cluster_status(pb::ClusterStatusRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let mut out = format!(
+                "node_id: {}\nrole: {}\nterm: {}\nleader_id: {}\nleader_grpc_addr: {}\n\
+                 applied_sequence: {}\ndigest: {:016x}\nlast_log_index: {}\napplied_log_index: {}\n",
+                s.node_id, s.role, s.term, s.leader_id, s.leader_grpc_addr, s.applied_sequence,
+                s.digest, s.last_log_index, s.applied_log_index
+            );
+            for r in &s.replicas {
+                let _ = writeln!(
+                    out,
+                    "replica.{}: raft {} grpc {} voter {} matched {} lag {}",
+                    r.node_id, r.raft_addr, r.grpc_addr, r.voter, r.matched_log_index, r.lag
+                );
+            }
+            out
         }
     };
     print!("{text}");

@@ -257,6 +257,48 @@ pub struct ServeArgs {
     /// grow on demand.
     #[arg(long, env = "ACCOUNT_CAPACITY_ORDERS", default_value_t = 0)]
     pub capacity_orders: usize,
+
+    /// Replicas (design 7): this replica's id in its group. With
+    /// `--raft-addr` and `--peers`; unset, the service is one embedded node.
+    #[arg(long, env = "ACCOUNT_NODE_ID", requires_all = ["raft_addr", "peers"])]
+    pub node_id: Option<u64>,
+
+    /// Where this replica's raft port listens: replication between the
+    /// replicas, apart from client traffic.
+    #[arg(long, env = "ACCOUNT_RAFT_ADDR", requires = "node_id")]
+    pub raft_addr: Option<SocketAddr>,
+
+    /// The raft address of every member of the group, this one included:
+    /// `1=HOST:PORT,2=HOST:PORT,3=HOST:PORT`. A fresh group is initialized
+    /// once, by its lowest id, when every member answers.
+    #[arg(long, env = "ACCOUNT_PEERS", requires = "node_id", value_parser = peers)]
+    pub peers: Option<Peers>,
+}
+
+/// `--peers`: node id to raft address.
+pub type Peers = std::collections::BTreeMap<u64, String>;
+
+fn peers(s: &str) -> Result<Peers, String> {
+    let mut peers = Peers::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?}: expected ID=HOST:PORT"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| format!("{part:?}: the node id must be a number"))?;
+        if addr.trim().rsplit_once(':').is_none() {
+            return Err(format!("{part:?}: expected ID=HOST:PORT"));
+        }
+        if peers.insert(id, addr.trim().to_string()).is_some() {
+            return Err(format!("node id {id} is named twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("no member named".into());
+    }
+    Ok(peers)
 }
 
 /// Kafka wiring: brokers, consumer group and topic names (defaults: the seed's).
@@ -353,9 +395,37 @@ pub enum ConfigError {
     Topics,
     #[error("--kafka-option {0:?}: expected KEY=VALUE")]
     KafkaOption(String),
+    #[error("--node-id {0} is not one of --peers")]
+    NotAPeer(u64),
+    #[error("--{0} with replicas (--peers) is not built yet: replicas run without Kafka and PostgreSQL for now")]
+    NotWithReplicas(&'static str),
 }
 
 impl ServeArgs {
+    /// `--node-id`, `--raft-addr`, `--peers`; `None`: one embedded node.
+    pub fn replica_config(&self) -> Result<Option<crate::replica::ReplicaConfig>, ConfigError> {
+        let (Some(node_id), Some(raft_addr), Some(peers)) =
+            (self.node_id, self.raft_addr, self.peers.clone())
+        else {
+            return Ok(None);
+        };
+        if !peers.contains_key(&node_id) {
+            return Err(ConfigError::NotAPeer(node_id));
+        }
+        if self.kafka_brokers.is_some() {
+            return Err(ConfigError::NotWithReplicas("kafka-brokers"));
+        }
+        if self.postgres_url.is_some() {
+            return Err(ConfigError::NotWithReplicas("postgres-url"));
+        }
+        Ok(Some(crate::replica::ReplicaConfig {
+            node_id,
+            raft_addr,
+            peers,
+            grpc_addr: self.grpc_addr.to_string(),
+        }))
+    }
+
     /// `--rate-limit-rps` / `--rate-limit-burst`; `None` when off.
     pub fn rate_limit(&self) -> Result<Option<crate::ingress::limits::RateLimit>, ConfigError> {
         if self.rate_limit_rps == 0 {

@@ -43,6 +43,7 @@ pub mod fuzzing;
 pub mod ingress;
 pub mod metrics;
 pub mod proto;
+pub mod replica;
 pub mod server;
 pub mod snapshot;
 pub mod state_machine;

@@ -6,6 +6,12 @@ pub mod account {
     pub mod v1 {
         tonic::include_proto!("account.v1");
     }
+    /// Between the replicas of a group (design 7), on `--raft-addr`.
+    pub mod raft {
+        pub mod v1 {
+            tonic::include_proto!("account.raft.v1");
+        }
+    }
 }
 
 pub mod events {

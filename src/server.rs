@@ -99,8 +99,22 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         None => None,
     };
     let idempotency_window_ms = engine_config.state.idempotency_window_ms;
-    let engine = Engine::start(engine_config, metrics.clone())?;
-    let handle = engine.handle();
+    let replica_config = args.replica_config()?;
+    let (engine, replica) = match replica_config {
+        None => (Some(Engine::start(engine_config, metrics.clone())?), None),
+        Some(config) => {
+            let raft_addr = config.raft_addr;
+            let replica =
+                crate::replica::Replica::start(engine_config, config, metrics.clone()).await?;
+            tracing::info!(node_id = replica.node_id, raft = %raft_addr, "replica listening");
+            (None, Some(replica))
+        }
+    };
+    let handle = match (&engine, &replica) {
+        (Some(engine), _) => engine.handle(),
+        (None, Some(replica)) => replica.handle(),
+        (None, None) => unreachable!("one engine or the other"),
+    };
     let consumer = match kafka {
         // Its own lane: a backlog of fills never takes the room of Reserve.
         Some(k) => Some(KafkaConsumer::start(
@@ -130,7 +144,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         .build_v1alpha()?;
 
     let limits = Limits::new(args.rate_limit()?, auth.callers());
-    let service = Service::new(handle, metrics.clone(), idempotency_window_ms, auth, limits);
+    let mut service = Service::new(handle, metrics.clone(), idempotency_window_ms, auth, limits);
+    if let Some(replica) = &replica {
+        service = service.with_replica(replica.raft.clone());
+    }
     tokio::spawn(signal_stop(stop_tx.clone()));
     let metrics_task = tokio::spawn(metrics::serve(
         metrics_listener,
@@ -179,11 +196,18 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     }
 
     tracing::info!("gRPC stopped; draining the engine");
+    if let Some(replica) = replica {
+        let result = replica.stop().await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), metrics_task).await;
+        result?;
+        tracing::info!("stopped");
+        return Ok(());
+    }
     let engine_result = tokio::task::spawn_blocking(move || {
         if let Some(consumer) = consumer {
             consumer.stop();
         }
-        let result = engine.stop();
+        let result = engine.map_or(Ok(()), Engine::stop);
         // The writer is gone: the outbox drains what it handed over, then ends.
         if let Some(outbox) = outbox {
             outbox.join();

@@ -27,6 +27,7 @@ use view::{AccountView, Outcome, ReservationView};
 
 pub use recovery::{replay, replay_with_outbox};
 pub use writer::Writer;
+pub(crate) use writer::{command_reply, pin_to_last_core, query};
 
 /// When a reply may leave relative to the sync of its journal record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -146,6 +147,9 @@ pub enum Reply {
         digest: u64,
     },
     Offsets(Vec<(crate::domain::Topic, i32, i64)>),
+    /// Not answered here: with replicas, this one does not lead (the leader's
+    /// client address, when known), or the command was not committed.
+    Refused(SubmitError),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,7 +170,7 @@ pub struct PhaseCell {
 }
 
 impl PhaseCell {
-    fn new() -> Arc<PhaseCell> {
+    pub(crate) fn new() -> Arc<PhaseCell> {
         Arc::new(PhaseCell {
             now: AtomicU8::new(Phase::Replaying as u8),
             changes: watch::channel(Phase::Replaying).0,
@@ -187,7 +191,7 @@ impl PhaseCell {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubmitError {
     #[error("the ingress queue is full")]
     Overloaded,
@@ -195,6 +199,14 @@ pub enum SubmitError {
     NotReady,
     #[error("the engine has stopped")]
     Stopped,
+    /// With replicas: this replica does not lead (or lost its quorum); the
+    /// leader's client address when one is known.
+    #[error("this replica is not the leader")]
+    NotLeader(Option<String>),
+    /// With replicas: proposed, but not known to be committed in time (the
+    /// leader lost its quorum or its leadership). It may still be applied.
+    #[error("the command was not committed in time")]
+    NotCommitted,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -260,9 +272,29 @@ pub struct EngineHandle {
     lane: Lane,
     phase: Arc<PhaseCell>,
     stop: Arc<AtomicBool>,
+    /// With replicas: requests are taken only while this replica leads.
+    leadership: Option<Arc<crate::replica::Leadership>>,
 }
 
 impl EngineHandle {
+    /// A handle on lanes another writer reads (the replica's).
+    pub(crate) fn new(
+        clients: Sender<Request>,
+        feeds: Sender<Request>,
+        phase: Arc<PhaseCell>,
+        stop: Arc<AtomicBool>,
+        leadership: Option<Arc<crate::replica::Leadership>>,
+    ) -> EngineHandle {
+        EngineHandle {
+            clients,
+            feeds,
+            lane: Lane::Clients,
+            phase,
+            stop,
+            leadership,
+        }
+    }
+
     /// Queues a request; never blocks. Traced when the RPC handled on this
     /// task is (see [`crate::telemetry::current`]).
     pub fn submit(&self, kind: RequestKind) -> Result<oneshot::Receiver<Reply>, SubmitError> {
@@ -280,6 +312,13 @@ impl EngineHandle {
             Phase::Replaying => return Err(SubmitError::NotReady),
             Phase::Stopped => return Err(SubmitError::Stopped),
         }
+        if let Some(leadership) = &self.leadership {
+            // A replica's own digest is read anywhere (replicas compare them).
+            let local = matches!(kind, RequestKind::Query(Query::Digest));
+            if !local && !leadership.is_serving() {
+                return Err(SubmitError::NotLeader(leadership.leader()));
+            }
+        }
         if let Some(trace) = &trace {
             trace.submitted();
         }
@@ -293,7 +332,7 @@ impl EngineHandle {
 
     /// Queues a request and waits for its (durable) reply.
     pub async fn call(&self, kind: RequestKind) -> Result<Reply, SubmitError> {
-        self.submit(kind)?.await.map_err(|_| SubmitError::Stopped)
+        settle(self.submit(kind)?.await)
     }
 
     pub fn phase(&self) -> watch::Receiver<Phase> {
@@ -323,6 +362,16 @@ impl EngineHandle {
     /// Room of this handle's lane.
     pub fn queue_capacity(&self) -> usize {
         self.tx().capacity().unwrap_or(usize::MAX)
+    }
+}
+
+/// What a reply channel delivered: the reply, or why there is none (the
+/// writer stopped; a replica refused after queueing).
+pub fn settle(received: Result<Reply, oneshot::error::RecvError>) -> Result<Reply, SubmitError> {
+    match received {
+        Ok(Reply::Refused(e)) => Err(e),
+        Ok(reply) => Ok(reply),
+        Err(_) => Err(SubmitError::Stopped),
     }
 }
 
@@ -381,6 +430,7 @@ impl Engine {
                 lane: Lane::Clients,
                 phase,
                 stop,
+                leadership: None,
             },
             wake,
             thread: Some(thread),

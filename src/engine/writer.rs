@@ -591,48 +591,11 @@ impl Writer {
     }
 
     fn command_reply(&self, command: &Command, outcome: Outcome, want: Want) -> CommandReply {
-        let account_id = command.account_id();
-        let reservation = match (want, command) {
-            (Want::Reservation, Command::Reserve(c)) => {
-                self.state.reservation(c.account_id, &c.order_id)
-            }
-            (Want::Reservation, Command::Unreserve(c)) => {
-                self.state.reservation(c.account_id, &c.order_id)
-            }
-            _ => None,
-        };
-        let account = match (want, account_id) {
-            (Want::Account, Some(id)) => self
-                .state
-                .account(id)
-                .map(|a| AccountView::of(a, self.state.last_sequence())),
-            _ => None,
-        };
-        CommandReply {
-            outcome,
-            reservation: reservation.map(ReservationView::from),
-            account,
-        }
+        command_reply(&self.state, command, outcome, want)
     }
 
     fn query(&self, query: Query) -> Reply {
-        match query {
-            Query::Account(id) => Reply::Account(
-                self.state
-                    .account(id)
-                    .map(|a| AccountView::of(a, self.state.last_sequence())),
-            ),
-            Query::Reservation(id, order_id) => Reply::Reservation(
-                self.state
-                    .reservation(id, &order_id)
-                    .map(ReservationView::from),
-            ),
-            Query::Digest => Reply::Digest {
-                sequence: self.state.last_sequence(),
-                digest: self.state.digest(),
-            },
-            Query::Offsets => Reply::Offsets(self.state.offsets().collect()),
-        }
+        self::query(&self.state, query)
     }
 
     /// The lowest sequence WAL retention must keep: the first one whose
@@ -660,8 +623,51 @@ impl Writer {
     }
 }
 
-/// Pins the current thread to the last core. Best effort: where the OS refuses
-/// (containers without the capability, macOS), the writer runs unpinned.
+/// The reply to `command`, read from `state` right after it was applied.
+pub(crate) fn command_reply(
+    state: &State,
+    command: &Command,
+    outcome: Outcome,
+    want: Want,
+) -> CommandReply {
+    let account_id = command.account_id();
+    let reservation = match (want, command) {
+        (Want::Reservation, Command::Reserve(c)) => state.reservation(c.account_id, &c.order_id),
+        (Want::Reservation, Command::Unreserve(c)) => state.reservation(c.account_id, &c.order_id),
+        _ => None,
+    };
+    let account = match (want, account_id) {
+        (Want::Account, Some(id)) => state
+            .account(id)
+            .map(|a| AccountView::of(a, state.last_sequence())),
+        _ => None,
+    };
+    CommandReply {
+        outcome,
+        reservation: reservation.map(ReservationView::from),
+        account,
+    }
+}
+
+/// A read of `state`.
+pub(crate) fn query(state: &State, query: Query) -> Reply {
+    match query {
+        Query::Account(id) => Reply::Account(
+            state
+                .account(id)
+                .map(|a| AccountView::of(a, state.last_sequence())),
+        ),
+        Query::Reservation(id, order_id) => {
+            Reply::Reservation(state.reservation(id, &order_id).map(ReservationView::from))
+        }
+        Query::Digest => Reply::Digest {
+            sequence: state.last_sequence(),
+            digest: state.digest(),
+        },
+        Query::Offsets => Reply::Offsets(state.offsets().collect()),
+    }
+}
+
 /// Moves requests from `rx` into `batch` until it holds `up_to` or `rx` is empty.
 fn take(rx: &Receiver<Request>, batch: &mut Vec<Request>, up_to: usize) {
     while batch.len() < up_to {
@@ -672,7 +678,9 @@ fn take(rx: &Receiver<Request>, batch: &mut Vec<Request>, up_to: usize) {
     }
 }
 
-fn pin_to_last_core() {
+/// Pins the current thread to the last core. Best effort: where the OS refuses
+/// (containers without the capability, macOS), the writer runs unpinned.
+pub(crate) fn pin_to_last_core() {
     let pinned = core_affinity::get_core_ids()
         .and_then(|ids| ids.last().copied())
         .is_some_and(core_affinity::set_for_current);

@@ -200,10 +200,10 @@ pub fn submit_batch<T: Item>(
     Ok(async move {
         let replies = match rx {
             None => Vec::new(),
-            Some(rx) => match rx.await {
+            Some(rx) => match crate::engine::settle(rx.await) {
                 Ok(Reply::Batch(replies)) => replies,
                 Ok(_) => unreachable!("a batch is answered with a batch"),
-                Err(_) => return Err(SubmitError::Stopped),
+                Err(e) => return Err(e),
             },
         };
         Ok(merge(&items, &slots, &replies))
@@ -273,14 +273,14 @@ pub async fn basket(
     let rx = engine
         .submit(RequestKind::Basket(reserves))
         .map_err(submit_status)?;
-    match rx.await {
+    match crate::engine::settle(rx.await) {
         Ok(Reply::Batch(replies)) => Ok(items
             .iter()
             .zip(&replies)
             .map(|(item, reply)| item.reply(reply))
             .collect()),
         Ok(_) => unreachable!("a basket is answered with a batch"),
-        Err(_) => Err(submit_status(SubmitError::Stopped)),
+        Err(e) => Err(submit_status(e)),
     }
 }
 

@@ -83,6 +83,8 @@ pub struct Service {
     auth: Auth,
     /// Per-caller rate limits, checked right after.
     limits: Limits,
+    /// With replicas: the group's raft, for `ClusterStatus`.
+    raft: Option<openraft::Raft<crate::replica::TypeConfig>>,
 }
 
 impl Service {
@@ -100,7 +102,14 @@ impl Service {
             idempotency_window_ms,
             auth,
             limits,
+            raft: None,
         }
+    }
+
+    /// A replica's service: `ClusterStatus` reports its group.
+    pub fn with_replica(mut self, raft: openraft::Raft<crate::replica::TypeConfig>) -> Service {
+        self.raft = Some(raft);
+        self
     }
 
     /// Runs one RPC: the caller is authorized for `access` first (a refusal
@@ -253,6 +262,9 @@ impl Service {
     }
 }
 
+/// The trailer that names the leader's gRPC address on a follower's `UNAVAILABLE`.
+pub const LEADER_TRAILER: &str = "leader";
+
 pub fn submit_status(e: SubmitError) -> Status {
     match e {
         SubmitError::Overloaded => {
@@ -262,6 +274,21 @@ pub fn submit_status(e: SubmitError) -> Status {
             Status::unavailable("replaying the write-ahead log; not serving yet")
         }
         SubmitError::Stopped => Status::unavailable("the engine has stopped"),
+        SubmitError::NotLeader(leader) => {
+            let message = match &leader {
+                Some(addr) => format!("this replica does not lead; the leader is at {addr} (trailer `leader`)"),
+                None => "this replica does not lead and no leader is known yet (an election?); retry shortly with the same request_id".into(),
+            };
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            if let Some(value) = leader.and_then(|a| a.parse().ok()) {
+                metadata.insert(LEADER_TRAILER, value);
+            }
+            Status::with_metadata(tonic::Code::Unavailable, message, metadata)
+        }
+        SubmitError::NotCommitted => Status::unavailable(
+            "not known to be committed in time (the leader lost its quorum or its leadership): \
+             it may still be applied; resend with the same request_id",
+        ),
     }
 }
 
@@ -481,6 +508,36 @@ impl AdminService for Service {
         self.observe("ApplyFill", Access::Admin, request.metadata(), async {
             let command = validate::fill(request.get_ref(), None)?;
             self.admin(Command::Fill(command)).await
+        })
+        .await
+    }
+
+    async fn cluster_status(
+        &self,
+        request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusReply>, Status> {
+        self.observe("ClusterStatus", Access::Read, request.metadata(), async {
+            let (sequence, digest) = match self.engine.call(RequestKind::Query(Query::Digest)).await
+            {
+                Ok(Reply::Digest { sequence, digest }) => (sequence, digest),
+                Ok(_) => {
+                    return Err(Status::internal(
+                        "engine answered a digest query with another reply",
+                    ))
+                }
+                Err(e) => return Err(submit_status(e)),
+            };
+            let reply = match &self.raft {
+                Some(raft) => crate::replica::status(raft, sequence, digest),
+                None => pb::ClusterStatusReply {
+                    node_id: 0,
+                    role: "SINGLE".into(),
+                    applied_sequence: sequence,
+                    digest,
+                    ..Default::default()
+                },
+            };
+            Ok((reply, "OK"))
         })
         .await
     }

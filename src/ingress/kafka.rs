@@ -313,7 +313,9 @@ impl Worker {
                         std::thread::sleep(DRAIN_POLL);
                     }
                 }
-                Err(SubmitError::NotReady) => std::thread::sleep(Duration::from_millis(10)),
+                Err(
+                    SubmitError::NotReady | SubmitError::NotLeader(_) | SubmitError::NotCommitted,
+                ) => std::thread::sleep(Duration::from_millis(10)),
                 Err(SubmitError::Stopped) => return false,
             }
             if self.stopping() {

@@ -1,0 +1,382 @@
+//! Replicas (design 7): one account shard as a group of 3 (or 5) replicas on
+//! openraft, so it survives the loss of a machine.
+//!
+//! ```text
+//! gRPC ─► lanes ─► REPLICA WRITER (one thread, owns the State)
+//!                   │ leader: a batch of requests → one raft entry (proposer)
+//!                   │         replies held until the entry is applied
+//!                   │ every replica: committed entries → the same pure `apply`
+//!                   ▼
+//!         openraft ─► log: the `wal` crate (log.rs), synced before acks
+//!                  ─► peers: tonic on --raft-addr (network.rs)
+//!                  ─► state machine (machine.rs) ─► the writer, in log order
+//! ```
+//!
+//! * Only the leader's writer takes commands. Each batch it takes is one raft
+//!   entry; a reply leaves only once that entry is **committed** (durable on a
+//!   majority, each replica syncing its own log) and applied.
+//! * Every replica applies committed entries with `State::apply`, in log
+//!   order, so its state digest equals the leader's at every sequence: a hot
+//!   standby. Command sequences count commands, not entries, exactly as on a
+//!   single node.
+//! * A follower answers client calls with `UNAVAILABLE` and the leader's
+//!   client address in the `leader` trailer; so does a leader that lost its
+//!   quorum (it checks with heartbeats), so a minority never acknowledges.
+//! * Restart: the log is read back and openraft re-applies what was
+//!   committed; the state is rebuilt from the log, as on a single node.
+//!
+//! Not yet: Kafka, the outbox and PostgreSQL snapshots with replicas (the
+//! service refuses the combination), raft snapshots and log purging (the log
+//! keeps every entry), membership changes at run time.
+
+pub mod log;
+mod machine;
+pub mod network;
+mod writer;
+
+use crate::engine::{EngineConfig, EngineError, EngineHandle};
+use crate::metrics::Metrics;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub type NodeId = u64;
+
+/// What a replica tells the others about itself (openraft's node metadata).
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Member {
+    /// Where its raft port listens (`--raft-addr`).
+    pub raft_addr: String,
+    /// Where its clients connect (`--grpc-addr`): the `leader` trailer.
+    pub grpc_addr: String,
+}
+
+/// The application data of one raft entry: one batch of the leader's writer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    /// The writer that proposed it (random per process) and its proposal
+    /// number: the replies wait there, nowhere else.
+    pub origin: u64,
+    pub proposal: u64,
+    /// Journal records (`engine::codec`): a command or an all-or-nothing
+    /// basket each, applied in order, one sequence each.
+    pub records: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Display for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "batch {:x}/{} of {} records",
+            self.origin,
+            self.proposal,
+            self.records.len()
+        )
+    }
+}
+
+openraft::declare_raft_types!(
+    /// The replicas' openraft types.
+    pub TypeConfig:
+        D = Batch,
+        R = (),
+        NodeId = NodeId,
+        Node = Member,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+);
+
+/// Who leads, as this replica last saw it; read on every submit (atomics).
+#[derive(Default)]
+pub struct Leadership {
+    /// This replica leads and its quorum answered its last check.
+    serving: AtomicBool,
+    term: AtomicU64,
+    /// The leader's client address, when one is known.
+    leader: Mutex<Option<String>>,
+}
+
+impl Leadership {
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
+    }
+
+    /// The leader's gRPC address, for the `leader` trailer.
+    pub fn leader(&self) -> Option<String> {
+        self.leader
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn term(&self) -> u64 {
+        self.term.load(Ordering::Acquire)
+    }
+}
+
+/// `--node-id`, `--raft-addr`, `--peers`.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    pub node_id: NodeId,
+    pub raft_addr: SocketAddr,
+    /// Raft address of every member, this one included.
+    pub peers: BTreeMap<NodeId, String>,
+    /// This replica's client address, advertised to the others.
+    pub grpc_addr: String,
+}
+
+/// How often the leader checks that a majority still follows it, and how
+/// long it waits for the answer: past it the leader stops taking commands.
+const QUORUM_CHECK_EVERY: Duration = Duration::from_millis(100);
+const QUORUM_CHECK_TIMEOUT: Duration = Duration::from_millis(750);
+
+pub fn raft_config() -> openraft::Config {
+    openraft::Config {
+        cluster_name: "account-shard".into(),
+        heartbeat_interval: 50,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
+        // Not yet: the state's own serialization for raft snapshots. The
+        // log keeps every entry meanwhile.
+        snapshot_policy: openraft::SnapshotPolicy::Never,
+        // With entries of at most ENTRY_BYTES_MAX, an AppendEntries fits
+        // network::MESSAGE_BYTES_MAX.
+        max_payload_entries: 16,
+        ..Default::default()
+    }
+}
+
+/// A running replica: its raft, its writer thread and its raft port.
+pub struct Replica {
+    pub raft: openraft::Raft<TypeConfig>,
+    pub leadership: Arc<Leadership>,
+    writer: writer::Running,
+    server: tokio::task::JoinHandle<()>,
+    watcher: tokio::task::JoinHandle<()>,
+    pub node_id: NodeId,
+}
+
+impl Replica {
+    /// Opens the raft log in `<data-dir>/raft`, starts the writer, openraft
+    /// and the raft port; a fresh group is initialized by its lowest id.
+    pub async fn start(
+        engine: EngineConfig,
+        replica: ReplicaConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Replica, EngineError> {
+        let storage_error = |e: openraft::StorageError<NodeId>| EngineError::Thread(e.to_string());
+        let mut wal = engine.wal.clone();
+        wal.dir = wal.dir.with_file_name("raft");
+        // One record per entry: a sync batch must hold the largest.
+        wal.record_size_max = (wal::format::SYNC_BATCH_BYTES_MAX - 4096) as u32;
+        wal.segment_size_bytes = wal.segment_size_bytes.max(4 * wal.record_size_max as u64);
+        let log = log::LogStore::open(wal).map_err(storage_error)?;
+        let pristine = log.is_pristine();
+        let leadership = Arc::new(Leadership::default());
+        let (writer, to_writer) = writer::start(engine, metrics, leadership.clone())?;
+        let machine = machine::Machine::new(to_writer);
+        let config = Arc::new(
+            raft_config()
+                .validate()
+                .map_err(|e| EngineError::Thread(e.to_string()))?,
+        );
+        let raft = openraft::Raft::new(replica.node_id, config, network::Network, log, machine)
+            .await
+            .map_err(|e| EngineError::Thread(e.to_string()))?;
+        writer.set_raft(raft.clone());
+        let me = Member {
+            raft_addr: replica.raft_addr.to_string(),
+            grpc_addr: replica.grpc_addr.clone(),
+        };
+        let listener = tokio::net::TcpListener::bind(replica.raft_addr)
+            .await
+            .map_err(|e| EngineError::Thread(format!("raft port {}: {e}", replica.raft_addr)))?;
+        let service = network::RaftService {
+            raft: raft.clone(),
+            node_id: replica.node_id,
+            me: me.clone(),
+        };
+        let server = tokio::spawn(async move {
+            let incoming =
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            let result = tonic::transport::Server::builder()
+                .add_service(
+                    crate::proto::account::raft::v1::raft_server::RaftServer::new(service)
+                        .max_decoding_message_size(network::MESSAGE_BYTES_MAX)
+                        .max_encoding_message_size(network::MESSAGE_BYTES_MAX),
+                )
+                .serve_with_incoming(incoming)
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "raft port stopped");
+            }
+        });
+        let lowest = replica.peers.keys().next().copied();
+        if pristine && lowest == Some(replica.node_id) {
+            tokio::spawn(initialize(raft.clone(), replica.clone(), me));
+        } else {
+            tracing::info!(
+                node_id = replica.node_id,
+                pristine,
+                "replica started; joining the group's leader"
+            );
+        }
+        let watcher = tokio::spawn(watch_leadership(raft.clone(), leadership.clone()));
+        Ok(Replica {
+            raft,
+            leadership,
+            writer,
+            server,
+            watcher,
+            node_id: replica.node_id,
+        })
+    }
+
+    /// The ingress side: lanes that refuse when this replica does not lead.
+    pub fn handle(&self) -> EngineHandle {
+        self.writer.handle()
+    }
+
+    /// Stops taking requests, stops raft and the writer (which answers what
+    /// waits with `UNAVAILABLE`).
+    pub async fn stop(self) -> Result<(), EngineError> {
+        self.watcher.abort();
+        self.leadership.serving.store(false, Ordering::Release);
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+        self.server.abort();
+        tokio::task::spawn_blocking(move || self.writer.stop())
+            .await
+            .unwrap_or_else(|e| Err(EngineError::Thread(e.to_string())))
+    }
+}
+
+/// A fresh group's first start, on its lowest id: waits until every member
+/// answers `Hello` (so the membership names each one's client address), then
+/// initializes the group once. A restart never gets here (the log is not
+/// pristine then).
+async fn initialize(raft: openraft::Raft<TypeConfig>, replica: ReplicaConfig, me: Member) {
+    let mut members = BTreeMap::new();
+    for (&id, addr) in &replica.peers {
+        if id == replica.node_id {
+            members.insert(id, me.clone());
+            continue;
+        }
+        loop {
+            match network::hello(addr).await {
+                Ok((their_id, member)) if their_id == id => {
+                    members.insert(id, member);
+                    break;
+                }
+                Ok((their_id, _)) => {
+                    tracing::error!(expected = id, answered = their_id, addr = %addr,
+                        "--peers names another node id at this address; waiting");
+                }
+                Err(e) => {
+                    tracing::info!(peer = id, error = %e, "waiting for the peer to initialize the group")
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    match raft.is_initialized().await {
+        Ok(true) => return,
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "raft stopped before the group was initialized");
+            return;
+        }
+    }
+    let ids: BTreeSet<NodeId> = members.keys().copied().collect();
+    match raft.initialize(members).await {
+        Ok(()) => tracing::info!(?ids, "replica group initialized"),
+        Err(e) => tracing::warn!(error = %e, "group not initialized (already is?)"),
+    }
+}
+
+/// Follows openraft's view of the leader into [`Leadership`]; while this
+/// replica leads, confirms with its quorum every [`QUORUM_CHECK_EVERY`].
+async fn watch_leadership(raft: openraft::Raft<TypeConfig>, leadership: Arc<Leadership>) {
+    let mut metrics = raft.metrics();
+    loop {
+        let (me, leader, term, grpc) = {
+            let m = metrics.borrow_and_update();
+            let grpc = m.current_leader.and_then(|id| {
+                m.membership_config
+                    .membership()
+                    .get_node(&id)
+                    .map(|n| n.grpc_addr.clone())
+            });
+            (m.id, m.current_leader, m.current_term, grpc)
+        };
+        leadership.term.store(term, Ordering::Release);
+        *leadership.leader.lock().unwrap_or_else(|p| p.into_inner()) = grpc;
+        let serving = if leader == Some(me) {
+            matches!(
+                tokio::time::timeout(QUORUM_CHECK_TIMEOUT, raft.ensure_linearizable()).await,
+                Ok(Ok(_))
+            )
+        } else {
+            false
+        };
+        let was = leadership.serving.swap(serving, Ordering::AcqRel);
+        if was != serving {
+            tracing::info!(serving, term, ?leader, "leadership changed");
+        }
+        // On every change, and on a timer: a leader re-confirms its quorum.
+        if let Ok(Err(_)) = tokio::time::timeout(QUORUM_CHECK_EVERY, metrics.changed()).await {
+            return;
+        }
+    }
+}
+
+/// `ClusterStatus`: this replica's view of its group, with its own applied
+/// sequence and digest.
+pub fn status(
+    raft: &openraft::Raft<TypeConfig>,
+    applied_sequence: u64,
+    digest: u64,
+) -> crate::proto::account::v1::ClusterStatusReply {
+    use crate::proto::account::v1 as pb;
+    let m = raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let last = m.last_log_index.unwrap_or(0);
+    let replicas = membership
+        .nodes()
+        .map(|(&id, node)| {
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&id).copied().flatten())
+                .map(|l| l.index);
+            pb::ReplicaStatus {
+                node_id: id,
+                raft_addr: node.raft_addr.clone(),
+                grpc_addr: node.grpc_addr.clone(),
+                matched_log_index: matched.unwrap_or(0),
+                lag: matched.map_or(0, |i| last.saturating_sub(i)),
+                voter: voters.contains(&id),
+            }
+        })
+        .collect();
+    let leader = m.current_leader;
+    pb::ClusterStatusReply {
+        node_id: m.id,
+        leader_id: leader.unwrap_or(0),
+        leader_grpc_addr: leader
+            .and_then(|id| membership.get_node(&id))
+            .map(|n| n.grpc_addr.clone())
+            .unwrap_or_default(),
+        term: m.current_term,
+        role: format!("{:?}", m.state).to_uppercase(),
+        applied_sequence,
+        digest,
+        last_log_index: last,
+        applied_log_index: m.last_applied.map_or(0, |l| l.index),
+        replicas,
+    }
+}
