@@ -191,6 +191,15 @@ impl AdminService for Echo {
     ) -> Result<Response<pb::CommandReply>, Status> {
         Ok(Response::new(self.ok()))
     }
+    async fn cluster_status(
+        &self,
+        _r: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusReply>, Status> {
+        Ok(Response::new(pb::ClusterStatusReply {
+            role: "SINGLE".into(),
+            ..Default::default()
+        }))
+    }
 }
 
 /// Serves until the process ends, with the service's own server settings.
