@@ -105,6 +105,26 @@ pub enum ClientCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Add a replica to the group (AdminService.AddReplica, at the leader):
+    /// start it first with its --node-id, --raft-addr and the group's
+    /// --peers; it catches up as a learner, then votes.
+    AddReplica {
+        #[arg(long)]
+        node_id: u64,
+        /// Its --raft-addr (HOST:PORT).
+        #[arg(long)]
+        raft_addr: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Remove a replica from the group (AdminService.RemoveReplica, at the
+    /// leader); stop it afterwards.
+    RemoveReplica {
+        #[arg(long)]
+        node_id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 #[derive(Clone, Debug, clap::Subcommand)]
@@ -487,24 +507,48 @@ pub async fn run(command: ClientCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?
                 .into_inner();
-            let mut out = format!(
+            cluster_text(&s)
+        }
+        ClientCommand::AddReplica {
+            node_id,
+            raft_addr,
+            conn,
+        } => {
+            let request = pb::AddReplicaRequest { node_id, raft_addr };
+            cluster_text(&follow!(conn, admin, add_replica, request).into_inner())
+        }
+        ClientCommand::RemoveReplica { node_id, conn } => {
+            let request = pb::RemoveReplicaRequest { node_id };
+            cluster_text(&follow!(conn, admin, remove_replica, request).into_inner())
+        }
+    };
+    print!("{text}");
+    Ok(())
+}
+
+/// `ClusterStatus` as `key: value` lines, one per replica after.
+fn cluster_text(s: &pb::ClusterStatusReply) -> String {
+    {
+        let mut out = format!(
                 "node_id: {}\nrole: {}\nterm: {}\nleader_id: {}\nleader_grpc_addr: {}\n\
                  applied_sequence: {}\ndigest: {:016x}\nlast_log_index: {}\napplied_log_index: {}\n",
                 s.node_id, s.role, s.term, s.leader_id, s.leader_grpc_addr, s.applied_sequence,
                 s.digest, s.last_log_index, s.applied_log_index
             );
-            for r in &s.replicas {
-                let _ = writeln!(
-                    out,
-                    "replica.{}: raft {} grpc {} voter {} matched {} lag {}",
-                    r.node_id, r.raft_addr, r.grpc_addr, r.voter, r.matched_log_index, r.lag
-                );
-            }
-            out
+        let _ = writeln!(
+            out,
+            "purged_log_index: {}\nsnapshot_log_index: {}",
+            s.purged_log_index, s.snapshot_log_index
+        );
+        for r in &s.replicas {
+            let _ = writeln!(
+                out,
+                "replica.{}: raft {} grpc {} voter {} matched {} lag {}",
+                r.node_id, r.raft_addr, r.grpc_addr, r.voter, r.matched_log_index, r.lag
+            );
         }
-    };
-    print!("{text}");
-    Ok(())
+        out
+    }
 }
 
 fn result_name(result: i32) -> String {

@@ -273,6 +273,13 @@ pub struct ServeArgs {
     /// once, by its lowest id, when every member answers.
     #[arg(long, env = "ACCOUNT_PEERS", requires = "node_id", value_parser = peers)]
     pub peers: Option<Peers>,
+
+    /// With replicas: raft entries (writer batches) between two snapshots of
+    /// the state; the log keeps as many below the last snapshot, and a
+    /// replica further behind than that is sent the snapshot.
+    #[arg(long, env = "ACCOUNT_RAFT_SNAPSHOT_ENTRIES", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub raft_snapshot_entries: u64,
 }
 
 /// `--peers`: node id to raft address.
@@ -423,6 +430,7 @@ impl ServeArgs {
             raft_addr,
             peers,
             grpc_addr: self.grpc_addr.to_string(),
+            snapshot_entries: self.raft_snapshot_entries,
         }))
     }
 

@@ -66,11 +66,13 @@ fn main() -> anyhow::Result<()> {
     result
 }
 
-/// Logs to stderr (`RUST_LOG` filters them, `info` by default); with traces
-/// on, the service's own spans also go to the OTLP exporter.
+/// Logs to stderr (`RUST_LOG` filters them; by default `info`, and `warn`
+/// for openraft, whose info lines describe every election step); with
+/// traces on, the service's own spans also go to the OTLP exporter.
 fn init_logs(format: LogFormat, telemetry: Option<&telemetry::Telemetry>) {
     use tracing_subscriber::{filter, prelude::*, EnvFilter};
-    let levels = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let levels =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
     let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let logs = match format {
         LogFormat::Text => logs.boxed(),

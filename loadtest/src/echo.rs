@@ -200,6 +200,22 @@ impl AdminService for Echo {
             ..Default::default()
         }))
     }
+    async fn add_replica(
+        &self,
+        _r: Request<pb::AddReplicaRequest>,
+    ) -> Result<Response<pb::ClusterStatusReply>, Status> {
+        Err(Status::failed_precondition(
+            "the echo server has no replicas",
+        ))
+    }
+    async fn remove_replica(
+        &self,
+        _r: Request<pb::RemoveReplicaRequest>,
+    ) -> Result<Response<pb::ClusterStatusReply>, Status> {
+        Err(Status::failed_precondition(
+            "the echo server has no replicas",
+        ))
+    }
 }
 
 /// Serves until the process ends, with the service's own server settings.

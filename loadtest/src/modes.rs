@@ -84,10 +84,41 @@ pub struct Ctx {
     next_request: AtomicU64,
 }
 
+/// With replicas (design 7), where the group's leader takes calls when `addr`
+/// is a follower (`ClusterStatus`); `None` at the leader or a single node.
+async fn leader_of(addr: &str, token: &BearerToken) -> anyhow::Result<Option<String>> {
+    let channel = Channel::from_shared(addr.to_string())?.connect().await?;
+    // A peer without ClusterStatus (the seed's design) is one node.
+    let Ok(status) = AdminServiceClient::with_interceptor(channel, token.clone())
+        .cluster_status(pb::ClusterStatusRequest {})
+        .await
+    else {
+        return Ok(None);
+    };
+    let status = status.into_inner();
+    if status.leader_grpc_addr.is_empty() || status.leader_id == status.node_id {
+        return Ok(None);
+    }
+    let scheme = if addr.starts_with("https://") {
+        "https"
+    } else {
+        "http"
+    };
+    Ok(Some(format!("{scheme}://{}", status.leader_grpc_addr)))
+}
+
 impl Ctx {
-    pub async fn connect(args: LoadArgs) -> anyhow::Result<Arc<Ctx>> {
+    pub async fn connect(mut args: LoadArgs) -> anyhow::Result<Arc<Ctx>> {
         anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
         anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
+        let order_token = BearerToken::new(args.token.as_deref())?;
+        if let Some(leader) = leader_of(&args.addr, &order_token).await? {
+            eprintln!(
+                "loadtest: {} is a follower; sending to the leader at {leader}",
+                args.addr
+            );
+            args.addr = leader;
+        }
         let mut channels = Vec::with_capacity(args.connections);
         for _ in 0..args.connections {
             // One HTTP/2 connection each.
@@ -101,7 +132,6 @@ impl Ctx {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_nanos();
-        let order_token = BearerToken::new(args.token.as_deref())?;
         let admin_token = BearerToken::new(args.admin_token.as_deref().or(args.token.as_deref()))?;
         Ok(Arc::new(Ctx {
             run_id: format!("lt{}-{}", nanos % 1_000_000_000_000, std::process::id()),

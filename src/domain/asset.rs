@@ -73,6 +73,22 @@ impl fmt::Display for Asset {
     }
 }
 
+/// As its bytes (the state's own serialization); read back with the checks of
+/// [`Asset::from_bytes`].
+impl serde::Serialize for Asset {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.as_bytes())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Asset {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Asset, D::Error> {
+        let bytes = deserializer.deserialize_bytes(crate::domain::BytesVisitor)?;
+        Asset::from_bytes(&bytes)
+            .ok_or_else(|| serde::de::Error::custom("not a currency or symbol"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@
 use super::{AccountId, Asset, Currency, Id, Symbol};
 use rust_decimal::Decimal;
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, serde::Serialize, serde::Deserialize)]
 pub enum AccountStatus {
     Active = 1,
     Suspended = 2,
@@ -32,7 +32,7 @@ impl AccountStatus {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, serde::Serialize, serde::Deserialize)]
 pub enum ReservationKind {
     /// Cash of a currency, for a buy.
     Cash = 1,
@@ -74,7 +74,9 @@ impl Side {
 }
 
 /// The inbound Kafka topics, by role (their names are configuration).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, serde::Serialize, serde::Deserialize,
+)]
 pub enum Topic {
     Fills = 1,
     Deposits = 2,
@@ -145,7 +147,9 @@ pub struct DeadLetter {
 /// The two idempotency key spaces (design 3). They never collide: a
 /// `request_id` of the Order service or an operator can never block an
 /// `event_id` of the Matching engine or the Payment service, nor the reverse.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, serde::Serialize, serde::Deserialize,
+)]
 pub enum KeySpace {
     /// `request_id` of Reserve, Unreserve, OpenAccount, SetAccountStatus.
     Requests = 1,
@@ -164,7 +168,9 @@ impl KeySpace {
 }
 
 /// An idempotency key: the same id in the two spaces is two keys.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, serde::Serialize, serde::Deserialize,
+)]
 pub struct IdempotencyKey {
     pub space: KeySpace,
     pub id: Id,
@@ -238,7 +244,7 @@ pub struct Fill {
 ///
 /// A fresh log starts with [`StateConfig::default`]; the engine journals a
 /// `Configure` before it serves whenever its flags say otherwise.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StateConfig {
     /// How long idempotency keys, and closed reservations (with their
     /// `(account_id, order_id)`), are kept, in journaled time. > 0.

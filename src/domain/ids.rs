@@ -8,7 +8,9 @@ use std::fmt;
 pub const ID_LEN_MAX: usize = 64;
 
 /// An account number: strictly positive.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, serde::Serialize, serde::Deserialize,
+)]
 pub struct AccountId(pub i64);
 
 impl AccountId {
@@ -127,6 +129,23 @@ impl fmt::Debug for Id {
 impl fmt::Display for Id {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// As its bytes (the state's own serialization, design 7's raft snapshots);
+/// read back with the checks of [`Id::from_utf8`].
+impl serde::Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.as_str().as_bytes())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Id {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Id, D::Error> {
+        let bytes = deserializer.deserialize_bytes(crate::domain::BytesVisitor)?;
+        Id::from_utf8(&bytes).ok_or_else(|| {
+            serde::de::Error::custom("not an id: too long, not UTF-8 or a control character")
+        })
     }
 }
 

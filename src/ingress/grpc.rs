@@ -517,29 +517,92 @@ impl AdminService for Service {
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusReply>, Status> {
         self.observe("ClusterStatus", Access::Read, request.metadata(), async {
-            let (sequence, digest) = match self.engine.call(RequestKind::Query(Query::Digest)).await
-            {
-                Ok(Reply::Digest { sequence, digest }) => (sequence, digest),
-                Ok(_) => {
-                    return Err(Status::internal(
-                        "engine answered a digest query with another reply",
-                    ))
-                }
-                Err(e) => return Err(submit_status(e)),
-            };
-            let reply = match &self.raft {
-                Some(raft) => crate::replica::status(raft, sequence, digest),
-                None => pb::ClusterStatusReply {
-                    node_id: 0,
-                    role: "SINGLE".into(),
-                    applied_sequence: sequence,
-                    digest,
-                    ..Default::default()
-                },
-            };
-            Ok((reply, "OK"))
+            Ok((self.status_now().await?, "OK"))
         })
         .await
+    }
+
+    async fn add_replica(
+        &self,
+        request: Request<pb::AddReplicaRequest>,
+    ) -> Result<Response<pb::ClusterStatusReply>, Status> {
+        self.observe("AddReplica", Access::Admin, request.metadata(), async {
+            let q = request.get_ref();
+            if q.node_id == 0 {
+                return Err(Status::invalid_argument("node_id: must be > 0"));
+            }
+            if q.raft_addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(Status::invalid_argument(
+                    "raft_addr: must be HOST:PORT with an IP address",
+                ));
+            }
+            let raft = self.replicas()?;
+            crate::replica::add_replica(raft, q.node_id, &q.raft_addr)
+                .await
+                .map_err(submit_or_membership_status)?;
+            Ok((self.status_now().await?, "OK"))
+        })
+        .await
+    }
+
+    async fn remove_replica(
+        &self,
+        request: Request<pb::RemoveReplicaRequest>,
+    ) -> Result<Response<pb::ClusterStatusReply>, Status> {
+        self.observe("RemoveReplica", Access::Admin, request.metadata(), async {
+            let node_id = request.get_ref().node_id;
+            if node_id == 0 {
+                return Err(Status::invalid_argument("node_id: must be > 0"));
+            }
+            let raft = self.replicas()?;
+            crate::replica::remove_replica(raft, node_id)
+                .await
+                .map_err(submit_or_membership_status)?;
+            Ok((self.status_now().await?, "OK"))
+        })
+        .await
+    }
+}
+
+fn submit_or_membership_status(e: crate::replica::MembershipError) -> Status {
+    use crate::replica::MembershipError;
+    match e {
+        MembershipError::Submit(e) => submit_status(e),
+        MembershipError::Invalid(message) => Status::failed_precondition(message),
+    }
+}
+
+impl Service {
+    /// The group's raft, or FAILED_PRECONDITION on a single node.
+    fn replicas(&self) -> Result<&openraft::Raft<crate::replica::TypeConfig>, Status> {
+        self.raft.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "this service runs without replicas (serve without --peers)",
+            )
+        })
+    }
+
+    /// `ClusterStatus` of this replica, now.
+    async fn status_now(&self) -> Result<pb::ClusterStatusReply, Status> {
+        let (sequence, digest) = match self.engine.call(RequestKind::Query(Query::Digest)).await {
+            Ok(Reply::Digest { sequence, digest }) => (sequence, digest),
+            Ok(_) => {
+                return Err(Status::internal(
+                    "engine answered a digest query with another reply",
+                ))
+            }
+            Err(e) => return Err(submit_status(e)),
+        };
+        Ok(match &self.raft {
+            Some(raft) => crate::replica::status(raft, sequence, digest),
+            None => pb::ClusterStatusReply {
+                node_id: 0,
+                role: "SINGLE".into(),
+                applied_sequence: sequence,
+                digest,
+                ..Default::default()
+            },
+        })
     }
 }
 

@@ -2,31 +2,50 @@
 //! thread, which alone owns the `State` and applies them with the same pure
 //! `apply` as a single node, in log order. openraft waits for each batch to
 //! be applied before it reports it applied.
+//!
+//! Snapshots are the state's own serialization (`State::rows`, postcard),
+//! never PostgreSQL: the writer hands over a copy of its state with the last
+//! entry applied to it, the copy is encoded off the writer thread and kept in
+//! one file, `<data-dir>/raft-snapshot/current` (written to a temporary file,
+//! synced, renamed, the directory synced). openraft then purges the log below
+//! it, sends it to a replica that needs entries no longer in the log, and a
+//! restart starts from it and re-applies only the entries after it.
+//!
+//! The file: `MAGIC`, the CRC-32 of the rest (crc32fast, a little-endian
+//! u32), then postcard of [`SnapshotFile`].
 
-use super::writer::ToWriter;
+// openraft's own error type, which its traits return: not ours to shrink.
+#![allow(clippy::result_large_err)]
+
+use super::writer::{Captured, ToWriter};
 use super::{Member, NodeId, TypeConfig};
+use crate::state_machine::{Rows, State};
 use openraft::storage::RaftStateMachine;
 use openraft::{
-    AnyError, Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
-    StorageError, StorageIOError, StoredMembership,
+    AnyError, Entry, EntryPayload, ErrorSubject, ErrorVerb, LogId, RaftSnapshotBuilder, Snapshot,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership,
 };
-use std::io::Cursor;
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+const MAGIC: &[u8; 8] = b"ACSNAP01";
+const FILE: &str = "current";
+
+/// What the snapshot file holds: openraft's description and the state.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SnapshotFile {
+    meta: SnapshotMeta<NodeId, Member>,
+    /// postcard of [`Rows`]: exactly what goes to another replica.
+    data: Vec<u8>,
+}
 
 #[derive(Clone)]
 pub(super) struct Machine {
     to_writer: crossbeam_channel::Sender<ToWriter>,
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, Member>,
-}
-
-impl Machine {
-    pub(super) fn new(to_writer: crossbeam_channel::Sender<ToWriter>) -> Machine {
-        Machine {
-            to_writer,
-            last_applied: None,
-            membership: StoredMembership::default(),
-        }
-    }
+    dir: Arc<PathBuf>,
 }
 
 fn gone(what: &str) -> StorageError<NodeId> {
@@ -36,12 +55,115 @@ fn gone(what: &str) -> StorageError<NodeId> {
     .into()
 }
 
-fn not_yet() -> StorageError<NodeId> {
-    StorageIOError::read_snapshot(
-        None,
-        AnyError::error("raft snapshots are not built yet: a replica catches up from the log"),
+fn snapshot_error(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError<NodeId> {
+    StorageIOError::new(
+        ErrorSubject::Snapshot(None),
+        verb,
+        AnyError::error(e.to_string()),
     )
     .into()
+}
+
+impl Machine {
+    /// The state machine of the replica whose snapshots live in `dir`; when
+    /// one is there, the writer's state is replaced by it first.
+    pub(super) async fn open(
+        dir: PathBuf,
+        to_writer: crossbeam_channel::Sender<ToWriter>,
+    ) -> Result<Machine, StorageError<NodeId>> {
+        std::fs::create_dir_all(&dir).map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
+        let mut machine = Machine {
+            to_writer,
+            last_applied: None,
+            membership: StoredMembership::default(),
+            dir: Arc::new(dir),
+        };
+        let dir = machine.dir.clone();
+        let loaded = tokio::task::spawn_blocking(move || read_file(&dir))
+            .await
+            .map_err(|e| snapshot_error(ErrorVerb::Read, e))??;
+        if let Some(file) = loaded {
+            tracing::info!(snapshot = %file.meta.snapshot_id, "replica starts from its snapshot");
+            machine.install(file.meta, file.data, false).await?;
+        }
+        Ok(machine)
+    }
+
+    /// Decodes `data`, persists it (unless it came from the file) and hands
+    /// the state to the writer.
+    async fn install(
+        &mut self,
+        meta: SnapshotMeta<NodeId, Member>,
+        data: Vec<u8>,
+        persist: bool,
+    ) -> Result<(), StorageError<NodeId>> {
+        let dir = self.dir.clone();
+        let file = SnapshotFile { meta, data };
+        let (state, file) = tokio::task::spawn_blocking(move || {
+            let rows: Rows = postcard::from_bytes(&file.data)
+                .map_err(|e| snapshot_error(ErrorVerb::Read, format!("decoding: {e}")))?;
+            let state = State::restore(rows);
+            if persist {
+                write_file(&dir, &file)?;
+            }
+            Ok::<_, StorageError<NodeId>>((state, file))
+        })
+        .await
+        .map_err(|e| snapshot_error(ErrorVerb::Read, e))??;
+        let (done, installed) = tokio::sync::oneshot::channel();
+        let captured = Captured {
+            state,
+            applied: file.meta.last_log_id,
+            membership: file.meta.last_membership.clone(),
+        };
+        self.to_writer
+            .send(ToWriter::Install(Box::new(captured), done))
+            .map_err(|_| gone("installing a snapshot"))?;
+        installed.await.map_err(|_| gone("installing a snapshot"))?;
+        self.last_applied = file.meta.last_log_id;
+        self.membership = file.meta.last_membership;
+        Ok(())
+    }
+}
+
+/// Reads the snapshot file of `dir`, if there is one; a damaged one is an
+/// error (the log below it may be gone).
+fn read_file(dir: &Path) -> Result<Option<SnapshotFile>, StorageError<NodeId>> {
+    let path = dir.join(FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(snapshot_error(ErrorVerb::Read, format!("{path:?}: {e}"))),
+    };
+    let damaged = |why: &str| snapshot_error(ErrorVerb::Read, format!("{path:?}: {why}"));
+    if bytes.len() < MAGIC.len() + 4 || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(damaged("not a replica snapshot"));
+    }
+    let (crc, body) = bytes[MAGIC.len()..].split_at(4);
+    if u32::from_le_bytes(crc.try_into().unwrap()) != crc32fast::hash(body) {
+        return Err(damaged("checksum mismatch"));
+    }
+    postcard::from_bytes(body)
+        .map(Some)
+        .map_err(|e| damaged(&e.to_string()))
+}
+
+/// Replaces the snapshot file of `dir` with `file`, durably.
+fn write_file(dir: &Path, file: &SnapshotFile) -> Result<(), StorageError<NodeId>> {
+    let fail = |e: std::io::Error| snapshot_error(ErrorVerb::Write, format!("{dir:?}: {e}"));
+    let body = postcard::to_allocvec(file).map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
+    let temporary = dir.join(format!("{FILE}.tmp"));
+    let mut out = std::fs::File::create(&temporary).map_err(fail)?;
+    out.write_all(MAGIC).map_err(fail)?;
+    out.write_all(&crc32fast::hash(&body).to_le_bytes())
+        .map_err(fail)?;
+    out.write_all(&body).map_err(fail)?;
+    out.sync_all().map_err(fail)?;
+    drop(out);
+    std::fs::rename(&temporary, dir.join(FILE)).map_err(fail)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(fail)
 }
 
 impl RaftStateMachine<TypeConfig> for Machine {
@@ -91,21 +213,66 @@ impl RaftStateMachine<TypeConfig> for Machine {
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta<NodeId, Member>,
-        _snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &SnapshotMeta<NodeId, Member>,
+        snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<NodeId>> {
-        Err(not_yet())
+        tracing::info!(snapshot = %meta.snapshot_id, "installing the leader's snapshot");
+        self.install(meta.clone(), snapshot.into_inner(), true)
+            .await
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        Ok(None)
+        let dir = self.dir.clone();
+        let file = tokio::task::spawn_blocking(move || read_file(&dir))
+            .await
+            .map_err(|e| snapshot_error(ErrorVerb::Read, e))??;
+        Ok(file.map(|f| Snapshot {
+            meta: f.meta,
+            snapshot: Box::new(Cursor::new(f.data)),
+        }))
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for Machine {
+    /// A copy of the writer's state (the one pause it costs the writer),
+    /// encoded and written on a blocking thread.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        Err(not_yet())
+        let (done, captured) = tokio::sync::oneshot::channel();
+        self.to_writer
+            .send(ToWriter::Capture(done))
+            .map_err(|_| gone("building a snapshot"))?;
+        let captured = captured.await.map_err(|_| gone("building a snapshot"))?;
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let Captured {
+                state,
+                applied,
+                membership,
+            } = captured;
+            let data = postcard::to_allocvec(&state.rows())
+                .map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
+            let snapshot_id = match applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, state.last_sequence()),
+                None => format!("0-0-{}", state.last_sequence()),
+            };
+            let file = SnapshotFile {
+                meta: SnapshotMeta {
+                    last_log_id: applied,
+                    last_membership: membership,
+                    snapshot_id,
+                },
+                data,
+            };
+            write_file(&dir, &file)?;
+            tracing::info!(snapshot = %file.meta.snapshot_id, bytes = file.data.len(), "snapshot built");
+            Ok(Snapshot {
+                meta: file.meta,
+                snapshot: Box::new(Cursor::new(file.data)),
+            })
+        })
+        .await
+        .map_err(|e| snapshot_error(ErrorVerb::Write, e))?
     }
 }

@@ -25,9 +25,15 @@
 //! * Restart: the log is read back and openraft re-applies what was
 //!   committed; the state is rebuilt from the log, as on a single node.
 //!
+//! * Every `--raft-snapshot-entries` entries each replica snapshots its
+//!   state (its own serialization, machine.rs) and purges its log below; a
+//!   replica too far behind the leader's log is sent the snapshot.
+//!
+//! * Membership changes at run time (`AddReplica`: a learner that catches
+//!   up, then a voter; `RemoveReplica`) are raft entries like any other.
+//!
 //! Not yet: Kafka, the outbox and PostgreSQL snapshots with replicas (the
-//! service refuses the combination), raft snapshots and log purging (the log
-//! keeps every entry), membership changes at run time.
+//! service refuses the combination), TLS and tokens on the raft port.
 
 pub mod log;
 mod machine;
@@ -125,6 +131,9 @@ pub struct ReplicaConfig {
     pub peers: BTreeMap<NodeId, String>,
     /// This replica's client address, advertised to the others.
     pub grpc_addr: String,
+    /// Entries between two snapshots (`--raft-snapshot-entries`), and kept
+    /// in the log below the last one.
+    pub snapshot_entries: u64,
 }
 
 /// How often the leader checks that a majority still follows it, and how
@@ -132,15 +141,17 @@ pub struct ReplicaConfig {
 const QUORUM_CHECK_EVERY: Duration = Duration::from_millis(100);
 const QUORUM_CHECK_TIMEOUT: Duration = Duration::from_millis(750);
 
-pub fn raft_config() -> openraft::Config {
+pub fn raft_config(snapshot_entries: u64) -> openraft::Config {
     openraft::Config {
         cluster_name: "account-shard".into(),
         heartbeat_interval: 50,
         election_timeout_min: 300,
         election_timeout_max: 600,
-        // Not yet: the state's own serialization for raft snapshots. The
-        // log keeps every entry meanwhile.
-        snapshot_policy: openraft::SnapshotPolicy::Never,
+        // The state's own serialization (machine.rs); the log keeps as many
+        // entries below it, so a replica a little behind catches up from the
+        // log, one further behind gets the snapshot.
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_entries),
+        max_in_snapshot_log_to_keep: snapshot_entries,
         // With entries of at most ENTRY_BYTES_MAX, an AppendEntries fits
         // network::MESSAGE_BYTES_MAX.
         max_payload_entries: 16,
@@ -155,6 +166,9 @@ pub struct Replica {
     writer: writer::Running,
     server: tokio::task::JoinHandle<()>,
     watcher: tokio::task::JoinHandle<()>,
+    /// Why raft stopped by itself (a storage error, a bug): the service then
+    /// stops and exits non-zero, for its supervisor to restart it.
+    failure: Arc<Mutex<Option<String>>>,
     pub node_id: NodeId,
 }
 
@@ -167,6 +181,7 @@ impl Replica {
         metrics: Arc<Metrics>,
     ) -> Result<Replica, EngineError> {
         let storage_error = |e: openraft::StorageError<NodeId>| EngineError::Thread(e.to_string());
+        let snapshots = engine.wal.dir.with_file_name("raft-snapshot");
         let mut wal = engine.wal.clone();
         wal.dir = wal.dir.with_file_name("raft");
         // One record per entry: a sync batch must hold the largest.
@@ -176,9 +191,11 @@ impl Replica {
         let pristine = log.is_pristine();
         let leadership = Arc::new(Leadership::default());
         let (writer, to_writer) = writer::start(engine, metrics, leadership.clone())?;
-        let machine = machine::Machine::new(to_writer);
+        let machine = machine::Machine::open(snapshots, to_writer)
+            .await
+            .map_err(storage_error)?;
         let config = Arc::new(
-            raft_config()
+            raft_config(replica.snapshot_entries)
                 .validate()
                 .map_err(|e| EngineError::Thread(e.to_string()))?,
         );
@@ -223,13 +240,20 @@ impl Replica {
                 "replica started; joining the group's leader"
             );
         }
-        let watcher = tokio::spawn(watch_leadership(raft.clone(), leadership.clone()));
+        let failure = Arc::new(Mutex::new(None));
+        let watcher = tokio::spawn(watch_leadership(
+            raft.clone(),
+            leadership.clone(),
+            failure.clone(),
+            writer.stopper(),
+        ));
         Ok(Replica {
             raft,
             leadership,
             writer,
             server,
             watcher,
+            failure,
             node_id: replica.node_id,
         })
     }
@@ -248,16 +272,27 @@ impl Replica {
             tracing::warn!(error = %e, "raft did not shut down cleanly");
         }
         self.server.abort();
-        tokio::task::spawn_blocking(move || self.writer.stop())
+        let failure = self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let stopped = tokio::task::spawn_blocking(move || self.writer.stop())
             .await
-            .unwrap_or_else(|e| Err(EngineError::Thread(e.to_string())))
+            .unwrap_or_else(|e| Err(EngineError::Thread(e.to_string())));
+        match failure {
+            Some(why) => Err(EngineError::Thread(why)),
+            None => stopped,
+        }
     }
 }
 
 /// A fresh group's first start, on its lowest id: waits until every member
 /// answers `Hello` (so the membership names each one's client address), then
 /// initializes the group once. A restart never gets here (the log is not
-/// pristine then).
+/// pristine then), nor does a wiped replica of a group that exists: when a
+/// member answers that it is initialized, this one waits for the leader to
+/// replicate to it instead.
 async fn initialize(raft: openraft::Raft<TypeConfig>, replica: ReplicaConfig, me: Member) {
     let mut members = BTreeMap::new();
     for (&id, addr) in &replica.peers {
@@ -267,12 +302,19 @@ async fn initialize(raft: openraft::Raft<TypeConfig>, replica: ReplicaConfig, me
         }
         loop {
             match network::hello(addr).await {
-                Ok((their_id, member)) if their_id == id => {
-                    members.insert(id, member);
+                Ok(hello) if hello.initialized => {
+                    tracing::info!(
+                        peer = id,
+                        "the group exists; waiting for its leader to replicate here"
+                    );
+                    return;
+                }
+                Ok(hello) if hello.node_id == id => {
+                    members.insert(id, hello.member);
                     break;
                 }
-                Ok((their_id, _)) => {
-                    tracing::error!(expected = id, answered = their_id, addr = %addr,
+                Ok(hello) => {
+                    tracing::error!(expected = id, answered = hello.node_id, addr = %addr,
                         "--peers names another node id at this address; waiting");
                 }
                 Err(e) => {
@@ -299,7 +341,14 @@ async fn initialize(raft: openraft::Raft<TypeConfig>, replica: ReplicaConfig, me
 
 /// Follows openraft's view of the leader into [`Leadership`]; while this
 /// replica leads, confirms with its quorum every [`QUORUM_CHECK_EVERY`].
-async fn watch_leadership(raft: openraft::Raft<TypeConfig>, leadership: Arc<Leadership>) {
+/// When raft stops by itself (it does on a storage error), records why and
+/// stops the writer, and with it the service.
+async fn watch_leadership(
+    raft: openraft::Raft<TypeConfig>,
+    leadership: Arc<Leadership>,
+    failure: Arc<Mutex<Option<String>>>,
+    stop_writer: impl FnOnce(),
+) {
     let mut metrics = raft.metrics();
     loop {
         let (me, leader, term, grpc) = {
@@ -328,9 +377,134 @@ async fn watch_leadership(raft: openraft::Raft<TypeConfig>, leadership: Arc<Lead
         }
         // On every change, and on a timer: a leader re-confirms its quorum.
         if let Ok(Err(_)) = tokio::time::timeout(QUORUM_CHECK_EVERY, metrics.changed()).await {
+            leadership.serving.store(false, Ordering::Release);
+            let why = match raft.is_initialized().await {
+                Err(e) => format!("raft stopped: {e}"),
+                Ok(_) => "raft stopped".to_string(),
+            };
+            tracing::error!(reason = %why, "the replica stops");
+            *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+            stop_writer();
             return;
         }
     }
+}
+
+/// Why a membership change was not made.
+#[derive(Debug)]
+pub enum MembershipError {
+    /// Not the leader, or no quorum: as for any write.
+    Submit(crate::engine::SubmitError),
+    /// The change makes no sense for this group (FAILED_PRECONDITION).
+    Invalid(String),
+}
+
+fn membership_error(
+    e: openraft::error::RaftError<NodeId, openraft::error::ClientWriteError<NodeId, Member>>,
+) -> MembershipError {
+    use crate::engine::SubmitError;
+    use openraft::error::{ClientWriteError, RaftError};
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            MembershipError::Submit(SubmitError::NotLeader(f.leader_node.map(|n| n.grpc_addr)))
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            MembershipError::Invalid(c.to_string())
+        }
+        RaftError::Fatal(f) => {
+            tracing::error!(error = %f, "raft stopped during a membership change");
+            MembershipError::Submit(SubmitError::Stopped)
+        }
+    }
+}
+
+/// How long the leader waits for a new replica to catch up as a learner
+/// before it makes it a voter (it answers NotCommitted past it; the learner
+/// stays and may be added again).
+const LEARNER_CATCH_UP_MAX: Duration = Duration::from_secs(600);
+
+/// `AddReplica`: the replica at `raft_addr` (which must answer as
+/// `node_id`) joins as a learner, catches up, then becomes a voter.
+pub async fn add_replica(
+    raft: &openraft::Raft<TypeConfig>,
+    node_id: NodeId,
+    raft_addr: &str,
+) -> Result<(), MembershipError> {
+    let hello = network::hello(raft_addr)
+        .await
+        .map_err(|e| MembershipError::Invalid(format!("raft_addr: no replica answers: {e}")))?;
+    if hello.node_id != node_id {
+        return Err(MembershipError::Invalid(format!(
+            "node_id: the replica at {raft_addr} is node {}",
+            hello.node_id
+        )));
+    }
+    let voters: BTreeSet<NodeId> = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    if voters.contains(&node_id) {
+        return Ok(());
+    }
+    tracing::info!(node_id, raft_addr, "adding a replica: learner first");
+    match tokio::time::timeout(
+        LEARNER_CATCH_UP_MAX,
+        raft.add_learner(node_id, hello.member, true),
+    )
+    .await
+    {
+        Ok(result) => result.map_err(membership_error)?,
+        Err(_) => {
+            return Err(MembershipError::Submit(
+                crate::engine::SubmitError::NotCommitted,
+            ))
+        }
+    };
+    let mut voters = voters;
+    voters.insert(node_id);
+    raft.change_membership(voters, false)
+        .await
+        .map_err(membership_error)?;
+    tracing::info!(node_id, "replica added as a voter");
+    Ok(())
+}
+
+/// `RemoveReplica`: `node_id` stops being a member (voter or learner).
+pub async fn remove_replica(
+    raft: &openraft::Raft<TypeConfig>,
+    node_id: NodeId,
+) -> Result<(), MembershipError> {
+    let membership = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .clone();
+    if membership.get_node(&node_id).is_none() {
+        return Err(MembershipError::Invalid(format!(
+            "node_id: {node_id} is not a member"
+        )));
+    }
+    let mut voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let change = if voters.remove(&node_id) {
+        if voters.is_empty() {
+            return Err(MembershipError::Invalid(
+                "node_id: the last voter cannot be removed".into(),
+            ));
+        }
+        // Not retained as a learner: gone from the membership.
+        openraft::ChangeMembers::ReplaceAllVoters(voters)
+    } else {
+        openraft::ChangeMembers::RemoveNodes([node_id].into_iter().collect())
+    };
+    raft.change_membership(change, false)
+        .await
+        .map_err(membership_error)?;
+    tracing::info!(node_id, "replica removed");
+    Ok(())
 }
 
 /// `ClusterStatus`: this replica's view of its group, with its own applied
@@ -378,5 +552,7 @@ pub fn status(
         last_log_index: last,
         applied_log_index: m.last_applied.map_or(0, |l| l.index),
         replicas,
+        purged_log_index: m.purged.map_or(0, |l| l.index),
+        snapshot_log_index: m.snapshot.map_or(0, |l| l.index),
     }
 }

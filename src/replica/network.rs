@@ -181,12 +181,26 @@ impl raft_server::Raft for RaftService {
         &self,
         _request: tonic::Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
-        reply(&(self.node_id, self.me.clone()))
+        let initialized = self.raft.is_initialized().await.unwrap_or(false);
+        reply(&Hello {
+            node_id: self.node_id,
+            member: self.me.clone(),
+            initialized,
+        })
     }
 }
 
+/// A replica's answer to `Hello`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Hello {
+    pub node_id: NodeId,
+    pub member: Member,
+    /// It belongs to an initialized group (its log holds a membership).
+    pub initialized: bool,
+}
+
 /// Asks the replica at `raft_addr` who it is: its node id and addresses.
-pub async fn hello(raft_addr: &str) -> Result<(NodeId, Member), String> {
+pub async fn hello(raft_addr: &str) -> Result<Hello, String> {
     let mut client = RaftClient::new(channel(raft_addr)?);
     let mut request = tonic::Request::new(RaftMessage::default());
     request.set_timeout(std::time::Duration::from_secs(1));

@@ -16,7 +16,7 @@
 //!   applied if the entry reached a majority, which the idempotency keys make
 //!   safe to resend.
 
-use super::{Batch, Leadership, TypeConfig};
+use super::{Batch, Leadership, Member, NodeId, TypeConfig};
 use crate::domain::Command;
 use crate::engine::codec::{self, Record};
 use crate::engine::{
@@ -26,7 +26,7 @@ use crate::engine::{
 use crate::metrics::Metrics;
 use crate::state_machine::{NoEvents, Outcome, State};
 use crossbeam_channel::{Receiver, Sender};
-use openraft::{Entry, EntryPayload};
+use openraft::{Entry, EntryPayload, LogId, StoredMembership};
 use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -53,6 +53,18 @@ pub(crate) enum ToWriter {
     Apply(Vec<Entry<TypeConfig>>, oneshot::Sender<()>),
     /// A proposal its entry will not answer.
     Failed { proposal: u64, error: SubmitError },
+    /// A copy of the state, with the last entry applied to it: a snapshot.
+    Capture(oneshot::Sender<Captured>),
+    /// The state a snapshot holds replaces this one (a replica that fell
+    /// behind the leader's log, or a restart from its own snapshot).
+    Install(Box<Captured>, oneshot::Sender<()>),
+}
+
+/// The state as of an entry of the log, and the membership in force there.
+pub(crate) struct Captured {
+    pub state: State,
+    pub applied: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, Member>,
 }
 
 /// What one held request waits for, in the order of its batch's records.
@@ -101,6 +113,8 @@ pub(super) fn start(
     );
     let writer = ReplicaWriter {
         state: State::default(),
+        applied: None,
+        membership: StoredMembership::default(),
         wanted: config.state,
         batch_size_max: config.batch_size_max,
         clients: clients_rx,
@@ -163,6 +177,17 @@ impl Running {
         self.handle.clone()
     }
 
+    /// Stops the writer from elsewhere (raft failed): its phase becomes
+    /// `Stopped`, which stops the server.
+    pub(super) fn stopper(&self) -> impl FnOnce() + Send + 'static {
+        let stop = self.stop.clone();
+        let wake = self.wake.clone();
+        move || {
+            stop.store(true, Ordering::Release);
+            let _ = wake.try_send(());
+        }
+    }
+
     /// Starts the proposer: batches go into raft in the order the writer
     /// took them, each awaited on its own task.
     pub(super) fn set_raft(&self, raft: openraft::Raft<TypeConfig>) {
@@ -223,6 +248,9 @@ impl Running {
 
 struct ReplicaWriter {
     state: State,
+    /// The last entry applied to `state`, and the membership as of it.
+    applied: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, Member>,
     /// The settings of the flags (journaled once this replica leads).
     wanted: crate::state_machine::StateConfig,
     batch_size_max: usize,
@@ -308,14 +336,48 @@ impl ReplicaWriter {
         match message {
             ToWriter::Apply(entries, done) => {
                 for entry in entries {
-                    if let EntryPayload::Normal(batch) = entry.payload {
-                        self.apply(batch)?;
+                    self.applied = Some(entry.log_id);
+                    match entry.payload {
+                        EntryPayload::Normal(batch) => self.apply(batch)?,
+                        EntryPayload::Membership(m) => {
+                            self.membership = StoredMembership::new(Some(entry.log_id), m);
+                        }
+                        EntryPayload::Blank => {}
                     }
                 }
-                self.metrics
-                    .engine_last_sequence
-                    .set(self.state.last_sequence() as i64);
-                self.metrics.accounts.set(self.state.account_count() as i64);
+                self.published();
+                let _ = done.send(());
+            }
+            ToWriter::Capture(done) => {
+                let _ = done.send(Captured {
+                    state: self.state.clone(),
+                    applied: self.applied,
+                    membership: self.membership.clone(),
+                });
+            }
+            ToWriter::Install(captured, done) => {
+                let Captured {
+                    state,
+                    applied,
+                    membership,
+                } = *captured;
+                tracing::info!(
+                    sequence = state.last_sequence(),
+                    ?applied,
+                    "replica state replaced by a snapshot"
+                );
+                self.state = state;
+                self.applied = applied;
+                self.membership = membership;
+                // Proposals of this writer before the snapshot are not in
+                // this state's past: refuse them (their keys make a resend
+                // safe).
+                for (_, held) in self.held.drain() {
+                    for h in held {
+                        let _ = h.reply.send(Reply::Refused(SubmitError::NotCommitted));
+                    }
+                }
+                self.published();
                 let _ = done.send(());
             }
             ToWriter::Failed { proposal, error } => {
@@ -327,6 +389,13 @@ impl ReplicaWriter {
             }
         }
         Ok(())
+    }
+
+    fn published(&self) {
+        self.metrics
+            .engine_last_sequence
+            .set(self.state.last_sequence() as i64);
+        self.metrics.accounts.set(self.state.account_count() as i64);
     }
 
     /// Applies one committed batch; releases its replies if it is ours.

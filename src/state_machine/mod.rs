@@ -31,7 +31,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, VecDeque};
 
 /// What the idempotency table remembers of a key.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 pub struct IdempotencyEntry {
     pub fingerprint: u64,
     pub outcome: Outcome,

@@ -46,7 +46,7 @@ pub struct Delta {
 }
 
 /// The rows of a snapshot, as loaded.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Rows {
     pub sequence: u64,
     pub config: StateConfig,
@@ -135,6 +135,27 @@ impl State {
         };
         self.track_changes(false);
         delta
+    }
+
+    /// Every row of the state, consistent at `last_sequence()`: what
+    /// [`State::restore`] rebuilds this exact state from (a replica's raft
+    /// snapshot, design 7).
+    pub fn rows(&self) -> Rows {
+        Rows {
+            sequence: self.last_sequence,
+            config: self.config,
+            timestamp_ms: self.last_timestamp_ms,
+            accounts: self.accounts.values().cloned().collect(),
+            reservations: self.reservations.values().copied().collect(),
+            keys: self
+                .idempotency
+                .since(self.idempotency.base())
+                .map(|(p, k, e)| (p, *k, *e))
+                .collect(),
+            keys_base: self.idempotency.base(),
+            offsets: self.offsets().collect(),
+            log_id: None,
+        }
     }
 
     /// Rebuilds the exact state a snapshot was taken of: the rows, plus the

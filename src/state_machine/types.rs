@@ -5,7 +5,7 @@ use crate::domain::{
 };
 
 /// Business outcome of a command. Mirrors `account.v1.Result` value for value.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, serde::Serialize, serde::Deserialize)]
 pub enum ResultCode {
     Ok = 1,
     InsufficientFunds = 2,
@@ -86,7 +86,7 @@ impl ResultCode {
 
 /// What a command did, as the caller sees it. `Copy` and small: it is also what
 /// the idempotency table keeps, so a replay answers exactly the original outcome.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Outcome {
     pub result: ResultCode,
     /// True when this is the stored outcome of an earlier command with the same key.
@@ -122,7 +122,7 @@ impl Outcome {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, serde::Serialize, serde::Deserialize)]
 pub enum ReservationState {
     Open = 1,
     Consumed = 2,
@@ -153,14 +153,16 @@ impl ReservationState {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug, serde::Serialize, serde::Deserialize,
+)]
 pub struct ReservationKey {
     pub account_id: AccountId,
     pub order_id: Id,
 }
 
 /// One order's lock on cash or shares. `amount = remaining + consumed + released`.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Reservation {
     pub account_id: AccountId,
     pub order_id: Id,
@@ -192,7 +194,7 @@ impl Reservation {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 pub struct CashBalance {
     pub currency: Currency,
     pub available: Decimal,
@@ -201,7 +203,7 @@ pub struct CashBalance {
 
 /// A holding. Cost basis is the exact total cost of what is held (negative for a
 /// short opened by an oversell); the average price is derived, never stored.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Position {
     pub symbol: Symbol,
     pub quantity: Decimal,
@@ -245,7 +247,7 @@ impl Position {
 /// a fill `O(log n)`, while a `Vec` costs a fraction of a map's memory (design 6:
 /// 1 M accounts, 5 M positions). A new symbol is inserted in order (a memmove,
 /// once per symbol).
-#[derive(Clone, PartialEq, Eq, Debug)]
+#[derive(Clone, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Account {
     pub account_id: AccountId,
     pub status: AccountStatus,

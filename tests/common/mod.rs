@@ -1,6 +1,7 @@
 //! Builders shared by the black-box tests.
 #![allow(dead_code)]
 
+pub mod group;
 pub mod kafka;
 pub mod postgres;
 pub mod server;
