@@ -29,7 +29,7 @@ $lt sync-probe --dir "$data" --count 2000 --json-out $out/sync-probe.json
 
 # One node.
 g=$(port) m=$(port)
-$svc serve --data-dir "$data/single" --grpc-addr 127.0.0.1:$g --metrics-addr 127.0.0.1:$m 2>/dev/null & pids+=($!)
+$svc serve --data-dir "$data/single" --grpc-addr 127.0.0.1:$g --metrics-addr 127.0.0.1:$m --capacity-orders 300000 2>/dev/null & pids+=($!)
 wait_ready $m
 $lt reserve --addr http://127.0.0.1:$g --rate 1000 --duration "$secs" --accounts 1000 --json-out $out/single-1k.json 2>/dev/null
 $lt max --addr http://127.0.0.1:$g --start-rate 1000 --step 1.25 --step-duration 5 --p99-limit-ms 20 \
@@ -42,7 +42,7 @@ for i in 1 2 3; do grpc[$i]=$(port); raft[$i]=$(port); metrics[$i]=$(port); done
 peers="1=127.0.0.1:${raft[1]},2=127.0.0.1:${raft[2]},3=127.0.0.1:${raft[3]}"
 start_replica() {
     $svc serve --data-dir "$data/r$1" --grpc-addr 127.0.0.1:${grpc[$1]} --metrics-addr 127.0.0.1:${metrics[$1]} \
-        --node-id "$1" --raft-addr 127.0.0.1:${raft[$1]} --peers "$peers" 2>>"$data/r$1.log" &
+        --node-id "$1" --raft-addr 127.0.0.1:${raft[$1]} --peers "$peers" --capacity-orders 300000 2>>"$data/r$1.log" &
     rpid[$1]=$!; pids+=($!)
 }
 for i in 1 2 3; do start_replica $i; done

@@ -280,6 +280,12 @@ pub struct ServeArgs {
     #[arg(long, env = "ACCOUNT_RAFT_SNAPSHOT_ENTRIES", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub raft_snapshot_entries: u64,
+
+    /// With replicas and `--auth-tokens`: the bearer token this replica sends
+    /// to the others' raft ports (a caller of role `replica` in their tokens
+    /// files). Prefer the environment variable, which `ps` does not show.
+    #[arg(long, env = "ACCOUNT_RAFT_TOKEN", hide_env_values = true)]
+    pub raft_token: Option<String>,
 }
 
 /// `--peers`: node id to raft address.
@@ -406,6 +412,10 @@ pub enum ConfigError {
     NotAPeer(u64),
     #[error("--{0} with replicas (--peers) is not built yet: replicas run without Kafka and PostgreSQL for now")]
     NotWithReplicas(&'static str),
+    #[error("--raft-token is needed with --auth-tokens and replicas: the token (role `replica`) this replica shows the others' raft ports")]
+    NoRaftToken,
+    #[error("--tls-client-ca is needed with --tls-cert and replicas: the CA of the replicas' certificates (each replica shows its --tls-cert to the others)")]
+    NoRaftCa,
 }
 
 impl ServeArgs {
@@ -425,12 +435,19 @@ impl ServeArgs {
         if self.postgres_url.is_some() {
             return Err(ConfigError::NotWithReplicas("postgres-url"));
         }
+        if self.auth_tokens.is_some() && self.raft_token.is_none() {
+            return Err(ConfigError::NoRaftToken);
+        }
+        if self.tls_cert.is_some() && self.tls_client_ca.is_none() {
+            return Err(ConfigError::NoRaftCa);
+        }
         Ok(Some(crate::replica::ReplicaConfig {
             node_id,
             raft_addr,
             peers,
             grpc_addr: self.grpc_addr.to_string(),
             snapshot_entries: self.raft_snapshot_entries,
+            security: Default::default(),
         }))
     }
 
@@ -556,6 +573,47 @@ fn window_records(s: &str) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn serve_args(extra: &[&str]) -> ServeArgs {
+        #[derive(clap::Parser)]
+        struct Test {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let node = if extra.contains(&"--node-id") {
+            &[][..]
+        } else {
+            &["--node-id", "2"][..]
+        };
+        let base = ["serve", "--raft-addr", "127.0.0.1:7203", "--peers", "1=h:1,2=h:2,3=h:3"];
+        let args = base.iter().chain(node).chain(extra).copied();
+        <Test as clap::Parser>::try_parse_from(args)
+            .unwrap()
+            .serve
+    }
+
+    #[test]
+    fn a_replica_is_secured_as_the_grpc_port_or_refuses_to_start() {
+        let config = serve_args(&[]).replica_config().unwrap().unwrap();
+        assert_eq!((config.node_id, config.peers.len()), (2, 3));
+        let refused = |extra: &[&str]| serve_args(extra).replica_config().unwrap_err();
+        assert!(matches!(
+            refused(&["--auth-tokens", "t"]),
+            ConfigError::NoRaftToken
+        ));
+        assert!(matches!(
+            refused(&["--tls-cert", "c", "--tls-key", "k"]),
+            ConfigError::NoRaftCa
+        ));
+        assert!(matches!(
+            refused(&["--kafka-brokers", "h:9092"]),
+            ConfigError::NotWithReplicas("kafka-brokers")
+        ));
+        let ok = serve_args(&["--auth-tokens", "t", "--raft-token", "x"]);
+        assert!(ok.replica_config().unwrap().is_some());
+        let stranger = serve_args(&["--node-id", "9"]).replica_config().unwrap_err();
+        assert!(matches!(stranger, ConfigError::NotAPeer(9)));
+    }
 
     #[test]
     fn kafka_options_parse_and_never_show_their_values() {

@@ -99,7 +99,17 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         None => None,
     };
     let idempotency_window_ms = engine_config.state.idempotency_window_ms;
-    let replica_config = args.replica_config()?;
+    let mut replica_config = args.replica_config()?;
+    if let Some(config) = &mut replica_config {
+        // The raft port is secured as the gRPC port is: the same TLS, and
+        // the same tokens file (role `replica`).
+        config.security = crate::replica::RaftSecurity {
+            server_tls: tls_config(&args)?,
+            client_tls: raft_client_tls(&args)?,
+            auth: auth.clone(),
+            token: args.raft_token.clone(),
+        };
+    }
     let (engine, replica) = match replica_config {
         None => (Some(Engine::start(engine_config, metrics.clone())?), None),
         Some(config) => {
@@ -274,6 +284,26 @@ fn tls_config(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConf
         tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
     }
     Ok(Some(tls))
+}
+
+/// With replicas and TLS: how this replica connects to the others' raft
+/// ports — it trusts `--tls-client-ca` and shows its own `--tls-cert`.
+fn raft_client_tls(
+    args: &ServeArgs,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, ServeError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())))
+    };
+    let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_client_ca)
+    else {
+        return Ok(None);
+    };
+    Ok(Some(
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(ca)?))
+            .identity(Identity::from_pem(read(cert)?, read(key)?)),
+    ))
 }
 
 /// The callers of `--auth-tokens`; without them, only a loopback listener

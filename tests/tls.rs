@@ -284,3 +284,149 @@ async fn snapshots_go_to_postgres_over_tls_and_verify_its_certificate() {
     assert!(text.contains("sslrootcert"), "{text}");
     assert!(text.to_lowercase().contains("certificate"), "{text}");
 }
+
+/// Replicas (design 7) with TLS and tokens on: the raft port is secured as
+/// the gRPC port is (the same certificates, mutual TLS between replicas, the
+/// tokens file with a `replica` role), and the group works through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_replicate_over_tls_and_their_raft_ports_admit_only_the_replica_role() {
+    use account_service::proto::account::raft::v1::{raft_client::RaftClient, RaftMessage};
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let hash = |t: &str| -> String {
+        Sha256::digest(t.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let tokens = dir.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!(
+            "ops admin {}\nraft replica {}\n",
+            hash("admin-secret"),
+            hash("replica-secret")
+        ),
+    )
+    .unwrap();
+    let path = |p: &Path| p.to_str().unwrap().to_string();
+    let (cert, key, ca, tokens_path) = (
+        path(&pki.server_cert),
+        path(&pki.server_key),
+        path(&pki.ca),
+        path(&tokens),
+    );
+    let extra = [
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &ca,
+        "--auth-tokens",
+        &tokens_path,
+        "--raft-token",
+        "replica-secret",
+    ];
+    let group = common::group::Group::spawn_all(3, 0, &extra);
+    let (client_cert, client_key) = (path(&pki.client_cert), path(&pki.client_key));
+    let cli = |args: &[&str], node: usize| -> (bool, String) {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_account-service"))
+            .args(args)
+            .args([
+                "--addr",
+                &format!("https://{}", group.nodes[node].grpc_addr()),
+            ])
+            .args([
+                "--tls-ca",
+                &ca,
+                "--tls-cert",
+                &client_cert,
+                "--tls-key",
+                &client_key,
+            ])
+            .args(["--token", "admin-secret"])
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let leader = loop {
+        let leading = (0..3).find(|&i| cli(&["cluster"], i).1.contains("role: LEADER\n"));
+        if let Some(i) = leading {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no leader over TLS within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Through a follower: the client follows the leader trailer, over TLS.
+    let follower = (leader + 1) % 3;
+    let (ok, out) = cli(&["account", "open", "--account-id", "7"], follower);
+    assert!(ok && out.contains("result: RESULT_OK"), "{out}");
+    let (ok, out) = cli(
+        &[
+            "deposit",
+            "--account-id",
+            "7",
+            "--amount",
+            "5",
+            "--event-id",
+            "tls-1",
+        ],
+        follower,
+    );
+    assert!(ok && out.contains("result: RESULT_OK"), "{out}");
+    // Every replica has it: the same sequence and digest everywhere.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let views: Vec<String> = (0..3)
+            .map(|i| {
+                cli(&["cluster"], i)
+                    .1
+                    .lines()
+                    .filter(|l| l.starts_with("applied_sequence:") || l.starts_with("digest:"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        if views[0].contains("applied_sequence: 2") && views.iter().all(|v| v == &views[0]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas differ: {views:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The raft port itself: TLS only, and only the replica role.
+    let raft_port = group.nodes[leader].raft_port;
+    if let Ok(plain) = connect(raft_port, None).await {
+        let answered = RaftClient::new(plain).hello(RaftMessage::default()).await;
+        assert!(answered.is_err(), "the raft port answers without TLS");
+    }
+    let channel = connect(raft_port, Some(tls(&pki, true))).await.unwrap();
+    let hello = |token: Option<&str>| {
+        let mut client = RaftClient::new(channel.clone());
+        let mut request = tonic::Request::new(RaftMessage::default());
+        if let Some(t) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        async move { client.hello(request).await.map(|_| ()) }
+    };
+    assert_eq!(
+        hello(None).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    assert_eq!(
+        hello(Some("admin-secret")).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied,
+        "an admin is not a replica"
+    );
+    hello(Some("replica-secret")).await.expect("a replica is");
+}

@@ -6,7 +6,9 @@
 //! only, and a token never reaches a log or a metric: the caller's name does.
 //!
 //! Roles: `order` — AccountService (Reserve, Unreserve and the reads);
-//! `admin` — AdminService and the reads; `read` — GetAccount, GetReservation.
+//! `admin` — AdminService and the reads; `read` — GetAccount, GetReservation;
+//! `replica` — the raft port alone (replicas of one group, design 7), which
+//! no other role reaches.
 //! Health and reflection are not behind this (they are separate services).
 
 use sha2::{Digest, Sha256};
@@ -25,6 +27,8 @@ pub enum Access {
     Admin,
     /// GetAccount, GetReservation.
     Read,
+    /// The raft port: replication between replicas.
+    Replica,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -32,6 +36,7 @@ pub enum Role {
     Order,
     Admin,
     Read,
+    Replica,
 }
 
 impl Role {
@@ -40,6 +45,7 @@ impl Role {
             "order" => Some(Role::Order),
             "admin" => Some(Role::Admin),
             "read" => Some(Role::Read),
+            "replica" => Some(Role::Replica),
             _ => None,
         }
     }
@@ -49,13 +55,17 @@ impl Role {
             Role::Order => "order",
             Role::Admin => "admin",
             Role::Read => "read",
+            Role::Replica => "replica",
         }
     }
 
     pub fn allows(self, access: Access) -> bool {
         matches!(
             (self, access),
-            (_, Access::Read) | (Role::Order, Access::Order) | (Role::Admin, Access::Admin)
+            (Role::Order | Role::Admin | Role::Read, Access::Read)
+                | (Role::Order, Access::Order)
+                | (Role::Admin, Access::Admin)
+                | (Role::Replica, Access::Replica)
         )
     }
 }
@@ -258,6 +268,16 @@ mod tests {
             Role::Admin.allows(Admin) && Role::Admin.allows(Read) && !Role::Admin.allows(Order)
         );
         assert!(Role::Read.allows(Read) && !Role::Read.allows(Order) && !Role::Read.allows(Admin));
+        // The raft port, and nothing else.
+        assert!(
+            Role::Replica.allows(Replica)
+                && [Order, Admin, Read]
+                    .iter()
+                    .all(|&a| !Role::Replica.allows(a))
+        );
+        assert!([Role::Order, Role::Admin, Role::Read]
+            .iter()
+            .all(|r| !r.allows(Replica)));
     }
 
     #[test]

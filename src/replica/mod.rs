@@ -32,8 +32,11 @@
 //! * Membership changes at run time (`AddReplica`: a learner that catches
 //!   up, then a voter; `RemoveReplica`) are raft entries like any other.
 //!
+//! * The raft port has the gRPC port's TLS (mutual between replicas) and
+//!   tokens (role `replica`): [`RaftSecurity`].
+//!
 //! Not yet: Kafka, the outbox and PostgreSQL snapshots with replicas (the
-//! service refuses the combination), TLS and tokens on the raft port.
+//! service refuses the combination).
 
 pub mod log;
 mod machine;
@@ -134,6 +137,29 @@ pub struct ReplicaConfig {
     /// Entries between two snapshots (`--raft-snapshot-entries`), and kept
     /// in the log below the last one.
     pub snapshot_entries: u64,
+    pub security: RaftSecurity,
+}
+
+/// How the raft port is secured: as the gRPC port (design 4.4).
+#[derive(Clone, Default)]
+pub struct RaftSecurity {
+    /// `--tls-cert`/`--tls-key` (and `--tls-client-ca`: replicas show their
+    /// certificates to each other).
+    pub server_tls: Option<tonic::transport::ServerTlsConfig>,
+    pub client_tls: Option<tonic::transport::ClientTlsConfig>,
+    /// `--auth-tokens`: a raft RPC needs a caller of role `replica`.
+    pub auth: crate::ingress::auth::Auth,
+    /// `--raft-token`: what this replica sends.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for RaftSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftSecurity")
+            .field("tls", &self.server_tls.is_some())
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 /// How often the leader checks that a majority still follows it, and how
@@ -199,6 +225,7 @@ impl Replica {
                 .validate()
                 .map_err(|e| EngineError::Thread(e.to_string()))?,
         );
+        network::secure(&replica.security).map_err(EngineError::Thread)?;
         let raft = openraft::Raft::new(replica.node_id, config, network::Network, log, machine)
             .await
             .map_err(|e| EngineError::Thread(e.to_string()))?;
@@ -214,11 +241,18 @@ impl Replica {
             raft: raft.clone(),
             node_id: replica.node_id,
             me: me.clone(),
+            auth: replica.security.auth.clone(),
         };
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = replica.security.server_tls.clone() {
+            builder = builder
+                .tls_config(tls)
+                .map_err(|e| EngineError::Thread(format!("raft port TLS: {e}")))?;
+        }
         let server = tokio::spawn(async move {
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-            let result = tonic::transport::Server::builder()
+            let result = builder
                 .add_service(
                     crate::proto::account::raft::v1::raft_server::RaftServer::new(service)
                         .max_decoding_message_size(network::MESSAGE_BYTES_MAX)

@@ -44,12 +44,53 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
-/// A lazily connected channel to `addr` (`HOST:PORT`).
+/// How this process connects to the other replicas' raft ports: TLS and
+/// the bearer token, set once at start-up (a process runs one replica).
+struct Client {
+    tls: Option<tonic::transport::ClientTlsConfig>,
+    token: Option<tonic::metadata::AsciiMetadataValue>,
+}
+
+static CLIENT: std::sync::OnceLock<Client> = std::sync::OnceLock::new();
+
+/// Sets how this replica reaches the others (before raft starts).
+pub fn secure(security: &super::RaftSecurity) -> Result<(), String> {
+    let token = security
+        .token
+        .as_deref()
+        .map(|t| format!("Bearer {t}").parse())
+        .transpose()
+        .map_err(|_| "--raft-token: not a valid header value".to_string())?;
+    let client = Client {
+        tls: security.client_tls.clone(),
+        token,
+    };
+    CLIENT
+        .set(client)
+        .map_err(|_| "the raft client is configured once per process".to_string())
+}
+
+/// Puts this replica's token on a raft request.
+fn authorize<T>(request: &mut tonic::Request<T>) {
+    if let Some(token) = CLIENT.get().and_then(|c| c.token.clone()) {
+        request.metadata_mut().insert("authorization", token);
+    }
+}
+
+/// A lazily connected channel to `addr` (`HOST:PORT`), over TLS when the
+/// service's gRPC port is.
 pub fn channel(addr: &str) -> Result<Channel, String> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    let tls = CLIENT.get().and_then(|c| c.tls.clone());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
         .map_err(|e| format!("raft address {addr}: {e}"))?
         .tcp_nodelay(true)
         .connect_timeout(std::time::Duration::from_millis(500));
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| format!("raft address {addr}: TLS: {e}"))?;
+    }
     Ok(endpoint.connect_lazy())
 }
 
@@ -83,6 +124,7 @@ impl Connection {
             .map_err(|e| RPCError::Network(NetworkError::new(&Failure(e.to_string()))))?;
         let mut request = tonic::Request::new(RaftMessage { payload });
         request.set_timeout(option.hard_ttl());
+        authorize(&mut request);
         let reply = match rpc {
             "append" => client.append_entries(request).await,
             "vote" => client.vote(request).await,
@@ -137,6 +179,21 @@ pub struct RaftService {
     pub raft: openraft::Raft<TypeConfig>,
     pub node_id: NodeId,
     pub me: Member,
+    /// `--auth-tokens`: only a caller of role `replica` gets through.
+    pub auth: crate::ingress::auth::Auth,
+}
+
+impl RaftService {
+    fn admit<T>(&self, request: &tonic::Request<T>, rpc: &str) -> Result<(), tonic::Status> {
+        self.auth
+            .authorize(
+                request.metadata(),
+                rpc,
+                crate::ingress::auth::Access::Replica,
+            )
+            .map(|_| ())
+            .map_err(Into::into)
+    }
 }
 
 fn decode<T: serde::de::DeserializeOwned>(
@@ -157,6 +214,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: tonic::Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+        self.admit(&request, "Raft.AppendEntries")?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(request)?;
         reply(&self.raft.append_entries(rpc).await)
     }
@@ -165,6 +223,7 @@ impl raft_server::Raft for RaftService {
         &self,
         request: tonic::Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+        self.admit(&request, "Raft.Vote")?;
         let rpc: VoteRequest<NodeId> = decode(request)?;
         reply(&self.raft.vote(rpc).await)
     }
@@ -173,14 +232,16 @@ impl raft_server::Raft for RaftService {
         &self,
         request: tonic::Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+        self.admit(&request, "Raft.InstallSnapshot")?;
         let rpc: InstallSnapshotRequest<TypeConfig> = decode(request)?;
         reply(&self.raft.install_snapshot(rpc).await)
     }
 
     async fn hello(
         &self,
-        _request: tonic::Request<RaftMessage>,
+        request: tonic::Request<RaftMessage>,
     ) -> Result<tonic::Response<RaftMessage>, tonic::Status> {
+        self.admit(&request, "Raft.Hello")?;
         let initialized = self.raft.is_initialized().await.unwrap_or(false);
         reply(&Hello {
             node_id: self.node_id,
@@ -204,6 +265,7 @@ pub async fn hello(raft_addr: &str) -> Result<Hello, String> {
     let mut client = RaftClient::new(channel(raft_addr)?);
     let mut request = tonic::Request::new(RaftMessage::default());
     request.set_timeout(std::time::Duration::from_secs(1));
+    authorize(&mut request);
     let reply = client
         .hello(request)
         .await

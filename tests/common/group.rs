@@ -109,6 +109,14 @@ impl Group {
     /// [`Group::start`] plus `spares` nodes (ids after the group's) that
     /// are not started and not members: for AddReplica.
     pub async fn start_with_spares(size: u64, spares: u64, extra: &[&str]) -> Group {
+        let group = Group::spawn_all(size, spares, extra);
+        group.leader().await;
+        group
+    }
+
+    /// Starts the group's `size` replicas without waiting for anything (the
+    /// callers of a group with TLS and tokens check it themselves).
+    pub fn spawn_all(size: u64, spares: u64, extra: &[&str]) -> Group {
         let nodes = (1..=size + spares)
             .map(|id| Node {
                 id,
@@ -127,7 +135,6 @@ impl Group {
         for i in 0..group.founders {
             group.spawn(i);
         }
-        group.leader().await;
         group
     }
 
