@@ -281,6 +281,16 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub raft_snapshot_entries: u64,
 
+    /// With replicas: the leader's heartbeat, in ms; also how long it waits
+    /// for a follower's AppendEntries answer before sending again. A
+    /// follower that hears nothing for 6 to 12 heartbeats starts an
+    /// election: this sets how fast a lost leader is replaced, and how long
+    /// a stall (a busy machine, a slow disk) may last before it counts as a
+    /// loss.
+    #[arg(long, env = "ACCOUNT_RAFT_HEARTBEAT_MS", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    pub raft_heartbeat_ms: u64,
+
     /// With replicas and `--auth-tokens`: the bearer token this replica sends
     /// to the others' raft ports (a caller of role `replica` in their tokens
     /// files). Prefer the environment variable, which `ps` does not show.
@@ -447,6 +457,7 @@ impl ServeArgs {
             peers,
             grpc_addr: self.grpc_addr.to_string(),
             snapshot_entries: self.raft_snapshot_entries,
+            heartbeat_ms: self.raft_heartbeat_ms,
             security: Default::default(),
         }))
     }
@@ -585,11 +596,15 @@ mod tests {
         } else {
             &["--node-id", "2"][..]
         };
-        let base = ["serve", "--raft-addr", "127.0.0.1:7203", "--peers", "1=h:1,2=h:2,3=h:3"];
+        let base = [
+            "serve",
+            "--raft-addr",
+            "127.0.0.1:7203",
+            "--peers",
+            "1=h:1,2=h:2,3=h:3",
+        ];
         let args = base.iter().chain(node).chain(extra).copied();
-        <Test as clap::Parser>::try_parse_from(args)
-            .unwrap()
-            .serve
+        <Test as clap::Parser>::try_parse_from(args).unwrap().serve
     }
 
     #[test]
@@ -611,7 +626,9 @@ mod tests {
         ));
         let ok = serve_args(&["--auth-tokens", "t", "--raft-token", "x"]);
         assert!(ok.replica_config().unwrap().is_some());
-        let stranger = serve_args(&["--node-id", "9"]).replica_config().unwrap_err();
+        let stranger = serve_args(&["--node-id", "9"])
+            .replica_config()
+            .unwrap_err();
         assert!(matches!(stranger, ConfigError::NotAPeer(9)));
     }
 

@@ -230,7 +230,8 @@ async fn a_paused_follower_does_not_stop_the_leader_and_a_paused_majority_stops_
 
     // Both stopped: the leader alone is a minority.
     group.nodes[followers[1]].pause();
-    let mut refused = group.client();
+    // At the leader itself: the paused followers would not answer at all.
+    let mut refused = group.client_at(leader);
     let probe = Op::Deposit {
         event: "probe-minority".into(),
     };

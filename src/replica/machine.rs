@@ -4,8 +4,9 @@
 //! be applied before it reports it applied.
 //!
 //! Snapshots are the state's own serialization (`State::rows`, postcard),
-//! never PostgreSQL: the writer hands over a copy of its state with the last
-//! entry applied to it, the copy is encoded off the writer thread and kept in
+//! never PostgreSQL: the snapshot shadow (shadow.rs, a second copy of the
+//! state fed the same entries) hands over its rows as of the last entry it
+//! applied, so the writer never pauses; they are encoded and kept in
 //! one file, `<data-dir>/raft-snapshot/current` (written to a temporary file,
 //! synced, renamed, the directory synced). openraft then purges the log below
 //! it, sends it to a replica that needs entries no longer in the log, and a
@@ -17,7 +18,8 @@
 // openraft's own error type, which its traits return: not ours to shrink.
 #![allow(clippy::result_large_err)]
 
-use super::writer::{Captured, ToWriter};
+use super::shadow::{Captured, Image, ToShadow};
+use super::writer::ToWriter;
 use super::{Member, NodeId, TypeConfig};
 use crate::state_machine::{Rows, State};
 use openraft::storage::RaftStateMachine;
@@ -43,6 +45,8 @@ struct SnapshotFile {
 #[derive(Clone)]
 pub(super) struct Machine {
     to_writer: crossbeam_channel::Sender<ToWriter>,
+    /// The snapshot shadow (shadow.rs): snapshots are taken there.
+    to_shadow: crossbeam_channel::Sender<ToShadow>,
     last_applied: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, Member>,
     dir: Arc<PathBuf>,
@@ -72,8 +76,10 @@ impl Machine {
         to_writer: crossbeam_channel::Sender<ToWriter>,
     ) -> Result<Machine, StorageError<NodeId>> {
         std::fs::create_dir_all(&dir).map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
+        let to_shadow = super::shadow::start().map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
         let mut machine = Machine {
             to_writer,
+            to_shadow,
             last_applied: None,
             membership: StoredMembership::default(),
             dir: Arc::new(dir),
@@ -112,12 +118,15 @@ impl Machine {
         .map_err(|e| snapshot_error(ErrorVerb::Read, e))??;
         let (done, installed) = tokio::sync::oneshot::channel();
         let captured = Captured {
-            state,
+            state: state.clone(),
             applied: file.meta.last_log_id,
             membership: file.meta.last_membership.clone(),
         };
+        self.to_shadow
+            .send(ToShadow::Install(Box::new(captured)))
+            .map_err(|_| gone("installing a snapshot"))?;
         self.to_writer
-            .send(ToWriter::Install(Box::new(captured), done))
+            .send(ToWriter::Install(Box::new(state), done))
             .map_err(|_| gone("installing a snapshot"))?;
         installed.await.map_err(|_| gone("installing a snapshot"))?;
         self.last_applied = file.meta.last_log_id;
@@ -192,7 +201,11 @@ impl RaftStateMachine<TypeConfig> for Machine {
             }
         }
         let count = entries.len();
+        let entries = std::sync::Arc::new(entries);
         let (done, applied) = tokio::sync::oneshot::channel();
+        self.to_shadow
+            .send(ToShadow::Apply(entries.clone()))
+            .map_err(|_| gone("applying"))?;
         self.to_writer
             .send(ToWriter::Apply(entries, done))
             .map_err(|_| gone("applying"))?;
@@ -236,26 +249,30 @@ impl RaftStateMachine<TypeConfig> for Machine {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for Machine {
-    /// A copy of the writer's state (the one pause it costs the writer),
-    /// encoded and written on a blocking thread.
+    /// The shadow's rows (the writer does not stop), encoded and written on
+    /// a blocking thread.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
         let (done, captured) = tokio::sync::oneshot::channel();
-        self.to_writer
-            .send(ToWriter::Capture(done))
+        self.to_shadow
+            .send(ToShadow::Capture(done))
             .map_err(|_| gone("building a snapshot"))?;
-        let captured = captured.await.map_err(|_| gone("building a snapshot"))?;
+        let image = captured
+            .await
+            .map_err(|_| gone("building a snapshot"))?
+            .map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
-            let Captured {
-                state,
+            let Image {
+                rows,
+                sequence,
                 applied,
                 membership,
-            } = captured;
-            let data = postcard::to_allocvec(&state.rows())
-                .map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
+            } = image;
+            let data =
+                postcard::to_allocvec(&rows).map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
             let snapshot_id = match applied {
-                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, state.last_sequence()),
-                None => format!("0-0-{}", state.last_sequence()),
+                Some(l) => format!("{}-{}-{sequence}", l.leader_id.term, l.index),
+                None => format!("0-0-{sequence}"),
             };
             let file = SnapshotFile {
                 meta: SnapshotMeta {

@@ -41,6 +41,7 @@
 pub mod log;
 mod machine;
 pub mod network;
+mod shadow;
 mod writer;
 
 use crate::engine::{EngineConfig, EngineError, EngineHandle};
@@ -137,6 +138,8 @@ pub struct ReplicaConfig {
     /// Entries between two snapshots (`--raft-snapshot-entries`), and kept
     /// in the log below the last one.
     pub snapshot_entries: u64,
+    /// `--raft-heartbeat-ms`.
+    pub heartbeat_ms: u64,
     pub security: RaftSecurity,
 }
 
@@ -167,12 +170,15 @@ impl std::fmt::Debug for RaftSecurity {
 const QUORUM_CHECK_EVERY: Duration = Duration::from_millis(100);
 const QUORUM_CHECK_TIMEOUT: Duration = Duration::from_millis(750);
 
-pub fn raft_config(snapshot_entries: u64) -> openraft::Config {
+/// openraft's settings. `heartbeat_ms` is also how long openraft waits for
+/// an AppendEntries answer before it sends again; a follower that hears no
+/// leader for 6 to 12 heartbeats starts an election.
+pub fn raft_config(snapshot_entries: u64, heartbeat_ms: u64) -> openraft::Config {
     openraft::Config {
         cluster_name: "account-shard".into(),
-        heartbeat_interval: 50,
-        election_timeout_min: 300,
-        election_timeout_max: 600,
+        heartbeat_interval: heartbeat_ms,
+        election_timeout_min: 6 * heartbeat_ms,
+        election_timeout_max: 12 * heartbeat_ms,
         // The state's own serialization (machine.rs); the log keeps as many
         // entries below it, so a replica a little behind catches up from the
         // log, one further behind gets the snapshot.
@@ -221,7 +227,7 @@ impl Replica {
             .await
             .map_err(storage_error)?;
         let config = Arc::new(
-            raft_config(replica.snapshot_entries)
+            raft_config(replica.snapshot_entries, replica.heartbeat_ms)
                 .validate()
                 .map_err(|e| EngineError::Thread(e.to_string()))?,
         );

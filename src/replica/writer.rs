@@ -16,7 +16,7 @@
 //!   applied if the entry reached a majority, which the idempotency keys make
 //!   safe to resend.
 
-use super::{Batch, Leadership, Member, NodeId, TypeConfig};
+use super::{Batch, Leadership, TypeConfig};
 use crate::domain::Command;
 use crate::engine::codec::{self, Record};
 use crate::engine::{
@@ -26,7 +26,7 @@ use crate::engine::{
 use crate::metrics::Metrics;
 use crate::state_machine::{NoEvents, Outcome, State};
 use crossbeam_channel::{Receiver, Sender};
-use openraft::{Entry, EntryPayload, LogId, StoredMembership};
+use openraft::{Entry, EntryPayload};
 use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -50,21 +50,12 @@ const TICK_SPACING_MS: i64 = 100;
 
 pub(crate) enum ToWriter {
     /// Committed entries, in log order; `done` once applied.
-    Apply(Vec<Entry<TypeConfig>>, oneshot::Sender<()>),
+    Apply(Arc<Vec<Entry<TypeConfig>>>, oneshot::Sender<()>),
     /// A proposal its entry will not answer.
     Failed { proposal: u64, error: SubmitError },
-    /// A copy of the state, with the last entry applied to it: a snapshot.
-    Capture(oneshot::Sender<Captured>),
     /// The state a snapshot holds replaces this one (a replica that fell
     /// behind the leader's log, or a restart from its own snapshot).
-    Install(Box<Captured>, oneshot::Sender<()>),
-}
-
-/// The state as of an entry of the log, and the membership in force there.
-pub(crate) struct Captured {
-    pub state: State,
-    pub applied: Option<LogId<NodeId>>,
-    pub membership: StoredMembership<NodeId, Member>,
+    Install(Box<State>, oneshot::Sender<()>),
 }
 
 /// What one held request waits for, in the order of its batch's records.
@@ -113,8 +104,6 @@ pub(super) fn start(
     );
     let writer = ReplicaWriter {
         state: State::default(),
-        applied: None,
-        membership: StoredMembership::default(),
         wanted: config.state,
         batch_size_max: config.batch_size_max,
         clients: clients_rx,
@@ -248,9 +237,6 @@ impl Running {
 
 struct ReplicaWriter {
     state: State,
-    /// The last entry applied to `state`, and the membership as of it.
-    applied: Option<LogId<NodeId>>,
-    membership: StoredMembership<NodeId, Member>,
     /// The settings of the flags (journaled once this replica leads).
     wanted: crate::state_machine::StateConfig,
     batch_size_max: usize,
@@ -335,40 +321,20 @@ impl ReplicaWriter {
     fn handle(&mut self, message: ToWriter) -> Result<(), EngineError> {
         match message {
             ToWriter::Apply(entries, done) => {
-                for entry in entries {
-                    self.applied = Some(entry.log_id);
-                    match entry.payload {
-                        EntryPayload::Normal(batch) => self.apply(batch)?,
-                        EntryPayload::Membership(m) => {
-                            self.membership = StoredMembership::new(Some(entry.log_id), m);
-                        }
-                        EntryPayload::Blank => {}
+                for entry in entries.iter() {
+                    if let EntryPayload::Normal(batch) = &entry.payload {
+                        self.apply(batch)?;
                     }
                 }
                 self.published();
                 let _ = done.send(());
             }
-            ToWriter::Capture(done) => {
-                let _ = done.send(Captured {
-                    state: self.state.clone(),
-                    applied: self.applied,
-                    membership: self.membership.clone(),
-                });
-            }
-            ToWriter::Install(captured, done) => {
-                let Captured {
-                    state,
-                    applied,
-                    membership,
-                } = *captured;
+            ToWriter::Install(state, done) => {
                 tracing::info!(
                     sequence = state.last_sequence(),
-                    ?applied,
                     "replica state replaced by a snapshot"
                 );
-                self.state = state;
-                self.applied = applied;
-                self.membership = membership;
+                self.state = *state;
                 // Proposals of this writer before the snapshot are not in
                 // this state's past: refuse them (their keys make a resend
                 // safe).
@@ -399,7 +365,7 @@ impl ReplicaWriter {
     }
 
     /// Applies one committed batch; releases its replies if it is ours.
-    fn apply(&mut self, batch: Batch) -> Result<(), EngineError> {
+    fn apply(&mut self, batch: &Batch) -> Result<(), EngineError> {
         let held = if batch.origin == self.origin {
             self.held.remove(&batch.proposal)
         } else {

@@ -293,10 +293,15 @@ impl Group {
     /// leads, follows the `leader` trailer, and tries the others when one
     /// does not answer.
     pub fn client(&self) -> GroupClient {
+        self.client_at(0)
+    }
+
+    /// [`Group::client`], first sending to replica `i`.
+    pub fn client_at(&self, i: usize) -> GroupClient {
         GroupClient {
             channels: self.nodes.iter().map(Node::channel).collect(),
             addrs: self.nodes.iter().map(Node::grpc_addr).collect(),
-            current: 0,
+            current: i,
         }
     }
 }

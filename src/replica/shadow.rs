@@ -1,0 +1,123 @@
+//! The snapshot shadow: a second copy of the replica's state, on its own
+//! thread, fed the same committed entries in the same order as the writer
+//! and applied with the same `apply`. A raft snapshot is taken from it, so
+//! the writer never stops to copy its tables (a copy of millions of rows
+//! would stall every reply behind it for as long).
+//!
+//! It costs a second copy of the state in memory and a second apply of each
+//! command (no replies, no I/O: a small part of what the writer does).
+
+use super::{Member, NodeId, TypeConfig};
+use crate::engine::codec::{self, Record};
+use crate::state_machine::{NoEvents, Rows, State};
+use openraft::{Entry, EntryPayload, LogId, StoredMembership};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// A state as of an entry of the log, and the membership in force there.
+pub(super) struct Captured {
+    pub state: State,
+    pub applied: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, Member>,
+}
+
+/// The state's rows as of an entry, and the membership there.
+pub(super) struct Image {
+    pub rows: Rows,
+    pub sequence: u64,
+    pub applied: Option<LogId<NodeId>>,
+    pub membership: StoredMembership<NodeId, Member>,
+}
+
+pub(super) enum ToShadow {
+    Apply(Arc<Vec<Entry<TypeConfig>>>),
+    /// The rows as of the last entry applied (or why there are none).
+    Capture(oneshot::Sender<Result<Image, String>>),
+    Install(Box<Captured>),
+}
+
+/// Starts the shadow thread; it ends when the sender is dropped.
+pub(super) fn start() -> std::io::Result<crossbeam_channel::Sender<ToShadow>> {
+    // Unbounded, and bounded in practice: it applies as fast as the writer,
+    // which openraft waits for before it sends more.
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::Builder::new()
+        .name("raft-shadow".into())
+        .spawn(move || run(rx))?;
+    Ok(tx)
+}
+
+fn run(rx: crossbeam_channel::Receiver<ToShadow>) {
+    let mut state = State::default();
+    let mut applied = None;
+    let mut membership = StoredMembership::default();
+    let mut failed: Option<String> = None;
+    let mut outcomes = Vec::new();
+    for message in rx {
+        match message {
+            ToShadow::Apply(entries) => {
+                for entry in entries.iter() {
+                    if failed.is_some() {
+                        break;
+                    }
+                    applied = Some(entry.log_id);
+                    match &entry.payload {
+                        EntryPayload::Normal(batch) => {
+                            for record in &batch.records {
+                                if let Err(e) = apply_record(&mut state, record, &mut outcomes) {
+                                    tracing::error!(error = %e, "snapshot shadow stopped applying");
+                                    failed = Some(e);
+                                    break;
+                                }
+                            }
+                        }
+                        EntryPayload::Membership(m) => {
+                            membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                        }
+                        EntryPayload::Blank => {}
+                    }
+                }
+            }
+            ToShadow::Capture(done) => {
+                let image = match &failed {
+                    Some(e) => Err(e.clone()),
+                    None => Ok(Image {
+                        rows: state.rows(),
+                        sequence: state.last_sequence(),
+                        applied,
+                        membership: membership.clone(),
+                    }),
+                };
+                let _ = done.send(image);
+            }
+            ToShadow::Install(captured) => {
+                state = captured.state;
+                applied = captured.applied;
+                membership = captured.membership;
+                failed = None;
+            }
+        }
+    }
+}
+
+/// One journal record, as the writer applies it (the next sequence, the
+/// record's own time), without replies or events.
+fn apply_record(
+    state: &mut State,
+    record: &[u8],
+    outcomes: &mut Vec<crate::state_machine::Outcome>,
+) -> Result<(), String> {
+    let sequence = state.last_sequence() + 1;
+    let (record, timestamp_ms) =
+        codec::decode_record(record).map_err(|e| format!("record {sequence}: {e}"))?;
+    match record {
+        Record::Command(command) => {
+            state.apply(&command, sequence, timestamp_ms, &mut NoEvents);
+        }
+        Record::Basket(items) => {
+            state.apply_basket(&items, sequence, timestamp_ms, &mut NoEvents, outcomes);
+            outcomes.clear();
+        }
+    }
+    Ok(())
+}
