@@ -22,16 +22,14 @@
 //! * A follower answers client calls with `UNAVAILABLE` and the leader's
 //!   client address in the `leader` trailer; so does a leader that lost its
 //!   quorum (it checks with heartbeats), so a minority never acknowledges.
-//! * Restart: the log is read back and openraft re-applies what was
-//!   committed; the state is rebuilt from the log, as on a single node.
-//!
+//! * Restart: the state starts from this replica's last snapshot, and
+//!   openraft re-applies the committed entries after it from the log.
 //! * Every `--raft-snapshot-entries` entries each replica snapshots its
-//!   state (its own serialization, machine.rs) and purges its log below; a
-//!   replica too far behind the leader's log is sent the snapshot.
-//!
+//!   state (its own serialization, machine.rs, taken from a shadow copy on
+//!   another thread, shadow.rs) and purges its log below; a replica too far
+//!   behind the leader's log is sent the snapshot.
 //! * Membership changes at run time (`AddReplica`: a learner that catches
 //!   up, then a voter; `RemoveReplica`) are raft entries like any other.
-//!
 //! * The raft port has the gRPC port's TLS (mutual between replicas) and
 //!   tokens (role `replica`): [`RaftSecurity`].
 //!
