@@ -99,12 +99,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         None => None,
     };
     let idempotency_window_ms = engine_config.state.idempotency_window_ms;
+    let tls = tls_config(&args)?;
     let mut replica_config = args.replica_config()?;
     if let Some(config) = &mut replica_config {
         // The raft port is secured as the gRPC port is: the same TLS, and
         // the same tokens file (role `replica`).
         config.security = crate::replica::RaftSecurity {
-            server_tls: tls_config(&args)?,
+            server_tls: tls.clone(),
             client_tls: raft_client_tls(&args)?,
             auth: auth.clone(),
             token: args.raft_token.clone(),
@@ -174,7 +175,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         metrics.clone(),
     );
     let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls_config(&args)? {
+    if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
     let server = builder
@@ -270,18 +271,21 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
+/// A PEM file of the TLS flags.
+fn read_pem(path: &std::path::Path) -> Result<Vec<u8>, ServeError> {
+    std::fs::read(path).map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())))
+}
+
 /// `--tls-cert` / `--tls-key` (and `--tls-client-ca` for mutual TLS).
 fn tls_config(args: &ServeArgs) -> Result<Option<tonic::transport::ServerTlsConfig>, ServeError> {
     use tonic::transport::{Certificate, Identity, ServerTlsConfig};
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())))
-    };
     let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
         return Ok(None);
     };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?));
+    let mut tls =
+        ServerTlsConfig::new().identity(Identity::from_pem(read_pem(cert)?, read_pem(key)?));
     if let Some(ca) = &args.tls_client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+        tls = tls.client_ca_root(Certificate::from_pem(read_pem(ca)?));
     }
     Ok(Some(tls))
 }
@@ -292,17 +296,14 @@ fn raft_client_tls(
     args: &ServeArgs,
 ) -> Result<Option<tonic::transport::ClientTlsConfig>, ServeError> {
     use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    let read = |path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| ServeError::Tls(format!("{}: {e}", path.display())))
-    };
     let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.tls_client_ca)
     else {
         return Ok(None);
     };
     Ok(Some(
         ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(read(ca)?))
-            .identity(Identity::from_pem(read(cert)?, read(key)?)),
+            .ca_certificate(Certificate::from_pem(read_pem(ca)?))
+            .identity(Identity::from_pem(read_pem(cert)?, read_pem(key)?)),
     ))
 }
 

@@ -145,11 +145,13 @@ fn read_file(dir: &Path) -> Result<Option<SnapshotFile>, StorageError<NodeId>> {
         Err(e) => return Err(snapshot_error(ErrorVerb::Read, format!("{path:?}: {e}"))),
     };
     let damaged = |why: &str| snapshot_error(ErrorVerb::Read, format!("{path:?}: {why}"));
-    if bytes.len() < MAGIC.len() + 4 || &bytes[..MAGIC.len()] != MAGIC {
+    let Some((crc, body)) = bytes
+        .strip_prefix(MAGIC.as_slice())
+        .and_then(|rest| rest.split_first_chunk::<4>())
+    else {
         return Err(damaged("not a replica snapshot"));
-    }
-    let (crc, body) = bytes[MAGIC.len()..].split_at(4);
-    if u32::from_le_bytes(crc.try_into().unwrap()) != crc32fast::hash(body) {
+    };
+    if u32::from_le_bytes(*crc) != crc32fast::hash(body) {
         return Err(damaged("checksum mismatch"));
     }
     postcard::from_bytes(body)
@@ -264,12 +266,12 @@ impl RaftSnapshotBuilder<TypeConfig> for Machine {
         tokio::task::spawn_blocking(move || {
             let Image {
                 rows,
-                sequence,
                 applied,
                 membership,
             } = image;
             let data =
                 postcard::to_allocvec(&rows).map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
+            let sequence = rows.sequence;
             let snapshot_id = match applied {
                 Some(l) => format!("{}-{}-{sequence}", l.leader_id.term, l.index),
                 None => format!("0-0-{sequence}"),

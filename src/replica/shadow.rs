@@ -7,9 +7,9 @@
 //! It costs a second copy of the state in memory and a second apply of each
 //! command (no replies, no I/O: a small part of what the writer does).
 
+use super::writer::apply_journal_record;
 use super::{Member, NodeId, TypeConfig};
-use crate::engine::codec::{self, Record};
-use crate::state_machine::{NoEvents, Rows, State};
+use crate::state_machine::{Rows, State};
 use openraft::{Entry, EntryPayload, LogId, StoredMembership};
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -24,7 +24,6 @@ pub(super) struct Captured {
 /// The state's rows as of an entry, and the membership there.
 pub(super) struct Image {
     pub rows: Rows,
-    pub sequence: u64,
     pub applied: Option<LogId<NodeId>>,
     pub membership: StoredMembership<NodeId, Member>,
 }
@@ -64,9 +63,11 @@ fn run(rx: crossbeam_channel::Receiver<ToShadow>) {
                     match &entry.payload {
                         EntryPayload::Normal(batch) => {
                             for record in &batch.records {
-                                if let Err(e) = apply_record(&mut state, record, &mut outcomes) {
+                                if let Err(e) =
+                                    apply_journal_record(&mut state, record, &mut outcomes)
+                                {
                                     tracing::error!(error = %e, "snapshot shadow stopped applying");
-                                    failed = Some(e);
+                                    failed = Some(e.to_string());
                                     break;
                                 }
                             }
@@ -83,7 +84,6 @@ fn run(rx: crossbeam_channel::Receiver<ToShadow>) {
                     Some(e) => Err(e.clone()),
                     None => Ok(Image {
                         rows: state.rows(),
-                        sequence: state.last_sequence(),
                         applied,
                         membership: membership.clone(),
                     }),
@@ -98,26 +98,4 @@ fn run(rx: crossbeam_channel::Receiver<ToShadow>) {
             }
         }
     }
-}
-
-/// One journal record, as the writer applies it (the next sequence, the
-/// record's own time), without replies or events.
-fn apply_record(
-    state: &mut State,
-    record: &[u8],
-    outcomes: &mut Vec<crate::state_machine::Outcome>,
-) -> Result<(), String> {
-    let sequence = state.last_sequence() + 1;
-    let (record, timestamp_ms) =
-        codec::decode_record(record).map_err(|e| format!("record {sequence}: {e}"))?;
-    match record {
-        Record::Command(command) => {
-            state.apply(&command, sequence, timestamp_ms, &mut NoEvents);
-        }
-        Record::Basket(items) => {
-            state.apply_basket(&items, sequence, timestamp_ms, &mut NoEvents, outcomes);
-            outcomes.clear();
-        }
-    }
-    Ok(())
 }

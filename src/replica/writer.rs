@@ -58,6 +58,39 @@ pub(crate) enum ToWriter {
     Install(Box<State>, oneshot::Sender<()>),
 }
 
+/// What one journal record did: a command and its outcome, or a basket's
+/// items (their outcomes in the caller's buffer).
+// Returned once per record and matched at once: boxing the common case
+// would allocate per record (as `codec::Record`).
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Applied {
+    Command(Command, Outcome),
+    Basket(Vec<crate::domain::Reserve>),
+}
+
+/// Applies one journal record to `state` at its next sequence, at the
+/// record's own time, without events: what the writer and the snapshot
+/// shadow both do with each record of a committed entry.
+pub(super) fn apply_journal_record(
+    state: &mut State,
+    record: &[u8],
+    outcomes: &mut Vec<Outcome>,
+) -> Result<Applied, EngineError> {
+    let sequence = state.last_sequence() + 1;
+    let (record, timestamp_ms) =
+        codec::decode_record(record).map_err(|source| EngineError::Decode { sequence, source })?;
+    Ok(match record {
+        Record::Command(command) => {
+            let outcome = state.apply(&command, sequence, timestamp_ms, &mut NoEvents);
+            Applied::Command(command, outcome)
+        }
+        Record::Basket(items) => {
+            state.apply_basket(&items, sequence, timestamp_ms, &mut NoEvents, outcomes);
+            Applied::Basket(items)
+        }
+    })
+}
+
 /// What one held request waits for, in the order of its batch's records.
 enum Shape {
     /// A record the writer added (settings, tick): no reply.
@@ -430,40 +463,26 @@ impl ReplicaWriter {
         record: &[u8],
         replies: Option<(Want, &mut Vec<CommandReply>)>,
     ) -> Result<(), EngineError> {
-        let sequence = self.state.last_sequence() + 1;
-        let (record, timestamp_ms) = codec::decode_record(record)
-            .map_err(|source| EngineError::Decode { sequence, source })?;
-        match record {
-            Record::Command(command) => {
-                let outcome = self
-                    .state
-                    .apply(&command, sequence, timestamp_ms, &mut NoEvents);
-                if let Some((want, replies)) = replies {
-                    replies.push(command_reply(&self.state, &command, outcome, want));
+        let mut outcomes = std::mem::take(&mut self.outcomes);
+        let applied = apply_journal_record(&mut self.state, record, &mut outcomes);
+        match (&applied, replies) {
+            (Ok(Applied::Command(command, outcome)), Some((want, replies))) => {
+                replies.push(command_reply(&self.state, command, *outcome, want));
+            }
+            (Ok(Applied::Basket(items)), Some((_, replies))) => {
+                for (item, outcome) in items.iter().zip(outcomes.drain(..)) {
+                    replies.push(command_reply(
+                        &self.state,
+                        &Command::Reserve(*item),
+                        outcome,
+                        Want::Reservation,
+                    ));
                 }
             }
-            Record::Basket(items) => {
-                let mut outcomes = std::mem::take(&mut self.outcomes);
-                self.state.apply_basket(
-                    &items,
-                    sequence,
-                    timestamp_ms,
-                    &mut NoEvents,
-                    &mut outcomes,
-                );
-                if let Some((_, replies)) = replies {
-                    for (item, outcome) in items.iter().zip(outcomes.drain(..)) {
-                        replies.push(command_reply(
-                            &self.state,
-                            &Command::Reserve(*item),
-                            outcome,
-                            Want::Reservation,
-                        ));
-                    }
-                }
-                self.outcomes = outcomes;
-            }
+            _ => {}
         }
+        self.outcomes = outcomes;
+        applied?;
         self.metrics.engine_commands_total.inc();
         Ok(())
     }

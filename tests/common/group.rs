@@ -5,12 +5,11 @@
 use account_service::proto::account::v1 as pb;
 use account_service::proto::account::v1::account_service_client::AccountServiceClient;
 use account_service::proto::account::v1::admin_service_client::AdminServiceClient;
-use account_service::proto::events;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
-use super::server::free_port;
+use super::server::{self, free_port};
 
 /// The longest any wait of these tests may take: an election here takes
 /// about a second, a catch-up a few.
@@ -366,25 +365,13 @@ impl GroupClient {
     /// One try at the replica believed to lead.
     pub async fn try_once(&mut self, op: &Op) -> Result<Ack, tonic::Status> {
         let channel = self.channels[self.current].clone();
-        match op {
+        let (result, sequence, replayed) = match op {
             Op::Reserve { request, order } => {
                 let r = AccountServiceClient::new(channel)
-                    .reserve(pb::ReserveRequest {
-                        request_id: request.clone(),
-                        account_id: 1,
-                        order_id: order.clone(),
-                        kind: pb::ReservationKind::Cash as i32,
-                        asset: "USD".into(),
-                        amount: "1".into(),
-                        expires_at_ms: 0,
-                    })
+                    .reserve(server::reserve_usd_1(request, order))
                     .await?
                     .into_inner();
-                Ok(Ack {
-                    result: r.result,
-                    sequence: r.sequence,
-                    replayed: r.replayed,
-                })
+                (r.result, r.sequence, r.replayed)
             }
             Op::Unreserve { request, order } => {
                 let r = AccountServiceClient::new(channel)
@@ -396,121 +383,90 @@ impl GroupClient {
                     })
                     .await?
                     .into_inner();
-                Ok(Ack {
-                    result: r.result,
-                    sequence: r.sequence,
-                    replayed: r.replayed,
-                })
+                (r.result, r.sequence, r.replayed)
             }
             Op::Deposit { event } => {
                 let r = AdminServiceClient::new(channel)
-                    .deposit(events::DepositEvent {
-                        event_id: event.clone(),
-                        account_id: 1,
-                        currency: "USD".into(),
-                        amount: "1".into(),
-                        timestamp: 0,
-                        source: String::new(),
-                    })
+                    .deposit(server::deposit_usd_1(event, "1"))
                     .await?
                     .into_inner();
-                Ok(Ack {
-                    result: r.result,
-                    sequence: r.sequence,
-                    replayed: r.replayed,
-                })
+                (r.result, r.sequence, r.replayed)
+            }
+        };
+        Ok(Ack {
+            result,
+            sequence,
+            replayed,
+        })
+    }
+
+    /// Runs `call` at the replica believed to lead; on an error, moves to the
+    /// next replica and tries again (for [`PATIENCE`] at most).
+    async fn at_any<T, F, Fut>(&mut self, what: &str, mut call: F) -> T
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match call(self.channels[self.current].clone()).await {
+                Ok(t) => return t,
+                Err(status) => {
+                    assert!(Instant::now() < deadline, "{what}: {status:?}");
+                    self.current = (self.current + 1) % self.channels.len();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
         }
     }
 
     /// Opens account 1 (USD) with `amount` in it.
     pub async fn open_and_fund(&mut self, amount: &str) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let channel = self.channels[self.current].clone();
-            let opened = AdminServiceClient::new(channel.clone())
-                .open_account(pb::OpenAccountRequest {
-                    request_id: "open-1".into(),
-                    account_id: 1,
-                    base_currency: "USD".into(),
-                })
-                .await;
-            let funded = match opened {
-                Ok(_) => {
-                    AdminServiceClient::new(channel)
-                        .deposit(events::DepositEvent {
-                            event_id: "fund-1".into(),
-                            account_id: 1,
-                            currency: "USD".into(),
-                            amount: amount.into(),
-                            timestamp: 0,
-                            source: String::new(),
-                        })
-                        .await
-                }
-                Err(e) => Err(e),
-            };
-            match funded {
-                Ok(r) => {
-                    assert_eq!(r.into_inner().result, pb::Result::Ok as i32);
-                    return;
-                }
-                Err(status) => {
-                    assert!(Instant::now() < deadline, "not funded: {status:?}");
-                    self.current = (self.current + 1) % self.channels.len();
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        let funded = self
+            .at_any("open and fund account 1", |channel| async move {
+                let mut admin = AdminServiceClient::new(channel);
+                admin.open_account(server::open_account_1()).await?;
+                admin.deposit(server::deposit_usd_1("fund-1", amount)).await
+            })
+            .await;
+        assert_eq!(funded.into_inner().result, pb::Result::Ok as i32);
     }
 
     /// `(available, reserved)` of account 1's USD, read at the leader.
     pub async fn account_1(&mut self) -> (rust_decimal::Decimal, rust_decimal::Decimal) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let channel = self.channels[self.current].clone();
-            match AccountServiceClient::new(channel)
-                .get_account(pb::GetAccountRequest { account_id: 1 })
-                .await
-            {
-                Ok(a) => {
-                    let a = a.into_inner();
-                    return (
-                        a.cash[0].available.parse().unwrap(),
-                        a.cash[0].reserved.parse().unwrap(),
-                    );
-                }
-                Err(status) => {
-                    assert!(Instant::now() < deadline, "no account: {status:?}");
-                    self.current = (self.current + 1) % self.channels.len();
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
+        let a = self
+            .at_any("account 1", |channel| async move {
+                AccountServiceClient::new(channel)
+                    .get_account(pb::GetAccountRequest { account_id: 1 })
+                    .await
+            })
+            .await
+            .into_inner();
+        (
+            a.cash[0].available.parse().unwrap(),
+            a.cash[0].reserved.parse().unwrap(),
+        )
     }
 
     /// Reservation `order` of account 1, read at the leader.
     pub async fn reservation(&mut self, order: &str) -> pb::Reservation {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let channel = self.channels[self.current].clone();
-            match AccountServiceClient::new(channel)
+        self.at_any("reservation", |channel| async move {
+            let r = AccountServiceClient::new(channel)
                 .get_reservation(pb::GetReservationRequest {
                     account_id: 1,
                     order_id: order.into(),
                 })
-                .await
-            {
-                Ok(r) => return r.into_inner(),
-                Err(status) if status.code() == tonic::Code::NotFound => {
-                    panic!("acknowledged reservation {order} lost")
-                }
-                Err(status) => {
-                    assert!(Instant::now() < deadline, "no reservation: {status:?}");
-                    self.current = (self.current + 1) % self.channels.len();
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                .await;
+            if let Err(status) = &r {
+                assert_ne!(
+                    status.code(),
+                    tonic::Code::NotFound,
+                    "acknowledged reservation {order} lost"
+                );
             }
-        }
+            r
+        })
+        .await
+        .into_inner()
     }
 }

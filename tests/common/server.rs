@@ -359,10 +359,15 @@ pub async fn first_cash(
 
 /// Reserve 1 USD of cash on account 1 for order `ord-{i}` (request `req-{i}`).
 pub fn reserve_one_usd(i: usize) -> pb::ReserveRequest {
+    reserve_usd_1(&format!("req-{i}"), &format!("ord-{i}"))
+}
+
+/// Reserve 1 USD of cash on account 1 for `order_id` with `request_id`.
+pub fn reserve_usd_1(request_id: &str, order_id: &str) -> pb::ReserveRequest {
     pb::ReserveRequest {
-        request_id: format!("req-{i}"),
+        request_id: request_id.into(),
         account_id: 1,
-        order_id: format!("ord-{i}"),
+        order_id: order_id.into(),
         kind: pb::ReservationKind::Cash as i32,
         asset: "USD".into(),
         amount: "1".into(),
@@ -373,25 +378,32 @@ pub fn reserve_one_usd(i: usize) -> pb::ReserveRequest {
 /// Opens account 1 (USD) and deposits `amount` into it.
 pub async fn open_and_fund_account_1(server: &Server, amount: &str) {
     let mut admin = server.admin().await;
+    admin.open_account(open_account_1()).await.unwrap();
     admin
-        .open_account(pb::OpenAccountRequest {
-            request_id: "open-1".into(),
-            account_id: 1,
-            base_currency: "USD".into(),
-        })
+        .deposit(deposit_usd_1("fund-1", amount))
         .await
         .unwrap();
-    admin
-        .deposit(account_service::proto::events::DepositEvent {
-            event_id: "fund-1".into(),
-            account_id: 1,
-            currency: "USD".into(),
-            amount: amount.into(),
-            timestamp: 0,
-            source: String::new(),
-        })
-        .await
-        .unwrap();
+}
+
+/// Open account 1 in USD (request `open-1`).
+pub fn open_account_1() -> pb::OpenAccountRequest {
+    pb::OpenAccountRequest {
+        request_id: "open-1".into(),
+        account_id: 1,
+        base_currency: "USD".into(),
+    }
+}
+
+/// Deposit `amount` USD into account 1 under `event_id`.
+pub fn deposit_usd_1(event_id: &str, amount: &str) -> account_service::proto::events::DepositEvent {
+    account_service::proto::events::DepositEvent {
+        event_id: event_id.into(),
+        account_id: 1,
+        currency: "USD".into(),
+        amount: amount.into(),
+        timestamp: 0,
+        source: String::new(),
+    }
 }
 
 /// The segment files of the WAL under `data_dir`.
