@@ -456,6 +456,23 @@ fn membership_error(
     }
 }
 
+/// Membership changes are made at the leader: elsewhere they are refused
+/// with its address before anything is judged against a view that may be
+/// behind the leader's.
+fn at_leader(raft: &openraft::Raft<TypeConfig>) -> Result<(), MembershipError> {
+    let m = raft.metrics().borrow().clone();
+    if m.current_leader == Some(m.id) {
+        return Ok(());
+    }
+    let leader = m
+        .current_leader
+        .and_then(|id| m.membership_config.membership().get_node(&id))
+        .map(|n| n.grpc_addr.clone());
+    Err(MembershipError::Submit(
+        crate::engine::SubmitError::NotLeader(leader),
+    ))
+}
+
 /// How long the leader waits for a new replica to catch up as a learner
 /// before it makes it a voter (it answers NotCommitted past it; the learner
 /// stays and may be added again).
@@ -468,6 +485,7 @@ pub async fn add_replica(
     node_id: NodeId,
     raft_addr: &str,
 ) -> Result<(), MembershipError> {
+    at_leader(raft)?;
     let hello = network::hello(raft_addr)
         .await
         .map_err(|e| MembershipError::Invalid(format!("raft_addr: no replica answers: {e}")))?;
@@ -515,6 +533,7 @@ pub async fn remove_replica(
     raft: &openraft::Raft<TypeConfig>,
     node_id: NodeId,
 ) -> Result<(), MembershipError> {
+    at_leader(raft)?;
     let membership = raft
         .metrics()
         .borrow()
