@@ -420,7 +420,7 @@ pub enum ConfigError {
     KafkaOption(String),
     #[error("--node-id {0} is not one of --peers")]
     NotAPeer(u64),
-    #[error("--{0} with replicas (--peers) is not built yet: replicas run without Kafka and PostgreSQL for now")]
+    #[error("--{0} with replicas (--peers) is not built yet: replicas run without PostgreSQL snapshots for now")]
     NotWithReplicas(&'static str),
     #[error("--raft-token is needed with --auth-tokens and replicas: the token (role `replica`) this replica shows the others' raft ports")]
     NoRaftToken,
@@ -438,9 +438,6 @@ impl ServeArgs {
         };
         if !peers.contains_key(&node_id) {
             return Err(ConfigError::NotAPeer(node_id));
-        }
-        if self.kafka_brokers.is_some() {
-            return Err(ConfigError::NotWithReplicas("kafka-brokers"));
         }
         if self.postgres_url.is_some() {
             return Err(ConfigError::NotWithReplicas("postgres-url"));
@@ -621,8 +618,8 @@ mod tests {
             ConfigError::NoRaftCa
         ));
         assert!(matches!(
-            refused(&["--kafka-brokers", "h:9092"]),
-            ConfigError::NotWithReplicas("kafka-brokers")
+            refused(&["--postgres-url", "postgres://h/db"]),
+            ConfigError::NotWithReplicas("postgres-url")
         ));
         let ok = serve_args(&["--auth-tokens", "t", "--raft-token", "x"]);
         assert!(ok.replica_config().unwrap().is_some());

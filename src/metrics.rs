@@ -467,6 +467,9 @@ pub struct KafkaMetrics {
     pub outbox_published_total: Counter,
     /// Records the outbox holds in memory (bounded by its window).
     pub outbox_held_records: Gauge,
+    /// With replicas: records derived from committed commands that the
+    /// broker's acknowledgement has not yet reached (the replicated ledger).
+    pub outbox_ledger_records: Gauge,
     pub outbox_spills_total: Counter,
     /// Records the broker refused for good, passed over (see the publisher).
     pub outbox_dropped_total: Family<DroppedLabels, Counter>,
@@ -487,6 +490,7 @@ impl KafkaMetrics {
             outbox_watermark: Gauge::default(),
             outbox_published_total: Counter::default(),
             outbox_held_records: Gauge::default(),
+            outbox_ledger_records: Gauge::default(),
             outbox_spills_total: Counter::default(),
             outbox_dropped_total: Family::default(),
         }
@@ -547,6 +551,11 @@ impl KafkaMetrics {
             "outbox_held_records",
             "Outbox records in memory, waiting for the broker (bounded by --outbox-window-records)",
             self.outbox_held_records.clone(),
+        );
+        registry.register(
+            "outbox_ledger_records",
+            "With replicas: outbox records of committed commands not yet acknowledged by the broker, held by every replica",
+            self.outbox_ledger_records.clone(),
         );
         registry.register(
             "outbox_spills",

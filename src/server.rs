@@ -90,7 +90,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         "listening"
     );
 
+    let replicated = args.replica_config()?.is_some();
     let outbox = match &kafka {
+        // A replica group's outbox runs on its leader only (replica::outbox).
+        Some(_) if replicated => None,
         Some(k) => {
             let (outbox, sink) = Outbox::start(k, &args.data_dir, metrics.clone())?;
             engine_config.outbox = Some(sink);
@@ -115,8 +118,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         None => (Some(Engine::start(engine_config, metrics.clone())?), None),
         Some(config) => {
             let raft_addr = config.raft_addr;
-            let replica =
-                crate::replica::Replica::start(engine_config, config, metrics.clone()).await?;
+            let replica = crate::replica::Replica::start(
+                engine_config,
+                config,
+                kafka.clone(),
+                metrics.clone(),
+            )
+            .await?;
             tracing::info!(node_id = replica.node_id, raft = %raft_addr, "replica listening");
             (None, Some(replica))
         }
@@ -208,6 +216,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
 
     tracing::info!("gRPC stopped; draining the engine");
     if let Some(replica) = replica {
+        if let Some(consumer) = consumer {
+            let _ = tokio::task::spawn_blocking(move || consumer.stop()).await;
+        }
         let result = replica.stop().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), metrics_task).await;
         result?;

@@ -6,10 +6,13 @@ mod common;
 
 use account_service::proto::account::v1 as pb;
 use account_service::proto::events;
-use common::kafka::{header, metric, produce, Broker, DEPOSITS, EVENTS, FILLS, WITHDRAWALS};
+use common::kafka::{
+    account_events, assert_duplicates_identical, fill, header, metric, produce, Broker, DEPOSITS,
+    EVENTS, FILLS, WITHDRAWALS,
+};
 use common::server::Server;
 use prost::Message as _;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use rust_decimal::Decimal;
 use std::collections::{HashMap, HashSet};
@@ -37,22 +40,6 @@ async fn open_accounts(server: &Server, ids: impl IntoIterator<Item = i64>) {
             .unwrap()
             .into_inner();
         assert_eq!(r.result, pb::Result::Ok as i32);
-    }
-}
-
-fn fill(event_id: &str, account_id: i64, side: &str, qty: &str, price: &str) -> events::FillEvent {
-    let amount = account_service::domain::amount::round(d(qty) * d(price));
-    events::FillEvent {
-        event_id: event_id.into(),
-        order_id: format!("ord-{event_id}"),
-        account_id,
-        symbol: "ACME".into(),
-        side: side.into(),
-        quantity: qty.into(),
-        fill_price: price.into(),
-        filled_amount: account_service::domain::amount::format(amount),
-        timestamp: account_service::engine::now_ms(),
-        currency: String::new(),
     }
 }
 
@@ -114,33 +101,6 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-fn account_events(messages: &[OwnedMessage]) -> Vec<(String, events::AccountEvent)> {
-    messages
-        .iter()
-        .map(|m| {
-            let key = String::from_utf8(m.key().unwrap().to_vec()).unwrap();
-            let e = events::AccountEvent::decode(m.payload().unwrap()).unwrap();
-            (key, e)
-        })
-        .collect()
-}
-
-/// A republished event is the same event: same id, same content.
-fn assert_duplicates_identical(
-    events: &[(String, events::AccountEvent)],
-) -> HashMap<String, events::AccountEvent> {
-    let mut by_id: HashMap<String, events::AccountEvent> = HashMap::new();
-    for (key, e) in events {
-        assert_eq!(key, &e.account_id.to_string(), "keyed by account_id");
-        if let Some(seen) = by_id.get(&e.event_id) {
-            assert_eq!(seen, e, "a duplicate event_id must be the same event");
-        } else {
-            by_id.insert(e.event_id.clone(), e.clone());
-        }
-    }
-    by_id
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,7 +98,7 @@ impl Topic {
 
 /// Where a Kafka-borne command came from. Journaled with the command, so the
 /// consumer offsets are part of the state and recovered exactly with it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Source {
     pub topic: Topic,
     pub partition: i32,
@@ -108,7 +108,7 @@ pub struct Source {
 /// Why the consumer could not turn a Kafka message into a command. Journaled
 /// (see [`Command::DeadLetter`]); the DLQ header's text is re-derived from the
 /// message itself, so only the class is kept.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, serde::Serialize, serde::Deserialize)]
 pub enum DeadLetterReason {
     /// The payload is not a protobuf message of the topic's type.
     NotProtobuf = 1,

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Why a Kafka message goes to its dead-letter queue.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, serde::Serialize, serde::Deserialize)]
 pub enum DlqReason {
     /// Decided at the edge and journaled as [`Command::DeadLetter`].
     Edge(DeadLetterReason),
@@ -47,7 +47,7 @@ impl DlqReason {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Debug)]
+#[derive(Clone, Copy, PartialEq, Debug, serde::Serialize, serde::Deserialize)]
 pub enum OutboxItem {
     /// The `index`-th event of its command: event id `"<sequence>-<index>"`.
     Event {
@@ -61,7 +61,7 @@ pub enum OutboxItem {
 }
 
 /// One thing to publish, with the journaled facts of the command it came from.
-#[derive(Clone, Copy, PartialEq, Debug)]
+#[derive(Clone, Copy, PartialEq, Debug, serde::Serialize, serde::Deserialize)]
 pub struct OutboxRecord {
     pub sequence: u64,
     pub timestamp_ms: i64,
@@ -71,6 +71,7 @@ pub struct OutboxRecord {
     /// The trace of the request that journaled the command, while it is in
     /// memory (traces on): the event's `traceparent`. Not journaled, so an
     /// event re-derived after a restart has none.
+    #[serde(skip)]
     pub trace: Option<crate::telemetry::TraceParent>,
 }
 
@@ -121,6 +122,16 @@ impl OutboxSink {
     /// The shared watermark itself (snapshots wait for it; see `snapshot`).
     pub fn watermark_handle(&self) -> Arc<AtomicU64> {
         self.watermark.clone()
+    }
+
+    /// Hands `batch` to the publisher as it is, without a window or a spill:
+    /// a replica group's leader, whose records come from the replicated
+    /// ledger (`replica::outbox`) of entries already durable on a majority.
+    pub(crate) fn hand(&self, batch: OutboxBatch) {
+        self.window.fed(batch.records.len());
+        // A publisher that is gone (leadership lost, stopping) loses nothing:
+        // the ledger keeps every record until its acknowledgement is journaled.
+        let _ = self.tx.send(Handed::Batch(batch));
     }
 }
 

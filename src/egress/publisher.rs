@@ -83,8 +83,23 @@ impl Outbox {
         data_dir: &Path,
         metrics: Arc<Metrics>,
     ) -> Result<(Outbox, OutboxSink), OutboxError> {
+        Outbox::start_at(config, data_dir, metrics, None)
+    }
+
+    /// [`Outbox::start`], from `watermark` when given instead of the file's
+    /// (a replica group's leader starts from the replicated watermark; the
+    /// file then only records what this replica's publisher had acknowledged).
+    pub fn start_at(
+        config: &KafkaConfig,
+        data_dir: &Path,
+        metrics: Arc<Metrics>,
+        watermark: Option<u64>,
+    ) -> Result<(Outbox, OutboxSink), OutboxError> {
         let file = WatermarkFile::new(data_dir);
-        let watermark = file.load()?;
+        let watermark = match watermark {
+            Some(w) => w,
+            None => file.load()?,
+        };
         let durable = Arc::new(AtomicU64::new(watermark));
         let (tx, feed) = crossbeam_channel::unbounded();
         let window = Window::new(config.outbox_window_records);

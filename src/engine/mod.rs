@@ -363,6 +363,18 @@ impl EngineHandle {
     pub fn queue_capacity(&self) -> usize {
         self.tx().capacity().unwrap_or(usize::MAX)
     }
+
+    /// Whether this is a replica's writer: an accepted request may still be
+    /// refused after it was queued (leadership lost, not committed in time).
+    pub fn is_replica(&self) -> bool {
+        self.leadership.is_some()
+    }
+
+    /// Whether requests are taken here now: always on a single node; on a
+    /// replica, while it leads with its quorum.
+    pub fn leads(&self) -> bool {
+        self.leadership.as_ref().is_none_or(|l| l.is_serving())
+    }
 }
 
 /// What a reply channel delivered: the reply, or why there is none (the

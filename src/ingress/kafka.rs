@@ -25,6 +25,15 @@
 //! partitions, holds the message in hand and retries once the queue has
 //! drained to half; then it resumes. One thread submits in poll order and
 //! never polls while holding a message, so nothing is dropped or reordered.
+//!
+//! **Replicas.** Every replica runs a consumer, and only the leader's reads:
+//! a follower's holds no partitions. A request a replica took may still be
+//! refused after it was queued (leadership lost, its entry not committed in
+//! time), so the consumer watches the replies of what it submitted; on the
+//! first refusal, or when this replica stops leading, it **rewinds**: drops
+//! its assignment and, once it leads, assigns again from the state's offsets.
+//! What it submits twice that way carries an offset the state has applied,
+//! which the state skips: each message still applies exactly once.
 
 use crate::config::KafkaConfig;
 use crate::domain::{Command, Source, Topic};
@@ -61,6 +70,9 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(1);
 const DRAIN_POLL: Duration = Duration::from_millis(1);
 /// Most warnings about consumer errors per this interval.
 const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// A replica's consumer without partitions looks this often whether it
+/// leads (and then assigns them).
+const LEADER_POLL: Duration = Duration::from_millis(100);
 
 /// The consumer thread.
 pub struct KafkaConsumer {
@@ -104,6 +116,7 @@ impl KafkaConsumer {
             last_commit: Instant::now(),
             last_refresh: None,
             last_error_log: Cell::new(None),
+            in_flight: std::collections::VecDeque::new(),
         };
         let thread = std::thread::Builder::new()
             .name("kafka-consumer".into())
@@ -185,6 +198,16 @@ struct Worker {
     last_commit: Instant,
     last_refresh: Option<Instant>,
     last_error_log: Cell<Option<Instant>>,
+    /// On a replica: the replies of what was submitted, oldest first.
+    in_flight: std::collections::VecDeque<oneshot::Receiver<Reply>>,
+}
+
+/// What became of a message handed to the engine.
+enum Submitted {
+    Queued,
+    /// Refused by a replica that does not lead: the consumer rewound.
+    Rewound,
+    Stopping,
 }
 
 impl Worker {
@@ -194,9 +217,24 @@ impl Worker {
         }
         tracing::info!(brokers = %self.config.brokers, "Kafka consumer started");
         while !self.stopping() {
+            if self.engine.is_replica() {
+                self.settle_in_flight();
+                if !self.engine.leads() {
+                    if !self.partitions.is_empty() {
+                        self.rewind("this replica does not lead");
+                    }
+                    std::thread::sleep(LEADER_POLL);
+                    continue;
+                }
+            }
+            let refresh_every = if self.engine.is_replica() && self.partitions.is_empty() {
+                LEADER_POLL
+            } else {
+                METADATA_REFRESH
+            };
             if self
                 .last_refresh
-                .is_none_or(|at| at.elapsed() >= METADATA_REFRESH)
+                .is_none_or(|at| at.elapsed() >= refresh_every)
             {
                 self.last_refresh = Some(Instant::now());
                 self.refresh_assignment();
@@ -279,8 +317,10 @@ impl Worker {
     /// Submits a prepared message (with back-pressure) and moves its
     /// partition on. Returns false when stopping.
     fn deliver(&mut self, (source, command, trace): Prepared) -> bool {
-        if !self.submit(command, trace) {
-            return false;
+        match self.submit(command, trace) {
+            Submitted::Queued => {}
+            Submitted::Rewound => return true,
+            Submitted::Stopping => return false,
         }
         if let Some(p) = self.partitions.get_mut(&(source.topic, source.partition)) {
             p.next_offset = source.offset + 1;
@@ -290,18 +330,26 @@ impl Worker {
     }
 
     /// Submits, pausing the partitions while the engine queue is full.
-    fn submit(&mut self, command: Command, trace: Option<Arc<crate::telemetry::Trace>>) -> bool {
+    fn submit(
+        &mut self,
+        command: Command,
+        trace: Option<Arc<crate::telemetry::Trace>>,
+    ) -> Submitted {
         loop {
-            // The per-message reply is not needed: the offset is in the state.
+            // A single node needs no reply: the offset is in the state. A
+            // replica's is watched (`settle_in_flight`).
             match self
                 .engine
                 .submit_traced(RequestKind::Command(command, Want::Nothing), trace.clone())
             {
-                Ok(_) => {
+                Ok(reply) => {
                     if self.paused {
                         self.set_paused(false);
                     }
-                    return true;
+                    if self.engine.is_replica() {
+                        self.in_flight.push_back(reply);
+                    }
+                    return Submitted::Queued;
                 }
                 Err(SubmitError::Overloaded) => {
                     if !self.paused {
@@ -313,15 +361,64 @@ impl Worker {
                         std::thread::sleep(DRAIN_POLL);
                     }
                 }
+                Err(SubmitError::NotLeader(_) | SubmitError::NotCommitted)
+                    if self.engine.is_replica() =>
+                {
+                    self.rewind("the leader refused a message");
+                    return Submitted::Rewound;
+                }
                 Err(
                     SubmitError::NotReady | SubmitError::NotLeader(_) | SubmitError::NotCommitted,
                 ) => std::thread::sleep(Duration::from_millis(10)),
-                Err(SubmitError::Stopped) => return false,
+                Err(SubmitError::Stopped) => return Submitted::Stopping,
             }
             if self.stopping() {
-                return false;
+                return Submitted::Stopping;
             }
         }
+    }
+
+    /// On a replica: looks at the replies that came back, oldest first; a
+    /// refusal means its message and maybe those after it were not applied,
+    /// so the consumer rewinds to the state's offsets.
+    fn settle_in_flight(&mut self) {
+        while let Some(reply) = self.in_flight.front_mut() {
+            match reply.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => return,
+                Ok(Reply::Refused(e)) => {
+                    tracing::info!(error = %e, "a submitted message was refused");
+                    self.rewind("a submitted message was refused");
+                    return;
+                }
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    self.rewind("a submitted message went unanswered");
+                    return;
+                }
+                Ok(_) => {
+                    self.in_flight.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Drops every partition and what is in flight: the next assignment,
+    /// once this replica leads, starts at the state's offsets. Messages
+    /// applied meanwhile are read again and skipped by the state.
+    fn rewind(&mut self, why: &str) {
+        tracing::info!(
+            why,
+            partitions = self.partitions.len(),
+            "Kafka consumer rewinds"
+        );
+        if let Err(e) = self.consumer.unassign() {
+            self.log_error("unassign", &e);
+        }
+        self.partitions.clear();
+        self.assignment = TopicPartitionList::new();
+        self.in_flight.clear();
+        self.paused = false;
+        self.commit = None;
+        self.last_refresh = None;
     }
 
     fn set_paused(&mut self, paused: bool) {

@@ -13,11 +13,16 @@
 //! restart starts from it and re-applies only the entries after it.
 //!
 //! The file: `MAGIC`, the CRC-32 of the rest (crc32fast, a little-endian
-//! u32), then postcard of [`SnapshotFile`].
+//! u32), then postcard of [`SnapshotFile`]. Its `data` (what goes to another
+//! replica) is postcard of the [`Rows`], then, with Kafka on, postcard of the
+//! outbox [`Ledger`] (outbox.rs); data that ends after the rows (a snapshot
+//! of a group without Kafka, or taken before the ledger existed) has an
+//! empty ledger.
 
 // openraft's own error type, which its traits return: not ours to shrink.
 #![allow(clippy::result_large_err)]
 
+use super::outbox::Ledger;
 use super::shadow::{Captured, Image, ToShadow};
 use super::writer::ToWriter;
 use super::{Member, NodeId, TypeConfig};
@@ -74,9 +79,11 @@ impl Machine {
     pub(super) async fn open(
         dir: PathBuf,
         to_writer: crossbeam_channel::Sender<ToWriter>,
+        keep_ledger: bool,
     ) -> Result<Machine, StorageError<NodeId>> {
         std::fs::create_dir_all(&dir).map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
-        let to_shadow = super::shadow::start().map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
+        let to_shadow =
+            super::shadow::start(keep_ledger).map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
         let mut machine = Machine {
             to_writer,
             to_shadow,
@@ -105,20 +112,21 @@ impl Machine {
     ) -> Result<(), StorageError<NodeId>> {
         let dir = self.dir.clone();
         let file = SnapshotFile { meta, data };
-        let (state, file) = tokio::task::spawn_blocking(move || {
-            let rows: Rows = postcard::from_bytes(&file.data)
+        let (state, ledger, file) = tokio::task::spawn_blocking(move || {
+            let (rows, ledger) = decode_data(&file.data)
                 .map_err(|e| snapshot_error(ErrorVerb::Read, format!("decoding: {e}")))?;
             let state = State::restore(rows);
             if persist {
                 write_file(&dir, &file)?;
             }
-            Ok::<_, StorageError<NodeId>>((state, file))
+            Ok::<_, StorageError<NodeId>>((state, ledger, file))
         })
         .await
         .map_err(|e| snapshot_error(ErrorVerb::Read, e))??;
         let (done, installed) = tokio::sync::oneshot::channel();
         let captured = Captured {
             state: state.clone(),
+            ledger: ledger.clone(),
             applied: file.meta.last_log_id,
             membership: file.meta.last_membership.clone(),
         };
@@ -126,13 +134,31 @@ impl Machine {
             .send(ToShadow::Install(Box::new(captured)))
             .map_err(|_| gone("installing a snapshot"))?;
         self.to_writer
-            .send(ToWriter::Install(Box::new(state), done))
+            .send(ToWriter::Install(Box::new((state, ledger)), done))
             .map_err(|_| gone("installing a snapshot"))?;
         installed.await.map_err(|_| gone("installing a snapshot"))?;
         self.last_applied = file.meta.last_log_id;
         self.membership = file.meta.last_membership;
         Ok(())
     }
+}
+
+/// A snapshot's data: the rows, then the outbox ledger when one follows.
+fn encode_data(rows: &Rows, ledger: &Ledger) -> Result<Vec<u8>, postcard::Error> {
+    let mut data = postcard::to_allocvec(rows)?;
+    if !ledger.is_empty() || ledger.acked_through() > 0 {
+        data.extend_from_slice(&postcard::to_allocvec(ledger)?);
+    }
+    Ok(data)
+}
+
+fn decode_data(data: &[u8]) -> Result<(Rows, Ledger), postcard::Error> {
+    let (rows, rest) = postcard::take_from_bytes::<Rows>(data)?;
+    let ledger = match rest {
+        [] => Ledger::default(),
+        rest => postcard::from_bytes(rest)?,
+    };
+    Ok((rows, ledger))
 }
 
 /// Reads the snapshot file of `dir`, if there is one; a damaged one is an
@@ -266,11 +292,12 @@ impl RaftSnapshotBuilder<TypeConfig> for Machine {
         tokio::task::spawn_blocking(move || {
             let Image {
                 rows,
+                ledger,
                 applied,
                 membership,
             } = image;
             let data =
-                postcard::to_allocvec(&rows).map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
+                encode_data(&rows, &ledger).map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
             let sequence = rows.sequence;
             let snapshot_id = match applied {
                 Some(l) => format!("{}-{}-{sequence}", l.leader_id.term, l.index),
@@ -293,5 +320,44 @@ impl RaftSnapshotBuilder<TypeConfig> for Machine {
         })
         .await
         .map_err(|e| snapshot_error(ErrorVerb::Write, e))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{AccountId, Command, Currency, OpenAccount};
+    use crate::state_machine::NoEvents;
+
+    fn rows() -> Rows {
+        let mut state = State::default();
+        let open = Command::OpenAccount(OpenAccount {
+            request_id: crate::domain::Id::new("open-1").unwrap(),
+            account_id: AccountId(1),
+            base_currency: Currency::currency("USD").unwrap(),
+        });
+        state.apply(&open, 1, 5, &mut NoEvents);
+        state.rows()
+    }
+
+    #[test]
+    fn snapshot_data_without_a_ledger_has_an_empty_one() {
+        // A group without Kafka, or a snapshot taken before ledgers existed.
+        let old = postcard::to_allocvec(&rows()).unwrap();
+        let (back, ledger) = decode_data(&old).unwrap();
+        assert_eq!(postcard::to_allocvec(&back).unwrap(), old);
+        assert_eq!(ledger, Ledger::default());
+        assert_eq!(encode_data(&rows(), &Ledger::default()).unwrap(), old);
+    }
+
+    #[test]
+    fn snapshot_data_carries_the_ledger() {
+        let mut ledger = Ledger::default();
+        ledger.acknowledge(1);
+        let data = encode_data(&rows(), &ledger).unwrap();
+        let (_, back) = decode_data(&data).unwrap();
+        assert_eq!(back, ledger);
+        // A ledger cut short is an error, not an empty ledger.
+        assert!(decode_data(&data[..data.len() - 1]).is_err());
     }
 }

@@ -33,12 +33,21 @@
 //! * The raft port has the gRPC port's TLS (mutual between replicas) and
 //!   tokens (role `replica`): [`RaftSecurity`].
 //!
-//! Not yet: Kafka, the outbox and PostgreSQL snapshots with replicas (the
-//! service refuses the combination).
+//! * With Kafka on, only the leader consumes and publishes. Offsets are in
+//!   the replicated state (each fill's command carries its offset), so a new
+//!   leader's consumer resumes where the committed entries end; account
+//!   events are derived by every replica into a replicated ledger and
+//!   published by the leader, which journals what the broker acknowledged
+//!   (outbox.rs): a failover republishes at most the last moments' events,
+//!   with their original ids.
+//!
+//! Not yet: PostgreSQL snapshots with replicas (the service refuses the
+//! combination).
 
 pub mod log;
 mod machine;
 pub mod network;
+pub mod outbox;
 mod shadow;
 mod writer;
 
@@ -208,6 +217,7 @@ impl Replica {
     pub async fn start(
         engine: EngineConfig,
         replica: ReplicaConfig,
+        kafka: Option<crate::config::KafkaConfig>,
         metrics: Arc<Metrics>,
     ) -> Result<Replica, EngineError> {
         let storage_error = |e: openraft::StorageError<NodeId>| EngineError::Thread(e.to_string());
@@ -220,8 +230,14 @@ impl Replica {
         let log = log::LogStore::open(wal).map_err(storage_error)?;
         let pristine = log.is_pristine();
         let leadership = Arc::new(Leadership::default());
-        let (writer, to_writer) = writer::start(engine, metrics, leadership.clone())?;
-        let machine = machine::Machine::open(snapshots, to_writer)
+        let data_dir = snapshots.parent().map_or_else(
+            || std::path::PathBuf::from("."),
+            std::path::Path::to_path_buf,
+        );
+        let keep_ledger = kafka.is_some();
+        let outbox = kafka.map(|k| writer::ReplicaOutbox::new(k, data_dir));
+        let (writer, to_writer) = writer::start(engine, metrics, leadership.clone(), outbox)?;
+        let machine = machine::Machine::open(snapshots, to_writer, keep_ledger)
             .await
             .map_err(storage_error)?;
         let config = Arc::new(
@@ -388,6 +404,10 @@ async fn watch_leadership(
     stop_writer: impl FnOnce(),
 ) {
     let mut metrics = raft.metrics();
+    // Every applied entry changes the metrics; the quorum is checked on a
+    // change of leader and otherwise every QUORUM_CHECK_EVERY, not per entry
+    // (each check is a round of heartbeats).
+    let mut checked: Option<(Option<NodeId>, std::time::Instant)> = None;
     loop {
         let (me, leader, term, grpc) = {
             let m = metrics.borrow_and_update();
@@ -401,17 +421,23 @@ async fn watch_leadership(
         };
         leadership.term.store(term, Ordering::Release);
         *leadership.leader.lock().unwrap_or_else(|p| p.into_inner()) = grpc;
-        let serving = if leader == Some(me) {
-            matches!(
-                tokio::time::timeout(QUORUM_CHECK_TIMEOUT, raft.ensure_linearizable()).await,
-                Ok(Ok(_))
-            )
-        } else {
-            false
-        };
-        let was = leadership.serving.swap(serving, Ordering::AcqRel);
-        if was != serving {
-            tracing::info!(serving, term, ?leader, "leadership changed");
+        let due = checked.is_none_or(|(checked_leader, at)| {
+            checked_leader != leader || at.elapsed() >= QUORUM_CHECK_EVERY
+        });
+        if due {
+            let serving = if leader == Some(me) {
+                matches!(
+                    tokio::time::timeout(QUORUM_CHECK_TIMEOUT, raft.ensure_linearizable()).await,
+                    Ok(Ok(_))
+                )
+            } else {
+                false
+            };
+            checked = Some((leader, std::time::Instant::now()));
+            let was = leadership.serving.swap(serving, Ordering::AcqRel);
+            if was != serving {
+                tracing::info!(serving, term, ?leader, "leadership changed");
+            }
         }
         // On every change, and on a timer: a leader re-confirms its quorum.
         if let Ok(Err(_)) = tokio::time::timeout(QUORUM_CHECK_EVERY, metrics.changed()).await {

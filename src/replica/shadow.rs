@@ -5,9 +5,12 @@
 //! would stall every reply behind it for as long).
 //!
 //! It costs a second copy of the state in memory and a second apply of each
-//! command (no replies, no I/O: a small part of what the writer does).
+//! command (no replies, no I/O: a small part of what the writer does). With
+//! Kafka on it keeps its own outbox ledger the same way (outbox.rs), so a
+//! snapshot holds the ledger of its entry.
 
-use super::writer::apply_journal_record;
+use super::outbox::{Control, Ledger};
+use super::writer::{apply_journal_record, Applied};
 use super::{Member, NodeId, TypeConfig};
 use crate::state_machine::{Rows, State};
 use openraft::{Entry, EntryPayload, LogId, StoredMembership};
@@ -17,6 +20,7 @@ use tokio::sync::oneshot;
 /// A state as of an entry of the log, and the membership in force there.
 pub(super) struct Captured {
     pub state: State,
+    pub ledger: Ledger,
     pub applied: Option<LogId<NodeId>>,
     pub membership: StoredMembership<NodeId, Member>,
 }
@@ -24,6 +28,7 @@ pub(super) struct Captured {
 /// The state's rows as of an entry, and the membership there.
 pub(super) struct Image {
     pub rows: Rows,
+    pub ledger: Ledger,
     pub applied: Option<LogId<NodeId>>,
     pub membership: StoredMembership<NodeId, Member>,
 }
@@ -35,19 +40,22 @@ pub(super) enum ToShadow {
     Install(Box<Captured>),
 }
 
-/// Starts the shadow thread; it ends when the sender is dropped.
-pub(super) fn start() -> std::io::Result<crossbeam_channel::Sender<ToShadow>> {
+/// Starts the shadow thread (keeping an outbox ledger when `ledger`); it
+/// ends when the sender is dropped.
+pub(super) fn start(ledger: bool) -> std::io::Result<crossbeam_channel::Sender<ToShadow>> {
     // Unbounded, and bounded in practice: it applies as fast as the writer,
     // which openraft waits for before it sends more.
     let (tx, rx) = crossbeam_channel::unbounded();
     std::thread::Builder::new()
         .name("raft-shadow".into())
-        .spawn(move || run(rx))?;
+        .spawn(move || run(rx, ledger))?;
     Ok(tx)
 }
 
-fn run(rx: crossbeam_channel::Receiver<ToShadow>) {
+fn run(rx: crossbeam_channel::Receiver<ToShadow>, keep_ledger: bool) {
     let mut state = State::default();
+    let mut ledger = Ledger::default();
+    let mut events = Vec::new();
     let mut applied = None;
     let mut membership = StoredMembership::default();
     let mut failed: Option<String> = None;
@@ -63,12 +71,25 @@ fn run(rx: crossbeam_channel::Receiver<ToShadow>) {
                     match &entry.payload {
                         EntryPayload::Normal(batch) => {
                             for record in &batch.records {
-                                if let Err(e) =
-                                    apply_journal_record(&mut state, record, &mut outcomes)
-                                {
-                                    tracing::error!(error = %e, "snapshot shadow stopped applying");
-                                    failed = Some(e.to_string());
-                                    break;
+                                let collect = keep_ledger.then_some(&mut events);
+                                match apply_journal_record(
+                                    &mut state,
+                                    record,
+                                    &mut outcomes,
+                                    collect,
+                                ) {
+                                    Ok(Applied::Control(Control::OutboxAcked(through))) => {
+                                        ledger.acknowledge(through)
+                                    }
+                                    Ok(_) => {
+                                        ledger.push(&events);
+                                        events.clear();
+                                    }
+                                    Err(e) => {
+                                        tracing::error!(error = %e, "snapshot shadow stopped applying");
+                                        failed = Some(e.to_string());
+                                        break;
+                                    }
                                 }
                             }
                         }
@@ -84,6 +105,7 @@ fn run(rx: crossbeam_channel::Receiver<ToShadow>) {
                     Some(e) => Err(e.clone()),
                     None => Ok(Image {
                         rows: state.rows(),
+                        ledger: ledger.clone(),
                         applied,
                         membership: membership.clone(),
                     }),
@@ -92,6 +114,7 @@ fn run(rx: crossbeam_channel::Receiver<ToShadow>) {
             }
             ToShadow::Install(captured) => {
                 state = captured.state;
+                ledger = captured.ledger;
                 applied = captured.applied;
                 membership = captured.membership;
                 failed = None;

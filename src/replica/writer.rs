@@ -16,8 +16,10 @@
 //!   applied if the entry reached a majority, which the idempotency keys make
 //!   safe to resend.
 
+use super::outbox::{self, Control, Ledger, Publishing};
 use super::{Batch, Leadership, TypeConfig};
 use crate::domain::Command;
+use crate::egress::outbox::{collect, collect_basket, OutboxRecord};
 use crate::engine::codec::{self, Record};
 use crate::engine::{
     command_reply, now_ms, query, CommandReply, EngineConfig, EngineError, EngineHandle, Phase,
@@ -31,7 +33,7 @@ use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Batches proposed and not yet applied, at most.
@@ -45,6 +47,8 @@ pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(2);
 pub const ENTRY_BYTES_MAX: usize = 3 << 20;
 /// Longest the writer sleeps with nothing to do.
 const IDLE_MAX: Duration = Duration::from_millis(100);
+/// A publisher that failed to start is started again after this.
+const PUBLISHER_RETRY: Duration = Duration::from_secs(1);
 /// Least journaled time between two ticks the leader proposes.
 const TICK_SPACING_MS: i64 = 100;
 
@@ -54,8 +58,9 @@ pub(crate) enum ToWriter {
     /// A proposal its entry will not answer.
     Failed { proposal: u64, error: SubmitError },
     /// The state a snapshot holds replaces this one (a replica that fell
-    /// behind the leader's log, or a restart from its own snapshot).
-    Install(Box<State>, oneshot::Sender<()>),
+    /// behind the leader's log, or a restart from its own snapshot), with the
+    /// outbox ledger taken at the same entry.
+    Install(Box<(State, Ledger)>, oneshot::Sender<()>),
 }
 
 /// What one journal record did: a command and its outcome, or a basket's
@@ -66,29 +71,84 @@ pub(crate) enum ToWriter {
 pub(super) enum Applied {
     Command(Command, Outcome),
     Basket(Vec<crate::domain::Reserve>),
+    /// A control record (`replica::outbox`): no command, no sequence.
+    Control(Control),
 }
 
-/// Applies one journal record to `state` at its next sequence, at the
-/// record's own time, without events: what the writer and the snapshot
-/// shadow both do with each record of a committed entry.
+/// Applies one record of a committed entry: a journal record to `state` at
+/// its next sequence, at the record's own time, its outbox records appended
+/// to `events` when given (the ledger's rule); a control record is returned
+/// as it is. What the writer and the snapshot shadow both do with each
+/// record of a committed entry.
 pub(super) fn apply_journal_record(
     state: &mut State,
     record: &[u8],
     outcomes: &mut Vec<Outcome>,
+    events: Option<&mut Vec<OutboxRecord>>,
 ) -> Result<Applied, EngineError> {
     let sequence = state.last_sequence() + 1;
+    if let Some(control) = outbox::decode_control(record) {
+        return control.map(Applied::Control).map_err(|e| {
+            EngineError::Thread(format!("raft entry before sequence {sequence}: {e}"))
+        });
+    }
     let (record, timestamp_ms) =
         codec::decode_record(record).map_err(|source| EngineError::Decode { sequence, source })?;
-    Ok(match record {
-        Record::Command(command) => {
+    Ok(match (record, events) {
+        (Record::Command(command), None) => {
             let outcome = state.apply(&command, sequence, timestamp_ms, &mut NoEvents);
             Applied::Command(command, outcome)
         }
-        Record::Basket(items) => {
+        (Record::Command(command), Some(events)) => {
+            let outcome = collect(events, state, &command, sequence, timestamp_ms, None);
+            Applied::Command(command, outcome)
+        }
+        (Record::Basket(items), None) => {
             state.apply_basket(&items, sequence, timestamp_ms, &mut NoEvents, outcomes);
             Applied::Basket(items)
         }
+        (Record::Basket(items), Some(events)) => {
+            collect_basket(
+                events,
+                state,
+                &items,
+                sequence,
+                timestamp_ms,
+                None,
+                outcomes,
+            );
+            Applied::Basket(items)
+        }
     })
+}
+
+/// What a replica keeps for the outbox, with Kafka on: the ledger every
+/// replica derives, and the leader's publisher.
+pub(super) struct ReplicaOutbox {
+    pub config: crate::config::KafkaConfig,
+    pub data_dir: std::path::PathBuf,
+    pub ledger: Ledger,
+    /// Records of the entries being applied, for the ledger and the publisher.
+    fresh: Vec<OutboxRecord>,
+    /// What the publisher has yet to be handed.
+    to_publish: Vec<OutboxRecord>,
+    publishing: Option<Publishing>,
+    /// A publisher that failed to start is tried again after this.
+    retry_at: Option<Instant>,
+}
+
+impl ReplicaOutbox {
+    pub(super) fn new(config: crate::config::KafkaConfig, data_dir: std::path::PathBuf) -> Self {
+        ReplicaOutbox {
+            config,
+            data_dir,
+            ledger: Ledger::default(),
+            fresh: Vec::new(),
+            to_publish: Vec::new(),
+            publishing: None,
+            retry_at: None,
+        }
+    }
 }
 
 /// What one held request waits for, in the order of its batch's records.
@@ -119,6 +179,7 @@ pub(super) fn start(
     config: EngineConfig,
     metrics: Arc<Metrics>,
     leadership: Arc<Leadership>,
+    outbox: Option<ReplicaOutbox>,
 ) -> Result<(Running, Sender<ToWriter>), EngineError> {
     let (clients, clients_rx) = crossbeam_channel::bounded(config.queue_capacity);
     let (feeds, feeds_rx) = crossbeam_channel::bounded(config.queue_capacity);
@@ -157,6 +218,7 @@ pub(super) fn start(
         outcomes: Vec::new(),
         pin_core: config.pin_core,
         capacity_orders: config.capacity_orders,
+        outbox,
     };
     let thread = std::thread::Builder::new()
         .name("engine".into())
@@ -293,6 +355,8 @@ struct ReplicaWriter {
     outcomes: Vec<Outcome>,
     pin_core: bool,
     capacity_orders: usize,
+    /// With Kafka on: the outbox ledger, and the publisher while leading.
+    outbox: Option<ReplicaOutbox>,
 }
 
 impl ReplicaWriter {
@@ -332,8 +396,12 @@ impl ReplicaWriter {
                 }
             }
             self.maybe_tick();
+            self.follow_outbox();
         }
         self.metrics.ready.set(0);
+        if let Some(publishing) = self.outbox.as_mut().and_then(|o| o.publishing.take()) {
+            publishing.stop();
+        }
         // Whatever still waits gets UNAVAILABLE: its entry may yet commit on
         // the other replicas (resend with the same key).
         for (_, held) in self.held.drain() {
@@ -359,15 +427,27 @@ impl ReplicaWriter {
                         self.apply(batch)?;
                     }
                 }
+                self.hand_to_publisher();
                 self.published();
                 let _ = done.send(());
             }
-            ToWriter::Install(state, done) => {
+            ToWriter::Install(installed, done) => {
+                let (state, ledger) = *installed;
                 tracing::info!(
                     sequence = state.last_sequence(),
+                    outbox_ledger = ledger.len(),
                     "replica state replaced by a snapshot"
                 );
-                self.state = *state;
+                self.state = state;
+                if let Some(outbox) = &mut self.outbox {
+                    outbox.ledger = ledger;
+                    // A publisher of the state before: the next turn starts
+                    // one from this ledger if this replica still leads.
+                    if let Some(publishing) = outbox.publishing.take() {
+                        publishing.stop();
+                    }
+                    outbox.to_publish.clear();
+                }
                 // Proposals of this writer before the snapshot are not in
                 // this state's past: refuse them (their keys make a resend
                 // safe).
@@ -395,6 +475,80 @@ impl ReplicaWriter {
             .engine_last_sequence
             .set(self.state.last_sequence() as i64);
         self.metrics.accounts.set(self.state.account_count() as i64);
+        if let Some(outbox) = &self.outbox {
+            self.metrics
+                .kafka
+                .outbox_ledger_records
+                .set(outbox.ledger.len() as i64);
+        }
+    }
+
+    /// The records of what was just applied go to the publisher, if this
+    /// replica publishes.
+    fn hand_to_publisher(&mut self) {
+        let Some(outbox) = &mut self.outbox else {
+            return;
+        };
+        let Some(publishing) = &outbox.publishing else {
+            outbox.to_publish.clear();
+            return;
+        };
+        let records = std::mem::take(&mut outbox.to_publish);
+        publishing.hand(self.state.last_sequence(), records);
+    }
+
+    /// With Kafka on: a publisher runs while this replica leads (started from
+    /// the ledger, stopped when leadership is lost), and what it had
+    /// acknowledged is journaled every `outbox::ACK_INTERVAL`.
+    fn follow_outbox(&mut self) {
+        let serving = self.leadership.is_serving();
+        let room = self.held.len() < PROPOSALS_IN_FLIGHT;
+        let Some(outbox) = &mut self.outbox else {
+            return;
+        };
+        let acknowledge = match (&mut outbox.publishing, serving) {
+            (Some(_), false) => {
+                if let Some(publishing) = outbox.publishing.take() {
+                    tracing::info!("not leading: outbox publisher stops");
+                    publishing.stop();
+                }
+                None
+            }
+            (None, true) => {
+                if outbox.retry_at.is_some_and(|at| at > Instant::now()) {
+                    return;
+                }
+                match Publishing::start(
+                    &outbox.config,
+                    &outbox.data_dir,
+                    self.metrics.clone(),
+                    &outbox.ledger,
+                    self.state.last_sequence(),
+                ) {
+                    Ok(p) => {
+                        outbox.publishing = Some(p);
+                        outbox.retry_at = None;
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "outbox publisher did not start; retrying");
+                        outbox.retry_at = Some(Instant::now() + PUBLISHER_RETRY);
+                    }
+                }
+                None
+            }
+            (Some(publishing), true) if room => publishing.acknowledgement_due(&outbox.ledger),
+            _ => None,
+        };
+        if let Some(through) = acknowledge {
+            let (reply, _) = oneshot::channel();
+            self.propose(
+                vec![outbox::encode_acked(through)],
+                vec![Held {
+                    reply,
+                    shape: Shape::Internal,
+                }],
+            );
+        }
     }
 
     /// Applies one committed batch; releases its replies if it is ours.
@@ -464,7 +618,20 @@ impl ReplicaWriter {
         replies: Option<(Want, &mut Vec<CommandReply>)>,
     ) -> Result<(), EngineError> {
         let mut outcomes = std::mem::take(&mut self.outcomes);
-        let applied = apply_journal_record(&mut self.state, record, &mut outcomes);
+        let events = self.outbox.as_mut().map(|o| &mut o.fresh);
+        let applied = apply_journal_record(&mut self.state, record, &mut outcomes, events);
+        if let Some(outbox) = &mut self.outbox {
+            if !outbox.fresh.is_empty() {
+                outbox.ledger.push(&outbox.fresh);
+                if outbox.publishing.is_some() {
+                    outbox.to_publish.extend_from_slice(&outbox.fresh);
+                }
+                outbox.fresh.clear();
+            }
+            if let Ok(Applied::Control(Control::OutboxAcked(through))) = &applied {
+                outbox.ledger.acknowledge(*through);
+            }
+        }
         match (&applied, replies) {
             (Ok(Applied::Command(command, outcome)), Some((want, replies))) => {
                 replies.push(command_reply(&self.state, command, *outcome, want));
@@ -482,8 +649,9 @@ impl ReplicaWriter {
             _ => {}
         }
         self.outcomes = outcomes;
-        applied?;
-        self.metrics.engine_commands_total.inc();
+        if !matches!(applied?, Applied::Control(_)) {
+            self.metrics.engine_commands_total.inc();
+        }
         Ok(())
     }
 

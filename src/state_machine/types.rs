@@ -365,7 +365,7 @@ impl Account {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, serde::Serialize, serde::Deserialize)]
 pub enum EventKind {
     Reserved = 1,
     Unreserved = 2,
@@ -401,7 +401,7 @@ impl EventKind {
 /// An account event, as `apply` derives it. The sequence, timestamp and cause id
 /// come from the journaled command it belongs to; `event_id` is
 /// `"<sequence>-<index>"`, so re-deriving after a restart gives the same ids.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Event {
     pub kind: EventKind,
     pub account_id: AccountId,

@@ -432,6 +432,33 @@ impl GroupClient {
         assert_eq!(funded.into_inner().result, pb::Result::Ok as i32);
     }
 
+    /// Opens account `id` (USD), empty.
+    pub async fn open_account(&mut self, id: i64) {
+        let opened = self
+            .at_any("open an account", |channel| async move {
+                AdminServiceClient::new(channel)
+                    .open_account(pb::OpenAccountRequest {
+                        request_id: format!("open-{id}"),
+                        account_id: id,
+                        base_currency: "USD".into(),
+                    })
+                    .await
+            })
+            .await;
+        assert_eq!(opened.into_inner().result, pb::Result::Ok as i32);
+    }
+
+    /// Account `id`, read at the leader.
+    pub async fn account(&mut self, id: i64) -> pb::Account {
+        self.at_any("an account", |channel| async move {
+            AccountServiceClient::new(channel)
+                .get_account(pb::GetAccountRequest { account_id: id })
+                .await
+        })
+        .await
+        .into_inner()
+    }
+
     /// `(available, reserved)` of account 1's USD, read at the leader.
     pub async fn account_1(&mut self) -> (rust_decimal::Decimal, rust_decimal::Decimal) {
         let a = self

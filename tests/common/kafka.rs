@@ -5,6 +5,8 @@
 //! tansu must be installed (`.ci/run` does it: `cargo install tansu --locked
 //! --features libsql,dynostore`); without it the tests fail and say so.
 
+use account_service::proto::events;
+use prost::Message as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -12,6 +14,7 @@ use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -284,4 +287,55 @@ pub fn metrics_text(port: u16) -> String {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
+}
+
+/// A BUY or SELL fill of `qty` ACME at `price` (filled amount exact).
+pub fn fill(
+    event_id: &str,
+    account_id: i64,
+    side: &str,
+    qty: &str,
+    price: &str,
+) -> events::FillEvent {
+    let amount = account_service::domain::amount::round(super::d(qty) * super::d(price));
+    events::FillEvent {
+        event_id: event_id.into(),
+        order_id: format!("ord-{event_id}"),
+        account_id,
+        symbol: "ACME".into(),
+        side: side.into(),
+        quantity: qty.into(),
+        fill_price: price.into(),
+        filled_amount: account_service::domain::amount::format(amount),
+        timestamp: account_service::engine::now_ms(),
+        currency: String::new(),
+    }
+}
+
+/// The account events of `messages`, with their keys.
+pub fn account_events(messages: &[OwnedMessage]) -> Vec<(String, events::AccountEvent)> {
+    messages
+        .iter()
+        .map(|m| {
+            let key = String::from_utf8(m.key().unwrap().to_vec()).unwrap();
+            let e = events::AccountEvent::decode(m.payload().unwrap()).unwrap();
+            (key, e)
+        })
+        .collect()
+}
+
+/// A republished event is the same event: same id, same content.
+pub fn assert_duplicates_identical(
+    events: &[(String, events::AccountEvent)],
+) -> HashMap<String, events::AccountEvent> {
+    let mut by_id: HashMap<String, events::AccountEvent> = HashMap::new();
+    for (key, e) in events {
+        assert_eq!(key, &e.account_id.to_string(), "keyed by account_id");
+        if let Some(seen) = by_id.get(&e.event_id) {
+            assert_eq!(seen, e, "a duplicate event_id must be the same event");
+        } else {
+            by_id.insert(e.event_id.clone(), e.clone());
+        }
+    }
+    by_id
 }

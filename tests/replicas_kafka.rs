@@ -1,0 +1,175 @@
+//! Replicas with Kafka (design 7), as real processes on loopback with a real
+//! broker (tansu): only the leader consumes and publishes. While fills flow,
+//! the leader is killed (SIGKILL) again and again: each fill must be applied
+//! exactly once (offsets are in the replicated state), every fill's account
+//! events must be published, and an event published twice (a new leader
+//! republishes what its ledger holds) must be the same event, same id.
+
+mod common;
+
+use account_service::proto::events;
+use common::group::{Group, PATIENCE};
+use common::kafka::{
+    account_events, assert_duplicates_identical, fill, produce, Broker, EVENTS, FILLS,
+};
+use prost::Message as _;
+use rust_decimal::Decimal;
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+const ACCOUNTS: i64 = 10;
+const FILLS_TOTAL: usize = 3_000;
+/// Fills produced per burst, and the pause between bursts: the stream lasts
+/// longer than the kills.
+const BURST: usize = 50;
+const BURST_EVERY: Duration = Duration::from_millis(100);
+const KILLS: usize = 3;
+
+fn d(s: &str) -> Decimal {
+    Decimal::from_str(s).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fills_through_leader_kills_apply_exactly_once_and_events_keep_their_ids() {
+    let broker = Broker::start();
+    broker.create_service_topics(3).await;
+    let bootstrap = broker.bootstrap();
+    // Snapshots every 50 entries: restarts start from a snapshot, and the
+    // ledger travels in it.
+    let mut group = Group::start(
+        3,
+        &[
+            "--kafka-brokers",
+            &bootstrap,
+            "--raft-snapshot-entries",
+            "50",
+        ],
+    )
+    .await;
+    let mut client = group.client();
+    for id in 1..=ACCOUNTS {
+        client.open_account(id).await;
+    }
+
+    // BUY fills only: quantity and cost basis are exact sums, cash goes
+    // negative by the cost.
+    let mut expected: HashMap<i64, (Decimal, Decimal)> = HashMap::new();
+    let mut fills = Vec::with_capacity(FILLS_TOTAL);
+    for i in 0..FILLS_TOTAL {
+        let account = 1 + (i as i64 % ACCOUNTS);
+        let f = fill(
+            &format!("f-{i}"),
+            account,
+            "BUY",
+            &format!("{}.{}", 1 + i % 7, i % 10),
+            &format!("{}.{:02}", 10 + i % 13, i % 100),
+        );
+        let e = expected.entry(account).or_default();
+        e.0 += d(&f.quantity);
+        e.1 += d(&f.filled_amount);
+        fills.push(f);
+    }
+    let producer = broker.producer();
+    let producing = tokio::spawn(async move {
+        for burst in fills.chunks(BURST) {
+            for f in burst {
+                produce(
+                    &producer,
+                    FILLS,
+                    &f.account_id.to_string(),
+                    &f.encode_to_vec(),
+                )
+                .await;
+            }
+            tokio::time::sleep(BURST_EVERY).await;
+        }
+    });
+
+    let mut failovers = Vec::new();
+    for cycle in 1..=KILLS {
+        let leader = group.leader().await;
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let killed_at = Instant::now();
+        group.nodes[leader].kill9();
+        let next = group.leader().await;
+        let failover = killed_at.elapsed();
+        eprintln!(
+            "cycle {cycle}: node {} killed, node {} leads after {failover:?}",
+            group.nodes[leader].id, group.nodes[next].id
+        );
+        failovers.push(failover);
+        group.spawn(leader);
+    }
+    producing.await.unwrap();
+
+    // Every fill applied, and exactly once (a second application would
+    // overshoot the quantity, a lost one fall short).
+    let deadline = Instant::now() + 2 * PATIENCE;
+    loop {
+        let mut done = 0;
+        for (&id, (qty, _)) in &expected {
+            if position(&client.account(id).await).0 == *qty {
+                done += 1;
+            }
+        }
+        if done == expected.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "fills not all applied: {done} accounts of {ACCOUNTS}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (&id, (qty, cost)) in &expected {
+        let a = client.account(id).await;
+        assert_eq!(position(&a), (*qty, *cost), "account {id}");
+        let available: Decimal = d(&a.cash[0].available);
+        assert_eq!(available, -*cost, "account {id}");
+    }
+    group.converged().await;
+
+    // Every fill's two legs were published; duplicates only by event id.
+    let messages = broker.read_all(EVENTS, 2 * FILLS_TOTAL, 2 * PATIENCE);
+    let events = account_events(&messages);
+    let by_id = assert_duplicates_identical(&events);
+    let mut legs: HashMap<&str, HashSet<&str>> = HashMap::new();
+    for e in by_id.values() {
+        if e.r#type == events::AccountEventType::FillApplied as i32 {
+            legs.entry(e.cause_id.as_str())
+                .or_default()
+                .insert(e.event_id.as_str());
+        }
+    }
+    assert_eq!(legs.len(), FILLS_TOTAL, "a fill without account events");
+    assert!(
+        legs.values().all(|ids| ids.len() == 2),
+        "a fill with a leg missing"
+    );
+    // Event ids are `<sequence>-<n>`: one sequence per fill, never reused.
+    let sequences: HashSet<&str> = legs
+        .values()
+        .flat_map(|ids| ids.iter().map(|id| id.split('-').next().unwrap()))
+        .collect();
+    assert_eq!(sequences.len(), FILLS_TOTAL, "two fills share a sequence");
+    failovers.sort();
+    eprintln!(
+        "events read: {}, distinct: {}, republished duplicates: {}; failover median {:?}, max {:?}",
+        events.len(),
+        by_id.len(),
+        events.len() - by_id.len(),
+        failovers[failovers.len() / 2],
+        failovers.last().unwrap()
+    );
+}
+
+fn position(a: &account_service::proto::account::v1::Account) -> (Decimal, Decimal) {
+    a.positions
+        .iter()
+        .find(|p| p.symbol == "ACME")
+        .map_or((Decimal::ZERO, Decimal::ZERO), |p| {
+            (d(&p.quantity), d(&p.cost_basis))
+        })
+}
