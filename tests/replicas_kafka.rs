@@ -10,7 +10,8 @@ mod common;
 use account_service::proto::events;
 use common::group::{Group, PATIENCE};
 use common::kafka::{
-    account_events, assert_duplicates_identical, fill, produce, Broker, EVENTS, FILLS,
+    account_events, assert_duplicates_identical, fill, metric, metrics_text, produce, Broker,
+    EVENTS, FILLS,
 };
 use prost::Message as _;
 use rust_decimal::Decimal;
@@ -154,6 +155,24 @@ async fn fills_through_leader_kills_apply_exactly_once_and_events_keep_their_ids
         .flat_map(|ids| ids.iter().map(|id| id.split('-').next().unwrap()))
         .collect();
     assert_eq!(sequences.len(), FILLS_TOTAL, "two fills share a sequence");
+    // The broker's acknowledgements were journaled: every replica's ledger
+    // drains (no replica keeps what was published).
+    let deadline = Instant::now() + PATIENCE;
+    for node in &group.nodes {
+        loop {
+            let scraped = metrics_text(node.metrics_port).contains("account_outbox_ledger_records");
+            let held = metric(node.metrics_port, "account_outbox_ledger_records");
+            if scraped && held == 0.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {}: {held} ledger records never acknowledged",
+                node.id
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     failovers.sort();
     eprintln!(
         "events read: {}, distinct: {}, republished duplicates: {}; failover median {:?}, max {:?}",
