@@ -420,7 +420,7 @@ pub enum ConfigError {
     KafkaOption(String),
     #[error("--node-id {0} is not one of --peers")]
     NotAPeer(u64),
-    #[error("--{0} with replicas (--peers) is not built yet: replicas run without PostgreSQL snapshots for now")]
+    #[error("--{0} does not apply to replicas (--peers): a replica starts from its raft snapshot and log, never from PostgreSQL")]
     NotWithReplicas(&'static str),
     #[error("--raft-token is needed with --auth-tokens and replicas: the token (role `replica`) this replica shows the others' raft ports")]
     NoRaftToken,
@@ -439,8 +439,8 @@ impl ServeArgs {
         if !peers.contains_key(&node_id) {
             return Err(ConfigError::NotAPeer(node_id));
         }
-        if self.postgres_url.is_some() {
-            return Err(ConfigError::NotWithReplicas("postgres-url"));
+        if self.restore_from_snapshot {
+            return Err(ConfigError::NotWithReplicas("restore-from-snapshot"));
         }
         if self.auth_tokens.is_some() && self.raft_token.is_none() {
             return Err(ConfigError::NoRaftToken);
@@ -618,8 +618,12 @@ mod tests {
             ConfigError::NoRaftCa
         ));
         assert!(matches!(
-            refused(&["--postgres-url", "postgres://h/db"]),
-            ConfigError::NotWithReplicas("postgres-url")
+            refused(&[
+                "--postgres-url",
+                "postgres://h/db",
+                "--restore-from-snapshot"
+            ]),
+            ConfigError::NotWithReplicas("restore-from-snapshot")
         ));
         let ok = serve_args(&["--auth-tokens", "t", "--raft-token", "x"]);
         assert!(ok.replica_config().unwrap().is_some());

@@ -265,7 +265,7 @@ impl Writer {
             self.metrics.clone(),
             watermark,
             at,
-            self.wal.reader(),
+            crate::snapshot::HistorySource::Journal(self.wal.reader()),
         ));
         self.retained_from = at;
         self.snapshot_offered_at = at;

@@ -22,7 +22,7 @@
 // openraft's own error type, which its traits return: not ours to shrink.
 #![allow(clippy::result_large_err)]
 
-use super::outbox::Ledger;
+use super::outbox::{Ledger, Sinks};
 use super::shadow::{Captured, Image, ToShadow};
 use super::writer::ToWriter;
 use super::{Member, NodeId, TypeConfig};
@@ -79,11 +79,11 @@ impl Machine {
     pub(super) async fn open(
         dir: PathBuf,
         to_writer: crossbeam_channel::Sender<ToWriter>,
-        keep_ledger: bool,
+        sinks: Sinks,
     ) -> Result<Machine, StorageError<NodeId>> {
         std::fs::create_dir_all(&dir).map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
         let to_shadow =
-            super::shadow::start(keep_ledger).map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
+            super::shadow::start(sinks).map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
         let mut machine = Machine {
             to_writer,
             to_shadow,
@@ -143,19 +143,21 @@ impl Machine {
     }
 }
 
-/// A snapshot's data: the rows, then the outbox ledger when one follows.
-fn encode_data(rows: &Rows, ledger: &Ledger) -> Result<Vec<u8>, postcard::Error> {
+/// A snapshot's data: the rows, then the outbox ledger when there is one.
+fn encode_data(rows: &Rows, ledger: Option<&Ledger>) -> Result<Vec<u8>, postcard::Error> {
     let mut data = postcard::to_allocvec(rows)?;
-    if !ledger.is_empty() || ledger.acked_through() > 0 {
+    if let Some(ledger) = ledger {
         data.extend_from_slice(&postcard::to_allocvec(ledger)?);
     }
     Ok(data)
 }
 
+/// The rows, and the ledger; data without one (a group without sinks, or
+/// from before ledgers) gives a ledger that begins at the rows' sequence.
 fn decode_data(data: &[u8]) -> Result<(Rows, Ledger), postcard::Error> {
     let (rows, rest) = postcard::take_from_bytes::<Rows>(data)?;
     let ledger = match rest {
-        [] => Ledger::default(),
+        [] => Ledger::starting_at(rows.sequence),
         rest => postcard::from_bytes(rest)?,
     };
     Ok((rows, ledger))
@@ -297,7 +299,7 @@ impl RaftSnapshotBuilder<TypeConfig> for Machine {
                 membership,
             } = image;
             let data =
-                encode_data(&rows, &ledger).map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
+                encode_data(&rows, ledger.as_ref()).map_err(|e| snapshot_error(ErrorVerb::Write, e))?;
             let sequence = rows.sequence;
             let snapshot_id = match applied {
                 Some(l) => format!("{}-{}-{sequence}", l.leader_id.term, l.index),
@@ -341,23 +343,29 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_data_without_a_ledger_has_an_empty_one() {
-        // A group without Kafka, or a snapshot taken before ledgers existed.
+    fn snapshot_data_without_a_ledger_gives_one_that_begins_at_its_sequence() {
+        // A group without sinks, or a snapshot taken before ledgers existed:
+        // no event of the sequences before it can be asked of the ledger.
         let old = postcard::to_allocvec(&rows()).unwrap();
         let (back, ledger) = decode_data(&old).unwrap();
         assert_eq!(postcard::to_allocvec(&back).unwrap(), old);
-        assert_eq!(ledger, Ledger::default());
-        assert_eq!(encode_data(&rows(), &Ledger::default()).unwrap(), old);
+        assert_eq!(ledger, Ledger::starting_at(1));
+        assert_eq!(encode_data(&rows(), None).unwrap(), old);
     }
 
     #[test]
     fn snapshot_data_carries_the_ledger() {
-        let mut ledger = Ledger::default();
+        let mut ledger = Ledger::default().with_sinks(OUTBOX);
         ledger.acknowledge(1);
-        let data = encode_data(&rows(), &ledger).unwrap();
+        let data = encode_data(&rows(), Some(&ledger)).unwrap();
         let (_, back) = decode_data(&data).unwrap();
-        assert_eq!(back, ledger);
+        assert_eq!(back.with_sinks(OUTBOX), ledger);
         // A ledger cut short is an error, not an empty ledger.
         assert!(decode_data(&data[..data.len() - 1]).is_err());
     }
+
+    const OUTBOX: Sinks = Sinks {
+        outbox: true,
+        history: false,
+    };
 }

@@ -41,9 +41,12 @@
 //!   (outbox.rs): a failover republishes at most the last moments' events,
 //!   with their original ids.
 //!
-//! Not yet: PostgreSQL snapshots with replicas (the service refuses the
-//! combination).
+//! * With PostgreSQL on, only the leader writes snapshots (the read model
+//!   and its history, duties.rs), recording its raft term; a new leader's
+//!   first snapshot is a full one. Start-up never reads PostgreSQL: a
+//!   replica starts from its raft snapshot and log.
 
+mod duties;
 pub mod log;
 mod machine;
 pub mod network;
@@ -234,10 +237,10 @@ impl Replica {
             || std::path::PathBuf::from("."),
             std::path::Path::to_path_buf,
         );
-        let keep_ledger = kafka.is_some();
-        let outbox = kafka.map(|k| writer::ReplicaOutbox::new(k, data_dir));
-        let (writer, to_writer) = writer::start(engine, metrics, leadership.clone(), outbox)?;
-        let machine = machine::Machine::open(snapshots, to_writer, keep_ledger)
+        let sinks = duties::sinks(kafka.is_some(), engine.snapshot.as_ref());
+        let duties = duties::Duties::new(kafka, engine.snapshot.clone(), data_dir, metrics.clone());
+        let (writer, to_writer) = writer::start(engine, metrics, leadership.clone(), duties)?;
+        let machine = machine::Machine::open(snapshots, to_writer, sinks)
             .await
             .map_err(storage_error)?;
         let config = Arc::new(

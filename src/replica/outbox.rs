@@ -40,8 +40,8 @@
 //!
 //! ```text
 //! +------+------+------------------+
-//! | 0xFF | kind | through: u64 LE  |   kind 1: OUTBOX_ACKED (10 bytes)
-//! +------+------+------------------+
+//! | 0xFF | kind | through: u64 LE  |   kind 1: OUTBOX_ACKED, 2: HISTORY_WRITTEN
+//! +------+------+------------------+   (10 bytes)
 //! ```
 
 use crate::config::KafkaConfig;
@@ -58,7 +58,8 @@ use std::time::{Duration, Instant};
 pub const CONTROL: u8 = 0xFF;
 const _: () = assert!(CONTROL != crate::engine::codec::FORMAT_VERSION);
 const OUTBOX_ACKED: u8 = 1;
-const ACKED_LEN: usize = 10;
+const HISTORY_WRITTEN: u8 = 2;
+const CONTROL_LEN: usize = 10;
 
 /// Least time between two acknowledgements the leader journals.
 pub const ACK_INTERVAL: Duration = Duration::from_millis(100);
@@ -69,14 +70,26 @@ pub enum Control {
     /// The broker acknowledged every record of every command through this
     /// sequence.
     OutboxAcked(u64),
+    /// A snapshot's history in PostgreSQL holds every event through this
+    /// sequence.
+    HistoryWritten(u64),
 }
 
 /// Encodes `OUTBOX_ACKED(through)`.
 pub fn encode_acked(through: u64) -> Vec<u8> {
-    let mut record = Vec::with_capacity(ACKED_LEN);
-    record.extend_from_slice(&[CONTROL, OUTBOX_ACKED]);
+    encode_control(OUTBOX_ACKED, through)
+}
+
+/// Encodes `HISTORY_WRITTEN(through)`.
+pub fn encode_history_written(through: u64) -> Vec<u8> {
+    encode_control(HISTORY_WRITTEN, through)
+}
+
+fn encode_control(kind: u8, through: u64) -> Vec<u8> {
+    let mut record = Vec::with_capacity(CONTROL_LEN);
+    record.extend_from_slice(&[CONTROL, kind]);
     record.extend_from_slice(&through.to_le_bytes());
-    debug_assert_eq!(record.len(), ACKED_LEN);
+    debug_assert_eq!(record.len(), CONTROL_LEN);
     record
 }
 
@@ -85,11 +98,17 @@ pub fn decode_control(record: &[u8]) -> Option<Result<Control, String>> {
     if record.first() != Some(&CONTROL) {
         return None;
     }
+    let through = |bytes: &[u8]| {
+        let mut through = [0; 8];
+        through.copy_from_slice(bytes);
+        u64::from_le_bytes(through)
+    };
     Some(match record {
-        [CONTROL, OUTBOX_ACKED, through @ ..] if through.len() == 8 => {
-            let mut bytes = [0; 8];
-            bytes.copy_from_slice(through);
-            Ok(Control::OutboxAcked(u64::from_le_bytes(bytes)))
+        [CONTROL, OUTBOX_ACKED, rest @ ..] if rest.len() == 8 => {
+            Ok(Control::OutboxAcked(through(rest)))
+        }
+        [CONTROL, HISTORY_WRITTEN, rest @ ..] if rest.len() == 8 => {
+            Ok(Control::HistoryWritten(through(rest)))
         }
         [CONTROL, kind, ..] => Err(format!(
             "control record of kind {kind} and {} bytes",
@@ -99,18 +118,63 @@ pub fn decode_control(record: &[u8]) -> Option<Result<Control, String>> {
     })
 }
 
-/// The records derived from committed commands that the broker has not
-/// acknowledged (as far as the group's journal says), in sequence order.
+/// Who must have taken a record before the ledger drops it: the broker
+/// (Kafka on) and the read model's history (PostgreSQL with history on).
+/// The same on every replica of a group (their flags).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sinks {
+    pub outbox: bool,
+    pub history: bool,
+}
+
+impl Sinks {
+    pub fn any(self) -> bool {
+        self.outbox || self.history
+    }
+}
+
+/// The records derived from committed commands that a sink has not taken
+/// yet (as far as the group's journal says), in sequence order.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ledger {
-    /// Every record of a command at or below this sequence was acknowledged.
+    /// The broker acknowledged every record through this sequence.
     acked_through: u64,
+    /// `account_events` holds every event through this sequence.
+    history_through: u64,
+    /// Records of every sequence above this one were collected (the ledger
+    /// began there: a group that ran without sinks before).
+    complete_from: u64,
+    /// Records at or below this were dropped (every sink had them).
+    dropped_through: u64,
     records: VecDeque<OutboxRecord>,
+    #[serde(skip)]
+    sinks: Sinks,
 }
 
 impl Ledger {
+    /// A ledger that collects from the sequence after `sequence` on.
+    pub fn starting_at(sequence: u64) -> Ledger {
+        Ledger {
+            complete_from: sequence,
+            dropped_through: sequence,
+            acked_through: sequence,
+            history_through: sequence,
+            ..Ledger::default()
+        }
+    }
+
+    /// Which sinks this replica's flags name (not part of the snapshot).
+    pub fn with_sinks(mut self, sinks: Sinks) -> Ledger {
+        self.sinks = sinks;
+        self
+    }
+
     pub fn acked_through(&self) -> u64 {
         self.acked_through
+    }
+
+    pub fn history_through(&self) -> u64 {
+        self.history_through
     }
 
     pub fn len(&self) -> usize {
@@ -124,7 +188,7 @@ impl Ledger {
     /// Appends the records of commands just applied (sequences above every
     /// record held).
     pub fn push(&mut self, records: &[OutboxRecord]) {
-        debug_assert!(records.iter().all(|r| r.sequence > self.acked_through));
+        debug_assert!(records.iter().all(|r| r.sequence > self.dropped_through));
         debug_assert!(match (self.records.back(), records.first()) {
             (Some(last), Some(first)) => first.sequence >= last.sequence,
             _ => true,
@@ -132,23 +196,73 @@ impl Ledger {
         self.records.extend(records.iter().copied());
     }
 
-    /// The broker acknowledged everything through `through`: drops it. An
-    /// older acknowledgement (journaled by a leader that was behind) changes
+    /// The broker acknowledged everything through `through`. An older
+    /// acknowledgement (journaled by a leader that was behind) changes
     /// nothing.
     pub fn acknowledge(&mut self, through: u64) {
-        if through <= self.acked_through {
-            return;
-        }
-        self.acked_through = through;
-        while self.records.front().is_some_and(|r| r.sequence <= through) {
-            self.records.pop_front();
-        }
-        debug_assert!(self.records.iter().all(|r| r.sequence > through));
+        self.acked_through = self.acked_through.max(through);
+        self.trim();
     }
 
-    /// Everything held, for a publisher that starts.
+    /// `account_events` holds everything through `through`.
+    pub fn history_written(&mut self, through: u64) {
+        self.history_through = self.history_through.max(through);
+        self.trim();
+    }
+
+    /// Drops what every sink has taken.
+    fn trim(&mut self) {
+        let floor = match (self.sinks.outbox, self.sinks.history) {
+            (true, true) => self.acked_through.min(self.history_through),
+            (true, false) => self.acked_through,
+            (false, true) => self.history_through,
+            (false, false) => return,
+        };
+        if floor <= self.dropped_through {
+            return;
+        }
+        self.dropped_through = floor;
+        while self.records.front().is_some_and(|r| r.sequence <= floor) {
+            self.records.pop_front();
+        }
+        debug_assert!(self.records.iter().all(|r| r.sequence > floor));
+    }
+
+    /// What the broker has not acknowledged, for a publisher that starts.
     pub fn pending(&self) -> Vec<OutboxRecord> {
-        self.records.iter().copied().collect()
+        self.records
+            .iter()
+            .filter(|r| r.sequence > self.acked_through)
+            .copied()
+            .collect()
+    }
+
+    /// Appends the records of sequences `from + 1 ..= through` to `out`.
+    /// Sequences at or below where the ledger began collecting have none to
+    /// give (returned: the first sequence given); ones it dropped are an
+    /// error.
+    pub fn read(
+        &self,
+        from: u64,
+        through: u64,
+        out: &mut Vec<OutboxRecord>,
+    ) -> Result<u64, String> {
+        let start = from.max(self.complete_from);
+        if start < self.dropped_through {
+            return Err(format!(
+                "the events of sequences {}..={} are no longer held (every sink had taken them)",
+                start + 1,
+                self.dropped_through
+            ));
+        }
+        let first = self.records.partition_point(|r| r.sequence <= start);
+        out.extend(
+            self.records
+                .range(first..)
+                .take_while(|r| r.sequence <= through)
+                .copied(),
+        );
+        Ok(start + 1)
     }
 }
 
@@ -270,13 +384,26 @@ mod tests {
         crate::engine::codec::encode(&crate::domain::Command::Tick, 5, &mut journal);
         assert_eq!(decode_control(&journal), None);
         assert!(matches!(decode_control(&acked[..9]), Some(Err(_))));
+        assert_eq!(
+            decode_control(&encode_history_written(42)),
+            Some(Ok(Control::HistoryWritten(42)))
+        );
         assert!(matches!(decode_control(&[CONTROL, 9, 0]), Some(Err(_))));
         assert!(matches!(decode_control(&[CONTROL]), Some(Err(_))));
     }
 
+    const OUTBOX: Sinks = Sinks {
+        outbox: true,
+        history: false,
+    };
+    const BOTH: Sinks = Sinks {
+        outbox: true,
+        history: true,
+    };
+
     #[test]
     fn an_acknowledgement_drops_what_it_covers_and_never_goes_back() {
-        let mut ledger = Ledger::default();
+        let mut ledger = Ledger::default().with_sinks(OUTBOX);
         ledger.push(&[record(3, 0), record(3, 1), record(5, 0)]);
         ledger.push(&[record(9, 0)]);
         ledger.acknowledge(3);
@@ -294,12 +421,39 @@ mod tests {
     }
 
     #[test]
+    fn a_record_stays_until_every_sink_has_it() {
+        let mut ledger = Ledger::default().with_sinks(BOTH);
+        ledger.push(&[record(2, 0), record(4, 0), record(6, 0)]);
+        ledger.acknowledge(6);
+        // Published, not yet in the history: kept, but no longer pending.
+        assert_eq!(ledger.len(), 3);
+        assert!(ledger.pending().is_empty());
+        ledger.history_written(4);
+        assert_eq!(ledger.len(), 1);
+        // History reads a span; what was dropped is an error, not a gap.
+        let mut out = Vec::new();
+        assert_eq!(ledger.read(4, 6, &mut out), Ok(5));
+        assert_eq!(out, vec![record(6, 0)]);
+        assert!(ledger.read(1, 6, &mut Vec::new()).is_err());
+    }
+
+    #[test]
+    fn a_ledger_that_began_late_gives_history_what_it_has() {
+        // A group that ran without sinks up to sequence 10.
+        let mut ledger = Ledger::starting_at(10).with_sinks(BOTH);
+        ledger.push(&[record(11, 0), record(12, 0)]);
+        let mut out = Vec::new();
+        assert_eq!(ledger.read(0, 11, &mut out), Ok(11));
+        assert_eq!(out, vec![record(11, 0)]);
+    }
+
+    #[test]
     fn a_ledger_survives_its_serialization_exactly() {
-        let mut ledger = Ledger::default();
+        let mut ledger = Ledger::default().with_sinks(OUTBOX);
         ledger.push(&[record(4, 0), record(4, 1)]);
         ledger.acknowledge(2);
         let bytes = postcard::to_allocvec(&ledger).unwrap();
         let back: Ledger = postcard::from_bytes(&bytes).unwrap();
-        assert_eq!(back, ledger);
+        assert_eq!(back.with_sinks(OUTBOX), ledger);
     }
 }

@@ -9,7 +9,7 @@
 //! Kafka on it keeps its own outbox ledger the same way (outbox.rs), so a
 //! snapshot holds the ledger of its entry.
 
-use super::outbox::{Control, Ledger};
+use super::outbox::{Control, Ledger, Sinks};
 use super::writer::{apply_journal_record, Applied};
 use super::{Member, NodeId, TypeConfig};
 use crate::state_machine::{Rows, State};
@@ -28,7 +28,8 @@ pub(super) struct Captured {
 /// The state's rows as of an entry, and the membership there.
 pub(super) struct Image {
     pub rows: Rows,
-    pub ledger: Ledger,
+    /// With sinks (Kafka, PostgreSQL history) only.
+    pub ledger: Option<Ledger>,
     pub applied: Option<LogId<NodeId>>,
     pub membership: StoredMembership<NodeId, Member>,
 }
@@ -40,21 +41,22 @@ pub(super) enum ToShadow {
     Install(Box<Captured>),
 }
 
-/// Starts the shadow thread (keeping an outbox ledger when `ledger`); it
-/// ends when the sender is dropped.
-pub(super) fn start(ledger: bool) -> std::io::Result<crossbeam_channel::Sender<ToShadow>> {
+/// Starts the shadow thread (keeping a ledger for `sinks`, if any); it ends
+/// when the sender is dropped.
+pub(super) fn start(sinks: Sinks) -> std::io::Result<crossbeam_channel::Sender<ToShadow>> {
     // Unbounded, and bounded in practice: it applies as fast as the writer,
     // which openraft waits for before it sends more.
     let (tx, rx) = crossbeam_channel::unbounded();
     std::thread::Builder::new()
         .name("raft-shadow".into())
-        .spawn(move || run(rx, ledger))?;
+        .spawn(move || run(rx, sinks))?;
     Ok(tx)
 }
 
-fn run(rx: crossbeam_channel::Receiver<ToShadow>, keep_ledger: bool) {
+fn run(rx: crossbeam_channel::Receiver<ToShadow>, sinks: Sinks) {
     let mut state = State::default();
-    let mut ledger = Ledger::default();
+    let keep_ledger = sinks.any();
+    let mut ledger = Ledger::default().with_sinks(sinks);
     let mut events = Vec::new();
     let mut applied = None;
     let mut membership = StoredMembership::default();
@@ -81,6 +83,9 @@ fn run(rx: crossbeam_channel::Receiver<ToShadow>, keep_ledger: bool) {
                                     Ok(Applied::Control(Control::OutboxAcked(through))) => {
                                         ledger.acknowledge(through)
                                     }
+                                    Ok(Applied::Control(Control::HistoryWritten(through))) => {
+                                        ledger.history_written(through)
+                                    }
                                     Ok(_) => {
                                         ledger.push(&events);
                                         events.clear();
@@ -105,7 +110,7 @@ fn run(rx: crossbeam_channel::Receiver<ToShadow>, keep_ledger: bool) {
                     Some(e) => Err(e.clone()),
                     None => Ok(Image {
                         rows: state.rows(),
-                        ledger: ledger.clone(),
+                        ledger: keep_ledger.then(|| ledger.clone()),
                         applied,
                         membership: membership.clone(),
                     }),
@@ -114,7 +119,7 @@ fn run(rx: crossbeam_channel::Receiver<ToShadow>, keep_ledger: bool) {
             }
             ToShadow::Install(captured) => {
                 state = captured.state;
-                ledger = captured.ledger;
+                ledger = captured.ledger.with_sinks(sinks);
                 applied = captured.applied;
                 membership = captured.membership;
                 failed = None;

@@ -16,7 +16,8 @@
 //!   applied if the entry reached a majority, which the idempotency keys make
 //!   safe to resend.
 
-use super::outbox::{self, Control, Ledger, Publishing};
+use super::duties::Duties;
+use super::outbox::{self, Control, Ledger};
 use super::{Batch, Leadership, TypeConfig};
 use crate::domain::Command;
 use crate::egress::outbox::{collect, collect_basket, OutboxRecord};
@@ -33,7 +34,7 @@ use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::oneshot;
 
 /// Batches proposed and not yet applied, at most.
@@ -47,8 +48,6 @@ pub const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(2);
 pub const ENTRY_BYTES_MAX: usize = 3 << 20;
 /// Longest the writer sleeps with nothing to do.
 const IDLE_MAX: Duration = Duration::from_millis(100);
-/// A publisher that failed to start is started again after this.
-const PUBLISHER_RETRY: Duration = Duration::from_secs(1);
 /// Least journaled time between two ticks the leader proposes.
 const TICK_SPACING_MS: i64 = 100;
 
@@ -122,35 +121,6 @@ pub(super) fn apply_journal_record(
     })
 }
 
-/// What a replica keeps for the outbox, with Kafka on: the ledger every
-/// replica derives, and the leader's publisher.
-pub(super) struct ReplicaOutbox {
-    pub config: crate::config::KafkaConfig,
-    pub data_dir: std::path::PathBuf,
-    pub ledger: Ledger,
-    /// Records of the entries being applied, for the ledger and the publisher.
-    fresh: Vec<OutboxRecord>,
-    /// What the publisher has yet to be handed.
-    to_publish: Vec<OutboxRecord>,
-    publishing: Option<Publishing>,
-    /// A publisher that failed to start is tried again after this.
-    retry_at: Option<Instant>,
-}
-
-impl ReplicaOutbox {
-    pub(super) fn new(config: crate::config::KafkaConfig, data_dir: std::path::PathBuf) -> Self {
-        ReplicaOutbox {
-            config,
-            data_dir,
-            ledger: Ledger::default(),
-            fresh: Vec::new(),
-            to_publish: Vec::new(),
-            publishing: None,
-            retry_at: None,
-        }
-    }
-}
-
 /// What one held request waits for, in the order of its batch's records.
 enum Shape {
     /// A record the writer added (settings, tick): no reply.
@@ -179,7 +149,7 @@ pub(super) fn start(
     config: EngineConfig,
     metrics: Arc<Metrics>,
     leadership: Arc<Leadership>,
-    outbox: Option<ReplicaOutbox>,
+    duties: Duties,
 ) -> Result<(Running, Sender<ToWriter>), EngineError> {
     let (clients, clients_rx) = crossbeam_channel::bounded(config.queue_capacity);
     let (feeds, feeds_rx) = crossbeam_channel::bounded(config.queue_capacity);
@@ -218,7 +188,7 @@ pub(super) fn start(
         outcomes: Vec::new(),
         pin_core: config.pin_core,
         capacity_orders: config.capacity_orders,
-        outbox,
+        duties,
     };
     let thread = std::thread::Builder::new()
         .name("engine".into())
@@ -355,8 +325,8 @@ struct ReplicaWriter {
     outcomes: Vec<Outcome>,
     pin_core: bool,
     capacity_orders: usize,
-    /// With Kafka on: the outbox ledger, and the publisher while leading.
-    outbox: Option<ReplicaOutbox>,
+    /// The ledger of derived events, and the leader's side effects.
+    duties: Duties,
 }
 
 impl ReplicaWriter {
@@ -396,12 +366,10 @@ impl ReplicaWriter {
                 }
             }
             self.maybe_tick();
-            self.follow_outbox();
+            self.follow_leadership();
         }
         self.metrics.ready.set(0);
-        if let Some(publishing) = self.outbox.as_mut().and_then(|o| o.publishing.take()) {
-            publishing.stop();
-        }
+        self.duties.stop(&mut self.state);
         // Whatever still waits gets UNAVAILABLE: its entry may yet commit on
         // the other replicas (resend with the same key).
         for (_, held) in self.held.drain() {
@@ -427,7 +395,7 @@ impl ReplicaWriter {
                         self.apply(batch)?;
                     }
                 }
-                self.hand_to_publisher();
+                self.duties.applied(self.state.last_sequence());
                 self.published();
                 let _ = done.send(());
             }
@@ -439,15 +407,7 @@ impl ReplicaWriter {
                     "replica state replaced by a snapshot"
                 );
                 self.state = state;
-                if let Some(outbox) = &mut self.outbox {
-                    outbox.ledger = ledger;
-                    // A publisher of the state before: the next turn starts
-                    // one from this ledger if this replica still leads.
-                    if let Some(publishing) = outbox.publishing.take() {
-                        publishing.stop();
-                    }
-                    outbox.to_publish.clear();
-                }
+                self.duties.install(ledger, &mut self.state);
                 // Proposals of this writer before the snapshot are not in
                 // this state's past: refuse them (their keys make a resend
                 // safe).
@@ -475,74 +435,17 @@ impl ReplicaWriter {
             .engine_last_sequence
             .set(self.state.last_sequence() as i64);
         self.metrics.accounts.set(self.state.account_count() as i64);
-        if let Some(outbox) = &self.outbox {
-            self.metrics
-                .kafka
-                .outbox_ledger_records
-                .set(outbox.ledger.len() as i64);
-        }
     }
 
-    /// The records of what was just applied go to the publisher, if this
-    /// replica publishes.
-    fn hand_to_publisher(&mut self) {
-        let Some(outbox) = &mut self.outbox else {
-            return;
-        };
-        let Some(publishing) = &outbox.publishing else {
-            outbox.to_publish.clear();
-            return;
-        };
-        let records = std::mem::take(&mut outbox.to_publish);
-        publishing.hand(self.state.last_sequence(), records);
-    }
-
-    /// With Kafka on: a publisher runs while this replica leads (started from
-    /// the ledger, stopped when leadership is lost), and what it had
-    /// acknowledged is journaled every `outbox::ACK_INTERVAL`.
-    fn follow_outbox(&mut self) {
-        let serving = self.leadership.is_serving();
+    /// The leader's side effects follow leadership (duties.rs); what they
+    /// acknowledged is proposed like any entry.
+    fn follow_leadership(&mut self) {
+        let leading = self.leadership.is_serving().then(|| self.leadership.term());
         let room = self.held.len() < PROPOSALS_IN_FLIGHT;
-        let Some(outbox) = &mut self.outbox else {
-            return;
-        };
-        let acknowledge = match (&mut outbox.publishing, serving) {
-            (Some(_), false) => {
-                if let Some(publishing) = outbox.publishing.take() {
-                    tracing::info!("not leading: outbox publisher stops");
-                    publishing.stop();
-                }
-                None
-            }
-            (None, true) => {
-                if outbox.retry_at.is_some_and(|at| at > Instant::now()) {
-                    return;
-                }
-                match Publishing::start(
-                    &outbox.config,
-                    &outbox.data_dir,
-                    self.metrics.clone(),
-                    &outbox.ledger,
-                    self.state.last_sequence(),
-                ) {
-                    Ok(p) => {
-                        outbox.publishing = Some(p);
-                        outbox.retry_at = None;
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "outbox publisher did not start; retrying");
-                        outbox.retry_at = Some(Instant::now() + PUBLISHER_RETRY);
-                    }
-                }
-                None
-            }
-            (Some(publishing), true) if room => publishing.acknowledgement_due(&outbox.ledger),
-            _ => None,
-        };
-        if let Some(through) = acknowledge {
+        for record in self.duties.follow(leading, room, &mut self.state) {
             let (reply, _) = oneshot::channel();
             self.propose(
-                vec![outbox::encode_acked(through)],
+                vec![record],
                 vec![Held {
                     reply,
                     shape: Shape::Internal,
@@ -618,19 +521,10 @@ impl ReplicaWriter {
         replies: Option<(Want, &mut Vec<CommandReply>)>,
     ) -> Result<(), EngineError> {
         let mut outcomes = std::mem::take(&mut self.outcomes);
-        let events = self.outbox.as_mut().map(|o| &mut o.fresh);
+        let events = self.duties.events();
         let applied = apply_journal_record(&mut self.state, record, &mut outcomes, events);
-        if let Some(outbox) = &mut self.outbox {
-            if !outbox.fresh.is_empty() {
-                outbox.ledger.push(&outbox.fresh);
-                if outbox.publishing.is_some() {
-                    outbox.to_publish.extend_from_slice(&outbox.fresh);
-                }
-                outbox.fresh.clear();
-            }
-            if let Ok(Applied::Control(Control::OutboxAcked(through))) = &applied {
-                outbox.ledger.acknowledge(*through);
-            }
+        if let Ok(Applied::Control(control)) = &applied {
+            self.duties.control(*control);
         }
         match (&applied, replies) {
             (Ok(Applied::Command(command, outcome)), Some((want, replies))) => {

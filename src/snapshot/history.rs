@@ -15,6 +15,10 @@
 //! (the first snapshot after a start, or a write that was rolled back), so a
 //! commit always holds exactly the events of (S, D]: never twice across
 //! restarts, never a gap.
+//!
+//! A replica group's leader has no WAL of commands: its events come already
+//! derived, from the replicated outbox ledger ([`DerivedEvents`]), which keeps
+//! every record until a snapshot's history holds it.
 
 use super::store::{load_in, paced, SnapshotError};
 use crate::egress::outbox::{collect, collect_basket};
@@ -27,8 +31,23 @@ use tokio_postgres::Transaction;
 /// Journal records derived per statement.
 const CHUNK_RECORDS: u64 = 1_000;
 
+/// Where the events of a span of sequences come from.
+pub enum HistorySource {
+    /// Derived again from the WAL (a single node).
+    Journal(wal::Reader),
+    /// Already derived (a replica group's leader: the outbox ledger).
+    Derived(Box<dyn DerivedEvents>),
+}
+
+/// Events derived elsewhere and held until history has them.
+pub trait DerivedEvents: Send {
+    /// Appends the records of the sequences `from + 1 ..= through`, in order;
+    /// an error when some of them are no longer held.
+    fn read(&self, from: u64, through: u64, out: &mut Vec<OutboxRecord>) -> Result<(), String>;
+}
+
 pub struct History {
-    reader: wal::Reader,
+    source: HistorySource,
     /// The state at the newest snapshot's sequence, when known to be.
     follower: Option<State>,
     records: Vec<OutboxRecord>,
@@ -36,9 +55,9 @@ pub struct History {
 }
 
 impl History {
-    pub fn new(reader: wal::Reader) -> History {
+    pub fn new(source: HistorySource) -> History {
         History {
-            reader,
+            source,
             follower: None,
             records: Vec::new(),
             outcomes: Vec::new(),
@@ -57,6 +76,20 @@ impl History {
         if through <= from {
             return Ok(0);
         }
+        let reader = match &self.source {
+            HistorySource::Journal(reader) => reader,
+            HistorySource::Derived(derived) => {
+                self.records.clear();
+                derived
+                    .read(from, through, &mut self.records)
+                    .map_err(SnapshotError::Journal)?;
+                let mut events = 0;
+                for chunk in self.records.chunks(CHUNK_RECORDS as usize) {
+                    events += paced(timeout, insert(tx, chunk)).await?;
+                }
+                return Ok(events);
+            }
+        };
         let mut follower = match self.follower.take() {
             Some(state) if state.last_sequence() == from => state,
             _ => match load_in(tx).await? {
@@ -71,7 +104,7 @@ impl History {
             let end = (next + CHUNK_RECORDS - 1).min(through);
             self.records.clear();
             // An error leaves the follower dropped: the next write rebuilds it.
-            self.reader.read(next, end, |sequence, payload| {
+            reader.read(next, end, |sequence, payload| {
                 let (record, timestamp_ms) = codec::decode_record(payload)
                     .map_err(|e| SnapshotError::Journal(format!("record {sequence}: {e}")))?;
                 match record {

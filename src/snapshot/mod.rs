@@ -23,7 +23,9 @@ mod key_batch;
 mod schema;
 mod store;
 
-pub use history::{print as print_history, HistoryArgs, HistoryFormat};
+pub use history::{
+    print as print_history, DerivedEvents, HistoryArgs, HistoryFormat, HistorySource,
+};
 pub use store::{load, set_log_id, within, SnapshotError, Written};
 
 /// How long a failed write or start-up load waits at most before retrying.
@@ -55,6 +57,10 @@ pub struct SnapshotConfig {
     pub timeout: Duration,
     /// Write every account event to `account_events` with the snapshots.
     pub history: bool,
+    /// A replica group's leader: its raft term, recorded in `snapshot_meta`;
+    /// a snapshot of an older term than the table's is refused (a deposed
+    /// leader never overwrites its successor's).
+    pub term: Option<u64>,
 }
 
 impl SnapshotConfig {
@@ -67,6 +73,7 @@ impl SnapshotConfig {
             log_id: String::new(),
             timeout: Duration::from_secs(30),
             history: true,
+            term: None,
         }
     }
 }
@@ -89,13 +96,13 @@ pub struct Snapshotter {
 
 impl Snapshotter {
     /// Starts the thread. `watermark`, when Kafka is on, gates each commit.
-    /// `journal`: the WAL the history is derived from.
+    /// `journal`: where the history's events come from.
     pub fn start(
         config: SnapshotConfig,
         metrics: Arc<Metrics>,
         watermark: Option<Arc<AtomicU64>>,
         durable_at_start: u64,
-        journal: wal::Reader,
+        journal: HistorySource,
     ) -> Snapshotter {
         let (deltas, rx) = crossbeam_channel::unbounded();
         let durable = Arc::new(AtomicU64::new(durable_at_start));
@@ -178,7 +185,7 @@ fn run(
     metrics: Arc<Metrics>,
     watermark: Option<Arc<AtomicU64>>,
     shared: Shared,
-    journal: wal::Reader,
+    journal: HistorySource,
 ) {
     let mut history = config.history.then(|| history::History::new(journal));
     background_priority();
@@ -214,15 +221,7 @@ fn run(
             RETRY_MIN
         } else {
             let started = Instant::now();
-            let write = store::write(
-                &config.url,
-                &mut client,
-                delta,
-                published,
-                &config.log_id,
-                history.as_mut(),
-                config.timeout,
-            );
+            let write = store::write(&config, &mut client, delta, published, history.as_mut());
             match runtime.block_on(write) {
                 Ok(written) => {
                     metrics.snapshot_history_events_total.inc_by(written.events);

@@ -103,4 +103,11 @@ pub const MIGRATIONS: &[(i32, &str)] = &[
          -- One account's movements in time order.
          CREATE INDEX account_events_by_account ON account_events (account_id, sequence, event_index);",
     ),
+    (
+        5,
+        "-- A replica group's snapshots: the raft term of the leader that wrote it
+         -- (NULL: a single node). A deposed leader's snapshot of an older term is
+         -- refused, so the tables never go back to a predecessor's view.
+         ALTER TABLE snapshot_meta ADD COLUMN term bigint;",
+    ),
 ];

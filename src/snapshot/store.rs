@@ -29,6 +29,8 @@ pub enum SnapshotError {
     Journal(String),
     #[error("snapshot_meta belongs to write-ahead log {theirs}, not to this service's log {ours}: another deployment's tables; not overwritten")]
     ForeignLog { ours: String, theirs: String },
+    #[error("snapshot of raft term {ours} refused: the table holds one of term {theirs} (this replica no longer leads)")]
+    Superseded { ours: u64, theirs: u64 },
 }
 
 /// `: cause: its cause...` (a TLS handshake's "invalid peer certificate",
@@ -79,6 +81,7 @@ impl SnapshotError {
             SnapshotError::Timeout(_) => true,
             SnapshotError::Row(_)
             | SnapshotError::ForeignLog { .. }
+            | SnapshotError::Superseded { .. }
             | SnapshotError::Tls(_)
             | SnapshotError::Wal(_)
             | SnapshotError::Journal(_) => false,
@@ -164,14 +167,18 @@ pub struct Written {
 /// PostgreSQL that stopped answering), so a long catch-up after an outage
 /// may take longer than `timeout` as a whole, but never hangs.
 pub async fn write(
-    url: &str,
+    config: &super::SnapshotConfig,
     client: &mut Option<Client>,
     delta: &Delta,
     outbox_watermark: Option<u64>,
-    log_id: &str,
     history: Option<&mut super::history::History>,
-    timeout: std::time::Duration,
 ) -> Result<Written, SnapshotError> {
+    let (url, log_id, term, timeout) = (
+        config.url.as_str(),
+        config.log_id.as_str(),
+        config.term,
+        config.timeout,
+    );
     let client = match client {
         Some(open) if !open.is_closed() => open,
         _ => client.insert(within(timeout, connect(url)).await?),
@@ -182,20 +189,32 @@ pub async fn write(
     let previous = within(timeout, async {
         Ok(tx
             .query_opt(
-                "SELECT sequence, log_id FROM snapshot_meta WHERE id = 1 FOR UPDATE",
+                "SELECT sequence, log_id, term FROM snapshot_meta WHERE id = 1 FOR UPDATE",
                 &[],
             )
             .await?)
     })
     .await?;
-    let (previous, theirs) = previous.map_or((0, None), |row| {
-        (row.get::<_, i64>(0) as u64, row.get::<_, Option<String>>(1))
+    let (previous, theirs, their_term) = previous.map_or((0, None, None), |row| {
+        (
+            row.get::<_, i64>(0) as u64,
+            row.get::<_, Option<String>>(1),
+            row.get::<_, Option<i64>>(2),
+        )
     });
     if let Some(theirs) = theirs.filter(|theirs| theirs != log_id) {
         return Err(SnapshotError::ForeignLog {
             ours: log_id.to_owned(),
             theirs,
         });
+    }
+    if let (Some(ours), Some(theirs)) = (term, their_term) {
+        if theirs as u64 > ours {
+            return Err(SnapshotError::Superseded {
+                ours,
+                theirs: theirs as u64,
+            });
+        }
     }
     let mut written = Written::default();
     if let Some(history) = history {
@@ -251,11 +270,12 @@ pub async fn write(
         Ok(tx
         .execute(
             "INSERT INTO snapshot_meta (id, sequence, timestamp_ms, keys_base, outbox_watermark,
-                                        idempotency_window_ms, tick_work_max, log_id)
-             VALUES (1, $1, $2, $3, $4, $5, $6, $7)
+                                        idempotency_window_ms, tick_work_max, log_id, term)
+             VALUES (1, $1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (id) DO UPDATE
                 SET sequence = $1, timestamp_ms = $2, keys_base = $3, outbox_watermark = $4,
-                    idempotency_window_ms = $5, tick_work_max = $6, log_id = $7, written_at = now()
+                    idempotency_window_ms = $5, tick_work_max = $6, log_id = $7, term = $8,
+                    written_at = now()
               WHERE snapshot_meta.log_id IS NULL OR snapshot_meta.log_id = $7",
             &[
                 &(delta.sequence as i64),
@@ -265,6 +285,7 @@ pub async fn write(
                 &delta.config.idempotency_window_ms,
                 &i64::from(delta.config.tick_work_max),
                 &log_id,
+                &term.map(|t| t as i64),
             ],
         )
         .await?)

@@ -73,6 +73,13 @@ impl State {
         self.dirty.keys_from = self.idempotency.end();
     }
 
+    /// Stops tracking (a replica that stopped leading: nobody takes its
+    /// deltas) and forgets what was marked.
+    pub fn untrack_changes(&mut self) {
+        self.dirty = Dirty::default();
+        debug_assert!(!self.dirty.enabled);
+    }
+
     pub(super) fn mark(&mut self, account: Option<AccountId>, reservation: Option<ReservationKey>) {
         if !self.dirty.enabled {
             return;

@@ -1,9 +1,12 @@
-//! Replicas with Kafka (design 7), as real processes on loopback with a real
-//! broker (tansu): only the leader consumes and publishes. While fills flow,
-//! the leader is killed (SIGKILL) again and again: each fill must be applied
+//! Replicas with their side effects (design 7), as real processes on
+//! loopback with a real broker (tansu) and a real PostgreSQL 15: only the
+//! leader consumes, publishes and writes snapshots. While fills flow, the
+//! leader is killed (SIGKILL) again and again: each fill must be applied
 //! exactly once (offsets are in the replicated state), every fill's account
-//! events must be published, and an event published twice (a new leader
-//! republishes what its ledger holds) must be the same event, same id.
+//! events must be published, an event published twice (a new leader
+//! republishes what its ledger holds) must be the same event, same id, and
+//! PostgreSQL must end with the group's state, written in the last leader's
+//! term, and every event in its history exactly once.
 
 mod common;
 
@@ -13,6 +16,7 @@ use common::kafka::{
     account_events, assert_duplicates_identical, fill, metric, metrics_text, produce, Broker,
     EVENTS, FILLS,
 };
+use common::postgres::Postgres;
 use prost::Message as _;
 use rust_decimal::Decimal;
 use std::collections::{HashMap, HashSet};
@@ -32,18 +36,24 @@ fn d(s: &str) -> Decimal {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fills_through_leader_kills_apply_exactly_once_and_events_keep_their_ids() {
+async fn fills_through_leader_kills_apply_exactly_once_and_every_side_effect_follows() {
     let broker = Broker::start();
     broker.create_service_topics(3).await;
     let bootstrap = broker.bootstrap();
-    // Snapshots every 50 entries: restarts start from a snapshot, and the
-    // ledger travels in it.
+    let pg = Postgres::start();
+    let url = pg.url();
+    // Raft snapshots every 50 entries: restarts start from a snapshot, and
+    // the ledger travels in it. PostgreSQL snapshots every 50 ms.
     let mut group = Group::start(
         3,
         &[
             "--kafka-brokers",
             &bootstrap,
             "--raft-snapshot-entries",
+            "50",
+            "--postgres-url",
+            &url,
+            "--snapshot-interval-ms",
             "50",
         ],
     )
@@ -130,7 +140,7 @@ async fn fills_through_leader_kills_apply_exactly_once_and_events_keep_their_ids
         let available: Decimal = d(&a.cash[0].available);
         assert_eq!(available, -*cost, "account {id}");
     }
-    group.converged().await;
+    let (sequence, _) = group.converged().await;
 
     // Every fill's two legs were published; duplicates only by event id.
     let messages = broker.read_all(EVENTS, 2 * FILLS_TOTAL, 2 * PATIENCE);
@@ -173,6 +183,61 @@ async fn fills_through_leader_kills_apply_exactly_once_and_events_keep_their_ids
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+    // PostgreSQL: the last leader's full state, in its term, and the history
+    // of every fill exactly once (its primary key refuses a second copy; the
+    // count refuses a gap).
+    pg.wait_snapshot(sequence, PATIENCE).await;
+    let leader = group.leader().await;
+    let term = group.status(leader).await.unwrap().term;
+    let (db, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let meta = db
+        .query_one("SELECT sequence, term FROM snapshot_meta WHERE id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(meta.get::<_, i64>(0) as u64, sequence);
+    assert_eq!(
+        meta.get::<_, Option<i64>>(1),
+        Some(term as i64),
+        "written in the leader's term"
+    );
+    for (&id, (qty, cost)) in &expected {
+        let row = db
+            .query_one(
+                "SELECT quantity::text, cost_basis::text FROM positions WHERE account_id = $1 AND symbol = 'ACME'",
+                &[&id],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (d(row.get(0)), d(row.get(1))),
+            (*qty, *cost),
+            "read model of account {id}"
+        );
+    }
+    let history = db
+        .query_one(
+            "SELECT count(*), count(DISTINCT event_id), count(DISTINCT cause_id)
+               FROM account_events WHERE type = 'FILL_APPLIED'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            history.get::<_, i64>(0),
+            history.get::<_, i64>(1),
+            history.get::<_, i64>(2)
+        ),
+        (
+            2 * FILLS_TOTAL as i64,
+            2 * FILLS_TOTAL as i64,
+            FILLS_TOTAL as i64
+        ),
+        "history: every fill's two legs, once"
+    );
     failovers.sort();
     eprintln!(
         "events read: {}, distinct: {}, republished duplicates: {}; failover median {:?}, max {:?}",
