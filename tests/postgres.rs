@@ -794,3 +794,83 @@ async fn an_outbox_spill_rederives_from_the_snapshot_when_the_wal_before_it_is_g
     assert!(expected.iter().all(|r| r.sequence > at));
     assert_eq!(published, expected);
 }
+
+/// A replica group's snapshots carry their leader's raft term; one of an
+/// older term than the table's (a deposed leader still writing) is refused
+/// and leaves the newer leader's snapshot as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_of_an_older_term_never_overwrites_a_newer_ones() {
+    use account_service::snapshot::{DerivedEvents, HistorySource, Snapshotter};
+    struct NoHistory;
+    impl DerivedEvents for NoHistory {
+        fn read(
+            &self,
+            _: u64,
+            _: u64,
+            _: &mut Vec<account_service::egress::OutboxRecord>,
+        ) -> Result<(), String> {
+            Ok(())
+        }
+    }
+    let pg = Postgres::start();
+    let snapshot_at = |term: u64, commands: &[Command]| {
+        let mut state = State::default();
+        state.track_changes(true);
+        for (i, c) in commands.iter().enumerate() {
+            state.apply(
+                c,
+                i as u64 + 1,
+                1_000,
+                &mut account_service::state_machine::NoEvents,
+            );
+        }
+        let config = SnapshotConfig {
+            term: Some(term),
+            log_id: "replica-group".into(),
+            history: false,
+            ..SnapshotConfig::new(pg.url())
+        };
+        let snapshotter = Snapshotter::start(
+            config,
+            Metrics::new(),
+            None,
+            0,
+            HistorySource::Derived(Box::new(NoHistory)),
+        );
+        snapshotter.offer(state.take_delta());
+        snapshotter
+    };
+    let open = |id: i64| common::open(&format!("open-{id}"), id, common::usd());
+    // The new leader (term 5) writes at sequence 3.
+    let newer = snapshot_at(5, &[open(1), open(2), open(3)]);
+    pg.wait_snapshot(3, Duration::from_secs(30)).await;
+    // The deposed one (term 4) tries to write its view at sequence 4.
+    let older = snapshot_at(4, &[open(1), open(2), open(3), open(4)]);
+    // It tries, is refused, retries with back-off: never durable.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        older.durable_sequence(),
+        0,
+        "the older term's snapshot was refused"
+    );
+    let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let row = client
+        .query_one(
+            "SELECT sequence, term, (SELECT count(*) FROM accounts) FROM snapshot_meta WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row.get::<_, i64>(0),
+            row.get::<_, Option<i64>>(1),
+            row.get::<_, i64>(2)
+        ),
+        (3, Some(5), 3)
+    );
+    drop(newer);
+}
