@@ -22,16 +22,6 @@
 //! are synced before openraft hears they are done; a truncation, a purge and
 //! the committed index ride with the next sync.
 //!
-//! **The log thread.** openraft's core task never waits for the disk: the
-//! core encodes each record, updates the in-memory log and queues the record
-//! for the `raft-log` thread, which alone owns the [`Wal`]. It takes every
-//! record queued, appends them in order, syncs once (group commit across
-//! appends), and only then tells openraft the entries are flushed (its
-//! `LogFlushed` callback) or wakes a vote being saved. So the leader sends
-//! entries to its followers while its own sync runs, and the core keeps
-//! taking proposals and answers meanwhile. WAL sequences are handed out in
-//! queue order by the core, and the thread appends in that order.
-//!
 //! The entries not purged are also kept in memory, so a leader feeds its
 //! followers without reading the disk. The snapshot policy bounds them.
 
@@ -49,10 +39,6 @@ use std::ops::{Bound, RangeBounds};
 use std::sync::{Arc, Mutex};
 use wal::{Wal, WalOptions};
 
-/// Records queued for the log thread at most (each append of openraft is
-/// one message; the core waits for room past it).
-const QUEUED_WRITES_MAX: usize = 4_096;
-
 type NodeId = u64;
 
 const ENTRY: u8 = 1;
@@ -65,31 +51,10 @@ const PURGE: u8 = 5;
 #[derive(Clone)]
 pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
-    writes: crossbeam_channel::Sender<Write>,
-}
-
-/// What to tell once a write is durable.
-enum Done {
-    Nothing,
-    Flushed(LogFlushed<TypeConfig>),
-    Vote(tokio::sync::oneshot::Sender<Result<(), String>>),
-}
-
-/// Records for the log thread, in WAL sequence order.
-struct Write {
-    records: Vec<(u64, Vec<u8>)>,
-    /// Sync before `done` (appends and votes); otherwise the records ride
-    /// with the next sync.
-    sync: bool,
-    done: Done,
-    /// After the sync: retire the segments wholly below this WAL sequence.
-    retire_below: Option<u64>,
 }
 
 struct Inner {
-    /// The WAL sequence the next record gets (the log thread appends in
-    /// this order).
-    next_sequence: u64,
+    wal: Wal,
     /// Entries not purged, in index order.
     entries: VecDeque<Entry<TypeConfig>>,
     /// WAL sequence of each entry of `entries` (same order).
@@ -108,12 +73,11 @@ fn io_error(what: &str, e: impl std::fmt::Display) -> StorageError<NodeId> {
 }
 
 impl LogStore {
-    /// Opens (or creates) the log in `options.dir`, reads it whole and
-    /// starts the log thread.
+    /// Opens (or creates) the log in `options.dir` and reads it whole.
     pub fn open(options: WalOptions) -> Result<LogStore, StorageError<NodeId>> {
         let wal = Wal::open(options).map_err(|e| io_error("opening the raft log", e))?;
         let mut inner = Inner {
-            next_sequence: 0,
+            wal,
             entries: VecDeque::new(),
             wal_sequences: VecDeque::new(),
             vote: None,
@@ -121,24 +85,10 @@ impl LogStore {
             purged: None,
             buf: Vec::new(),
         };
-        inner.recover(&wal)?;
-        inner.next_sequence = wal.last_sequence() + 1;
-        let (writes, queue) = crossbeam_channel::bounded(QUEUED_WRITES_MAX);
-        std::thread::Builder::new()
-            .name("raft-log".into())
-            .spawn(move || write_loop(wal, queue))
-            .map_err(|e| io_error("starting the raft log thread", e))?;
+        inner.recover()?;
         Ok(LogStore {
             inner: Arc::new(Mutex::new(inner)),
-            writes,
         })
-    }
-
-    /// Queues `write` for the log thread.
-    fn queue(&self, write: Write) -> Result<(), StorageError<NodeId>> {
-        self.writes
-            .send(write)
-            .map_err(|_| io_error("raft log", "the log thread has stopped"))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -162,9 +112,10 @@ impl LogStore {
 }
 
 impl Inner {
-    fn recover(&mut self, wal: &Wal) -> Result<(), StorageError<NodeId>> {
+    fn recover(&mut self) -> Result<(), StorageError<NodeId>> {
         let mut records: Vec<(u64, Vec<u8>)> = Vec::new();
-        wal.replay(0, |sequence, payload| {
+        self.wal
+            .replay(0, |sequence, payload| {
                 records.push((sequence, payload.to_vec()));
                 Ok::<(), wal::WalError>(())
             })
@@ -254,23 +205,27 @@ impl Inner {
         }
     }
 
-    /// Encodes one record for the log thread and gives it the next WAL
-    /// sequence (in `records`, which the caller queues in this order).
-    fn encode(
+    /// Appends one record (durable at the next sync); returns its sequence.
+    fn write(
         &mut self,
         kind: u8,
         body: &impl serde::Serialize,
-        records: &mut Vec<(u64, Vec<u8>)>,
     ) -> Result<u64, StorageError<NodeId>> {
         self.buf.clear();
         self.buf.push(kind);
         let buf = std::mem::take(&mut self.buf);
         let buf = postcard::to_extend(body, buf).map_err(|e| io_error("encoding", e))?;
-        let sequence = self.next_sequence;
-        self.next_sequence += 1;
-        records.push((sequence, buf.clone()));
+        let sequence = self.wal.last_sequence() + 1;
+        let result = self.wal.append(sequence, &buf);
         self.buf = buf;
+        result.map_err(|e| io_error("appending to the raft log", e))?;
         Ok(sequence)
+    }
+
+    fn sync(&mut self) -> Result<(), StorageError<NodeId>> {
+        self.wal
+            .sync()
+            .map_err(|e| io_error("syncing the raft log", e))
     }
 
     fn range(&self, range: impl RangeBounds<u64>) -> Vec<Entry<TypeConfig>> {
@@ -321,21 +276,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let mut records = Vec::with_capacity(1);
-        self.lock().encode(VOTE, vote, &mut records)?;
-        let (done, synced) = tokio::sync::oneshot::channel();
-        self.queue(Write {
-            records,
-            sync: true,
-            done: Done::Vote(done),
-            retire_below: None,
-        })?;
-        match synced.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(io_error("saving the vote", e)),
-            Err(_) => return Err(io_error("saving the vote", "the log thread has stopped")),
-        }
-        self.lock().vote = Some(*vote);
+        let mut inner = self.lock();
+        inner.write(VOTE, vote)?;
+        inner.sync()?;
+        inner.vote = Some(*vote);
         Ok(())
     }
 
@@ -347,21 +291,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), StorageError<NodeId>> {
-        let mut records = Vec::new();
-        {
-            let mut inner = self.lock();
-            if inner.committed == committed {
-                return Ok(());
-            }
-            inner.encode(COMMITTED, &committed, &mut records)?;
+        let mut inner = self.lock();
+        if inner.committed != committed {
+            inner.write(COMMITTED, &committed)?;
             inner.committed = committed;
         }
-        self.queue(Write {
-            records,
-            sync: false,
-            done: Done::Nothing,
-            retire_below: None,
-        })
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError<NodeId>> {
@@ -377,109 +312,53 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let mut records = Vec::new();
-        {
-            let mut inner = self.lock();
-            for entry in entries {
-                let sequence = inner.encode(ENTRY, &entry, &mut records)?;
-                inner.push(entry, sequence)?;
+        let mut inner = self.lock();
+        for entry in entries {
+            let sequence = inner.write(ENTRY, &entry)?;
+            inner.push(entry, sequence)?;
+        }
+        // One sync for everything openraft handed over at once.
+        let synced = inner.wal.sync();
+        drop(inner);
+        match synced {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                let message = e.to_string();
+                callback.log_io_completed(Err(std::io::Error::other(message.clone())));
+                Err(io_error("syncing the raft log", message))
             }
         }
-        // Durable on the log thread, with whatever else is queued by then;
-        // openraft hears it through the callback.
-        self.queue(Write {
-            records,
-            sync: true,
-            done: Done::Flushed(callback),
-            retire_below: None,
-        })
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let mut records = Vec::with_capacity(1);
-        {
-            let mut inner = self.lock();
-            inner.encode(TRUNCATE, &log_id.index, &mut records)?;
-            inner.truncate_from(log_id.index);
-        }
-        self.queue(Write {
-            records,
-            sync: false,
-            done: Done::Nothing,
-            retire_below: None,
-        })
+        let mut inner = self.lock();
+        inner.write(TRUNCATE, &log_id.index)?;
+        inner.truncate_from(log_id.index);
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
-        let mut records = Vec::with_capacity(3);
-        let floor = {
-            let mut inner = self.lock();
-            let purge_record = inner.encode(PURGE, &log_id, &mut records)?;
-            inner.purge_upto(log_id);
-            // The vote and the committed index live in records too: written
-            // again, so retiring the segments below the first kept entry
-            // never takes the newest of them.
-            if let Some(vote) = inner.vote {
-                inner.encode(VOTE, &vote, &mut records)?;
-            }
-            let committed = inner.committed;
-            inner.encode(COMMITTED, &committed, &mut records)?;
-            inner.wal_sequences.front().copied().unwrap_or(purge_record)
-        };
-        self.queue(Write {
-            records,
-            sync: true,
-            done: Done::Nothing,
-            retire_below: Some(floor),
-        })
-    }
-}
-
-/// The log thread: takes every write queued, appends in order, one sync,
-/// then tells each waiter. After a failure (the WAL is poisoned) every later
-/// write fails too, and openraft stops the replica.
-fn write_loop(mut wal: Wal, queue: crossbeam_channel::Receiver<Write>) {
-    let mut failed: Option<String> = None;
-    while let Ok(first) = queue.recv() {
-        let mut batch = vec![first];
-        batch.extend(queue.try_iter());
-        for write in &batch {
-            for (sequence, record) in &write.records {
-                if failed.is_none() {
-                    if let Err(e) = wal.append(*sequence, record) {
-                        failed = Some(format!("appending to the raft log: {e}"));
-                    }
-                }
-            }
+        let mut inner = self.lock();
+        let purge_record = inner.write(PURGE, &log_id)?;
+        inner.purge_upto(log_id);
+        // The vote and the committed index live in records too: written
+        // again, so retiring the segments below the first kept entry never
+        // takes the newest of them.
+        if let Some(vote) = inner.vote {
+            inner.write(VOTE, &vote)?;
         }
-        if failed.is_none() && batch.iter().any(|w| w.sync) {
-            if let Err(e) = wal.sync() {
-                failed = Some(format!("syncing the raft log: {e}"));
-            }
+        let committed = inner.committed;
+        inner.write(COMMITTED, &committed)?;
+        inner.sync()?;
+        let floor = inner.wal_sequences.front().copied().unwrap_or(purge_record);
+        let mut retired = inner.wal.retire_segments_before(floor);
+        drop(inner);
+        if let Err(e) = retired.remove() {
+            tracing::warn!(error = %e, "raft log segments not deleted; kept until the next purge");
         }
-        if let Some(e) = &failed {
-            tracing::error!(error = %e, "raft log write failed; the replica stops");
-        }
-        for write in batch {
-            let result = match &failed {
-                None => Ok(()),
-                Some(e) => Err(e.clone()),
-            };
-            match write.done {
-                Done::Nothing => {}
-                Done::Flushed(callback) => {
-                    callback.log_io_completed(result.clone().map_err(std::io::Error::other))
-                }
-                Done::Vote(done) => {
-                    let _ = done.send(result.clone());
-                }
-            }
-            if let (Some(floor), Ok(())) = (write.retire_below, &result) {
-                let mut retired = wal.retire_segments_before(floor);
-                if let Err(e) = retired.remove() {
-                    tracing::warn!(error = %e, "raft log segments not deleted; kept until the next purge");
-                }
-            }
-        }
+        Ok(())
     }
 }
