@@ -10,7 +10,7 @@
 # One JSON line per load measurement in loadtest/results/<name>.json; failover
 # and catch-up figures on stdout. PHASES (default "single replicas failover
 # catchup") runs some of them.
-#   loadtest/replicas.sh [SECONDS] [CYCLES]
+#   loadtest/replicas.sh [SECONDS] [CYCLES]      (SVC=path: another service binary, for A/B)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -21,7 +21,7 @@ out=loadtest/results
 mkdir -p "$out"
 cargo build --release -q -p loadtest -p account-service
 lt=target/release/loadtest
-svc=target/release/account-service
+svc=${SVC:-target/release/account-service}
 pids=()
 cleanup() { for p in "${pids[@]:-}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "${data:-}"; }
 trap cleanup EXIT
