@@ -257,3 +257,78 @@ fn position(a: &account_service::proto::account::v1::Account) -> (Decimal, Decim
             (d(&p.quantity), d(&p.cost_basis))
         })
 }
+
+/// A broker outage never blocks Reserve on a replica group either: the
+/// events wait in every replica's ledger. The leader that took them is
+/// killed during the outage; its successor publishes them, with their
+/// original ids, once the broker is back, and every ledger drains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_a_broker_outage_are_published_by_the_next_leader() {
+    use common::group::{Ack, Op};
+    const RESERVES: usize = 200;
+    let broker = Broker::start();
+    broker.create_service_topics(1).await;
+    let bootstrap = broker.bootstrap();
+    let mut group = Group::start(3, &["--kafka-brokers", &bootstrap]).await;
+    let mut client = group.client();
+    client.open_and_fund("1000000").await;
+
+    broker.pause();
+    let mut acks: Vec<(String, Ack)> = Vec::new();
+    for i in 0..RESERVES {
+        let request = format!("outage-{i}");
+        let op = Op::Reserve {
+            request: request.clone(),
+            order: format!("order-{i}"),
+        };
+        let (ack, _) = client.call(&op).await;
+        assert_eq!(
+            ack.result,
+            account_service::proto::account::v1::Result::Ok as i32
+        );
+        acks.push((request, ack));
+    }
+    // Every replica holds the outage's events (none was acknowledged).
+    for node in &group.nodes {
+        let held = metric(node.metrics_port, "account_outbox_ledger_records");
+        assert!(
+            held >= RESERVES as f64,
+            "node {} holds {held} of the outage's {RESERVES} events",
+            node.id
+        );
+    }
+    let leader = group.leader().await;
+    group.nodes[leader].kill9();
+    group.leader().await;
+    group.spawn(leader);
+    broker.resume();
+
+    let deadline = Instant::now() + PATIENCE;
+    for node in &group.nodes {
+        loop {
+            let scraped = metrics_text(node.metrics_port).contains("account_outbox_ledger_records");
+            if scraped && metric(node.metrics_port, "account_outbox_ledger_records") == 0.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {}: ledger not drained",
+                node.id
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let messages = broker.read_all(EVENTS, RESERVES, PATIENCE);
+    let by_id = assert_duplicates_identical(&account_events(&messages));
+    for (request, ack) in &acks {
+        let reserved = by_id.values().find(|e| {
+            e.cause_id == *request && e.r#type == events::AccountEventType::Reserved as i32
+        });
+        let reserved = reserved.unwrap_or_else(|| panic!("no RESERVED event for {request}"));
+        assert_eq!(
+            reserved.event_id,
+            format!("{}-0", ack.sequence),
+            "the event id comes from the Reserve's sequence"
+        );
+    }
+}
