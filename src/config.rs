@@ -291,6 +291,16 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(10..=10_000))]
     pub raft_heartbeat_ms: u64,
 
+    /// With replicas and Kafka or PostgreSQL history: events every replica
+    /// holds at most for the broker and the history (about 350 bytes each,
+    /// on every replica). Past it, while the broker or PostgreSQL is away,
+    /// the leader refuses writes with RESOURCE_EXHAUSTED (reads go on) until
+    /// the backlog drains: memory stays bounded. A single node instead
+    /// re-derives from its WAL; replicas do not yet.
+    #[arg(long, env = "ACCOUNT_REPLICA_LEDGER_RECORDS_MAX", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub replica_ledger_records_max: u64,
+
     /// With replicas and `--auth-tokens`: the bearer token this replica sends
     /// to the others' raft ports (a caller of role `replica` in their tokens
     /// files). Prefer the environment variable, which `ps` does not show.
@@ -455,6 +465,7 @@ impl ServeArgs {
             grpc_addr: self.grpc_addr.to_string(),
             snapshot_entries: self.raft_snapshot_entries,
             heartbeat_ms: self.raft_heartbeat_ms,
+            ledger_records_max: self.replica_ledger_records_max as usize,
             security: Default::default(),
         }))
     }

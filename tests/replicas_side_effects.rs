@@ -332,3 +332,72 @@ async fn events_of_a_broker_outage_are_published_by_the_next_leader() {
         );
     }
 }
+
+/// Memory stays bounded through a long broker outage: once the ledger holds
+/// `--replica-ledger-records-max` events, the leader refuses writes with
+/// RESOURCE_EXHAUSTED (reads go on); when the broker is back the ledger
+/// drains and writes are taken again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_ledger_refuses_writes_until_the_broker_takes_its_events() {
+    use common::group::Op;
+    const LEDGER_MAX: usize = 50;
+    let broker = Broker::start();
+    broker.create_service_topics(1).await;
+    let bootstrap = broker.bootstrap();
+    let group = Group::start(
+        3,
+        &[
+            "--kafka-brokers",
+            &bootstrap,
+            "--replica-ledger-records-max",
+            &LEDGER_MAX.to_string(),
+        ],
+    )
+    .await;
+    let mut client = group.client();
+    client.open_and_fund("1000000").await;
+
+    broker.pause();
+    let (mut acknowledged, mut exhausted) = (0, 0);
+    for i in 0..3 * LEDGER_MAX {
+        let op = Op::Reserve {
+            request: format!("long-outage-{i}"),
+            order: format!("order-{i}"),
+        };
+        match client.call_until_refused(&op).await {
+            Ok(_) => acknowledged += 1,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                exhausted += 1;
+            }
+        }
+    }
+    assert!(exhausted > 0, "writes went on past the ledger's bound");
+    assert!(
+        (LEDGER_MAX - 5..=LEDGER_MAX + 5).contains(&acknowledged),
+        "{acknowledged} acknowledged before the ledger was full"
+    );
+    for node in &group.nodes {
+        let held = metric(node.metrics_port, "account_outbox_ledger_records");
+        assert!(
+            held <= (LEDGER_MAX + 5) as f64,
+            "node {} holds {held}",
+            node.id
+        );
+    }
+    // Reads go on.
+    let (available, _) = client.account_1().await;
+    assert!(available > Decimal::ZERO);
+
+    broker.resume();
+    let (ack, _) = client
+        .call(&Op::Reserve {
+            request: "after-the-outage".into(),
+            order: "order-after".into(),
+        })
+        .await;
+    assert_eq!(
+        ack.result,
+        account_service::proto::account::v1::Result::Ok as i32
+    );
+}

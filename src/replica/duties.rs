@@ -94,6 +94,8 @@ pub(super) struct Duties {
     publishing: Option<Publishing>,
     publisher_retry_at: Option<Instant>,
     snapshotting: Option<Snapshotting>,
+    /// `--replica-ledger-records-max`.
+    ledger_records_max: usize,
     metrics: Arc<Metrics>,
 }
 
@@ -102,6 +104,7 @@ impl Duties {
         kafka: Option<KafkaConfig>,
         snapshot: Option<SnapshotConfig>,
         data_dir: PathBuf,
+        ledger_records_max: usize,
         metrics: Arc<Metrics>,
     ) -> Duties {
         let sinks = sinks(kafka.is_some(), snapshot.as_ref());
@@ -118,8 +121,17 @@ impl Duties {
             publishing: None,
             publisher_retry_at: None,
             snapshotting: None,
+            ledger_records_max,
             metrics,
         }
+    }
+
+    /// The ledger holds its most: the leader takes no write until a sink
+    /// catches up (the records of the writes already taken still go in).
+    pub(super) fn ledger_full(&self) -> bool {
+        self.ledger
+            .as_ref()
+            .is_some_and(|l| l.lock().len() >= self.ledger_records_max)
     }
 
     /// Where `apply` puts a command's events (none without a sink).

@@ -150,6 +150,8 @@ pub struct ReplicaConfig {
     pub snapshot_entries: u64,
     /// `--raft-heartbeat-ms`.
     pub heartbeat_ms: u64,
+    /// `--replica-ledger-records-max`.
+    pub ledger_records_max: usize,
     pub security: RaftSecurity,
 }
 
@@ -238,7 +240,13 @@ impl Replica {
             std::path::Path::to_path_buf,
         );
         let sinks = duties::sinks(kafka.is_some(), engine.snapshot.as_ref());
-        let duties = duties::Duties::new(kafka, engine.snapshot.clone(), data_dir, metrics.clone());
+        let duties = duties::Duties::new(
+            kafka,
+            engine.snapshot.clone(),
+            data_dir,
+            replica.ledger_records_max,
+            metrics.clone(),
+        );
         let (writer, to_writer) = writer::start(engine, metrics, leadership.clone(), duties)?;
         let machine = machine::Machine::open(snapshots, to_writer, sinks)
             .await

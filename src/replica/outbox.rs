@@ -29,10 +29,14 @@
 //!   (about [`ACK_INTERVAL`] of events), with the same ids, which consumers
 //!   dedupe (design 2: "a republished event is recognisably the same event").
 //!
-//! Limit: while the broker is down the ledger grows on every replica with the
-//! events of the outage (about 200 bytes each, `account_outbox_ledger_records`);
-//! a single node's bounded window and re-derivation from the WAL are not built
-//! for replicas.
+//! The ledger also serves the read model's history (PostgreSQL): a record
+//! leaves it once the broker and the history both have it (`HISTORY_WRITTEN`).
+//!
+//! Bound: while a sink is away the ledger grows on every replica with the
+//! events of the outage (about 350 bytes each, `account_outbox_ledger_records`),
+//! up to `--replica-ledger-records-max`; past it the leader refuses writes
+//! (duties.rs). A single node's bounded window, which re-derives events from
+//! its WAL instead, is not built for replicas.
 //!
 //! Control records: the records of a raft entry are journal records
 //! (`engine::codec`, whose first byte is its format version, 1) or control

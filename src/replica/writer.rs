@@ -189,6 +189,7 @@ pub(super) fn start(
         pin_core: config.pin_core,
         capacity_orders: config.capacity_orders,
         duties,
+        ledger_full_warned_ms: 0,
     };
     let thread = std::thread::Builder::new()
         .name("engine".into())
@@ -327,6 +328,7 @@ struct ReplicaWriter {
     capacity_orders: usize,
     /// The ledger of derived events, and the leader's side effects.
     duties: Duties,
+    ledger_full_warned_ms: i64,
 }
 
 impl ReplicaWriter {
@@ -579,6 +581,10 @@ impl ReplicaWriter {
             }
             return;
         }
+        let full = self.duties.ledger_full();
+        if full {
+            self.warn_ledger_full();
+        }
         let timestamp_ms = self.timestamp();
         let mut records = Vec::new();
         let mut held = Vec::new();
@@ -589,6 +595,12 @@ impl ReplicaWriter {
             let shape = match r.kind {
                 RequestKind::Query(q) => {
                     let _ = r.reply.send(query(&self.state, q));
+                    continue;
+                }
+                // Memory stays bounded: no new events until a sink drains
+                // the ledger (RESOURCE_EXHAUSTED; the consumer pauses).
+                _ if full => {
+                    let _ = r.reply.send(Reply::Refused(SubmitError::Overloaded));
                     continue;
                 }
                 RequestKind::Command(command, want) => {
@@ -626,6 +638,18 @@ impl ReplicaWriter {
             });
         }
         self.propose(records, held);
+    }
+
+    /// At most one warning a second while writes are refused.
+    fn warn_ledger_full(&mut self) {
+        let now = now_ms();
+        if now - self.ledger_full_warned_ms >= 1_000 {
+            self.ledger_full_warned_ms = now;
+            tracing::warn!(
+                "the outbox ledger is full (--replica-ledger-records-max): writes are refused \
+                 with RESOURCE_EXHAUSTED until the broker or PostgreSQL takes its events"
+            );
+        }
     }
 
     fn encode(&mut self, command: &Command, timestamp_ms: i64) -> Vec<u8> {

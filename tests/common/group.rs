@@ -362,6 +362,25 @@ impl GroupClient {
         }
     }
 
+    /// [`GroupClient::call`], except that a `RESOURCE_EXHAUSTED` is returned
+    /// instead of retried.
+    pub async fn call_until_refused(&mut self, op: &Op) -> Result<Ack, tonic::Status> {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match self.try_once(op).await {
+                Ok(ack) => return Ok(ack),
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    return Err(status)
+                }
+                Err(status) => {
+                    assert!(Instant::now() < deadline, "{op:?}: {status:?}");
+                    self.current = (self.current + 1) % self.channels.len();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
     /// One try at the replica believed to lead.
     pub async fn try_once(&mut self, op: &Op) -> Result<Ack, tonic::Status> {
         let channel = self.channels[self.current].clone();
