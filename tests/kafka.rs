@@ -7,8 +7,8 @@ mod common;
 use account_service::proto::account::v1 as pb;
 use account_service::proto::events;
 use common::kafka::{
-    account_events, assert_duplicates_identical, fill, header, metric, produce, Broker, DEPOSITS,
-    EVENTS, FILLS, WITHDRAWALS,
+    account_events, assert_duplicates_identical, buy_fills, fill, fill_legs, header, metric,
+    produce, Broker, DEPOSITS, EVENTS, FILLS, WITHDRAWALS,
 };
 use common::server::Server;
 use prost::Message as _;
@@ -242,20 +242,7 @@ async fn kill9_mid_stream(pg: Option<&common::postgres::Postgres>) {
     let mut server = Server::start(dir.path(), &args).await;
     open_accounts(&server, 1..=ACCOUNTS).await;
 
-    // Expected totals per account: quantity and cost (BUYs only: cost basis is
-    // the exact sum of filled amounts; cash goes negative, flagged overdrawn).
-    let mut expected: HashMap<i64, (Decimal, Decimal)> = HashMap::new();
-    let mut fills = Vec::with_capacity(FILLS_TOTAL);
-    for i in 0..FILLS_TOTAL {
-        let account = 1 + (i as i64 % ACCOUNTS);
-        let qty = format!("{}.{}", 1 + i % 7, i % 10);
-        let price = format!("{}.{:02}", 10 + i % 13, i % 100);
-        let f = fill(&format!("f-{i}"), account, "BUY", &qty, &price);
-        let e = expected.entry(account).or_default();
-        e.0 += d(&f.quantity);
-        e.1 += d(&f.filled_amount);
-        fills.push(f);
-    }
+    let (fills, expected) = buy_fills(FILLS_TOTAL, ACCOUNTS);
     // Produce in the background at a steady pace so the kill lands mid-stream.
     let producer = broker.producer();
     let producing = tokio::spawn(async move {
@@ -304,14 +291,7 @@ async fn kill9_mid_stream(pg: Option<&common::postgres::Postgres>) {
     let messages = broker.read_all(EVENTS, 2 * FILLS_TOTAL, Duration::from_secs(120));
     let events = account_events(&messages);
     let by_id = assert_duplicates_identical(&events);
-    let mut legs: HashMap<&str, HashSet<&str>> = HashMap::new();
-    for e in by_id.values() {
-        if e.r#type == events::AccountEventType::FillApplied as i32 {
-            legs.entry(e.cause_id.as_str())
-                .or_default()
-                .insert(e.event_id.as_str());
-        }
-    }
+    let legs = fill_legs(&by_id);
     assert_eq!(legs.len(), FILLS_TOTAL, "a fill without account events");
     assert!(legs.values().all(|ids| ids.len() == 2));
     eprintln!(

@@ -13,13 +13,13 @@ mod common;
 use account_service::proto::events;
 use common::group::{Group, PATIENCE};
 use common::kafka::{
-    account_events, assert_duplicates_identical, fill, metric, metrics_text, produce, Broker,
-    EVENTS, FILLS,
+    account_events, assert_duplicates_identical, buy_fills, fill_legs, metric, metrics_text,
+    produce, Broker, EVENTS, FILLS,
 };
 use common::postgres::Postgres;
 use prost::Message as _;
 use rust_decimal::Decimal;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -65,22 +65,7 @@ async fn fills_through_leader_kills_apply_exactly_once_and_every_side_effect_fol
 
     // BUY fills only: quantity and cost basis are exact sums, cash goes
     // negative by the cost.
-    let mut expected: HashMap<i64, (Decimal, Decimal)> = HashMap::new();
-    let mut fills = Vec::with_capacity(FILLS_TOTAL);
-    for i in 0..FILLS_TOTAL {
-        let account = 1 + (i as i64 % ACCOUNTS);
-        let f = fill(
-            &format!("f-{i}"),
-            account,
-            "BUY",
-            &format!("{}.{}", 1 + i % 7, i % 10),
-            &format!("{}.{:02}", 10 + i % 13, i % 100),
-        );
-        let e = expected.entry(account).or_default();
-        e.0 += d(&f.quantity);
-        e.1 += d(&f.filled_amount);
-        fills.push(f);
-    }
+    let (fills, expected) = buy_fills(FILLS_TOTAL, ACCOUNTS);
     let producer = broker.producer();
     let producing = tokio::spawn(async move {
         for burst in fills.chunks(BURST) {
@@ -146,14 +131,7 @@ async fn fills_through_leader_kills_apply_exactly_once_and_every_side_effect_fol
     let messages = broker.read_all(EVENTS, 2 * FILLS_TOTAL, 2 * PATIENCE);
     let events = account_events(&messages);
     let by_id = assert_duplicates_identical(&events);
-    let mut legs: HashMap<&str, HashSet<&str>> = HashMap::new();
-    for e in by_id.values() {
-        if e.r#type == events::AccountEventType::FillApplied as i32 {
-            legs.entry(e.cause_id.as_str())
-                .or_default()
-                .insert(e.event_id.as_str());
-        }
-    }
+    let legs = fill_legs(&by_id);
     assert_eq!(legs.len(), FILLS_TOTAL, "a fill without account events");
     assert!(
         legs.values().all(|ids| ids.len() == 2),
@@ -167,22 +145,7 @@ async fn fills_through_leader_kills_apply_exactly_once_and_every_side_effect_fol
     assert_eq!(sequences.len(), FILLS_TOTAL, "two fills share a sequence");
     // The broker's acknowledgements were journaled: every replica's ledger
     // drains (no replica keeps what was published).
-    let deadline = Instant::now() + PATIENCE;
-    for node in &group.nodes {
-        loop {
-            let scraped = metrics_text(node.metrics_port).contains("account_outbox_ledger_records");
-            let held = metric(node.metrics_port, "account_outbox_ledger_records");
-            if scraped && held == 0.0 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {}: {held} ledger records never acknowledged",
-                node.id
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    ledgers_drain(&group).await;
     // PostgreSQL: the last leader's full state, in its term, and the history
     // of every fill exactly once (its primary key refuses a second copy; the
     // count refuses a gap).
@@ -249,6 +212,28 @@ async fn fills_through_leader_kills_apply_exactly_once_and_every_side_effect_fol
     );
 }
 
+/// Waits until every replica's ledger is empty: what was published and
+/// written is acknowledged in the journal, and dropped everywhere.
+async fn ledgers_drain(group: &Group) {
+    let deadline = Instant::now() + PATIENCE;
+    for node in &group.nodes {
+        loop {
+            // Scraped (a replica that does not answer is not an empty one).
+            let scraped = metrics_text(node.metrics_port).contains("account_outbox_ledger_records");
+            let held = metric(node.metrics_port, "account_outbox_ledger_records");
+            if scraped && held == 0.0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {}: {held} ledger records never dropped",
+                node.id
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 fn position(a: &account_service::proto::account::v1::Account) -> (Decimal, Decimal) {
     a.positions
         .iter()
@@ -303,21 +288,7 @@ async fn events_of_a_broker_outage_are_published_by_the_next_leader() {
     group.spawn(leader);
     broker.resume();
 
-    let deadline = Instant::now() + PATIENCE;
-    for node in &group.nodes {
-        loop {
-            let scraped = metrics_text(node.metrics_port).contains("account_outbox_ledger_records");
-            if scraped && metric(node.metrics_port, "account_outbox_ledger_records") == 0.0 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "node {}: ledger not drained",
-                node.id
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
+    ledgers_drain(&group).await;
     let messages = broker.read_all(EVENTS, RESERVES, PATIENCE);
     let by_id = assert_duplicates_identical(&account_events(&messages));
     for (request, ack) in &acks {

@@ -345,6 +345,44 @@ pub fn collect(
     outcome
 }
 
+/// `state.apply` of a journaled command, keeping what it derives in
+/// `records` when given ([`collect`]), ignoring it otherwise.
+pub fn apply_command(
+    state: &mut State,
+    command: &Command,
+    sequence: u64,
+    timestamp_ms: i64,
+    records: Option<&mut Vec<OutboxRecord>>,
+) -> Outcome {
+    match records {
+        Some(records) => collect(records, state, command, sequence, timestamp_ms, None),
+        None => state.apply(command, sequence, timestamp_ms, &mut NoEvents),
+    }
+}
+
+/// [`apply_command`] for an all-or-nothing basket.
+pub fn apply_basket(
+    state: &mut State,
+    items: &[crate::domain::Reserve],
+    sequence: u64,
+    timestamp_ms: i64,
+    records: Option<&mut Vec<OutboxRecord>>,
+    outcomes: &mut Vec<Outcome>,
+) {
+    match records {
+        Some(records) => collect_basket(
+            records,
+            state,
+            items,
+            sequence,
+            timestamp_ms,
+            None,
+            outcomes,
+        ),
+        None => state.apply_basket(items, sequence, timestamp_ms, &mut NoEvents, outcomes),
+    }
+}
+
 /// `state.apply_basket`, appending each item's events to `records`.
 pub fn collect_basket(
     records: &mut Vec<OutboxRecord>,

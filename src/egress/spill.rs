@@ -34,10 +34,10 @@
 //! retention delete records the re-deriver still needs (a newer snapshot came
 //! meanwhile), it starts its base again.
 
-use super::outbox::{collect, collect_basket, OutboxBatch, OutboxRecord};
+use super::outbox::{apply_basket, apply_command, OutboxBatch, OutboxRecord};
 use crate::engine::codec::{self, Record};
 use crate::snapshot::SnapshotConfig;
-use crate::state_machine::{NoEvents, State};
+use crate::state_machine::State;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -336,24 +336,13 @@ impl Rederiver {
         self.reader.read(from, through, |sequence, payload| {
             let (record, timestamp_ms) = codec::decode_record(payload)
                 .map_err(|source| RederiveError::Decode { sequence, source })?;
-            match (record, records.as_deref_mut()) {
-                (Record::Command(command), Some(records)) => {
-                    collect(records, state, &command, sequence, timestamp_ms, None);
+            let records = records.as_deref_mut();
+            match record {
+                Record::Command(c) => {
+                    apply_command(state, &c, sequence, timestamp_ms, records);
                 }
-                (Record::Command(command), None) => {
-                    state.apply(&command, sequence, timestamp_ms, &mut NoEvents);
-                }
-                (Record::Basket(items), Some(records)) => collect_basket(
-                    records,
-                    state,
-                    &items,
-                    sequence,
-                    timestamp_ms,
-                    None,
-                    outcomes,
-                ),
-                (Record::Basket(items), None) => {
-                    state.apply_basket(&items, sequence, timestamp_ms, &mut NoEvents, outcomes)
+                Record::Basket(items) => {
+                    apply_basket(state, &items, sequence, timestamp_ms, records, outcomes)
                 }
             }
             Ok(())

@@ -20,14 +20,14 @@ use super::duties::Duties;
 use super::outbox::{self, Control, Ledger};
 use super::{Batch, Leadership, TypeConfig};
 use crate::domain::Command;
-use crate::egress::outbox::{collect, collect_basket, OutboxRecord};
+use crate::egress::outbox::{apply_basket, apply_command, OutboxRecord};
 use crate::engine::codec::{self, Record};
 use crate::engine::{
     command_reply, now_ms, query, CommandReply, EngineConfig, EngineError, EngineHandle, Phase,
     PhaseCell, Reply, Request, RequestKind, SubmitError, Want,
 };
 use crate::metrics::Metrics;
-use crate::state_machine::{NoEvents, Outcome, State};
+use crate::state_machine::{Outcome, State};
 use crossbeam_channel::{Receiver, Sender};
 use openraft::{Entry, EntryPayload};
 use rustc_hash::FxHashMap;
@@ -93,29 +93,13 @@ pub(super) fn apply_journal_record(
     }
     let (record, timestamp_ms) =
         codec::decode_record(record).map_err(|source| EngineError::Decode { sequence, source })?;
-    Ok(match (record, events) {
-        (Record::Command(command), None) => {
-            let outcome = state.apply(&command, sequence, timestamp_ms, &mut NoEvents);
+    Ok(match record {
+        Record::Command(command) => {
+            let outcome = apply_command(state, &command, sequence, timestamp_ms, events);
             Applied::Command(command, outcome)
         }
-        (Record::Command(command), Some(events)) => {
-            let outcome = collect(events, state, &command, sequence, timestamp_ms, None);
-            Applied::Command(command, outcome)
-        }
-        (Record::Basket(items), None) => {
-            state.apply_basket(&items, sequence, timestamp_ms, &mut NoEvents, outcomes);
-            Applied::Basket(items)
-        }
-        (Record::Basket(items), Some(events)) => {
-            collect_basket(
-                events,
-                state,
-                &items,
-                sequence,
-                timestamp_ms,
-                None,
-                outcomes,
-            );
+        Record::Basket(items) => {
+            apply_basket(state, &items, sequence, timestamp_ms, events, outcomes);
             Applied::Basket(items)
         }
     })

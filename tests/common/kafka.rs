@@ -339,3 +339,46 @@ pub fn assert_duplicates_identical(
     }
     by_id
 }
+
+/// The FILL_APPLIED events of `by_id` by fill (their cause): each fill has
+/// two legs, cash and position.
+pub fn fill_legs(
+    by_id: &HashMap<String, events::AccountEvent>,
+) -> HashMap<&str, std::collections::HashSet<&str>> {
+    let mut legs: HashMap<&str, std::collections::HashSet<&str>> = HashMap::new();
+    for e in by_id.values() {
+        if e.r#type == events::AccountEventType::FillApplied as i32 {
+            legs.entry(e.cause_id.as_str())
+                .or_default()
+                .insert(e.event_id.as_str());
+        }
+    }
+    legs
+}
+
+/// `total` BUY fills of ACME spread over accounts `1..=accounts`, and what
+/// each account must hold once every one applied exactly once: (quantity,
+/// cost basis). Cost basis is the exact sum of filled amounts; cash goes
+/// negative by it (the account flagged overdrawn).
+#[allow(clippy::type_complexity)]
+pub fn buy_fills(
+    total: usize,
+    accounts: i64,
+) -> (
+    Vec<events::FillEvent>,
+    HashMap<i64, (rust_decimal::Decimal, rust_decimal::Decimal)>,
+) {
+    let mut expected: HashMap<i64, (rust_decimal::Decimal, rust_decimal::Decimal)> = HashMap::new();
+    let mut fills = Vec::with_capacity(total);
+    for i in 0..total {
+        let account = 1 + (i as i64 % accounts);
+        let qty = format!("{}.{}", 1 + i % 7, i % 10);
+        let price = format!("{}.{:02}", 10 + i % 13, i % 100);
+        let f = fill(&format!("f-{i}"), account, "BUY", &qty, &price);
+        let e = expected.entry(account).or_default();
+        e.0 += super::d(&f.quantity);
+        e.1 += super::d(&f.filled_amount);
+        fills.push(f);
+    }
+    (fills, expected)
+}
