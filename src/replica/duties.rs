@@ -126,6 +126,20 @@ impl Duties {
         }
     }
 
+    /// Whether batches must follow their origin's proposal order (with a
+    /// ledger: Kafka offsets depend on it).
+    pub(super) fn orders_proposals(&self) -> bool {
+        self.ledger.is_some()
+    }
+
+    /// Whether a committed batch is applied (the ledger's proposal order;
+    /// always without a ledger).
+    pub(super) fn admit(&self, origin: u64, proposal: u64) -> bool {
+        self.ledger
+            .as_ref()
+            .is_none_or(|l| l.lock().admit(origin, proposal))
+    }
+
     /// The ledger holds its most: the leader takes no write until a sink
     /// catches up (the records of the writes already taken still go in).
     pub(super) fn ledger_full(&self) -> bool {

@@ -65,6 +65,10 @@ const OUTBOX_ACKED: u8 = 1;
 const HISTORY_WRITTEN: u8 = 2;
 const CONTROL_LEN: usize = 10;
 
+/// Writer origins whose proposal order is remembered (a writer takes a new
+/// one at each start and after each failed proposal).
+const ORIGINS_MAX: usize = 64;
+
 /// Least time between two acknowledgements the leader journals.
 pub const ACK_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -151,6 +155,9 @@ pub struct Ledger {
     /// Records at or below this were dropped (every sink had them).
     dropped_through: u64,
     records: VecDeque<OutboxRecord>,
+    /// The last proposal applied of each recent writer origin, oldest origin
+    /// first (see [`Ledger::admit`]).
+    proposals: VecDeque<(u64, u64)>,
     #[serde(skip)]
     sinks: Sinks,
 }
@@ -164,6 +171,35 @@ impl Ledger {
             acked_through: sequence,
             history_through: sequence,
             ..Ledger::default()
+        }
+    }
+
+    /// The proposal order of committed batches, the same on every replica:
+    /// a writer numbers its proposals 1, 2, 3... under its origin, and a
+    /// batch is applied only if it is the next of its origin. A batch that
+    /// committed after one of its origin that did not (leadership lost and
+    /// regained between the two) is refused, so no Kafka offset is ever
+    /// applied after an earlier one that was not: the state skips offsets at
+    /// or below the last applied, and would skip the lost one for good. A
+    /// writer whose proposal failed goes on under a new origin.
+    /// Origins are remembered least recently applied first out, so the one
+    /// a leader proposes under is never forgotten while it leads.
+    pub fn admit(&mut self, origin: u64, proposal: u64) -> bool {
+        match self.proposals.iter().position(|(o, _)| *o == origin) {
+            Some(at) if proposal == self.proposals[at].1 + 1 => {
+                self.proposals.remove(at);
+                self.proposals.push_back((origin, proposal));
+                true
+            }
+            Some(_) => false,
+            None if proposal == 1 => {
+                if self.proposals.len() >= ORIGINS_MAX {
+                    self.proposals.pop_front();
+                }
+                self.proposals.push_back((origin, 1));
+                true
+            }
+            None => false,
         }
     }
 
@@ -452,10 +488,44 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_is_admitted_only_as_the_next_of_its_origin() {
+        let mut ledger = Ledger::default().with_sinks(OUTBOX);
+        assert!(ledger.admit(7, 1));
+        assert!(ledger.admit(7, 2));
+        // Proposal 3 never committed: 4 must not apply without it.
+        assert!(!ledger.admit(7, 4));
+        // Nor a repeat, nor a new origin that does not start at 1.
+        assert!(!ledger.admit(7, 2));
+        assert!(!ledger.admit(8, 5));
+        // The writer goes on under a new origin.
+        assert!(ledger.admit(9, 1));
+        assert!(ledger.admit(9, 2));
+        // The old origin's 3, late, still fits its order.
+        assert!(ledger.admit(7, 3));
+    }
+
+    #[test]
+    fn the_origin_in_use_is_never_forgotten() {
+        let mut ledger = Ledger::default().with_sinks(OUTBOX);
+        assert!(ledger.admit(1, 1));
+        for other in 100..100 + ORIGINS_MAX as u64 - 1 {
+            assert!(ledger.admit(other, 1));
+            // The leader's origin keeps being applied meanwhile.
+            let next = other - 98;
+            assert!(ledger.admit(1, next));
+        }
+        // One more origin evicts the least recently applied, not origin 1.
+        assert!(ledger.admit(999, 1));
+        assert!(ledger.admit(1, ORIGINS_MAX as u64 + 1));
+        assert!(!ledger.admit(100, 2), "the oldest origin was forgotten");
+    }
+
+    #[test]
     fn a_ledger_survives_its_serialization_exactly() {
         let mut ledger = Ledger::default().with_sinks(OUTBOX);
         ledger.push(&[record(4, 0), record(4, 1)]);
         ledger.acknowledge(2);
+        assert!(ledger.admit(5, 1));
         let bytes = postcard::to_allocvec(&ledger).unwrap();
         let back: Ledger = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(back.with_sinks(OUTBOX), ledger);

@@ -71,7 +71,9 @@ fn run(rx: crossbeam_channel::Receiver<ToShadow>, sinks: Sinks) {
                     }
                     applied = Some(entry.log_id);
                     match &entry.payload {
-                        EntryPayload::Normal(batch) => {
+                        EntryPayload::Normal(batch)
+                            if !keep_ledger || ledger.admit(batch.origin, batch.proposal) =>
+                        {
                             for record in &batch.records {
                                 let collect = keep_ledger.then_some(&mut events);
                                 match apply_journal_record(
@@ -98,6 +100,8 @@ fn run(rx: crossbeam_channel::Receiver<ToShadow>, sinks: Sinks) {
                                 }
                             }
                         }
+                        // Refused by the proposal order, as the writer does.
+                        EntryPayload::Normal(_) => {}
                         EntryPayload::Membership(m) => {
                             membership = StoredMembership::new(Some(entry.log_id), m.clone());
                         }

@@ -55,7 +55,11 @@ pub(crate) enum ToWriter {
     /// Committed entries, in log order; `done` once applied.
     Apply(Arc<Vec<Entry<TypeConfig>>>, oneshot::Sender<()>),
     /// A proposal its entry will not answer.
-    Failed { proposal: u64, error: SubmitError },
+    Failed {
+        origin: u64,
+        proposal: u64,
+        error: SubmitError,
+    },
     /// The state a snapshot holds replaces this one (a replica that fell
     /// behind the leader's log, or a restart from its own snapshot), with the
     /// outbox ledger taken at the same entry.
@@ -241,9 +245,13 @@ impl Running {
         let to_writer = self.to_writer.clone();
         tokio::spawn(async move {
             while let Some(batch) = rx.recv().await {
-                let proposal = batch.proposal;
+                let (origin, proposal) = (batch.origin, batch.proposal);
                 let fail = |error| {
-                    let _ = to_writer.send(ToWriter::Failed { proposal, error });
+                    let _ = to_writer.send(ToWriter::Failed {
+                        origin,
+                        proposal,
+                        error,
+                    });
                 };
                 let receiver = match raft.client_write_ff(batch).await {
                     Ok(receiver) => receiver,
@@ -267,7 +275,11 @@ impl Running {
                         Ok(Err(_)) => SubmitError::Stopped,
                         Err(_) => SubmitError::NotCommitted,
                     };
-                    let _ = to_writer.send(ToWriter::Failed { proposal, error });
+                    let _ = to_writer.send(ToWriter::Failed {
+                        origin,
+                        proposal,
+                        error,
+                    });
                 });
             }
         });
@@ -405,11 +417,22 @@ impl ReplicaWriter {
                 self.published();
                 let _ = done.send(());
             }
-            ToWriter::Failed { proposal, error } => {
+            ToWriter::Failed {
+                origin,
+                proposal,
+                error,
+            } => {
+                if origin != self.origin {
+                    // Answered when this writer changed its origin.
+                    return Ok(());
+                }
                 if let Some(held) = self.held.remove(&proposal) {
                     for h in held {
                         let _ = h.reply.send(Reply::Refused(error.clone()));
                     }
+                }
+                if self.duties.orders_proposals() {
+                    self.new_origin(&error);
                 }
             }
         }
@@ -440,13 +463,47 @@ impl ReplicaWriter {
         }
     }
 
-    /// Applies one committed batch; releases its replies if it is ours.
+    /// After a proposal failed: the batches proposed after it may still
+    /// commit without it, which the ledger's rule refuses to apply (a Kafka
+    /// offset applied after an earlier one that never was would skip that
+    /// one for good). So this writer proposes under a new origin, numbered
+    /// from 1, and answers what waits under the old one: it may still be
+    /// applied, which the idempotency keys and offsets make safe to resend.
+    fn new_origin(&mut self, why: &SubmitError) {
+        self.origin = origin();
+        self.next_proposal = 1;
+        for (_, held) in self.held.drain() {
+            for h in held {
+                let _ = h.reply.send(Reply::Refused(why.clone()));
+            }
+        }
+    }
+
+    /// Applies one committed batch; releases its replies if it is ours. A
+    /// batch the proposal order refuses (duties.rs) changes nothing, on every
+    /// replica alike.
     fn apply(&mut self, batch: &Batch) -> Result<(), EngineError> {
         let held = if batch.origin == self.origin {
             self.held.remove(&batch.proposal)
         } else {
             None
         };
+        if !self.duties.admit(batch.origin, batch.proposal) {
+            tracing::info!(
+                origin = batch.origin,
+                proposal = batch.proposal,
+                "a batch proposed after one that failed is not applied"
+            );
+            for h in held.into_iter().flatten() {
+                let _ = h.reply.send(Reply::Refused(SubmitError::NotCommitted));
+            }
+            if batch.origin == self.origin {
+                // Its order broke without a failure heard here: go on under
+                // a new origin rather than have every later batch refused.
+                self.new_origin(&SubmitError::NotCommitted);
+            }
+            return Ok(());
+        }
         let mut records = batch.records.iter();
         let Some(held) = held else {
             for record in records {
@@ -710,6 +767,9 @@ impl ReplicaWriter {
         if sent {
             self.held.insert(proposal, held);
         } else {
+            // Never proposed: its number goes to the next batch (the order
+            // of an origin's proposals has no gap, see `new_origin`).
+            self.next_proposal -= 1;
             for h in held {
                 let _ = h.reply.send(Reply::Refused(SubmitError::Overloaded));
             }
