@@ -30,6 +30,11 @@
 //!   (INVALID_ARGUMENT naming the field, or a journaled dead letter).
 //! * [`egress`]: the outbox publisher: account events and dead letters derived
 //!   from the journal, published after the sync, with a durable watermark.
+//! * [`snapshot`]: PostgreSQL snapshots (the read model and its history),
+//!   written by their own thread from the rows the engine hands over.
+//! * [`replica`]: with `--peers`, the same writer as one replica of a group
+//!   on openraft: each batch a raft entry, replies after commit, side effects
+//!   (Kafka, PostgreSQL) on the leader only.
 //! * [`metrics`]: Prometheus registry and the `/metrics` endpoint.
 //! * [`server`]: wires it all together for `account-service serve`.
 

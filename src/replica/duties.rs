@@ -186,9 +186,8 @@ impl Duties {
     pub(super) fn applied(&mut self, last_sequence: u64) {
         self.absorb();
         if let Some(publishing) = &self.publishing {
-            if !self.to_publish.is_empty() || last_sequence > 0 {
-                publishing.hand(last_sequence, std::mem::take(&mut self.to_publish));
-            }
+            // Also without records: the watermark moves through quiet stretches.
+            publishing.hand(last_sequence, std::mem::take(&mut self.to_publish));
         }
         if let Some(ledger) = &self.ledger {
             self.metrics
