@@ -73,6 +73,9 @@ const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// A replica's consumer without partitions looks this often whether it
 /// leads (and then assigns them).
 const LEADER_POLL: Duration = Duration::from_millis(100);
+/// How long a replica's consumer waits before reading again after the
+/// leader refused a message for overload.
+const OVERLOADED_BACKOFF: Duration = Duration::from_secs(1);
 
 /// The consumer thread.
 pub struct KafkaConsumer {
@@ -388,6 +391,11 @@ impl Worker {
                 Ok(Reply::Refused(e)) => {
                     tracing::info!(error = %e, "a submitted message was refused");
                     self.rewind("a submitted message was refused");
+                    if matches!(e, SubmitError::Overloaded) {
+                        // The leader takes no writes for now (its ledger is
+                        // full): read again later, not every LEADER_POLL.
+                        self.last_refresh = Some(Instant::now() + OVERLOADED_BACKOFF);
+                    }
                     return;
                 }
                 Err(oneshot::error::TryRecvError::Closed) => {
