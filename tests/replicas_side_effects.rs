@@ -244,9 +244,10 @@ fn position(a: &account_service::proto::account::v1::Account) -> (Decimal, Decim
 }
 
 /// A broker outage never blocks Reserve on a replica group either: the
-/// events wait in every replica's ledger. The leader that took them is
-/// killed during the outage; its successor publishes them, with their
-/// original ids, once the broker is back, and every ledger drains.
+/// events wait in every replica's ledger (a follower wiped meanwhile gets it
+/// with the leader's snapshot). The leader that took them is killed during
+/// the outage; its successor publishes them, with their original ids, once
+/// the broker is back, and every ledger drains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_of_a_broker_outage_are_published_by_the_next_leader() {
     use common::group::{Ack, Op};
@@ -254,7 +255,17 @@ async fn events_of_a_broker_outage_are_published_by_the_next_leader() {
     let broker = Broker::start();
     broker.create_service_topics(1).await;
     let bootstrap = broker.bootstrap();
-    let mut group = Group::start(3, &["--kafka-brokers", &bootstrap]).await;
+    // Raft snapshots every 50 entries: a wiped replica is sent one.
+    let mut group = Group::start(
+        3,
+        &[
+            "--kafka-brokers",
+            &bootstrap,
+            "--raft-snapshot-entries",
+            "50",
+        ],
+    )
+    .await;
     let mut client = group.client();
     client.open_and_fund("1000000").await;
 
@@ -273,15 +284,23 @@ async fn events_of_a_broker_outage_are_published_by_the_next_leader() {
         );
         acks.push((request, ack));
     }
-    // Every replica holds the outage's events (none was acknowledged).
-    for node in &group.nodes {
-        let held = metric(node.metrics_port, "account_outbox_ledger_records");
-        assert!(
-            held >= RESERVES as f64,
-            "node {} holds {held} of the outage's {RESERVES} events",
-            node.id
-        );
-    }
+    // A follower wiped meanwhile gets the ledger with the leader's snapshot.
+    let leader = group.leader().await;
+    let wiped = (leader + 1) % group.nodes.len();
+    group.wipe_and_restart(wiped);
+    group.converged().await;
+    // Every replica holds the outage's events (none was acknowledged), the
+    // same number.
+    let held: Vec<f64> = group
+        .nodes
+        .iter()
+        .map(|node| metric(node.metrics_port, "account_outbox_ledger_records"))
+        .collect();
+    assert!(
+        held.iter().all(|&h| h >= RESERVES as f64 && h == held[0]),
+        "ledgers after the outage (node {} wiped): {held:?}",
+        group.nodes[wiped].id
+    );
     let leader = group.leader().await;
     group.nodes[leader].kill9();
     group.leader().await;
