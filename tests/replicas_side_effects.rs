@@ -391,3 +391,64 @@ async fn a_full_ledger_refuses_writes_until_the_broker_takes_its_events() {
         account_service::proto::account::v1::Result::Ok as i32
     );
 }
+
+/// A group that ran without Kafka and is restarted with it re-applies its
+/// whole log as before: the proposal order the ledger keeps from then on
+/// never refuses a batch from before (the same state digest at the same
+/// sequence), and the events of what comes next are published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_turns_kafka_on_replays_its_log_unchanged() {
+    use common::group::Op;
+    let broker = Broker::start();
+    broker.create_service_topics(1).await;
+    let bootstrap = broker.bootstrap();
+    // Raft snapshots every 50 entries: a restart re-applies the entries
+    // after one, mid-way through a writer's proposals.
+    let mut group = Group::start(3, &["--raft-snapshot-entries", "50"]).await;
+    let mut client = group.client();
+    client.open_and_fund("1000000").await;
+    for i in 0..120 {
+        let op = Op::Reserve {
+            request: format!("before-{i}"),
+            order: format!("order-{i}"),
+        };
+        client.call(&op).await;
+    }
+    let before = group.converged().await;
+
+    group.restart_all_with(&[
+        "--raft-snapshot-entries",
+        "50",
+        "--kafka-brokers",
+        &bootstrap,
+    ]);
+    group.leader().await;
+    // The last entries apply once the new leader commits in its term.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let now = group.converged().await;
+        if now.0 >= before.0 {
+            assert_eq!(now, before, "the log re-applied unchanged");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the log re-applied up to {now:?} of {before:?}: a batch refused"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut client = group.client();
+    let (ack, _) = client
+        .call(&Op::Reserve {
+            request: "after".into(),
+            order: "order-after".into(),
+        })
+        .await;
+    let messages = broker.read_all(EVENTS, 1, PATIENCE);
+    let by_id = assert_duplicates_identical(&account_events(&messages));
+    assert!(
+        by_id.contains_key(&format!("{}-0", ack.sequence)),
+        "the Reserve's event, published"
+    );
+}

@@ -134,10 +134,11 @@ impl Duties {
 
     /// Whether a committed batch is applied (the ledger's proposal order;
     /// always without a ledger).
-    pub(super) fn admit(&self, origin: u64, proposal: u64) -> bool {
+    pub(super) fn admit(&self, batch: &super::Batch) -> bool {
+        let starts = outbox::starts_origin(&batch.records);
         self.ledger
             .as_ref()
-            .is_none_or(|l| l.lock().admit(origin, proposal))
+            .is_none_or(|l| l.lock().admit(batch.origin, batch.proposal, starts))
     }
 
     /// The ledger holds its most: the leader takes no write until a sink
@@ -178,6 +179,7 @@ impl Duties {
         match control {
             Control::OutboxAcked(through) => ledger.acknowledge(through),
             Control::HistoryWritten(through) => ledger.history_written(through),
+            Control::OriginStart => {}
         }
     }
 

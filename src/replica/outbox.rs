@@ -44,8 +44,8 @@
 //!
 //! ```text
 //! +------+------+------------------+
-//! | 0xFF | kind | through: u64 LE  |   kind 1: OUTBOX_ACKED, 2: HISTORY_WRITTEN
-//! +------+------+------------------+   (10 bytes)
+//! | 0xFF | kind | through: u64 LE  |   kind 1: OUTBOX_ACKED, 2: HISTORY_WRITTEN,
+//! +------+------+------------------+   3: ORIGIN_START (through 0); 10 bytes
 //! ```
 
 use crate::config::KafkaConfig;
@@ -63,6 +63,7 @@ pub const CONTROL: u8 = 0xFF;
 const _: () = assert!(CONTROL != crate::engine::codec::FORMAT_VERSION);
 const OUTBOX_ACKED: u8 = 1;
 const HISTORY_WRITTEN: u8 = 2;
+const ORIGIN_START: u8 = 3;
 const CONTROL_LEN: usize = 10;
 
 /// Writer origins whose proposal order is remembered (a writer takes a new
@@ -81,11 +82,26 @@ pub enum Control {
     /// A snapshot's history in PostgreSQL holds every event through this
     /// sequence.
     HistoryWritten(u64),
+    /// The first record of a writer origin's proposal 1: its batches follow
+    /// the proposal order ([`Ledger::admit`]).
+    OriginStart,
+}
+
+/// Whether a batch's records open with [`Control::OriginStart`].
+pub fn starts_origin(records: &[Vec<u8>]) -> bool {
+    records
+        .first()
+        .is_some_and(|r| matches!(decode_control(r), Some(Ok(Control::OriginStart))))
 }
 
 /// Encodes `OUTBOX_ACKED(through)`.
 pub fn encode_acked(through: u64) -> Vec<u8> {
     encode_control(OUTBOX_ACKED, through)
+}
+
+/// Encodes `ORIGIN_START`.
+pub fn encode_origin_start() -> Vec<u8> {
+    encode_control(ORIGIN_START, 0)
 }
 
 /// Encodes `HISTORY_WRITTEN(through)`.
@@ -118,6 +134,7 @@ pub fn decode_control(record: &[u8]) -> Option<Result<Control, String>> {
         [CONTROL, HISTORY_WRITTEN, rest @ ..] if rest.len() == 8 => {
             Ok(Control::HistoryWritten(through(rest)))
         }
+        [CONTROL, ORIGIN_START, rest @ ..] if rest.len() == 8 => Ok(Control::OriginStart),
         [CONTROL, kind, ..] => Err(format!(
             "control record of kind {kind} and {} bytes",
             record.len()
@@ -176,15 +193,22 @@ impl Ledger {
 
     /// The proposal order of committed batches, the same on every replica:
     /// a writer numbers its proposals 1, 2, 3... under its origin, and a
-    /// batch is applied only if it is the next of its origin. A batch that
-    /// committed after one of its origin that did not (leadership lost and
-    /// regained between the two) is refused, so no Kafka offset is ever
-    /// applied after an earlier one that was not: the state skips offsets at
-    /// or below the last applied, and would skip the lost one for good. A
-    /// writer whose proposal failed goes on under a new origin.
+    /// batch of an origin whose proposal 1 was seen opening with
+    /// `ORIGIN_START` (`starts`) is applied only if it is the next of its
+    /// origin. A batch that committed after one of its
+    /// origin that did not (leadership lost and regained between the two) is
+    /// refused, so no Kafka offset is ever applied after an earlier one that
+    /// was not: the state skips offsets at or below the last applied, and
+    /// would skip the lost one for good. A writer whose proposal failed goes
+    /// on under a new origin, and proposes one batch only until the first of
+    /// an origin is applied, so its origins are always seen from 1.
+    ///
+    /// Any other origin is one of a writer without a ledger (a group that
+    /// turned Kafka or history on later; its numbering may have gaps): its
+    /// batches were all applied then, and are all applied again, untracked.
     /// Origins are remembered least recently applied first out, so the one
     /// a leader proposes under is never forgotten while it leads.
-    pub fn admit(&mut self, origin: u64, proposal: u64) -> bool {
+    pub fn admit(&mut self, origin: u64, proposal: u64, starts: bool) -> bool {
         match self.proposals.iter().position(|(o, _)| *o == origin) {
             Some(at) if proposal == self.proposals[at].1 + 1 => {
                 self.proposals.remove(at);
@@ -192,14 +216,14 @@ impl Ledger {
                 true
             }
             Some(_) => false,
-            None if proposal == 1 => {
+            None if proposal == 1 && starts => {
                 if self.proposals.len() >= ORIGINS_MAX {
                     self.proposals.pop_front();
                 }
                 self.proposals.push_back((origin, 1));
                 true
             }
-            None => false,
+            None => true,
         }
     }
 
@@ -423,6 +447,12 @@ mod tests {
         let mut journal = Vec::new();
         crate::engine::codec::encode(&crate::domain::Command::Tick, 5, &mut journal);
         assert_eq!(decode_control(&journal), None);
+        assert_eq!(
+            decode_control(&encode_origin_start()),
+            Some(Ok(Control::OriginStart))
+        );
+        assert!(starts_origin(&[encode_origin_start(), journal.clone()]));
+        assert!(!starts_origin(&[journal.clone(), encode_origin_start()]));
         assert!(matches!(decode_control(&acked[..9]), Some(Err(_))));
         assert_eq!(
             decode_control(&encode_history_written(42)),
@@ -490,34 +520,43 @@ mod tests {
     #[test]
     fn a_batch_is_admitted_only_as_the_next_of_its_origin() {
         let mut ledger = Ledger::default().with_sinks(OUTBOX);
-        assert!(ledger.admit(7, 1));
-        assert!(ledger.admit(7, 2));
+        assert!(ledger.admit(7, 1, true));
+        assert!(ledger.admit(7, 2, false));
         // Proposal 3 never committed: 4 must not apply without it.
-        assert!(!ledger.admit(7, 4));
-        // Nor a repeat, nor a new origin that does not start at 1.
-        assert!(!ledger.admit(7, 2));
-        assert!(!ledger.admit(8, 5));
+        assert!(!ledger.admit(7, 4, false));
+        // Nor a repeat.
+        assert!(!ledger.admit(7, 2, false));
+        // An origin first seen past 1 is from before the ledger: applied.
+        assert!(ledger.admit(8, 5, false));
+        assert!(ledger.admit(8, 9, false));
         // The writer goes on under a new origin.
-        assert!(ledger.admit(9, 1));
-        assert!(ledger.admit(9, 2));
+        assert!(ledger.admit(9, 1, true));
+        assert!(ledger.admit(9, 2, false));
         // The old origin's 3, late, still fits its order.
-        assert!(ledger.admit(7, 3));
+        assert!(ledger.admit(7, 3, false));
+        // A writer without a ledger never announces its origin: its batches
+        // apply untracked, gaps and all.
+        assert!(ledger.admit(20, 1, false));
+        assert!(ledger.admit(20, 3, false));
+        assert!(ledger.admit(20, 3, false));
     }
 
     #[test]
     fn the_origin_in_use_is_never_forgotten() {
         let mut ledger = Ledger::default().with_sinks(OUTBOX);
-        assert!(ledger.admit(1, 1));
+        assert!(ledger.admit(1, 1, true));
         for other in 100..100 + ORIGINS_MAX as u64 - 1 {
-            assert!(ledger.admit(other, 1));
+            assert!(ledger.admit(other, 1, true));
             // The leader's origin keeps being applied meanwhile.
             let next = other - 98;
-            assert!(ledger.admit(1, next));
+            assert!(ledger.admit(1, next, false));
         }
         // One more origin evicts the least recently applied, not origin 1.
-        assert!(ledger.admit(999, 1));
-        assert!(ledger.admit(1, ORIGINS_MAX as u64 + 1));
-        assert!(!ledger.admit(100, 2), "the oldest origin was forgotten");
+        assert!(ledger.admit(999, 1, true));
+        assert!(ledger.admit(1, ORIGINS_MAX as u64 + 1, false));
+        // The oldest origin was forgotten: its next batch counts as one from
+        // before the ledger.
+        assert!(ledger.admit(100, 3, false));
     }
 
     #[test]
@@ -525,7 +564,7 @@ mod tests {
         let mut ledger = Ledger::default().with_sinks(OUTBOX);
         ledger.push(&[record(4, 0), record(4, 1)]);
         ledger.acknowledge(2);
-        assert!(ledger.admit(5, 1));
+        assert!(ledger.admit(5, 1, true));
         let bytes = postcard::to_allocvec(&ledger).unwrap();
         let back: Ledger = postcard::from_bytes(&bytes).unwrap();
         assert_eq!(back.with_sinks(OUTBOX), ledger);

@@ -72,7 +72,12 @@ fn run(rx: crossbeam_channel::Receiver<ToShadow>, sinks: Sinks) {
                     applied = Some(entry.log_id);
                     match &entry.payload {
                         EntryPayload::Normal(batch)
-                            if !keep_ledger || ledger.admit(batch.origin, batch.proposal) =>
+                            if !keep_ledger
+                                || ledger.admit(
+                                    batch.origin,
+                                    batch.proposal,
+                                    super::outbox::starts_origin(&batch.records),
+                                ) =>
                         {
                             for record in &batch.records {
                                 let collect = keep_ledger.then_some(&mut events);
@@ -88,6 +93,7 @@ fn run(rx: crossbeam_channel::Receiver<ToShadow>, sinks: Sinks) {
                                     Ok(Applied::Control(Control::HistoryWritten(through))) => {
                                         ledger.history_written(through)
                                     }
+                                    Ok(Applied::Control(Control::OriginStart)) => {}
                                     Ok(_) => {
                                         ledger.push(&events);
                                         events.clear();

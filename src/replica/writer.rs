@@ -178,6 +178,7 @@ pub(super) fn start(
         capacity_orders: config.capacity_orders,
         duties,
         ledger_full_warned_ms: 0,
+        origin_confirmed: false,
     };
     let thread = std::thread::Builder::new()
         .name("engine".into())
@@ -325,6 +326,8 @@ struct ReplicaWriter {
     /// The ledger of derived events, and the leader's side effects.
     duties: Duties,
     ledger_full_warned_ms: i64,
+    /// A batch of this writer's origin was applied.
+    origin_confirmed: bool,
 }
 
 impl ReplicaWriter {
@@ -340,7 +343,7 @@ impl ReplicaWriter {
         phase.set(Phase::Serving);
         self.metrics.ready.set(1);
         while !self.stop.load(Ordering::Acquire) {
-            let room = self.held.len() < PROPOSALS_IN_FLIGHT;
+            let room = self.room();
             let lanes_open = room || !self.leadership.is_serving();
             if lanes_open {
                 crossbeam_channel::select! {
@@ -439,6 +442,19 @@ impl ReplicaWriter {
         Ok(())
     }
 
+    /// Whether another batch may be proposed: [`PROPOSALS_IN_FLIGHT`] at
+    /// most, and with a ledger only one until the first of this writer's
+    /// origin was applied (so an origin the ledger has seen always began at
+    /// its proposal 1: `Ledger::admit`).
+    fn room(&self) -> bool {
+        let most = if self.origin_confirmed || !self.duties.orders_proposals() {
+            PROPOSALS_IN_FLIGHT
+        } else {
+            1
+        };
+        self.held.len() < most
+    }
+
     fn published(&self) {
         self.metrics
             .engine_last_sequence
@@ -450,7 +466,7 @@ impl ReplicaWriter {
     /// acknowledged is proposed like any entry.
     fn follow_leadership(&mut self) {
         let leading = self.leadership.is_serving().then(|| self.leadership.term());
-        let room = self.held.len() < PROPOSALS_IN_FLIGHT;
+        let room = self.room();
         for record in self.duties.follow(leading, room, &mut self.state) {
             let (reply, _) = oneshot::channel();
             self.propose(
@@ -472,6 +488,7 @@ impl ReplicaWriter {
     fn new_origin(&mut self, why: &SubmitError) {
         self.origin = origin();
         self.next_proposal = 1;
+        self.origin_confirmed = false;
         for (_, held) in self.held.drain() {
             for h in held {
                 let _ = h.reply.send(Reply::Refused(why.clone()));
@@ -488,7 +505,11 @@ impl ReplicaWriter {
         } else {
             None
         };
-        if !self.duties.admit(batch.origin, batch.proposal) {
+        let admitted = self.duties.admit(batch);
+        if admitted && batch.origin == self.origin {
+            self.origin_confirmed = true;
+        }
+        if !admitted {
             tracing::info!(
                 origin = batch.origin,
                 proposal = batch.proposal,
@@ -731,7 +752,7 @@ impl ReplicaWriter {
     /// The leader journals a tick when a deadline (an expiry, a key leaving
     /// the idempotency window) has passed.
     fn maybe_tick(&mut self) {
-        if !self.leadership.is_serving() || self.held.len() >= PROPOSALS_IN_FLIGHT {
+        if !self.leadership.is_serving() || !self.room() {
             return;
         }
         let now = now_ms();
@@ -752,9 +773,21 @@ impl ReplicaWriter {
         );
     }
 
-    fn propose(&mut self, records: Vec<Vec<u8>>, held: Vec<Held>) {
+    fn propose(&mut self, mut records: Vec<Vec<u8>>, mut held: Vec<Held>) {
         if records.is_empty() {
             return;
+        }
+        if self.next_proposal == 1 && self.duties.orders_proposals() {
+            // This origin's batches follow the proposal order (Ledger::admit).
+            records.insert(0, outbox::encode_origin_start());
+            let (reply, _) = oneshot::channel();
+            held.insert(
+                0,
+                Held {
+                    reply,
+                    shape: Shape::Internal,
+                },
+            );
         }
         let proposal = self.next_proposal;
         self.next_proposal += 1;

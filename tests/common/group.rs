@@ -175,6 +175,18 @@ impl Group {
         node.child = Some(child);
     }
 
+    /// Kills every replica (SIGKILL) and starts them again on their data
+    /// directories with the flags `extra` instead.
+    pub fn restart_all_with(&mut self, extra: &[&str]) {
+        for node in &mut self.nodes {
+            node.kill9();
+        }
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        for i in 0..self.founders {
+            self.spawn(i);
+        }
+    }
+
     /// Kills replica `i` (SIGKILL), removes its data directory and starts it
     /// empty on the same addresses.
     pub fn wipe_and_restart(&mut self, i: usize) {
