@@ -796,8 +796,9 @@ async fn an_outbox_spill_rederives_from_the_snapshot_when_the_wal_before_it_is_g
 }
 
 /// A replica group's snapshots carry their leader's raft term; one of an
-/// older term than the table's (a deposed leader still writing) is refused
-/// and leaves the newer leader's snapshot as it was.
+/// older term than the table's (a deposed leader still writing), or of the
+/// same term at an earlier sequence, is refused and leaves the newer
+/// snapshot as it was.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_of_an_older_term_never_overwrites_a_newer_ones() {
     use account_service::snapshot::{DerivedEvents, HistorySource, Snapshotter};
@@ -846,8 +847,16 @@ async fn a_snapshot_of_an_older_term_never_overwrites_a_newer_ones() {
     pg.wait_snapshot(3, Duration::from_secs(30)).await;
     // The deposed one (term 4) tries to write its view at sequence 4.
     let older = snapshot_at(4, &[open(1), open(2), open(3), open(4)]);
-    // It tries, is refused, retries with back-off: never durable.
+    // So is one of the same term at an earlier sequence (the leader's old
+    // snapshotter, still writing after a new one started).
+    let earlier = snapshot_at(5, &[open(1), open(2)]);
+    // Each tries, is refused, retries with back-off: never durable.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(
+        earlier.durable_sequence(),
+        0,
+        "the earlier sequence was refused"
+    );
     assert_eq!(
         older.durable_sequence(),
         0,

@@ -29,8 +29,13 @@ pub enum SnapshotError {
     Journal(String),
     #[error("snapshot_meta belongs to write-ahead log {theirs}, not to this service's log {ours}: another deployment's tables; not overwritten")]
     ForeignLog { ours: String, theirs: String },
-    #[error("snapshot of raft term {ours} refused: the table holds one of term {theirs} (this replica no longer leads)")]
-    Superseded { ours: u64, theirs: u64 },
+    #[error("snapshot of raft term {ours} at sequence {sequence} refused: the table holds one of term {theirs} at sequence {their_sequence} (written by a later leader, or later by this one)")]
+    Superseded {
+        ours: u64,
+        sequence: u64,
+        theirs: u64,
+        their_sequence: u64,
+    },
 }
 
 /// `: cause: its cause...` (a TLS handshake's "invalid peer certificate",
@@ -208,11 +213,17 @@ pub async fn write(
             theirs,
         });
     }
+    // A replica group's snapshots only move forward: a newer term, or the
+    // same term at a later sequence (a leader's old snapshotter, stopped when
+    // its quorum check failed, may still be writing when a new one starts).
     if let (Some(ours), Some(theirs)) = (term, their_term) {
-        if theirs as u64 > ours {
+        let theirs = theirs as u64;
+        if (theirs, previous) > (ours, delta.sequence) {
             return Err(SnapshotError::Superseded {
                 ours,
-                theirs: theirs as u64,
+                sequence: delta.sequence,
+                theirs,
+                their_sequence: previous,
             });
         }
     }
