@@ -10,12 +10,33 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 
+/// A loopback port nothing listens on, for a server a test starts.
+///
+/// Not the kernel's pick (port 0): that port comes from the ephemeral range
+/// (`ip_local_port_range`, 32768-60999 by default), where any process's
+/// outbound connection may take it between this check and the server's bind
+/// (seen: a replica of a group failing with "Address already in use" while
+/// other groups ran). These come from below that range, each handed out once
+/// per test process (the tests of one binary run as its threads).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Another test process's ports (an earlier binary's leftovers) start
+    // elsewhere in the span.
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            n < SPAN,
+            "no free loopback port left below the ephemeral range"
+        );
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub struct Server {
