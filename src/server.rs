@@ -90,10 +90,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         "listening"
     );
 
-    let replicated = args.replica_config()?.is_some();
+    let mut replica_config = args.replica_config()?;
     let outbox = match &kafka {
         // A replica group's outbox runs on its leader only (replica::outbox).
-        Some(_) if replicated => None,
+        Some(_) if replica_config.is_some() => None,
         Some(k) => {
             let (outbox, sink) = Outbox::start(k, &args.data_dir, metrics.clone())?;
             engine_config.outbox = Some(sink);
@@ -103,7 +103,6 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
     };
     let idempotency_window_ms = engine_config.state.idempotency_window_ms;
     let tls = tls_config(&args)?;
-    let mut replica_config = args.replica_config()?;
     if let Some(config) = &mut replica_config {
         // The raft port is secured as the gRPC port is: the same TLS, and
         // the same tokens file (role `replica`).

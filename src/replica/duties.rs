@@ -126,6 +126,12 @@ impl Duties {
         }
     }
 
+    /// Which sinks want derived events (the snapshot shadow keeps its ledger
+    /// for the same ones).
+    pub(super) fn sinks(&self) -> Sinks {
+        self.sinks
+    }
+
     /// Whether batches must follow their origin's proposal order (with a
     /// ledger: Kafka offsets depend on it).
     pub(super) fn orders_proposals(&self) -> bool {
@@ -135,10 +141,9 @@ impl Duties {
     /// Whether a committed batch is applied (the ledger's proposal order;
     /// always without a ledger).
     pub(super) fn admit(&self, batch: &super::Batch) -> bool {
-        let starts = outbox::starts_origin(&batch.records);
         self.ledger
             .as_ref()
-            .is_none_or(|l| l.lock().admit(batch.origin, batch.proposal, starts))
+            .is_none_or(|l| l.lock().admit_batch(batch))
     }
 
     /// The ledger holds its most: the leader takes no write until a sink
@@ -172,14 +177,8 @@ impl Duties {
     /// A control record of a committed entry.
     pub(super) fn control(&mut self, control: Control) {
         self.absorb();
-        let Some(ledger) = &self.ledger else {
-            return;
-        };
-        let mut ledger = ledger.lock();
-        match control {
-            Control::OutboxAcked(through) => ledger.acknowledge(through),
-            Control::HistoryWritten(through) => ledger.history_written(through),
-            Control::OriginStart => {}
+        if let Some(ledger) = &self.ledger {
+            ledger.lock().apply_control(control);
         }
     }
 
@@ -365,7 +364,7 @@ impl Duties {
 
 /// Which sinks want derived events: the broker (Kafka on), and the read
 /// model's history (PostgreSQL with history).
-pub(super) fn sinks(kafka: bool, snapshot: Option<&SnapshotConfig>) -> Sinks {
+fn sinks(kafka: bool, snapshot: Option<&SnapshotConfig>) -> Sinks {
     Sinks {
         outbox: kafka,
         history: snapshot.is_some_and(|s| s.history),

@@ -239,7 +239,6 @@ impl Replica {
             || std::path::PathBuf::from("."),
             std::path::Path::to_path_buf,
         );
-        let sinks = duties::sinks(kafka.is_some(), engine.snapshot.as_ref());
         let duties = duties::Duties::new(
             kafka,
             engine.snapshot.clone(),
@@ -247,6 +246,7 @@ impl Replica {
             replica.ledger_records_max,
             metrics.clone(),
         );
+        let sinks = duties.sinks();
         let (writer, to_writer) = writer::start(engine, metrics, leadership.clone(), duties)?;
         let machine = machine::Machine::open(snapshots, to_writer, sinks)
             .await

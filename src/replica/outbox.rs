@@ -274,6 +274,20 @@ impl Ledger {
         self.trim();
     }
 
+    /// What a control record of a committed entry does to the ledger.
+    pub fn apply_control(&mut self, control: Control) {
+        match control {
+            Control::OutboxAcked(through) => self.acknowledge(through),
+            Control::HistoryWritten(through) => self.history_written(through),
+            Control::OriginStart => {}
+        }
+    }
+
+    /// [`Ledger::admit`] for a committed batch.
+    pub fn admit_batch(&mut self, batch: &super::Batch) -> bool {
+        self.admit(batch.origin, batch.proposal, starts_origin(&batch.records))
+    }
+
     /// Drops what every sink has taken.
     fn trim(&mut self) {
         let floor = match (self.sinks.outbox, self.sinks.history) {

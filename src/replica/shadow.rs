@@ -9,7 +9,7 @@
 //! Kafka on it keeps its own outbox ledger the same way (outbox.rs), so a
 //! snapshot holds the ledger of its entry.
 
-use super::outbox::{Control, Ledger, Sinks};
+use super::outbox::{Ledger, Sinks};
 use super::writer::{apply_journal_record, Applied};
 use super::{Member, NodeId, TypeConfig};
 use crate::state_machine::{Rows, State};
@@ -72,12 +72,7 @@ fn run(rx: crossbeam_channel::Receiver<ToShadow>, sinks: Sinks) {
                     applied = Some(entry.log_id);
                     match &entry.payload {
                         EntryPayload::Normal(batch)
-                            if !keep_ledger
-                                || ledger.admit(
-                                    batch.origin,
-                                    batch.proposal,
-                                    super::outbox::starts_origin(&batch.records),
-                                ) =>
+                            if !keep_ledger || ledger.admit_batch(batch) =>
                         {
                             for record in &batch.records {
                                 let collect = keep_ledger.then_some(&mut events);
@@ -87,13 +82,7 @@ fn run(rx: crossbeam_channel::Receiver<ToShadow>, sinks: Sinks) {
                                     &mut outcomes,
                                     collect,
                                 ) {
-                                    Ok(Applied::Control(Control::OutboxAcked(through))) => {
-                                        ledger.acknowledge(through)
-                                    }
-                                    Ok(Applied::Control(Control::HistoryWritten(through))) => {
-                                        ledger.history_written(through)
-                                    }
-                                    Ok(Applied::Control(Control::OriginStart)) => {}
+                                    Ok(Applied::Control(control)) => ledger.apply_control(control),
                                     Ok(_) => {
                                         ledger.push(&events);
                                         events.clear();
