@@ -6,7 +6,7 @@ use account_service::domain::*;
 use account_service::engine::{Engine, EngineConfig, Phase, RequestKind, Want};
 use account_service::metrics::Metrics;
 use account_service::snapshot::SnapshotConfig;
-use account_service::state_machine::{NoEvents, State, StateConfig};
+use account_service::state_machine::{NoEvents, State, StateConfig, PREFETCH_AHEAD};
 use account_service::workload;
 use std::time::Instant;
 
@@ -26,12 +26,13 @@ fn command(n: u64) -> Command {
 
 /// Applies `commands` reserve / fill / unreserve commands (a third each) to a
 /// state of 10,000 funded accounts, generated ahead in chunks so only `apply`
-/// is timed. A tick every 1,000 commands prunes a 1 s idempotency window
-/// (about a million keys at this rate). With `capacity_orders`, room for that
-/// many orders is made first, as the service's `--capacity-orders` does.
-pub fn engine(commands: u64, capacity_orders: usize) -> serde_json::Value {
+/// is timed. A tick every 1,000 commands (1 ms of journaled time) prunes the
+/// idempotency window (`window_ms`: at 1,000, about a million keys). With
+/// `capacity_orders`, room for that many orders is made first, as the
+/// service's `--capacity-orders` does.
+pub fn engine(commands: u64, capacity_orders: usize, window_ms: i64) -> serde_json::Value {
     let mut state = State::new(StateConfig {
-        idempotency_window_ms: 1_000,
+        idempotency_window_ms: window_ms,
         tick_work_max: 100_000,
     });
     state.reserve_orders(capacity_orders);
@@ -52,6 +53,9 @@ pub fn engine(commands: u64, capacity_orders: usize) -> serde_json::Value {
         chunk.extend((n..(n + CHUNK as u64).min(commands)).map(command));
         let started = Instant::now();
         for (i, c) in chunk.iter().enumerate() {
+            if let Some(ahead) = chunk.get(i + PREFETCH_AHEAD) {
+                state.prefetch(ahead);
+            }
             apply(&mut state, c, now);
             if (n + i as u64) % 1_000 == 999 {
                 now += 1;
@@ -65,6 +69,7 @@ pub fn engine(commands: u64, capacity_orders: usize) -> serde_json::Value {
         "mode": "engine",
         "commands": commands,
         "capacity_orders": capacity_orders,
+        "window_ms": window_ms,
         "seconds": (timed.as_secs_f64() * 1000.0).round() / 1000.0,
         "commands_per_s": (commands as f64 / timed.as_secs_f64()).round(),
         "ns_per_command": (timed.as_nanos() as f64 / commands as f64).round(),

@@ -86,6 +86,10 @@ enum Mode {
         /// `--capacity-orders`): the tables never grow while timed.
         #[arg(long, default_value_t = 0)]
         capacity_orders: usize,
+        /// The idempotency window, in the run's journaled time (1 ms per
+        /// 1,000 commands): at the default, about a million keys stay in it.
+        #[arg(long, default_value_t = 1_000)]
+        window_ms: i64,
         #[arg(long)]
         json_out: Option<std::path::PathBuf>,
     },
@@ -255,10 +259,11 @@ async fn main() -> anyhow::Result<()> {
         Mode::Engine {
             commands,
             capacity_orders,
+            window_ms,
             json_out,
         } => {
             let summary = tokio::task::spawn_blocking(move || {
-                loadtest::inproc::engine(commands, capacity_orders)
+                loadtest::inproc::engine(commands, capacity_orders, window_ms)
             })
             .await?;
             emit(&summary, &json_out)?;

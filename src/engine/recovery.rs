@@ -9,7 +9,7 @@
 use super::codec::{self, Record};
 use super::EngineError;
 use crate::egress::Collector;
-use crate::state_machine::{NoEvents, State};
+use crate::state_machine::{NoEvents, State, PREFETCH_AHEAD};
 use wal::Wal;
 
 /// Replays every record after `state.last_sequence()`. Returns how many.
@@ -54,7 +54,12 @@ pub fn replay_with_outbox(
     }
     let mut outcomes = Vec::new();
     let records = decoded_in_chunks(wal, from, |chunk| {
-        for (sequence, record, timestamp_ms) in chunk.drain(..) {
+        let mut records = chunk.drain(..);
+        while let Some((sequence, record, timestamp_ms)) = records.next() {
+            if let Some((_, Record::Command(ahead), _)) = records.as_slice().get(PREFETCH_AHEAD - 1)
+            {
+                state.prefetch(ahead);
+            }
             let outbox = outbox.as_deref_mut().filter(|_| sequence > watermark);
             match (record, outbox) {
                 (Record::Command(command), Some(outbox)) => {

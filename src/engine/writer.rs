@@ -21,7 +21,7 @@ use super::{
 use crate::domain::Command;
 use crate::egress::Collector;
 use crate::metrics::Metrics;
-use crate::state_machine::{NoEvents, Outcome, State};
+use crate::state_machine::{NoEvents, Outcome, State, PREFETCH_AHEAD};
 use crossbeam_channel::Receiver;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -372,7 +372,13 @@ impl Writer {
         let now = now_ms();
         // 2. Journal + apply each command; hold its reply.
         let mut batch = std::mem::take(&mut self.batch);
-        for request in batch.drain(..) {
+        let mut requests = batch.drain(..);
+        while let Some(request) = requests.next() {
+            if let Some(RequestKind::Command(ahead, _)) =
+                requests.as_slice().get(PREFETCH_AHEAD - 1).map(|r| &r.kind)
+            {
+                self.state.prefetch(ahead);
+            }
             if let Some(trace) = &request.trace {
                 trace.apply_started();
                 self.trace = Some(trace.parent);
@@ -384,7 +390,10 @@ impl Writer {
                 }
                 RequestKind::Batch(commands, want) => {
                     let mut replies = Vec::with_capacity(commands.len());
-                    for command in &commands {
+                    for (i, command) in commands.iter().enumerate() {
+                        if let Some(ahead) = commands.get(i + PREFETCH_AHEAD) {
+                            self.state.prefetch(ahead);
+                        }
                         let outcome = self.execute(command, now)?;
                         replies.push(self.command_reply(command, outcome, want));
                     }
@@ -400,6 +409,7 @@ impl Writer {
             }
             self.held.push((request.reply, reply));
         }
+        drop(requests);
         self.batch = batch;
         self.maybe_tick(now)?;
         // 3 + 4. Sync, then release (or the other way round in async mode).

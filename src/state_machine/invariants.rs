@@ -178,6 +178,9 @@ pub fn check(state: &State) -> Result<(), String> {
     if !state.idempotency_consistent() {
         return Err("idempotency order and table disagree".into());
     }
+    if !state.reservations_consistent() {
+        return Err("reservation rows and index disagree".into());
+    }
     let closed = state
         .reservations()
         .filter(|r| r.state != ReservationState::Open)

@@ -1,74 +1,59 @@
 //! The idempotency table: every key recorded in its window, in recording order.
 //!
 //! Keys live in a ring (`VecDeque`) in the order they were recorded — which is
-//! also the order the window prunes them — and a hash map from a 128-bit hash
-//! of the key to the key's position in the ring. A map entry is 32 bytes
-//! instead of the 64-byte id plus the whole entry, so more of the map stays in
-//! cache (each command probes it once for the lookup and once for the insert),
-//! and recording a key writes the ring sequentially.
+//! also the order the window prunes them — and an [`Index`] from a 64-bit hash
+//! of the key to the key's position in the ring: 16 bytes a slot, so a probe
+//! is one cache miss (each command probes once for the lookup, then writes the
+//! same slot), and recording a key writes the ring sequentially. Pruning walks
+//! the ring from the front and prefetches the index slots of the keys a few
+//! places behind the one it removes, so a tick's removals overlap their misses.
 //!
 //! A key is an [`IdempotencyKey`]: its space (requests or events) and its id.
 //! The space is the hash's seed, so the same id in the two spaces is two
-//! unrelated keys at no extra hashing cost.
-//!
-//! The full key is kept in the ring and compared on lookup. A 128-bit hash
-//! collision (odds ~2^-64 with billions of keys) makes the newer key shadow the
-//! older in the map; pruning then leaves the newer key's slot alone.
+//! unrelated keys at no extra hashing cost. The full key is kept in the ring
+//! and compared on lookup, so two keys with the same hash are still two keys.
 
+use super::index::Index;
 use super::IdempotencyEntry;
 use crate::domain::IdempotencyKey;
-use std::collections::{HashMap, VecDeque};
-use std::hash::BuildHasherDefault;
+use std::collections::VecDeque;
 
 #[derive(Clone, Copy, Debug)]
 struct Record {
-    hash: u128,
+    hash: u64,
     key: IdempotencyKey,
     entry: IdempotencyEntry,
 }
 
-/// The map's keys are already 128-bit xxh3 hashes: hashing them again would
-/// only cost time, so the map takes their low 64 bits as they are.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl std::hash::Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u128` is used; anything else still hashes soundly.
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u128(&mut self, v: u128) {
-        self.0 = v as u64;
-    }
-}
-
-type Positions = HashMap<u128, u64, BuildHasherDefault<Prehashed>>;
-
 /// A key's hash, computed once per command for both the lookup and the insert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KeyHash(u128);
+pub struct KeyHash(u64);
+
+/// How far ahead of the key it removes pruning prefetches: enough misses in
+/// flight to overlap, few enough that the lines are still cached when used.
+const PRUNE_PREFETCH_AHEAD: usize = 8;
 
 #[derive(Clone, Debug, Default)]
 pub struct KeyTable {
     /// Key hash -> absolute position in `ring`.
-    positions: Positions,
+    positions: Index,
     ring: VecDeque<Record>,
     /// Absolute position of `ring`'s front.
     base: u64,
 }
 
-fn hash(key: &IdempotencyKey) -> u128 {
-    xxhash_rust::xxh3::xxh3_128_with_seed(key.id.as_bytes(), key.space as u64)
+fn hash(key: &IdempotencyKey) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(key.id.as_bytes(), key.space as u64)
 }
 
 impl KeyTable {
     pub fn hash(key: &IdempotencyKey) -> KeyHash {
         KeyHash(hash(key))
+    }
+
+    /// Starts loading the index slot of a key about to be looked up.
+    pub fn prefetch(&self, hash: KeyHash) {
+        self.positions.prefetch(hash.0);
     }
 
     pub fn get(&self, key: &IdempotencyKey) -> Option<&IdempotencyEntry> {
@@ -78,9 +63,15 @@ impl KeyTable {
     /// [`KeyTable::get`] with the key's hash already computed.
     pub fn get_hashed(&self, hash: KeyHash, key: &IdempotencyKey) -> Option<&IdempotencyEntry> {
         debug_assert_eq!(hash, KeyTable::hash(key));
-        let position = *self.positions.get(&hash.0)?;
-        let record = &self.ring[(position - self.base) as usize];
-        (record.key == *key).then_some(&record.entry)
+        let position = self
+            .positions
+            .find(hash.0, |position| self.record(position).key == *key)
+            .ok()?;
+        Some(&self.record(position).entry)
+    }
+
+    fn record(&self, position: u64) -> &Record {
+        &self.ring[(position - self.base) as usize]
     }
 
     /// Records a key not present; `entry.recorded_at_ms` never decreases.
@@ -96,8 +87,7 @@ impl KeyTable {
             .back()
             .is_none_or(|r| r.entry.recorded_at_ms <= entry.recorded_at_ms));
         let hash = hash.0;
-        self.positions
-            .insert(hash, self.base + self.ring.len() as u64);
+        self.positions.insert(hash, self.end());
         self.ring.push_back(Record { hash, key, entry });
     }
 
@@ -108,13 +98,14 @@ impl KeyTable {
 
     /// Forgets the oldest key.
     pub fn pop_oldest(&mut self) {
+        if let Some(ahead) = self.ring.get(PRUNE_PREFETCH_AHEAD) {
+            self.positions.prefetch(ahead.hash);
+        }
         let Some(record) = self.ring.pop_front() else {
             return;
         };
-        // Leave the slot alone if a colliding newer key took it over.
-        if self.positions.get(&record.hash) == Some(&self.base) {
-            self.positions.remove(&record.hash);
-        }
+        let removed = self.positions.remove(record.hash, self.base);
+        assert!(removed, "every key in the ring is in the index");
         self.base += 1;
     }
 
@@ -147,6 +138,7 @@ impl KeyTable {
             base,
             ..KeyTable::default()
         };
+        table.positions.reserve(keys.len());
         for (position, key, entry) in keys {
             assert_eq!(position, table.end(), "snapshot keys are contiguous");
             table.insert(key, entry);
@@ -158,7 +150,7 @@ impl KeyTable {
         self.ring.iter().map(|r| (&r.key, &r.entry))
     }
 
-    /// Map and ring agree (the invariant checker's view).
+    /// Index and ring agree (the invariant checker's view).
     pub fn is_consistent(&self) -> bool {
         self.positions.len() == self.ring.len()
     }
@@ -166,8 +158,7 @@ impl KeyTable {
     /// Room for `keys` keys in all, without a resize, every page written once
     /// (see `State::reserve_orders`).
     pub fn reserve(&mut self, keys: usize) {
-        let positions = std::mem::take(&mut self.positions);
-        self.positions = super::touched_map(positions, keys, |i| (i as u128, u64::MAX));
+        self.positions.reserve(keys);
         let placeholder = Record {
             hash: 0,
             key: IdempotencyKey {

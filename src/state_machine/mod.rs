@@ -8,8 +8,10 @@
 //! its own invariants (see [`invariants`]).
 
 mod digest;
+mod index;
 pub mod invariants;
 mod keys;
+mod reservations;
 mod snapshot;
 
 pub use snapshot::{Delta, Rows};
@@ -26,9 +28,25 @@ use crate::domain::{
     IdempotencyKey, OpenAccount, ReservationKind, Reserve, SetAccountStatus, Side, Topic,
     Unreserve,
 };
+use reservations::{Filed, Reservations};
 use rustc_hash::FxHashMap;
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, VecDeque};
+
+/// A closed reservation waiting for its window to pass: when it closed, and
+/// where it is filed.
+#[derive(Clone, Copy, Debug)]
+struct Closed {
+    at_ms: i64,
+    filed: Filed,
+}
+
+/// How far ahead of the closed reservation it removes pruning prefetches.
+const PRUNE_PREFETCH_AHEAD: usize = 8;
+
+/// How many commands ahead of the one it applies a batch loop calls
+/// [`State::prefetch`]: enough to overlap a few misses, near enough that the
+/// lines are still cached when the command is applied.
+pub const PREFETCH_AHEAD: usize = 4;
 
 /// What the idempotency table remembers of a key.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
@@ -44,11 +62,11 @@ pub struct IdempotencyEntry {
 pub struct State {
     config: StateConfig,
     accounts: FxHashMap<AccountId, Account>,
-    reservations: FxHashMap<ReservationKey, Reservation>,
+    reservations: Reservations,
     /// Open reservations with an expiry, by expiry.
     expiries: BTreeSet<(i64, ReservationKey)>,
     /// Closed reservations in closing order, pruned after the window.
-    closed: VecDeque<(i64, ReservationKey)>,
+    closed: VecDeque<Closed>,
     idempotency: keys::KeyTable,
     /// Last applied offset per inbound (topic, partition).
     offsets: FxHashMap<(Topic, i32), i64>,
@@ -133,34 +151,35 @@ impl State {
     /// Every page of the room is written once here: memory allocated but never
     /// touched would fault its pages in on the hot path instead.
     pub fn reserve_orders(&mut self, orders: usize) {
-        self.reservations
-            .reserve(orders.saturating_sub(self.reservations.len()));
-        // Placeholders under account ids no command can name (they are > 0).
-        let placeholder = Reservation {
-            account_id: AccountId(-1),
-            order_id: Id::default(),
-            kind: ReservationKind::Cash,
-            asset: crate::domain::Asset::currency("XXX").expect("a currency"),
-            amount: Decimal::ZERO,
-            remaining: Decimal::ZERO,
-            consumed: Decimal::ZERO,
-            released: Decimal::ZERO,
-            state: ReservationState::Released,
-            expires_at_ms: None,
-            sequence: 0,
-            closed_at_ms: 0,
-            closed_sequence: 0,
+        self.reservations.reserve(orders);
+        let placeholder = Closed {
+            at_ms: 0,
+            filed: Filed::PLACEHOLDER,
         };
-        let reservations = std::mem::take(&mut self.reservations);
-        self.reservations = touched_map(reservations, orders, |i| {
-            let key = ReservationKey {
-                account_id: AccountId(-1 - i as i64),
-                order_id: Id::default(),
-            };
-            (key, placeholder)
-        });
-        touch_room(&mut self.closed, orders, (0, placeholder.key()));
+        touch_room(&mut self.closed, orders, placeholder);
         self.idempotency.reserve(orders.saturating_mul(2));
+    }
+
+    /// Starts loading into the cache the index slots applying `command`
+    /// will probe (its key's, its reservation's); changes nothing. A loop
+    /// over a batch calls it for the command [`PREFETCH_AHEAD`] places ahead
+    /// of the one it applies, so that the cache misses of several commands
+    /// overlap instead of following one another.
+    pub fn prefetch(&self, command: &Command) {
+        let Some(key) = command.key() else {
+            return;
+        };
+        self.idempotency.prefetch(keys::KeyTable::hash(&key));
+        let (account_id, order_id) = match command {
+            Command::Reserve(c) => (c.account_id, c.order_id),
+            Command::Unreserve(c) => (c.account_id, c.order_id),
+            Command::Fill(c) => (c.account_id, c.order_id),
+            _ => return,
+        };
+        self.reservations.prefetch(&ReservationKey {
+            account_id,
+            order_id,
+        });
     }
 
     /// Returns the memory of pruned keys and reservations to the allocator.
@@ -177,7 +196,7 @@ impl State {
         let window = self.config.idempotency_window_ms;
         let expiry = self.expiries.first().map(|(t, _)| *t);
         let key = self.idempotency.oldest_ms().map(|t| t + window);
-        let closed = self.closed.front().map(|(t, _)| t + window);
+        let closed = self.closed.front().map(|c| c.at_ms + window);
         [expiry, key, closed].into_iter().flatten().min()
     }
 
@@ -473,11 +492,11 @@ impl State {
                 balance_of(a, c.kind, c.asset)
             });
         // One probe: the vacant slot is filled below.
-        let slot = self.reservations.entry(key);
-        let taken = matches!(slot, Entry::Occupied(_));
+        let slot = self.reservations.find(&key);
+        let taken = slot.is_ok();
         let after = reserve_rules(c, now, account.as_deref(), balance, taken);
         let ((available_after, reserved_after), account, slot) = match (after, account, slot) {
-            (Ok(after), Some(account), Entry::Vacant(slot)) => (after, account, slot),
+            (Ok(after), Some(account), Err(slot)) => (after, account, slot),
             (Err(code), account, _) => {
                 return reserve_refused(c, code, seq, account.is_some(), balance)
             }
@@ -486,21 +505,24 @@ impl State {
         set_balance(account, c.kind, c.asset, available_after, reserved_after);
         let (available, reserved) = balance_of(account, c.kind, c.asset);
         debug_assert!(available >= Decimal::ZERO || account.overdrawn);
-        slot.insert(Reservation {
-            account_id: c.account_id,
-            order_id: c.order_id,
-            kind: c.kind,
-            asset: c.asset,
-            amount: c.amount,
-            remaining: c.amount,
-            consumed: Decimal::ZERO,
-            released: Decimal::ZERO,
-            state: ReservationState::Open,
-            expires_at_ms: c.expires_at_ms,
-            sequence: seq,
-            closed_at_ms: 0,
-            closed_sequence: 0,
-        });
+        self.reservations.insert_vacant(
+            slot,
+            Reservation {
+                account_id: c.account_id,
+                order_id: c.order_id,
+                kind: c.kind,
+                asset: c.asset,
+                amount: c.amount,
+                remaining: c.amount,
+                consumed: Decimal::ZERO,
+                released: Decimal::ZERO,
+                state: ReservationState::Open,
+                expires_at_ms: c.expires_at_ms,
+                sequence: seq,
+                closed_at_ms: 0,
+                closed_sequence: 0,
+            },
+        );
         account.open_reservations += 1;
         if let Some(at) = c.expires_at_ms {
             self.expiries.insert((at, key));
@@ -528,7 +550,7 @@ impl State {
             account_id: c.account_id,
             order_id: c.order_id,
         };
-        let Some(reservation) = self.reservations.get_mut(&key) else {
+        let Some((filed, reservation)) = self.reservations.get_mut(&key) else {
             return Outcome::new(ResultCode::ReservationNotFound, seq);
         };
         if reservation.state != ReservationState::Open {
@@ -558,7 +580,7 @@ impl State {
         };
         if reservation.remaining.is_zero() {
             close(
-                reservation,
+                (filed, reservation),
                 ReservationState::Released,
                 (now, seq),
                 &mut self.expiries,
@@ -668,25 +690,24 @@ impl State {
             Side::Buy => (ReservationKind::Cash, currency, c.filled_amount),
             Side::Sell => (ReservationKind::Security, c.symbol, c.quantity),
         };
-        let reservation = self
-            .reservations
-            .get_mut(&key)
-            .filter(|r| r.state == ReservationState::Open && r.kind == kind && r.asset == asset);
+        let reservation = self.reservations.get_mut(&key).filter(|(_, r)| {
+            r.state == ReservationState::Open && r.kind == kind && r.asset == asset
+        });
         let consumed = reservation
             .as_ref()
-            .map_or(Decimal::ZERO, |r| r.remaining.min(wanted));
+            .map_or(Decimal::ZERO, |(_, r)| r.remaining.min(wanted));
         // Everything is computed first: a fill refused for overflow changes nothing.
         let Some(settled) = settle(account, c, currency, consumed) else {
             let (available, reserved) = balance_of(account, ReservationKind::Cash, currency);
             return Outcome::new(ResultCode::AmountOverflow, seq)
                 .with_balance(currency, available, reserved);
         };
-        if let Some(r) = reservation {
+        if let Some((filed, r)) = reservation {
             r.remaining -= consumed;
             r.consumed += consumed;
             if r.remaining.is_zero() {
                 close(
-                    r,
+                    (filed, r),
                     ReservationState::Consumed,
                     (now, seq),
                     &mut self.expiries,
@@ -731,7 +752,7 @@ impl State {
             budget -= 1;
             let reservation = self.reservations.get_mut(&key);
             let account = self.accounts.get_mut(&key.account_id);
-            let (Some(reservation), Some(account)) = (reservation, account) else {
+            let (Some((filed, reservation)), Some(account)) = (reservation, account) else {
                 unreachable!("an indexed expiry has its reservation and account");
             };
             debug_assert_eq!(reservation.state, ReservationState::Open);
@@ -740,7 +761,7 @@ impl State {
                 unreachable!("a release stays in range: cash keeps its total, shares unlock");
             };
             close(
-                reservation,
+                (filed, reservation),
                 ReservationState::Expired,
                 (now, sequence),
                 &mut self.expiries,
@@ -773,19 +794,20 @@ impl State {
             self.idempotency.pop_oldest();
         }
         while budget > 0 {
-            let Some(&(at, key)) = self.closed.front() else {
+            let Some(&Closed { at_ms, filed }) = self.closed.front() else {
                 break;
             };
-            if at + window > now {
+            if at_ms + window > now {
                 break;
             }
             budget -= 1;
-            self.closed.pop_front();
-            let removed = self.reservations.remove(&key);
-            debug_assert!(removed.is_some_and(|r| r.state != ReservationState::Open));
-            if let Some(r) = removed {
-                self.mark_removed(key, r.sequence);
+            if let Some(ahead) = self.closed.get(PRUNE_PREFETCH_AHEAD) {
+                self.reservations.prefetch_filed(ahead.filed);
             }
+            self.closed.pop_front();
+            let removed = self.reservations.remove(filed);
+            debug_assert!(removed.state != ReservationState::Open);
+            self.mark_removed(removed.key(), removed.sequence);
         }
     }
 }
@@ -850,29 +872,6 @@ struct Trial {
     balances: FxHashMap<(AccountId, ReservationKind, crate::domain::Asset), (Decimal, Decimal)>,
     orders: rustc_hash::FxHashSet<ReservationKey>,
     keys: rustc_hash::FxHashSet<Id>,
-}
-
-/// `map`'s entries in a map with room for `len`, every bucket written once
-/// (filled with `placeholder(i)`, distinct keys, then cleared: a cleared map
-/// keeps no tombstones, which a removal would leave and which shrink the room).
-pub(crate) fn touched_map<K, V, S>(
-    map: std::collections::HashMap<K, V, S>,
-    len: usize,
-    placeholder: impl Fn(usize) -> (K, V),
-) -> std::collections::HashMap<K, V, S>
-where
-    K: Eq + std::hash::Hash,
-    S: std::hash::BuildHasher + Default,
-{
-    let mut fresh =
-        std::collections::HashMap::with_capacity_and_hasher(len.max(map.len()), S::default());
-    for i in 0..fresh.capacity() {
-        let (key, value) = placeholder(i);
-        fresh.insert(key, value);
-    }
-    fresh.clear();
-    fresh.extend(map);
-    fresh
 }
 
 /// Grows `ring` to room for `len` and writes every slot of it once, keeping
@@ -1019,11 +1018,11 @@ fn release(
 }
 
 fn close(
-    reservation: &mut Reservation,
+    (filed, reservation): (Filed, &mut Reservation),
     state: ReservationState,
     (now, sequence): (i64, u64),
     expiries: &mut BTreeSet<(i64, ReservationKey)>,
-    closed: &mut VecDeque<(i64, ReservationKey)>,
+    closed: &mut VecDeque<Closed>,
 ) {
     debug_assert_eq!(reservation.state, ReservationState::Open);
     debug_assert!(state != ReservationState::Open);
@@ -1033,7 +1032,7 @@ fn close(
     if let Some(at) = reservation.expires_at_ms {
         expiries.remove(&(at, reservation.key()));
     }
-    closed.push_back((now, reservation.key()));
+    closed.push_back(Closed { at_ms: now, filed });
 }
 
 /// After a command changed only the balances and positions in `touched`: an
@@ -1112,6 +1111,13 @@ impl State {
 
     pub(crate) fn idempotency_consistent(&self) -> bool {
         self.idempotency.is_consistent()
+    }
+
+    pub(crate) fn reservations_consistent(&self) -> bool {
+        self.reservations.is_consistent()
+            && self
+                .reservations()
+                .all(|r| self.reservations.get(&r.key()) == Some(r))
     }
 
     pub(crate) fn closed_len(&self) -> usize {

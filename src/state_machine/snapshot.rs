@@ -197,12 +197,15 @@ impl State {
                     r.closed_at_ms,
                 ));
             }
-            state.reservations.insert(key, r);
+            state.reservations.insert(r);
         }
         closed.sort();
         state.closed = closed
             .into_iter()
-            .map(|((_, _, key), at)| (at, key))
+            .map(|((_, _, key), at_ms)| super::Closed {
+                at_ms,
+                filed: state.reservations.find(&key).expect("just filed"),
+            })
             .collect();
         let mut keys = rows.keys;
         keys.sort_by_key(|(position, _, _)| *position);

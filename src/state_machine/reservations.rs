@@ -1,0 +1,187 @@
+//! The reservations: rows in a slab, found through an [`Index`] from a hash
+//! of (account, order) to the row.
+//!
+//! A reservation is ~190 bytes and stays for the idempotency window after it
+//! closes, so a busy day holds millions. A hash map of whole rows would make
+//! every Reserve's probe a miss in a table of hundreds of megabytes (and
+//! its TLB); here the probe reads a 16-byte index slot, then the one row.
+//! A row freed by pruning is the next one a Reserve takes (a stack of free
+//! rows), so rows are reused while their pages are still mapped, and the
+//! prune that frees a row prefetches it for that write.
+//!
+//! Row numbers are internal: nothing observable (digest, snapshot, events)
+//! depends on them, so a state rebuilt from a snapshot may number its rows
+//! differently and still be the same state.
+
+use super::index::{prefetch, Index, Vacant};
+use super::{Reservation, ReservationKey};
+
+/// A row of the slab.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct RowId(u32);
+
+/// Where a reservation is filed: its hash and its row, so that pruning it
+/// later needs neither its key nor a hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Filed {
+    hash: u64,
+    row: RowId,
+}
+
+impl Filed {
+    /// Filler for room made ahead; never filed.
+    pub const PLACEHOLDER: Filed = Filed {
+        hash: 0,
+        row: RowId(u32::MAX),
+    };
+}
+
+/// Where a Reserve that found no reservation for its order puts its own.
+#[derive(Clone, Copy, Debug)]
+pub struct VacantRow {
+    slot: Vacant,
+    hash: u64,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Reservations {
+    /// Hash of (account, order) -> row.
+    index: Index,
+    rows: Vec<Option<Reservation>>,
+    /// Rows not in use, the most recently freed last.
+    free: Vec<RowId>,
+}
+
+/// The hash the index files a reservation under.
+pub fn hash(key: &ReservationKey) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(key.order_id.as_bytes(), key.account_id.0 as u64)
+}
+
+impl Reservations {
+    /// Starts loading the index slot of `key` into the cache.
+    pub fn prefetch(&self, key: &ReservationKey) {
+        self.index.prefetch(hash(key));
+    }
+
+    /// Starts loading the index slot of a reservation about to be pruned and
+    /// its row (which the next Reserve reuses).
+    pub fn prefetch_filed(&self, filed: Filed) {
+        self.index.prefetch(filed.hash);
+        prefetch(&self.rows[filed.row.0 as usize] as *const Option<Reservation>);
+    }
+
+    fn row(&self, row: u64) -> &Reservation {
+        self.rows[row as usize]
+            .as_ref()
+            .expect("the index points at rows in use")
+    }
+
+    /// Where `key`'s reservation is filed, or where a new one would go.
+    pub fn find(&self, key: &ReservationKey) -> Result<Filed, VacantRow> {
+        let hash = hash(key);
+        self.index
+            .find(hash, |row| self.row(row).key() == *key)
+            .map(|row| Filed {
+                hash,
+                row: RowId(row as u32),
+            })
+            .map_err(|slot| VacantRow { slot, hash })
+    }
+
+    pub fn get(&self, key: &ReservationKey) -> Option<&Reservation> {
+        let filed = self.find(key).ok()?;
+        self.rows[filed.row.0 as usize].as_ref()
+    }
+
+    /// `key`'s reservation, and where it is filed.
+    pub fn get_mut(&mut self, key: &ReservationKey) -> Option<(Filed, &mut Reservation)> {
+        let filed = self.find(key).ok()?;
+        let row = self.rows[filed.row.0 as usize].as_mut();
+        Some((filed, row.expect("an indexed row is in use")))
+    }
+
+    pub fn contains_key(&self, key: &ReservationKey) -> bool {
+        self.find(key).is_ok()
+    }
+
+    /// Files a new reservation where [`Reservations::find`] said (nothing
+    /// changed since).
+    pub fn insert_vacant(&mut self, vacant: VacantRow, reservation: Reservation) -> Filed {
+        debug_assert_eq!(hash(&reservation.key()), vacant.hash);
+        let row = match self.free.pop() {
+            Some(row) => {
+                debug_assert!(self.rows[row.0 as usize].is_none());
+                self.rows[row.0 as usize] = Some(reservation);
+                row
+            }
+            None => {
+                let row = RowId(u32::try_from(self.rows.len()).expect("fewer than 2^32 rows"));
+                self.rows.push(Some(reservation));
+                row
+            }
+        };
+        self.index.insert_vacant(vacant.slot, u64::from(row.0));
+        Filed {
+            hash: vacant.hash,
+            row,
+        }
+    }
+
+    /// Files a reservation whose order has none.
+    pub fn insert(&mut self, reservation: Reservation) -> Filed {
+        match self.find(&reservation.key()) {
+            Ok(_) => panic!("{:?} has a reservation already", reservation.key()),
+            Err(vacant) => self.insert_vacant(vacant, reservation),
+        }
+    }
+
+    /// Removes the reservation filed at `filed`.
+    pub fn remove(&mut self, filed: Filed) -> Reservation {
+        let Filed { hash, row } = filed;
+        let removed = self.index.remove(hash, u64::from(row.0));
+        assert!(removed, "a filed reservation is in the index");
+        let reservation = self.rows[row.0 as usize]
+            .take()
+            .expect("an indexed row is in use");
+        self.free.push(row);
+        reservation
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &Reservation> {
+        self.rows.iter().flatten()
+    }
+
+    /// Room for `reservations` in all, every page written once (see
+    /// `State::reserve_orders`).
+    pub fn reserve(&mut self, reservations: usize) {
+        self.index.reserve(reservations);
+        let room = reservations.saturating_sub(self.rows.len());
+        self.rows.reserve(room);
+        self.free.reserve(room);
+        let used = self.rows.len();
+        // Written now (as free rows), taken last: the stack pops the lowest first.
+        self.rows.resize(self.rows.capacity(), None);
+        let fresh = (used..self.rows.len()).rev();
+        let fresh: Vec<RowId> = fresh.map(|r| RowId(r as u32)).collect();
+        self.free.splice(0..0, fresh);
+    }
+
+    /// Returns the memory of free rows at the end and of index room no
+    /// longer needed.
+    pub fn shrink_to_fit(&mut self) {
+        while self.rows.last().is_some_and(Option::is_none) {
+            self.rows.pop();
+        }
+        let len = self.rows.len();
+        self.free.retain(|row| (row.0 as usize) < len);
+        self.rows.shrink_to_fit();
+        self.free.shrink_to_fit();
+        self.index.shrink_to_fit();
+    }
+
+    /// Index and rows agree (the invariant checker's view).
+    pub fn is_consistent(&self) -> bool {
+        self.rows.iter().flatten().count() == self.index.len()
+            && self.rows.len() == self.index.len() + self.free.len()
+    }
+}
