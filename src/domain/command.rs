@@ -292,16 +292,21 @@ impl Command {
     /// The idempotency key (request_id or event_id, in its space); `None`
     /// for the commands that have none (ticks, dead letters, configuration).
     pub fn key(&self) -> Option<IdempotencyKey> {
-        let (space, id) = match self {
-            Command::OpenAccount(c) => (KeySpace::Requests, c.request_id),
-            Command::SetAccountStatus(c) => (KeySpace::Requests, c.request_id),
-            Command::Reserve(c) => (KeySpace::Requests, c.request_id),
-            Command::Unreserve(c) => (KeySpace::Requests, c.request_id),
-            Command::Deposit(c) | Command::Withdraw(c) => (KeySpace::Events, c.event_id),
-            Command::Fill(c) => (KeySpace::Events, c.event_id),
-            Command::Tick | Command::DeadLetter(_) | Command::Configure(_) => return None,
-        };
+        let (space, &id) = self.key_parts()?;
         Some(IdempotencyKey { space, id })
+    }
+
+    /// The key's space and id, without copying the id.
+    pub fn key_parts(&self) -> Option<(KeySpace, &Id)> {
+        Some(match self {
+            Command::OpenAccount(c) => (KeySpace::Requests, &c.request_id),
+            Command::SetAccountStatus(c) => (KeySpace::Requests, &c.request_id),
+            Command::Reserve(c) => (KeySpace::Requests, &c.request_id),
+            Command::Unreserve(c) => (KeySpace::Requests, &c.request_id),
+            Command::Deposit(c) | Command::Withdraw(c) => (KeySpace::Events, &c.event_id),
+            Command::Fill(c) => (KeySpace::Events, &c.event_id),
+            Command::Tick | Command::DeadLetter(_) | Command::Configure(_) => return None,
+        })
     }
 
     pub fn account_id(&self) -> Option<AccountId> {

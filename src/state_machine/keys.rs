@@ -15,7 +15,7 @@
 
 use super::index::Index;
 use super::IdempotencyEntry;
-use crate::domain::IdempotencyKey;
+use crate::domain::{Id, IdempotencyKey, KeySpace};
 use std::collections::VecDeque;
 
 #[derive(Clone, Copy, Debug)]
@@ -43,7 +43,11 @@ pub struct KeyTable {
 }
 
 fn hash(key: &IdempotencyKey) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(key.id.as_bytes(), key.space as u64)
+    hash_parts(key.space, &key.id)
+}
+
+fn hash_parts(space: KeySpace, id: &Id) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), space as u64)
 }
 
 impl KeyTable {
@@ -51,9 +55,10 @@ impl KeyTable {
         KeyHash(hash(key))
     }
 
-    /// Starts loading the index slot of a key about to be looked up.
-    pub fn prefetch(&self, hash: KeyHash) {
-        self.positions.prefetch(hash.0);
+    /// Starts loading the index slot of the key (`space`, `id`), about to be
+    /// looked up.
+    pub fn prefetch(&self, space: KeySpace, id: &Id) {
+        self.positions.prefetch(hash_parts(space, id));
     }
 
     pub fn get(&self, key: &IdempotencyKey) -> Option<&IdempotencyEntry> {

@@ -166,20 +166,17 @@ impl State {
     /// of the one it applies, so that the cache misses of several commands
     /// overlap instead of following one another.
     pub fn prefetch(&self, command: &Command) {
-        let Some(key) = command.key() else {
+        let Some((space, id)) = command.key_parts() else {
             return;
         };
-        self.idempotency.prefetch(keys::KeyTable::hash(&key));
+        self.idempotency.prefetch(space, id);
         let (account_id, order_id) = match command {
-            Command::Reserve(c) => (c.account_id, c.order_id),
-            Command::Unreserve(c) => (c.account_id, c.order_id),
-            Command::Fill(c) => (c.account_id, c.order_id),
+            Command::Reserve(c) => (c.account_id, &c.order_id),
+            Command::Unreserve(c) => (c.account_id, &c.order_id),
+            Command::Fill(c) => (c.account_id, &c.order_id),
             _ => return,
         };
-        self.reservations.prefetch(&ReservationKey {
-            account_id,
-            order_id,
-        });
+        self.reservations.prefetch(account_id, order_id);
     }
 
     /// Returns the memory of pruned keys and reservations to the allocator.

@@ -15,6 +15,7 @@
 
 use super::index::{prefetch, Index, Vacant};
 use super::{Reservation, ReservationKey};
+use crate::domain::{AccountId, Id};
 
 /// A row of the slab.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -54,13 +55,18 @@ pub struct Reservations {
 
 /// The hash the index files a reservation under.
 pub fn hash(key: &ReservationKey) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(key.order_id.as_bytes(), key.account_id.0 as u64)
+    hash_parts(key.account_id, &key.order_id)
+}
+
+fn hash_parts(account_id: AccountId, order_id: &Id) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(order_id.as_bytes(), account_id.0 as u64)
 }
 
 impl Reservations {
-    /// Starts loading the index slot of `key` into the cache.
-    pub fn prefetch(&self, key: &ReservationKey) {
-        self.index.prefetch(hash(key));
+    /// Starts loading the index slot of (`account_id`, `order_id`)'s
+    /// reservation into the cache.
+    pub fn prefetch(&self, account_id: AccountId, order_id: &Id) {
+        self.index.prefetch(hash_parts(account_id, order_id));
     }
 
     /// Starts loading the index slot of a reservation about to be pruned and

@@ -293,8 +293,9 @@ impl Account {
         debug_assert!(self
             .positions
             .is_sorted_by(|a, b| a.symbol.as_bytes() <= b.symbol.as_bytes()));
+        let wanted = symbol.order_key();
         self.positions
-            .binary_search_by(|p| p.symbol.as_bytes().cmp(symbol.as_bytes()))
+            .binary_search_by(|p| p.symbol.order_key().cmp(&wanted))
     }
 
     /// Puts the positions in the order lookups need (by symbol): for rows
