@@ -157,8 +157,8 @@ impl Index {
     /// pages are faulted in here, not on the hot path).
     fn rebuild(&mut self, slots: usize) {
         debug_assert!(slots.is_power_of_two() && slots / 2 >= self.len);
-        let mut fresh = Vec::with_capacity(slots);
-        fresh.resize(slots, Slot::default());
+        let fresh = super::room::filled([], slots, Slot::default());
+        debug_assert_eq!(fresh.len(), slots);
         let old = std::mem::replace(&mut self.slots, fresh);
         let mask = self.mask();
         for slot in old.into_iter().filter(|s| s.tag != 0) {

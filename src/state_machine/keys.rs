@@ -176,7 +176,7 @@ impl KeyTable {
                 recorded_at_ms: 0,
             },
         };
-        super::touch_room(&mut self.ring, keys, placeholder);
+        super::room::touch_ring(&mut self.ring, keys, placeholder);
     }
 
     pub fn shrink_to_fit(&mut self) {

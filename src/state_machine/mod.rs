@@ -12,6 +12,7 @@ mod index;
 pub mod invariants;
 mod keys;
 mod reservations;
+mod room;
 mod snapshot;
 
 pub use snapshot::{Delta, Rows};
@@ -156,7 +157,7 @@ impl State {
             at_ms: 0,
             filed: Filed::PLACEHOLDER,
         };
-        touch_room(&mut self.closed, orders, placeholder);
+        room::touch_ring(&mut self.closed, orders, placeholder);
         self.idempotency.reserve(orders.saturating_mul(2));
     }
 
@@ -869,17 +870,6 @@ struct Trial {
     balances: FxHashMap<(AccountId, ReservationKind, crate::domain::Asset), (Decimal, Decimal)>,
     orders: rustc_hash::FxHashSet<ReservationKey>,
     keys: rustc_hash::FxHashSet<Id>,
-}
-
-/// Grows `ring` to room for `len` and writes every slot of it once, keeping
-/// its contents.
-pub(crate) fn touch_room<T: Copy>(ring: &mut VecDeque<T>, len: usize, placeholder: T) {
-    ring.reserve(len.saturating_sub(ring.len()));
-    let kept = ring.len();
-    while ring.len() < ring.capacity() {
-        ring.push_back(placeholder);
-    }
-    ring.truncate(kept);
 }
 
 /// (available, reserved) of a cash currency or (free, reserved) shares of a symbol.

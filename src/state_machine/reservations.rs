@@ -161,12 +161,14 @@ impl Reservations {
     /// `State::reserve_orders`).
     pub fn reserve(&mut self, reservations: usize) {
         self.index.reserve(reservations);
-        let room = reservations.saturating_sub(self.rows.len());
-        self.rows.reserve(room);
-        self.free.reserve(room);
+        if reservations <= self.rows.len() {
+            return;
+        }
         let used = self.rows.len();
         // Written now (as free rows), taken last: the stack pops the lowest first.
-        self.rows.resize(self.rows.capacity(), None);
+        let rows = std::mem::take(&mut self.rows);
+        self.rows = super::room::filled(rows, reservations, None);
+        self.free.reserve(self.rows.len() - used);
         let fresh = (used..self.rows.len()).rev();
         let fresh: Vec<RowId> = fresh.map(|r| RowId(r as u32)).collect();
         self.free.splice(0..0, fresh);
