@@ -104,7 +104,18 @@ mod tests {
 
     #[test]
     fn order_keys_sort_as_the_texts() {
-        let texts = ["A", "AB", "ABC", "AB.C", "AB-", "Z", "ZZZZZZZZZZZZ", "0", "9A", "BRK.B"];
+        let texts = [
+            "A",
+            "AB",
+            "ABC",
+            "AB.C",
+            "AB-",
+            "Z",
+            "ZZZZZZZZZZZZ",
+            "0",
+            "9A",
+            "BRK.B",
+        ];
         let mut by_key: Vec<Asset> = texts.iter().map(|t| Asset::symbol(t).unwrap()).collect();
         let mut by_text = by_key.clone();
         by_key.sort_by_key(Asset::order_key);

@@ -74,14 +74,17 @@ fn word(bytes: &[u8]) -> u64 {
 impl Default for Id {
     /// The empty id (only valid where the field is optional).
     fn default() -> Id {
-        Id {
-            len: 0,
-            bytes: [0; ID_LEN_MAX],
-        }
+        Id::EMPTY
     }
 }
 
 impl Id {
+    /// The empty id (only valid where the field is optional).
+    pub const EMPTY: Id = Id {
+        len: 0,
+        bytes: [0; ID_LEN_MAX],
+    };
+
     /// An id from a compile-time text known to fit (event reasons).
     pub fn literal(value: &'static str) -> Id {
         debug_assert!(value.len() <= ID_LEN_MAX);

@@ -129,15 +129,6 @@ impl Writer {
     pub fn run(mut self, phase: &PhaseCell) -> Result<(), EngineError> {
         self.recover()?;
         self.configure()?;
-        if self.config.capacity_orders > 0 {
-            let started = Instant::now();
-            self.state.reserve_orders(self.config.capacity_orders);
-            tracing::info!(
-                orders = self.config.capacity_orders,
-                seconds = started.elapsed().as_secs_f64(),
-                "tables sized"
-            );
-        }
         if self.config.pin_core {
             pin_to_last_core();
         }
@@ -163,6 +154,16 @@ impl Writer {
         let started = Instant::now();
         if let Some(config) = self.config.snapshot.clone() {
             self.load_snapshot(config)?;
+        }
+        // Before the replay: it then fills tables that never grow.
+        if self.config.capacity_orders > 0 {
+            let sizing = Instant::now();
+            self.state.reserve_orders(self.config.capacity_orders);
+            tracing::info!(
+                orders = self.config.capacity_orders,
+                seconds = sizing.elapsed().as_secs_f64(),
+                "tables sized"
+            );
         }
         let records = super::replay_with_outbox(&self.wal, &mut self.state, self.outbox.as_mut())?;
         let elapsed = started.elapsed();

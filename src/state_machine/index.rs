@@ -16,6 +16,8 @@
 //! which one is the key it looks for. [`Index::prefetch`] starts loading a
 //! hash's slot ahead of its use, so the misses of a run of lookups overlap.
 
+use super::room::Pages;
+
 /// One slot: `tag` 0 is empty.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Slot {
@@ -149,15 +151,17 @@ impl Index {
         true
     }
 
+    /// Doubles the room, on ordinary pages: huge pages asked for on the
+    /// hot path may stall it while the kernel compacts memory.
     fn grow(&mut self) {
-        self.rebuild(self.slots.len() * 2);
+        self.rebuild(self.slots.len() * 2, Pages::Ordinary);
     }
 
     /// Moves every entry into `slots` slots, each written once (so its
     /// pages are faulted in here, not on the hot path).
-    fn rebuild(&mut self, slots: usize) {
+    fn rebuild(&mut self, slots: usize, pages: Pages) {
         debug_assert!(slots.is_power_of_two() && slots / 2 >= self.len);
-        let fresh = super::room::filled([], slots, Slot::default());
+        let fresh = super::room::filled([], slots, Slot::default(), pages);
         debug_assert_eq!(fresh.len(), slots);
         let old = std::mem::replace(&mut self.slots, fresh);
         let mask = self.mask();
@@ -174,7 +178,7 @@ impl Index {
     pub fn reserve(&mut self, entries: usize) {
         let slots = entries.saturating_mul(2).next_power_of_two().max(SLOTS_MIN);
         if slots > self.slots.len() {
-            self.rebuild(slots);
+            self.rebuild(slots, Pages::Huge);
         }
     }
 
@@ -186,7 +190,7 @@ impl Index {
             .next_power_of_two()
             .max(SLOTS_MIN);
         if slots < self.slots.len() {
-            self.rebuild(slots);
+            self.rebuild(slots, Pages::Ordinary);
         }
     }
 }
@@ -214,6 +218,7 @@ pub fn prefetch<T>(p: *const T) {
 
 #[cfg(test)]
 mod tests {
+    use super::room::Pages;
     use super::*;
     use std::collections::HashMap;
 

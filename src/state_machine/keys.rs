@@ -33,6 +33,20 @@ pub struct KeyHash(u64);
 /// flight to overlap, few enough that the lines are still cached when used.
 const PRUNE_PREFETCH_AHEAD: usize = 8;
 
+/// Fills room made ahead in the ring; never read.
+const PLACEHOLDER: Record = Record {
+    hash: 0,
+    key: IdempotencyKey {
+        space: KeySpace::Requests,
+        id: Id::EMPTY,
+    },
+    entry: IdempotencyEntry {
+        fingerprint: 0,
+        outcome: super::Outcome::new(super::ResultCode::Ok, 0),
+        recorded_at_ms: 0,
+    },
+};
+
 #[derive(Clone, Debug, Default)]
 pub struct KeyTable {
     /// Key hash -> absolute position in `ring`.
@@ -164,19 +178,7 @@ impl KeyTable {
     /// (see `State::reserve_orders`).
     pub fn reserve(&mut self, keys: usize) {
         self.positions.reserve(keys);
-        let placeholder = Record {
-            hash: 0,
-            key: IdempotencyKey {
-                space: crate::domain::KeySpace::Requests,
-                id: crate::domain::Id::default(),
-            },
-            entry: IdempotencyEntry {
-                fingerprint: 0,
-                outcome: super::Outcome::new(super::ResultCode::Ok, 0),
-                recorded_at_ms: 0,
-            },
-        };
-        super::room::touch_ring(&mut self.ring, keys, placeholder);
+        super::room::touch_ring(&mut self.ring, keys, PLACEHOLDER);
     }
 
     pub fn shrink_to_fit(&mut self) {

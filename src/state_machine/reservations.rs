@@ -161,13 +161,14 @@ impl Reservations {
     /// `State::reserve_orders`).
     pub fn reserve(&mut self, reservations: usize) {
         self.index.reserve(reservations);
-        if reservations <= self.rows.len() {
+        let rows = reservations;
+        if rows <= self.rows.len() {
             return;
         }
         let used = self.rows.len();
         // Written now (as free rows), taken last: the stack pops the lowest first.
-        let rows = std::mem::take(&mut self.rows);
-        self.rows = super::room::filled(rows, reservations, None);
+        let kept = std::mem::take(&mut self.rows);
+        self.rows = super::room::filled(kept, rows, None, super::room::Pages::Huge);
         self.free.reserve(self.rows.len() - used);
         let fresh = (used..self.rows.len()).rev();
         let fresh: Vec<RowId> = fresh.map(|r| RowId(r as u32)).collect();

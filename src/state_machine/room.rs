@@ -1,7 +1,10 @@
 //! Room made ahead for the state's large tables (the key ring, the key and
 //! reservation indexes, the reservation rows): allocated once, on huge pages
 //! where the kernel offers them, and written once so that no page faults in
-//! on the hot path.
+//! on the hot path. Only room made ahead (`State::reserve_orders`, at
+//! start-up) asks for huge pages: asked for while serving, the kernel may
+//! stall the writer to compact memory for them (seen in replay: runs at a
+//! quarter of the usual rate), so a table that grows stays on ordinary pages.
 //!
 //! With a million orders in the window these tables span hundreds of
 //! megabytes, touched at random: on 4 KiB pages nearly every probe also
@@ -13,11 +16,26 @@
 /// Tables smaller than this stay on ordinary pages (a huge page is 2 MiB).
 const HUGE_PAGES_FROM_BYTES: usize = 4 << 20;
 
+/// Which pages room is made on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pages {
+    Ordinary,
+    /// Transparent huge pages where the kernel has them (`madvise`).
+    Huge,
+}
+
 /// A vector with room for `capacity`, holding `kept` then `fill` up to its
-/// whole capacity (every page written once), advised onto huge pages first.
-pub fn filled<T: Clone>(kept: impl IntoIterator<Item = T>, capacity: usize, fill: T) -> Vec<T> {
+/// whole capacity (every page written once).
+pub fn filled<T: Clone>(
+    kept: impl IntoIterator<Item = T>,
+    capacity: usize,
+    fill: T,
+    pages: Pages,
+) -> Vec<T> {
     let mut v = Vec::with_capacity(capacity);
-    advise_huge_pages(&v);
+    if pages == Pages::Huge {
+        advise_huge_pages(&v);
+    }
     v.extend(kept);
     let capacity = v.capacity();
     v.resize(capacity, fill);
@@ -45,8 +63,8 @@ fn advise_huge_pages<T>(v: &Vec<T>) {
     }
 }
 
-/// Grows `ring` to room for `len` and writes every slot of it once, keeping
-/// its contents.
+/// Grows `ring` to room for `len` on huge pages and writes every slot of it
+/// once, keeping its contents.
 pub fn touch_ring<T: Copy>(ring: &mut std::collections::VecDeque<T>, len: usize, placeholder: T) {
     let kept = ring.len();
     if ring.capacity() >= len {
@@ -56,7 +74,7 @@ pub fn touch_ring<T: Copy>(ring: &mut std::collections::VecDeque<T>, len: usize,
         ring.truncate(kept);
         return;
     }
-    let mut v = filled(ring.drain(..), len, placeholder);
+    let mut v = filled(ring.drain(..), len, placeholder, Pages::Huge);
     v.truncate(kept);
     *ring = std::collections::VecDeque::from(v);
 }
@@ -71,8 +89,11 @@ mod tests {
         ring.pop_front();
         touch_ring(&mut ring, 2_000_000, 0);
         assert!(ring.capacity() >= 2_000_000);
-        assert_eq!(ring.iter().copied().collect::<Vec<_>>(), (1..10).collect::<Vec<_>>());
-        let v = filled([7u64, 8], 1 << 20, 1);
+        assert_eq!(
+            ring.iter().copied().collect::<Vec<_>>(),
+            (1..10).collect::<Vec<_>>()
+        );
+        let v = filled([7u64, 8], 1 << 20, 1, Pages::Huge);
         assert_eq!((v[0], v[1], v[2], v.len()), (7, 8, 1, v.capacity()));
     }
 }

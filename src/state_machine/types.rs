@@ -102,7 +102,7 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    pub fn new(result: ResultCode, sequence: u64) -> Outcome {
+    pub const fn new(result: ResultCode, sequence: u64) -> Outcome {
         Outcome {
             result,
             replayed: false,
