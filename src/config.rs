@@ -258,6 +258,13 @@ pub struct ServeArgs {
     #[arg(long, env = "ACCOUNT_CAPACITY_ORDERS", default_value_t = 0)]
     pub capacity_orders: usize,
 
+    /// Make the room of `--capacity-orders` on transparent huge pages
+    /// (`madvise`; the kernel's `transparent_hugepage` set to `madvise` or
+    /// `always`): fewer TLB misses on the tables' random probes. Start-up may
+    /// take longer while the kernel compacts memory for them.
+    #[arg(long, env = "ACCOUNT_HUGE_PAGES")]
+    pub huge_pages: bool,
+
     /// Replicas (design 7): this replica's id in its group. With
     /// `--raft-addr` and `--peers`; unset, the service is one embedded node.
     #[arg(long, env = "ACCOUNT_NODE_ID", requires_all = ["raft_addr", "peers"])]
@@ -559,6 +566,7 @@ impl ServeArgs {
         config.batch_size_max = self.batch_size_max;
         config.pin_core = !self.no_pin;
         config.capacity_orders = self.capacity_orders;
+        config.huge_pages = self.huge_pages;
         let idempotency_window_ms = i64::try_from(self.idempotency_window_secs)
             .ok()
             .and_then(|secs| secs.checked_mul(1000))

@@ -209,7 +209,9 @@ fn room_made_for_orders_changes_nothing_observable() {
         h.run(reserve_cash("k1", 1, "o1", "10"));
         h.run(unreserve("u1", 1, "o1", None));
     }
-    sized.state.reserve_orders(50_000);
+    sized
+        .state
+        .reserve_orders(50_000, account_service::state_machine::Pages::Ordinary);
     assert_eq!(sized.state.digest(), grown.state.digest());
     for i in 0..2_000 {
         for h in [&mut sized, &mut grown] {

@@ -6,7 +6,7 @@ use account_service::domain::*;
 use account_service::engine::{Engine, EngineConfig, Phase, RequestKind, Want};
 use account_service::metrics::Metrics;
 use account_service::snapshot::SnapshotConfig;
-use account_service::state_machine::{NoEvents, State, StateConfig, PREFETCH_AHEAD};
+use account_service::state_machine::{NoEvents, Pages, State, StateConfig, PREFETCH_AHEAD};
 use account_service::workload;
 use std::time::Instant;
 
@@ -30,12 +30,17 @@ fn command(n: u64) -> Command {
 /// idempotency window (`window_ms`: at 1,000, about a million keys). With
 /// `capacity_orders`, room for that many orders is made first, as the
 /// service's `--capacity-orders` does.
-pub fn engine(commands: u64, capacity_orders: usize, window_ms: i64) -> serde_json::Value {
+pub fn engine(
+    commands: u64,
+    capacity_orders: usize,
+    window_ms: i64,
+    huge_pages: bool,
+) -> serde_json::Value {
     let mut state = State::new(StateConfig {
         idempotency_window_ms: window_ms,
         tick_work_max: 100_000,
     });
-    state.reserve_orders(capacity_orders);
+    state.reserve_orders(capacity_orders, Pages::huge_if(huge_pages));
     let mut now = 1_700_000_000_000i64;
     let apply = |state: &mut State, c: &Command, now: i64| {
         let seq = state.last_sequence() + 1;
@@ -70,6 +75,7 @@ pub fn engine(commands: u64, capacity_orders: usize, window_ms: i64) -> serde_js
         "commands": commands,
         "capacity_orders": capacity_orders,
         "window_ms": window_ms,
+        "huge_pages": huge_pages,
         "seconds": (timed.as_secs_f64() * 1000.0).round() / 1000.0,
         "commands_per_s": (commands as f64 / timed.as_secs_f64()).round(),
         "ns_per_command": (timed.as_nanos() as f64 / commands as f64).round(),

@@ -90,6 +90,9 @@ enum Mode {
         /// 1,000 commands): at the default, about a million keys stay in it.
         #[arg(long, default_value_t = 1_000)]
         window_ms: i64,
+        /// Make the room on transparent huge pages (the service's `--huge-pages`).
+        #[arg(long)]
+        huge_pages: bool,
         #[arg(long)]
         json_out: Option<std::path::PathBuf>,
     },
@@ -260,10 +263,11 @@ async fn main() -> anyhow::Result<()> {
             commands,
             capacity_orders,
             window_ms,
+            huge_pages,
             json_out,
         } => {
             let summary = tokio::task::spawn_blocking(move || {
-                loadtest::inproc::engine(commands, capacity_orders, window_ms)
+                loadtest::inproc::engine(commands, capacity_orders, window_ms, huge_pages)
             })
             .await?;
             emit(&summary, &json_out)?;

@@ -47,7 +47,7 @@ fn has_control_character(bytes: &[u8]) -> bool {
 /// are always zero, so the derived `Hash`/`Ord` are correct, and equality
 /// compares only the 8-byte words that hold the id (ids are mostly short:
 /// the state compares one on every lookup of a key or a reservation).
-#[derive(Clone, Copy, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Eq, PartialOrd, Ord)]
 pub struct Id {
     len: u8,
     bytes: [u8; ID_LEN_MAX],
@@ -64,6 +64,14 @@ impl PartialEq for Id {
                 .zip(other.bytes.chunks_exact(8))
                 .take(words)
                 .all(|(a, b)| word(a) == word(b))
+    }
+}
+
+/// As derived: consistent with `eq`, which decides what the whole arrays would.
+impl std::hash::Hash for Id {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.len.hash(state);
+        self.bytes.hash(state);
     }
 }
 

@@ -56,6 +56,8 @@ pub struct EngineConfig {
     pub pin_core: bool,
     /// Orders the state's tables get room for before serving (no resize below).
     pub capacity_orders: usize,
+    /// Make that room on transparent huge pages (`--huge-pages`).
+    pub huge_pages: bool,
     /// Where derived account events and dead letters go once durable (Kafka
     /// outbox); `None`: nobody listens and `apply` discards them.
     pub outbox: Option<crate::egress::OutboxSink>,
@@ -76,6 +78,7 @@ impl EngineConfig {
             state: StateConfig::default(),
             pin_core: true,
             capacity_orders: 0,
+            huge_pages: false,
             outbox: None,
             snapshot: None,
         }

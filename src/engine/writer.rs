@@ -21,7 +21,7 @@ use super::{
 use crate::domain::Command;
 use crate::egress::Collector;
 use crate::metrics::Metrics;
-use crate::state_machine::{NoEvents, Outcome, State, PREFETCH_AHEAD};
+use crate::state_machine::{NoEvents, Outcome, Pages, State, PREFETCH_AHEAD};
 use crossbeam_channel::Receiver;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -158,9 +158,12 @@ impl Writer {
         // Before the replay: it then fills tables that never grow.
         if self.config.capacity_orders > 0 {
             let sizing = Instant::now();
-            self.state.reserve_orders(self.config.capacity_orders);
+            let pages = Pages::huge_if(self.config.huge_pages);
+            self.state
+                .reserve_orders(self.config.capacity_orders, pages);
             tracing::info!(
                 orders = self.config.capacity_orders,
+                huge_pages = self.config.huge_pages,
                 seconds = sizing.elapsed().as_secs_f64(),
                 "tables sized"
             );

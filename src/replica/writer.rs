@@ -176,6 +176,7 @@ pub(super) fn start(
         outcomes: Vec::new(),
         pin_core: config.pin_core,
         capacity_orders: config.capacity_orders,
+        huge_pages: config.huge_pages,
         duties,
         ledger_full_warned_ms: 0,
         origin_confirmed: false,
@@ -323,6 +324,7 @@ struct ReplicaWriter {
     outcomes: Vec<Outcome>,
     pin_core: bool,
     capacity_orders: usize,
+    huge_pages: bool,
     /// The ledger of derived events, and the leader's side effects.
     duties: Duties,
     ledger_full_warned_ms: i64,
@@ -333,7 +335,8 @@ struct ReplicaWriter {
 impl ReplicaWriter {
     fn run(mut self, phase: &PhaseCell) -> Result<(), EngineError> {
         if self.capacity_orders > 0 {
-            self.state.reserve_orders(self.capacity_orders);
+            let pages = crate::state_machine::Pages::huge_if(self.huge_pages);
+            self.state.reserve_orders(self.capacity_orders, pages);
         }
         if self.pin_core {
             crate::engine::pin_to_last_core();

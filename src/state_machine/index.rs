@@ -175,10 +175,10 @@ impl Index {
     }
 
     /// Room for `entries` in all without growing.
-    pub fn reserve(&mut self, entries: usize) {
+    pub fn reserve(&mut self, entries: usize, pages: Pages) {
         let slots = entries.saturating_mul(2).next_power_of_two().max(SLOTS_MIN);
         if slots > self.slots.len() {
-            self.rebuild(slots, Pages::Huge);
+            self.rebuild(slots, pages);
         }
     }
 
@@ -218,7 +218,6 @@ pub fn prefetch<T>(p: *const T) {
 
 #[cfg(test)]
 mod tests {
-    use super::room::Pages;
     use super::*;
     use std::collections::HashMap;
 
@@ -237,7 +236,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             // A small key space, some of it colliding, so removes hit often.
-            let key = if x % 3 == 0 {
+            let key = if x.is_multiple_of(3) {
                 colliding(x % 40)
             } else {
                 x % 500
@@ -284,7 +283,7 @@ mod tests {
     #[test]
     fn a_reserved_index_does_not_grow_below_its_room() {
         let mut index = Index::default();
-        index.reserve(1_000);
+        index.reserve(1_000, Pages::Ordinary);
         let slots = index.slots.len();
         for k in 1..=1_000u64 {
             index.insert(k.wrapping_mul(0x9e37_79b9_7f4a_7c15), k);

@@ -14,6 +14,7 @@
 //! and compared on lookup, so two keys with the same hash are still two keys.
 
 use super::index::Index;
+use super::room::Pages;
 use super::IdempotencyEntry;
 use crate::domain::{Id, IdempotencyKey, KeySpace};
 use std::collections::VecDeque;
@@ -157,7 +158,7 @@ impl KeyTable {
             base,
             ..KeyTable::default()
         };
-        table.positions.reserve(keys.len());
+        table.positions.reserve(keys.len(), Pages::Ordinary);
         for (position, key, entry) in keys {
             assert_eq!(position, table.end(), "snapshot keys are contiguous");
             table.insert(key, entry);
@@ -176,9 +177,9 @@ impl KeyTable {
 
     /// Room for `keys` keys in all, without a resize, every page written once
     /// (see `State::reserve_orders`).
-    pub fn reserve(&mut self, keys: usize) {
-        self.positions.reserve(keys);
-        super::room::touch_ring(&mut self.ring, keys, PLACEHOLDER);
+    pub fn reserve(&mut self, keys: usize, pages: Pages) {
+        self.positions.reserve(keys, pages);
+        super::room::touch_ring(&mut self.ring, keys, PLACEHOLDER, pages);
     }
 
     pub fn shrink_to_fit(&mut self) {
@@ -250,7 +251,7 @@ mod tests {
     #[test]
     fn a_reserved_table_does_not_resize_below_its_room() {
         let mut t = KeyTable::default();
-        t.reserve(10_000);
+        t.reserve(10_000, Pages::Ordinary);
         let (map, ring) = (t.positions.capacity(), t.ring.capacity());
         assert!(map >= 10_000 && ring >= 10_000);
         for i in 0..10_000 {

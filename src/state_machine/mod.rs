@@ -13,6 +13,8 @@ pub mod invariants;
 mod keys;
 mod reservations;
 mod room;
+
+pub use room::Pages;
 mod snapshot;
 
 pub use snapshot::{Delta, Rows};
@@ -151,14 +153,14 @@ impl State {
     ///
     /// Every page of the room is written once here: memory allocated but never
     /// touched would fault its pages in on the hot path instead.
-    pub fn reserve_orders(&mut self, orders: usize) {
-        self.reservations.reserve(orders);
+    pub fn reserve_orders(&mut self, orders: usize, pages: Pages) {
+        self.reservations.reserve(orders, pages);
         let placeholder = Closed {
             at_ms: 0,
             filed: Filed::PLACEHOLDER,
         };
-        room::touch_ring(&mut self.closed, orders, placeholder);
-        self.idempotency.reserve(orders.saturating_mul(2));
+        room::touch_ring(&mut self.closed, orders, placeholder, pages);
+        self.idempotency.reserve(orders.saturating_mul(2), pages);
     }
 
     /// Starts loading into the cache the index slots applying `command`

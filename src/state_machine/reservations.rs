@@ -14,6 +14,7 @@
 //! differently and still be the same state.
 
 use super::index::{prefetch, Index, Vacant};
+use super::room::Pages;
 use super::{Reservation, ReservationKey};
 use crate::domain::{AccountId, Id};
 
@@ -159,8 +160,8 @@ impl Reservations {
 
     /// Room for `reservations` in all, every page written once (see
     /// `State::reserve_orders`).
-    pub fn reserve(&mut self, reservations: usize) {
-        self.index.reserve(reservations);
+    pub fn reserve(&mut self, reservations: usize, pages: Pages) {
+        self.index.reserve(reservations, pages);
         let rows = reservations;
         if rows <= self.rows.len() {
             return;
@@ -168,7 +169,7 @@ impl Reservations {
         let used = self.rows.len();
         // Written now (as free rows), taken last: the stack pops the lowest first.
         let kept = std::mem::take(&mut self.rows);
-        self.rows = super::room::filled(kept, rows, None, super::room::Pages::Huge);
+        self.rows = super::room::filled(kept, rows, None, pages);
         self.free.reserve(self.rows.len() - used);
         let fresh = (used..self.rows.len()).rev();
         let fresh: Vec<RowId> = fresh.map(|r| RowId(r as u32)).collect();

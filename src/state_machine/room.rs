@@ -1,10 +1,13 @@
 //! Room made ahead for the state's large tables (the key ring, the key and
-//! reservation indexes, the reservation rows): allocated once, on huge pages
-//! where the kernel offers them, and written once so that no page faults in
-//! on the hot path. Only room made ahead (`State::reserve_orders`, at
-//! start-up) asks for huge pages: asked for while serving, the kernel may
-//! stall the writer to compact memory for them (seen in replay: runs at a
-//! quarter of the usual rate), so a table that grows stays on ordinary pages.
+//! reservation indexes, the reservation rows): allocated once, written once
+//! so that no page faults in on the hot path, and on huge pages where the
+//! operator asks for them (`--huge-pages`) and the kernel offers them.
+//! Only room made ahead (`State::reserve_orders`, at start-up) may ask for
+//! huge pages: asked for while serving, the kernel may stall the writer to
+//! compact memory for them (seen in replay: runs at a quarter of the usual
+//! rate), so a table that grows stays on ordinary pages. Even at start-up
+//! the compaction can cost seconds on a machine whose memory is fragmented,
+//! hence a choice, not the default.
 //!
 //! With a million orders in the window these tables span hundreds of
 //! megabytes, touched at random: on 4 KiB pages nearly every probe also
@@ -22,6 +25,17 @@ pub enum Pages {
     Ordinary,
     /// Transparent huge pages where the kernel has them (`madvise`).
     Huge,
+}
+
+impl Pages {
+    /// `Huge` when `huge`, else `Ordinary`.
+    pub fn huge_if(huge: bool) -> Pages {
+        if huge {
+            Pages::Huge
+        } else {
+            Pages::Ordinary
+        }
+    }
 }
 
 /// A vector with room for `capacity`, holding `kept` then `fill` up to its
@@ -63,9 +77,14 @@ fn advise_huge_pages<T>(v: &Vec<T>) {
     }
 }
 
-/// Grows `ring` to room for `len` on huge pages and writes every slot of it
-/// once, keeping its contents.
-pub fn touch_ring<T: Copy>(ring: &mut std::collections::VecDeque<T>, len: usize, placeholder: T) {
+/// Grows `ring` to room for `len` and writes every slot of it once, keeping
+/// its contents.
+pub fn touch_ring<T: Copy>(
+    ring: &mut std::collections::VecDeque<T>,
+    len: usize,
+    placeholder: T,
+    pages: Pages,
+) {
     let kept = ring.len();
     if ring.capacity() >= len {
         while ring.len() < ring.capacity() {
@@ -74,7 +93,7 @@ pub fn touch_ring<T: Copy>(ring: &mut std::collections::VecDeque<T>, len: usize,
         ring.truncate(kept);
         return;
     }
-    let mut v = filled(ring.drain(..), len, placeholder, Pages::Huge);
+    let mut v = filled(ring.drain(..), len, placeholder, pages);
     v.truncate(kept);
     *ring = std::collections::VecDeque::from(v);
 }
@@ -87,7 +106,7 @@ mod tests {
     fn room_keeps_what_was_there() {
         let mut ring: std::collections::VecDeque<u32> = (0..10).collect();
         ring.pop_front();
-        touch_ring(&mut ring, 2_000_000, 0);
+        touch_ring(&mut ring, 2_000_000, 0, Pages::Huge);
         assert!(ring.capacity() >= 2_000_000);
         assert_eq!(
             ring.iter().copied().collect::<Vec<_>>(),
