@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Runs the design-section-6 gRPC measurements side by side in one run and
+# Runs the design-section-6 measurements side by side in one run and
 # writes one JSON line per measurement to loadtest/results/<name>.json:
 # disk fdatasync latency, the echo-server ceiling, the service (sync and async
 # durability) at fixed rates and at its maximum, ReserveBatch and ReserveStream
-# at their maximum (and the echo server's), and the seed's design as a peer.
+# at their maximum (and the echo server's), the seed's design as a peer, then
+# the engine alone (ordinary and huge pages), a cold restart's WAL replay and
+# an idle service's CPU.
 #   loadtest/run-benchmarks.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,4 +58,18 @@ run_service stream-max sync max --via stream --streams 4 --window 1024 --start-r
 # The seed's design (PostgreSQL transaction per Reserve), same rates.
 loadtest/peers/seed-pg/run.sh --rate 1000 --duration "$secs" > $out/seed-pg-1k.json
 loadtest/peers/seed-pg/run.sh --rate 5000 --duration "$secs" --clients 16 > $out/seed-pg-5k.json
+# In process: the state machine alone, then a restart's replay.
+$lt engine --commands 3000000 --capacity-orders 1000000 --json-out $out/engine.json
+$lt engine --commands 3000000 --capacity-orders 1000000 --huge-pages --json-out $out/engine-huge-pages.json
+$lt replay --records 1000000 --json-out $out/replay.json
+# An idle service: CPU ticks (utime + stime, 1/100 s) over 30 s, once serving.
+g=$(port) m=$(port) dir=$(mktemp -d -p "$data")
+$svc serve --data-dir "$dir" --grpc-addr 127.0.0.1:$g --metrics-addr 127.0.0.1:$m 2>/dev/null & pids+=($!)
+wait_port $m
+for _ in $(seq 600); do curl -s 127.0.0.1:$m/metrics | grep -qx 'account_ready 1' && break; sleep 0.1; done
+sleep 2
+ticks() { awk '{print $14 + $15}' /proc/"$1"/stat; }
+before=$(ticks "${pids[-1]}"); sleep 30; after=$(ticks "${pids[-1]}")
+echo "{\"mode\":\"idle\",\"seconds\":30,\"cpu_ticks\":$((after - before)),\"core_percent\":$(python3 -c "print(round(($after - $before) / 30, 3))")}" > $out/idle.json
+kill "${pids[-1]}"; wait "${pids[-1]}" 2>/dev/null || true
 for f in $out/*.json; do echo "$(basename "$f" .json): $(cat "$f")"; done
