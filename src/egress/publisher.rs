@@ -158,7 +158,11 @@ impl Outbox {
         };
         let thread = std::thread::Builder::new()
             .name("outbox".into())
-            .spawn(move || publisher.run())
+            .spawn(move || {
+                // Started by a replica's writer when it leads: not on its core.
+                crate::engine::yield_to_the_writer("outbox");
+                publisher.run()
+            })
             .map_err(OutboxError::Thread)?;
         Ok((
             Outbox {

@@ -185,7 +185,10 @@ pub(super) fn start(
     };
     std::thread::Builder::new()
         .name("outbox-rederive".into())
-        .spawn(move || rederiver.run())?;
+        .spawn(move || {
+            crate::engine::yield_to_the_writer("outbox-rederive");
+            rederiver.run()
+        })?;
     Ok((
         Spill {
             from,

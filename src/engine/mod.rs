@@ -27,7 +27,7 @@ use view::{AccountView, Outcome, ReservationView};
 
 pub use recovery::{replay, replay_with_outbox};
 pub use writer::Writer;
-pub(crate) use writer::{command_reply, pin_to_last_core, query};
+pub(crate) use writer::{command_reply, pin_to_last_core, query, yield_to_the_writer};
 
 /// When a reply may leave relative to the sync of its journal record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

@@ -694,11 +694,37 @@ fn take(rx: &Receiver<Request>, batch: &mut Vec<Request>, up_to: usize) {
 
 /// Pins the current thread to the last core. Best effort: where the OS refuses
 /// (containers without the capability, macOS), the writer runs unpinned.
+///
+/// A thread inherits the affinity of the thread that spawns it: a
+/// background thread started from the writer (or that may run beside it)
+/// calls [`yield_to_the_writer`] first.
 pub(crate) fn pin_to_last_core() {
     let pinned = core_affinity::get_core_ids()
         .and_then(|ids| ids.last().copied())
         .is_some_and(core_affinity::set_for_current);
     tracing::info!(pinned, "engine writer thread affinity");
+}
+
+/// Puts the calling background thread (`thread` names it in the log) behind
+/// the writer: a lower scheduling priority, and off the core the writer is
+/// pinned to (the last one). Best effort.
+pub(crate) fn yield_to_the_writer(thread: &str) {
+    // On Linux, PRIO_PROCESS with 0 applies to the calling thread only.
+    // SAFETY: plain syscall on the current thread, no pointers.
+    let niced = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) } == 0;
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let moved = cores.len() > 1 && {
+        // SAFETY: cpu_set_t is plain data; CPU_SET bounds are checked by the
+        // core ids the kernel reported.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            for core in &cores[..cores.len() - 1] {
+                libc::CPU_SET(core.id, &mut set);
+            }
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+        }
+    };
+    tracing::info!(thread, niced, moved, "background thread priority");
 }
 
 #[cfg(test)]

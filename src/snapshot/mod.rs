@@ -188,7 +188,7 @@ fn run(
     journal: HistorySource,
 ) {
     let mut history = config.history.then(|| history::History::new(journal));
-    background_priority();
+    crate::engine::yield_to_the_writer("snapshotter");
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -257,25 +257,4 @@ fn run(
         }
         std::thread::sleep(wait);
     }
-}
-
-/// The snapshotter yields to the hot path: a lower scheduling priority, and
-/// off the core the engine writer is pinned to (the last one).
-fn background_priority() {
-    // On Linux, PRIO_PROCESS with 0 applies to the calling thread only.
-    // SAFETY: plain syscall on the current thread, no pointers.
-    let niced = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) } == 0;
-    let cores = core_affinity::get_core_ids().unwrap_or_default();
-    let moved = cores.len() > 1 && {
-        // SAFETY: cpu_set_t is plain data; CPU_SET bounds are checked by the
-        // core ids the kernel reported.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            for core in &cores[..cores.len() - 1] {
-                libc::CPU_SET(core.id, &mut set);
-            }
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-        }
-    };
-    tracing::info!(niced, moved, "snapshotter thread priority");
 }

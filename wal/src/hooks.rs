@@ -11,6 +11,32 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+/// Bytes a preallocation writes, then writes back, at a time.
+const PREALLOCATE_CHUNK_BYTES: usize = 1 << 20;
+
+/// Writes `len` bytes of `file` from `offset` to the disk and waits for
+/// them; commits no metadata (the caller's final `fsync` does).
+#[cfg(target_os = "linux")]
+fn write_back(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: a plain syscall on a file descriptor `file` owns and keeps
+    // open for the call; no memory is passed.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, flags) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn write_back(file: &File, _offset: u64, _len: u64) -> io::Result<()> {
+    file.sync_data()
+}
+
 /// What a [`IoStep::Write`] writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WritePurpose {
@@ -159,6 +185,16 @@ impl Disk {
 
     /// Writes a zero-filled file of `len` bytes and syncs it, so later appends
     /// write into allocated blocks and a data sync does not commit metadata.
+    ///
+    /// A chunk at a time, each written back before the next is written
+    /// (`sync_file_range`: the data only, no journal commit), then one
+    /// `fsync` for the metadata. Written whole and synced once, the file
+    /// queued tens of megabytes at the disk in one burst and the active
+    /// segment's syncs waited behind it; synced chunk by chunk with
+    /// `fdatasync`, each chunk (which extends the file) cost a journal commit
+    /// that the active segment's syncs waited for. Either way durable Reserve
+    /// p99 rose to tens of milliseconds for a second or two after every
+    /// roll-over at 30,000+ records/s.
     pub fn preallocate(&self, path: &Path, len: u64) -> Result<(), WalError> {
         let step = IoStep::Preallocate { path, len };
         self.step(step, (IoOp::Preallocate, path, None), || {
@@ -167,12 +203,13 @@ impl Disk {
                 .truncate(true)
                 .write(true)
                 .open(path)?;
-            let chunk = vec![0u8; 1 << 20];
-            let mut left = len;
-            while left > 0 {
-                let n = left.min(chunk.len() as u64) as usize;
+            let chunk = vec![0u8; PREALLOCATE_CHUNK_BYTES];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(chunk.len() as u64) as usize;
                 file.write_all(&chunk[..n])?;
-                left -= n as u64;
+                write_back(&file, done, n as u64)?;
+                done += n as u64;
             }
             file.sync_all()
         })
