@@ -195,3 +195,80 @@ impl Reservations {
             && self.rows.len() == self.index.len() + self.free.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Asset, Decimal, ReservationKind};
+    use crate::state_machine::ReservationState;
+
+    fn reservation(account: i64, order: &str) -> Reservation {
+        Reservation {
+            account_id: AccountId(account),
+            order_id: Id::new(order).unwrap(),
+            kind: ReservationKind::Cash,
+            asset: Asset::currency("USD").unwrap(),
+            amount: Decimal::from(account),
+            remaining: Decimal::from(account),
+            consumed: Decimal::ZERO,
+            released: Decimal::ZERO,
+            state: ReservationState::Open,
+            expires_at_ms: None,
+            sequence: account as u64,
+            closed_at_ms: 0,
+            closed_sequence: 0,
+        }
+    }
+
+    #[test]
+    fn rows_are_found_freed_and_reused() {
+        let mut table = Reservations::default();
+        let a = table.insert(reservation(1, "o1"));
+        let b = table.insert(reservation(2, "o1"));
+        table.insert(reservation(1, "o2"));
+        assert_ne!(
+            a, b,
+            "the same order id on two accounts is two reservations"
+        );
+        assert_eq!(table.get(&reservation(2, "o1").key()).unwrap().sequence, 2);
+        let (filed, r) = table.get_mut(&reservation(1, "o1").key()).unwrap();
+        assert_eq!(filed, a);
+        r.remaining = Decimal::ZERO;
+        let removed = table.remove(a);
+        assert_eq!(
+            (removed.key(), removed.remaining),
+            (reservation(1, "o1").key(), Decimal::ZERO)
+        );
+        assert!(table.get(&removed.key()).is_none());
+        // The freed row is the next one taken.
+        let c = table.insert(reservation(3, "o3"));
+        assert_eq!(c.row, a.row);
+        assert_eq!(table.values().count(), 3);
+        assert!(table.is_consistent());
+    }
+
+    #[test]
+    fn room_made_ahead_keeps_what_is_there() {
+        let mut table = Reservations::default();
+        let kept = table.insert(reservation(1, "o1"));
+        table.reserve(1_000, Pages::Ordinary);
+        assert!(table.rows.len() >= 1_000 && table.is_consistent());
+        assert_eq!(table.find(&reservation(1, "o1").key()).ok(), Some(kept));
+        // Fresh rows are taken lowest first, after the one in use.
+        let next = table.insert(reservation(2, "o2"));
+        assert_eq!(next.row.0, 1);
+        for n in 3..=1_000 {
+            table.insert(reservation(n, "o"));
+        }
+        let rows = table.rows.len();
+        assert_eq!(rows, table.rows.capacity(), "no growth below the room");
+        table.remove(kept);
+        table.shrink_to_fit();
+        assert!(table.is_consistent());
+        assert_eq!(table.values().count(), 999);
+        assert_eq!(
+            table.get(&reservation(500, "o").key()).unwrap().sequence,
+            500
+        );
+    }
+}
