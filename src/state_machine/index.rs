@@ -74,10 +74,17 @@ impl Index {
         prefetch(slot as *const Slot);
     }
 
-    /// The value of the entry with `hash` for which `is_key(value)` holds,
-    /// with its slot; else the empty slot an insert of it would take.
+    /// The value of the entry with `hash` for which `is_key(value)` holds;
+    /// else the empty slot an insert of it would take.
     #[inline]
-    pub fn find(&self, hash: u64, mut is_key: impl FnMut(u64) -> bool) -> Result<u64, Vacant> {
+    pub fn find(&self, hash: u64, is_key: impl FnMut(u64) -> bool) -> Result<u64, Vacant> {
+        self.probe(hash, is_key).map(|i| self.slots[i].value)
+    }
+
+    /// The slot of the entry with `hash` for which `is_key(value)` holds;
+    /// else the empty slot that ends its probe path.
+    #[inline]
+    fn probe(&self, hash: u64, mut is_key: impl FnMut(u64) -> bool) -> Result<usize, Vacant> {
         let tag = tag(hash);
         let mask = self.mask();
         let mut i = self.home(tag);
@@ -87,7 +94,7 @@ impl Index {
                 return Err(Vacant { slot: i, tag });
             }
             if slot.tag == tag && is_key(slot.value) {
-                return Ok(slot.value);
+                return Ok(i);
             }
             i = (i + 1) & mask;
         }
@@ -118,19 +125,10 @@ impl Index {
 
     /// Removes the entry (`hash`, `value`); false if there is none.
     pub fn remove(&mut self, hash: u64, value: u64) -> bool {
-        let tag = tag(hash);
+        let Ok(i) = self.probe(hash, |v| v == value) else {
+            return false;
+        };
         let mask = self.mask();
-        let mut i = self.home(tag);
-        loop {
-            let slot = self.slots[i];
-            if slot.tag == 0 {
-                return false;
-            }
-            if slot == (Slot { tag, value }) {
-                break;
-            }
-            i = (i + 1) & mask;
-        }
         // Shift back every following entry the hole lies on the probe path of.
         let mut hole = i;
         let mut j = (i + 1) & mask;
