@@ -44,6 +44,11 @@ impl Default for Index {
     }
 }
 
+/// Slots that hold `entries` at most half full.
+fn slots_for(entries: usize) -> usize {
+    entries.saturating_mul(2).next_power_of_two().max(SLOTS_MIN)
+}
+
 /// A hash as stored: never 0 (the empty slot's tag).
 fn tag(hash: u64) -> u64 {
     hash.max(1)
@@ -174,7 +179,7 @@ impl Index {
 
     /// Room for `entries` in all without growing.
     pub fn reserve(&mut self, entries: usize, pages: Pages) {
-        let slots = entries.saturating_mul(2).next_power_of_two().max(SLOTS_MIN);
+        let slots = slots_for(entries);
         if slots > self.slots.len() {
             self.rebuild(slots, pages);
         }
@@ -182,11 +187,7 @@ impl Index {
 
     /// The smallest size that holds what is there.
     pub fn shrink_to_fit(&mut self) {
-        let slots = self
-            .len
-            .saturating_mul(2)
-            .next_power_of_two()
-            .max(SLOTS_MIN);
+        let slots = slots_for(self.len);
         if slots < self.slots.len() {
             self.rebuild(slots, Pages::Ordinary);
         }

@@ -13,10 +13,9 @@ pub mod invariants;
 mod keys;
 mod reservations;
 mod room;
-
-pub use room::Pages;
 mod snapshot;
 
+pub use room::Pages;
 pub use snapshot::{Delta, Rows};
 pub mod position;
 mod types;

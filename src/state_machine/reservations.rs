@@ -162,14 +162,13 @@ impl Reservations {
     /// `State::reserve_orders`).
     pub fn reserve(&mut self, reservations: usize, pages: Pages) {
         self.index.reserve(reservations, pages);
-        let rows = reservations;
-        if rows <= self.rows.len() {
+        if reservations <= self.rows.len() {
             return;
         }
         let used = self.rows.len();
         // Written now (as free rows), taken last: the stack pops the lowest first.
         let kept = std::mem::take(&mut self.rows);
-        self.rows = super::room::filled(kept, rows, None, pages);
+        self.rows = super::room::filled(kept, reservations, None, pages);
         self.free.reserve(self.rows.len() - used);
         let fresh = (used..self.rows.len()).rev();
         let fresh: Vec<RowId> = fresh.map(|r| RowId(r as u32)).collect();

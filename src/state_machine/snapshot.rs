@@ -191,22 +191,17 @@ impl State {
                 }
             } else {
                 // Closing order: by command, then (within one tick) the
-                // expiry order.
-                closed.push((
-                    (r.closed_sequence, r.expires_at_ms.unwrap_or(i64::MIN), key),
-                    r.closed_at_ms,
-                ));
+                // expiry order (keys are distinct: never a tie).
+                let order = (r.closed_sequence, r.expires_at_ms.unwrap_or(i64::MIN), key);
+                let at_ms = r.closed_at_ms;
+                let filed = state.reservations.insert(r);
+                closed.push((order, super::Closed { at_ms, filed }));
+                continue;
             }
             state.reservations.insert(r);
         }
-        closed.sort();
-        state.closed = closed
-            .into_iter()
-            .map(|((_, _, key), at_ms)| super::Closed {
-                at_ms,
-                filed: state.reservations.find(&key).expect("just filed"),
-            })
-            .collect();
+        closed.sort_unstable_by_key(|(order, _)| *order);
+        state.closed = closed.into_iter().map(|(_, closed)| closed).collect();
         let mut keys = rows.keys;
         keys.sort_by_key(|(position, _, _)| *position);
         state.idempotency = keys::KeyTable::restore(rows.keys_base, keys);
