@@ -653,6 +653,14 @@ mod tests {
     }
 
     #[test]
+    fn huge_pages_are_asked_for_only_with_the_flag() {
+        let engine = |extra: &[&str]| serve_args(extra).engine_config().unwrap();
+        assert!(!engine(&["--capacity-orders", "10"]).huge_pages);
+        let asked = engine(&["--capacity-orders", "10", "--huge-pages"]);
+        assert!(asked.huge_pages && asked.capacity_orders == 10);
+    }
+
+    #[test]
     fn kafka_options_parse_and_never_show_their_values() {
         let args = [
             "security.protocol=SASL_SSL".to_owned(),
