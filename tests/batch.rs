@@ -289,8 +289,13 @@ async fn open_stream(
 #[tokio::test]
 async fn a_stream_answers_in_order_and_stays_open_between_bursts() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(dir.path(), &["--request-timeout-ms", "500"]).await;
-    open_and_fund_account_1(&server, "1000000").await;
+    // The unary calls around the stream run under the default deadline (a
+    // busy machine can take longer than 500 ms to answer one); only the
+    // stream runs on a service whose unary deadline it outlives.
+    let mut setup = Server::start(dir.path(), &[]).await;
+    open_and_fund_account_1(&setup, "1000000").await;
+    assert!(setup.terminate().success());
+    let mut server = Server::start(dir.path(), &["--request-timeout-ms", "500"]).await;
     let (tx, mut replies) = open_stream(&server).await;
     let sender = tokio::spawn(async move {
         for burst in 0..3 {
@@ -322,7 +327,10 @@ async fn a_stream_answers_in_order_and_stays_open_between_bursts() {
     sender.await.unwrap();
     // The client closed its side: the stream ends after the last reply.
     assert!(replies.message().await.unwrap().is_none());
-    assert_eq!(reserved_usd(&server).await.1, (6_000 - 7).to_string());
+    drop(replies);
+    assert!(server.terminate().success());
+    let check = Server::start(dir.path(), &[]).await;
+    assert_eq!(reserved_usd(&check).await.1, (6_000 - 7).to_string());
 }
 
 #[tokio::test]
