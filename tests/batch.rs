@@ -503,3 +503,62 @@ async fn kill9_among_all_or_nothing_batches_never_leaves_half_a_basket() {
     );
     assert!(reserved >= (acknowledged.len() * LEGS) as u64);
 }
+
+/// Items that arrive one by one while the writer is busy reach it as a few
+/// large queue entries, not one entry (one wake-up, one reply) per item: a
+/// stream keeps at most two entries in the engine and reads what came
+/// meanwhile as one chunk. Each WAL sync is slowed to 50 ms (strace) so that
+/// many items arrive during every commit, on any machine.
+#[tokio::test]
+async fn a_stream_of_single_items_reaches_the_writer_in_chunks() {
+    use common::kafka::metric;
+    let dir = tempfile::tempdir().unwrap();
+    let found = std::process::Command::new("strace")
+        .arg("-V")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(found, "strace is not installed: `scripts/test` installs it");
+    let wrapper = [
+        "strace",
+        "-f",
+        "--seccomp-bpf",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=fdatasync",
+        "-e",
+        "inject=fdatasync:delay_exit=50000",
+        "--",
+    ];
+    let mut server = Server::spawn_under(&wrapper, dir.path(), &[], std::process::Stdio::inherit());
+    server.wait_serving().await;
+    open_and_fund_account_1(&server, "1000000").await;
+    let port = server.metrics_port;
+    let entries_before = metric(port, "account_engine_batch_size_sum");
+    let commands_before = metric(port, "account_engine_commands_total");
+    let (tx, mut replies) = open_stream(&server).await;
+    const ITEMS: usize = 400;
+    let sender = tokio::spawn(async move {
+        for i in 0..ITEMS {
+            tx.send(reserve_one_usd(i)).await.unwrap();
+            // One HTTP/2 frame each: the items do not arrive together.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    for i in 0..ITEMS {
+        let r = replies.message().await.unwrap().expect("a reply per item");
+        assert_eq!(r.request_id, format!("req-{i}"), "request order");
+        assert_eq!(result(r.result), pb::Result::Ok, "{}", r.message);
+    }
+    sender.await.unwrap();
+    let entries = metric(port, "account_engine_batch_size_sum") - entries_before;
+    let commands = metric(port, "account_engine_commands_total") - commands_before;
+    assert_eq!(commands, ITEMS as f64, "every item journaled once");
+    assert!(
+        entries * 4.0 <= commands,
+        "{commands} items in {entries} queue entries: items arriving while \
+         the writer syncs are queued together"
+    );
+}

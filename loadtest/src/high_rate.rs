@@ -196,7 +196,15 @@ pub async fn stream(
         let (reader_lane, recorder, ctx) = (lane.clone(), recorder.clone(), ctx.clone());
         readers.push(tokio::spawn(async move {
             let mut release = Vec::new();
-            while let Ok(Some(reply)) = replies.message().await {
+            loop {
+                let reply = match replies.message().await {
+                    Ok(Some(reply)) => reply,
+                    Ok(None) => break,
+                    Err(status) => {
+                        eprintln!("a ReserveStream ended: {status}");
+                        break;
+                    }
+                };
                 let Some(sent) = reader_lane
                     .pending
                     .lock()
@@ -209,7 +217,11 @@ pub async fn stream(
                 let class = if reply.request_id == sent.request_id {
                     item_class(reply.result)
                 } else {
-                    Class::Error // a reply out of request order
+                    eprintln!(
+                        "a ReserveStream reply out of request order: {} for {}",
+                        reply.request_id, sent.request_id
+                    );
+                    Class::Error
                 };
                 if sent.measured {
                     recorder.record(class, sent.due.elapsed());

@@ -7,8 +7,11 @@
 //! it) instead of failing the call. A batch, or whatever a stream has ready,
 //! is **one** queue entry: one wake-up of the writer, one group commit.
 //!
-//! Streams keep at most [`STREAM_IN_FLIGHT_MAX`] items between reading a
-//! request and sending its reply, and the replies wait in a bounded channel:
+//! Streams keep at most [`STREAM_CHUNKS_IN_FLIGHT`] queue entries in the
+//! engine; what arrives meanwhile is read as one chunk when one comes back,
+//! so items sent one by one still reach the writer in chunks as large as a
+//! commit takes. They keep at most [`STREAM_IN_FLIGHT_MAX`] items between
+//! reading a request and sending its reply, and the replies wait in a bounded channel:
 //! a client that stops reading stops the service reading its requests
 //! (HTTP/2 flow control), never an unbounded buffer. An item the engine has
 //! no room for is answered `RESULT_RESOURCE_EXHAUSTED` (nothing journaled).
@@ -35,6 +38,12 @@ pub const BASKET_ITEMS_MAX: usize = codec::BASKET_ITEMS_MAX;
 pub const STREAM_IN_FLIGHT_MAX: usize = 4_096;
 /// Most stream items taken into one queue entry.
 pub const STREAM_CHUNK_MAX: usize = 1_024;
+/// Queue entries of one stream in the engine at once. While they are, the
+/// stream's next requests wait in HTTP/2's receive buffer and are read as
+/// one chunk when one comes back: a stream whose items arrive one by one
+/// still reaches the writer in chunks as large as a commit takes, not as
+/// one entry (one wake-up, one reply) per item.
+pub const STREAM_CHUNKS_IN_FLIGHT: usize = 2;
 /// Replies of a stream waiting for the client to read them.
 const STREAM_REPLIES_BUFFERED: usize = 1_024;
 
@@ -330,7 +339,9 @@ pub async fn serve_stream<T, S, A>(
                     }
                 }
             }
-            chunk = inbound.next(), if reading && in_flight_items < STREAM_IN_FLIGHT_MAX => {
+            chunk = inbound.next(), if reading
+                && in_flight_items < STREAM_IN_FLIGHT_MAX
+                && in_flight.len() < STREAM_CHUNKS_IN_FLIGHT => {
                 let Some(chunk) = chunk else {
                     reading = false;
                     continue;
