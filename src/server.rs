@@ -37,6 +37,19 @@ const STREAMS_PER_CONNECTION_MAX: u32 = 1_024;
 /// before the connection is closed (a dead or vanished peer).
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HTTP/2 receive windows: what a client may send on one stream, and on all
+/// of a connection's streams, before the service reads it. Fixed, not
+/// adaptive: the HTTP/2 library closes a connection (`ENHANCE_YOUR_CALM`)
+/// whose unread small DATA frames cost more than half the connection window
+/// in framing overhead (at most 256 bytes a frame). A ReserveStream sends one
+/// small frame per item (60-100 bytes), so a stream that stops reading, which
+/// is how it pushes back (design 4.1), may hold a stream window of them
+/// unread: 256 KiB of ~95-byte items cost ~430 KiB of that budget, and a
+/// 16 MiB connection window (8 MiB of budget) leaves room for 18 such streams
+/// on one connection. The adaptive window grew the stream window with the
+/// connection's, so one stalled stream could exhaust the budget by itself.
+const STREAM_WINDOW_BYTES: u32 = 256 << 10;
+const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]
@@ -192,7 +205,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), ServeError> {
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .tcp_keepalive(Some(KEEPALIVE_INTERVAL))
         .tcp_nodelay(true)
-        .http2_adaptive_window(Some(true))
+        .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -562,3 +562,71 @@ async fn a_stream_of_single_items_reaches_the_writer_in_chunks() {
          the writer syncs are queued together"
     );
 }
+
+/// A stream of small items, one HTTP/2 frame each, whose client stops
+/// reading replies: the service stops reading (flow control) and the
+/// connection stays open with the unread frames in its window; once the
+/// client reads again every item is answered, in order. (The HTTP/2 library
+/// closes a connection whose unread small frames cost too much framing
+/// overhead; an adaptive window let one stalled stream reach that.)
+#[tokio::test]
+async fn a_stalled_stream_of_small_frames_keeps_its_connection() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), &[]).await;
+    open_and_fund_account_1(&server, "1000000").await;
+    // A small client window: its unread replies fill it soon.
+    let channel = tonic::transport::Endpoint::from_shared(server.addr())
+        .unwrap()
+        .initial_stream_window_size(Some(64 << 10))
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let outbound =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) });
+    let mut replies = pb::account_service_client::AccountServiceClient::new(channel)
+        .reserve_stream(outbound)
+        .await
+        .unwrap()
+        .into_inner();
+    const ITEMS: usize = 12_000;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let sender = tokio::spawn(async move {
+        for i in 0..ITEMS {
+            tx.send(reserve_one_usd(i)).await.unwrap();
+            counter.fetch_add(1, Ordering::Relaxed);
+            // Let the client's connection write it alone: one frame per item.
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    // Read nothing until the sends stop moving: the service pushes back.
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = sent.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    assert!(
+        last < ITEMS,
+        "flow control holds the sender back ({last} sent)"
+    );
+    for i in 0..ITEMS {
+        let r = replies
+            .message()
+            .await
+            .unwrap_or_else(|e| panic!("item {i}: the stream broke: {e}"))
+            .expect("a reply per item");
+        assert_eq!(r.request_id, format!("req-{i}"), "request order");
+        assert_eq!(result(r.result), pb::Result::Ok, "{}", r.message);
+    }
+    sender.await.unwrap();
+    assert!(replies.message().await.unwrap().is_none());
+}

@@ -8,9 +8,9 @@
 //! is **one** queue entry: one wake-up of the writer, one group commit.
 //!
 //! Streams keep at most [`STREAM_CHUNKS_IN_FLIGHT`] queue entries in the
-//! engine; what arrives meanwhile is read as one chunk when one comes back,
-//! so items sent one by one still reach the writer in chunks as large as a
-//! commit takes. They keep at most [`STREAM_IN_FLIGHT_MAX`] items between
+//! engine; what arrives meanwhile gathers into one pending chunk, so items
+//! sent one by one still reach the writer in chunks as large as a commit
+//! takes. They keep at most [`STREAM_IN_FLIGHT_MAX`] items between
 //! reading a request and sending its reply, and the replies wait in a bounded channel:
 //! a client that stops reading stops the service reading its requests
 //! (HTTP/2 flow control), never an unbounded buffer. An item the engine has
@@ -39,10 +39,10 @@ pub const STREAM_IN_FLIGHT_MAX: usize = 4_096;
 /// Most stream items taken into one queue entry.
 pub const STREAM_CHUNK_MAX: usize = 1_024;
 /// Queue entries of one stream in the engine at once. While they are, the
-/// stream's next requests wait in HTTP/2's receive buffer and are read as
-/// one chunk when one comes back: a stream whose items arrive one by one
-/// still reaches the writer in chunks as large as a commit takes, not as
-/// one entry (one wake-up, one reply) per item.
+/// stream's next requests gather into one pending chunk, sent when one
+/// comes back: a stream whose items arrive one by one still reaches the
+/// writer in chunks as large as a commit takes, not as one entry (one
+/// wake-up, one reply) per item.
 pub const STREAM_CHUNKS_IN_FLIGHT: usize = 2;
 /// Replies of a stream waiting for the client to read them.
 const STREAM_REPLIES_BUFFERED: usize = 1_024;
@@ -296,12 +296,19 @@ pub async fn basket(
 /// Where a stream's replies go, in request order.
 pub type Replies<R> = tokio::sync::mpsc::Sender<Result<R, Status>>;
 
-/// Serves one stream: reads what the client has ready (up to
-/// [`STREAM_CHUNK_MAX`] items) as one queue entry, keeps at most
-/// [`STREAM_IN_FLIGHT_MAX`] items in flight, and sends each reply once its
-/// item is durable, in order. `admit` is asked once per chunk (rate limits);
-/// `Err(message)` answers the chunk `RESULT_RESOURCE_EXHAUSTED`. Ends when the
-/// client closes its side and every reply is sent, or the client goes away.
+/// A stream's answer to one chunk: its item count and its replies.
+type Answer<R> = std::pin::Pin<Box<dyn Future<Output = (usize, Result<Vec<R>, Status>)> + Send>>;
+
+/// Serves one stream. Requests are read as they arrive (HTTP/2 keeps no
+/// backlog of small frames, which it would count as abuse and close the
+/// connection for) into a pending chunk; the chunk goes to the engine as
+/// one queue entry whenever fewer than [`STREAM_CHUNKS_IN_FLIGHT`] of the
+/// stream's entries are there. At most [`STREAM_IN_FLIGHT_MAX`] items are
+/// read and not yet answered; beyond that the stream stops reading (HTTP/2
+/// flow control). Each reply is sent once its item is durable, in order.
+/// `admit` is asked once per chunk (rate limits); `Err(message)` answers the
+/// chunk `RESULT_RESOURCE_EXHAUSTED`. Ends when the client closes its side
+/// and every reply is sent, or the client goes away.
 pub async fn serve_stream<T, S, A>(
     engine: EngineHandle,
     inbound: S,
@@ -315,16 +322,21 @@ pub async fn serve_stream<T, S, A>(
     A: Fn(usize) -> Result<(), String> + Send,
 {
     let mut inbound = inbound.ready_chunks(STREAM_CHUNK_MAX);
-    let mut in_flight = FuturesOrdered::new();
-    let mut in_flight_items = 0usize;
+    let mut in_flight: FuturesOrdered<Answer<T::Reply>> = FuturesOrdered::new();
+    // Items in `in_flight` and in `pending`: read and not yet answered.
+    let mut unanswered = 0usize;
+    let mut pending: Vec<T> = Vec::new();
     let mut reading = true;
     loop {
+        if !pending.is_empty() && in_flight.len() < STREAM_CHUNKS_IN_FLIGHT {
+            let items = std::mem::take(&mut pending);
+            in_flight.push_back(answer_chunk(&engine, items, window_ms, want, &admit));
+        }
         tokio::select! {
             // Replies first: they free room for more requests.
             biased;
             Some((count, answered)) = in_flight.next(), if !in_flight.is_empty() => {
-                in_flight_items -= count;
-                let answered: Result<Vec<T::Reply>, Status> = answered;
+                unanswered -= count;
                 match answered {
                     Ok(answered) => {
                         for reply in answered {
@@ -339,63 +351,58 @@ pub async fn serve_stream<T, S, A>(
                     }
                 }
             }
-            chunk = inbound.next(), if reading
-                && in_flight_items < STREAM_IN_FLIGHT_MAX
-                && in_flight.len() < STREAM_CHUNKS_IN_FLIGHT => {
+            chunk = inbound.next(), if reading && unanswered < STREAM_IN_FLIGHT_MAX => {
                 let Some(chunk) = chunk else {
                     reading = false;
                     continue;
                 };
-                let mut items = Vec::with_capacity(chunk.len());
-                let mut broken = None;
                 for item in chunk {
                     match item {
-                        Ok(item) => items.push(item),
-                        Err(status) => {
-                            broken = Some(status);
+                        Ok(item) => {
+                            pending.push(item);
+                            unanswered += 1;
+                        }
+                        // A transport error ends the reading; what was read is answered.
+                        Err(_) => {
+                            reading = false;
                             break;
                         }
                     }
                 }
-                // A transport error ends the reading; what was read is answered.
-                if broken.is_some() {
-                    reading = false;
-                }
-                if items.is_empty() {
-                    continue;
-                }
-                let count = items.len();
-                in_flight_items += count;
-                let answer: std::pin::Pin<Box<dyn Future<Output = _> + Send>> = match admit(count) {
-                    Err(message) => {
-                        let refused = items
-                            .iter()
-                            .map(|item| item.refused(pb::Result::ResourceExhausted, message.clone()))
-                            .collect();
-                        Box::pin(std::future::ready((count, Ok(refused))))
-                    }
-                    Ok(()) => {
-                        let now = crate::engine::now_ms();
-                        match submit_batch(&engine, items, now, window_ms, want, Naming::Stream) {
-                            Ok(answered) => Box::pin(async move {
-                                (count, answered.await.map_err(submit_status))
-                            }),
-                            Err((SubmitError::Overloaded, items)) => {
-                                let message = "the service's queue is full: not applied, nothing journaled; resend with the same request_id".to_string();
-                                let refused = items
-                                    .iter()
-                                    .map(|item| item.refused(pb::Result::ResourceExhausted, message.clone()))
-                                    .collect();
-                                Box::pin(std::future::ready((count, Ok(refused))))
-                            }
-                            Err((e, _)) => Box::pin(std::future::ready((count, Err(submit_status(e))))),
-                        }
-                    }
-                };
-                in_flight.push_back(answer);
             }
             else => return,
         }
+    }
+}
+
+/// Sends one chunk of a stream to the engine (or answers it at once when
+/// refused: rate limit, full queue).
+fn answer_chunk<T: Item>(
+    engine: &EngineHandle,
+    items: Vec<T>,
+    window_ms: i64,
+    want: Want,
+    admit: &impl Fn(usize) -> Result<(), String>,
+) -> Answer<T::Reply> {
+    let count = items.len();
+    let refuse = |items: &[T], message: String| -> Answer<T::Reply> {
+        let refused = items
+            .iter()
+            .map(|item| item.refused(pb::Result::ResourceExhausted, message.clone()))
+            .collect();
+        Box::pin(std::future::ready((count, Ok(refused))))
+    };
+    if let Err(message) = admit(count) {
+        return refuse(&items, message);
+    }
+    let now = crate::engine::now_ms();
+    match submit_batch(engine, items, now, window_ms, want, Naming::Stream) {
+        Ok(answered) => Box::pin(async move { (count, answered.await.map_err(submit_status)) }),
+        Err((SubmitError::Overloaded, items)) => refuse(
+            &items,
+            "the service's queue is full: not applied, nothing journaled; resend with the same request_id".into(),
+        ),
+        Err((e, _)) => Box::pin(std::future::ready((count, Err(submit_status(e))))),
     }
 }
 
