@@ -48,8 +48,8 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// 16 MiB connection window (8 MiB of budget) leaves room for 18 such streams
 /// on one connection. The adaptive window grew the stream window with the
 /// connection's, so one stalled stream could exhaust the budget by itself.
-const STREAM_WINDOW_BYTES: u32 = 256 << 10;
-const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
+pub const STREAM_WINDOW_BYTES: u32 = 256 << 10;
+pub const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error)]

@@ -223,7 +223,9 @@ pub async fn serve(listen: std::net::SocketAddr) -> Result<(), tonic::transport:
     let echo = Echo::default();
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .http2_adaptive_window(Some(true))
+        // The service's HTTP/2 windows: the same ceiling.
+        .initial_stream_window_size(Some(account_service::server::STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(account_service::server::CONNECTION_WINDOW_BYTES))
         .add_service(AccountServiceServer::new(echo.clone()))
         .add_service(AdminServiceServer::new(echo))
         .serve(listen)
