@@ -97,15 +97,53 @@ pub fn kept(value: Decimal) -> Option<Decimal> {
     in_range(value).then_some(value)
 }
 
+/// `10^k` for `k` in `0..=SCALE_MAX`.
+const POW10: [i128; SCALE_MAX as usize + 1] = {
+    let mut p = [1i128; SCALE_MAX as usize + 1];
+    let mut i = 1;
+    while i < p.len() {
+        p[i] = p[i - 1] * 10;
+        i += 1;
+    }
+    p
+};
+
 /// `a + b`, `None` if the sum leaves the range. Exact: two in-range amounts
 /// have at most 27 significant digits, within the 96-bit mantissa.
+///
+/// Amounts of the state have at most [`SCALE_MAX`] places, so the sum is
+/// done on 128-bit integers at the larger scale: the same mantissa and scale
+/// `rust_decimal` gives (its general path, taken for larger scales, aligns
+/// scales up to 28 and may round).
+#[inline]
 pub fn checked_add(a: Decimal, b: Decimal) -> Option<Decimal> {
-    kept(a.checked_add(b)?)
+    fixed_sum(a, b, false).unwrap_or_else(|| kept(a.checked_add(b)?))
 }
 
 /// `a - b`, `None` if the difference leaves the range.
+#[inline]
 pub fn checked_sub(a: Decimal, b: Decimal) -> Option<Decimal> {
-    kept(a.checked_sub(b)?)
+    fixed_sum(a, b, true).unwrap_or_else(|| kept(a.checked_sub(b)?))
+}
+
+/// `a + b` (or `a - b`) when both have at most [`SCALE_MAX`] places:
+/// `Some(result)`, where the result is `None` out of range; `None` for
+/// other scales. A mantissa is below 2^96, times at most 10^8 below 2^123:
+/// the sum cannot overflow an `i128`.
+#[inline]
+fn fixed_sum(a: Decimal, b: Decimal, subtract: bool) -> Option<Option<Decimal>> {
+    let (sa, sb) = (a.scale(), b.scale());
+    if sa > SCALE_MAX || sb > SCALE_MAX {
+        return None;
+    }
+    let scale = sa.max(sb);
+    let ma = a.mantissa() * POW10[(scale - sa) as usize];
+    let mb = b.mantissa() * POW10[(scale - sb) as usize];
+    let sum = if subtract { ma - mb } else { ma + mb };
+    if sum.unsigned_abs() >= MANTISSA_LIMITS[scale as usize] {
+        return Some(None);
+    }
+    Some(Some(Decimal::from_i128_with_scale(sum, scale)))
 }
 
 /// `price x quantity`, half-even to [`SCALE_MAX`] places, computed exactly
@@ -254,5 +292,32 @@ mod tests {
             notional(d("0.00000001"), d("0.00000001")),
             Some(Decimal::ZERO)
         );
+    }
+
+    proptest::proptest! {
+        /// The fixed-point sum is `rust_decimal`'s, digit for digit and scale
+        /// for scale (a zero's sign aside), in range or not.
+        #[test]
+        fn sums_match_rust_decimal(
+            ma in -(10i128.pow(27))..10i128.pow(27),
+            sa in 0u32..=SCALE_MAX,
+            mb in -(10i128.pow(27))..10i128.pow(27),
+            sb in 0u32..=SCALE_MAX,
+            small in proptest::bool::ANY,
+        ) {
+            // Half the cases in range: mantissas cut to 18 + scale digits.
+            let cut = |m: i128, s: u32| if small { m % 10i128.pow(18 + s) } else { m };
+            let a = Decimal::from_i128_with_scale(cut(ma, sa), sa);
+            let b = Decimal::from_i128_with_scale(cut(mb, sb), sb);
+            let exact = |r: Option<Decimal>| r.map(|d| (d.mantissa(), d.scale()));
+            proptest::prop_assert_eq!(
+                exact(checked_add(a, b)),
+                exact(a.checked_add(b).and_then(kept))
+            );
+            proptest::prop_assert_eq!(
+                exact(checked_sub(a, b)),
+                exact(a.checked_sub(b).and_then(kept))
+            );
+        }
     }
 }
