@@ -507,31 +507,14 @@ async fn kill9_among_all_or_nothing_batches_never_leaves_half_a_basket() {
 /// Items that arrive one by one while the writer is busy reach it as a few
 /// large queue entries, not one entry (one wake-up, one reply) per item: a
 /// stream keeps at most two entries in the engine and reads what came
-/// meanwhile as one chunk. Each WAL sync is slowed to 50 ms (strace) so that
+/// meanwhile as one chunk. Each WAL sync is slowed to 100 ms (strace) so that
 /// many items arrive during every commit, on any machine.
 #[tokio::test]
 async fn a_stream_of_single_items_reaches_the_writer_in_chunks() {
     use common::kafka::metric;
     let dir = tempfile::tempdir().unwrap();
-    let found = std::process::Command::new("strace")
-        .arg("-V")
-        .stdout(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(found, "strace is not installed: `scripts/test` installs it");
-    let wrapper = [
-        "strace",
-        "-f",
-        "--seccomp-bpf",
-        "-qq",
-        "-o",
-        "/dev/null",
-        "-e",
-        "trace=fdatasync",
-        "-e",
-        "inject=fdatasync:delay_exit=50000",
-        "--",
-    ];
+    let wrapper =
+        common::server::strace_injecting("trace=fdatasync", "inject=fdatasync:delay_exit=100000");
     let mut server = Server::spawn_under(&wrapper, dir.path(), &[], std::process::Stdio::inherit());
     server.wait_serving().await;
     open_and_fund_account_1(&server, "1000000").await;

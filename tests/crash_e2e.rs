@@ -12,26 +12,13 @@
 
 mod common;
 
-use common::server::{assert_reservations_survived, ReserveLoad, Server};
+use common::server::{assert_reservations_survived, strace, ReserveLoad, Server};
 use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::Duration;
 
 /// Concurrent writers: enough that batches straddle each roll-over.
 const WORKERS: usize = 64;
-
-fn strace() -> &'static str {
-    let found = std::process::Command::new("strace")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "strace is not installed: `scripts/test` installs it (Debian package strace)"
-    );
-    "strace"
-}
 
 /// Opens account 1 with plenty of cash in a fresh data directory whose
 /// segments are `segment_mib` large.
@@ -124,27 +111,12 @@ async fn killed_at_the_directory_sync_of_a_roll_over_the_log_opens_with_every_ac
 /// recovers every acknowledged write from the disk.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_sync_or_write_is_fatal_and_the_next_start_recovers() {
-    let strace = strace();
     for (syscall, error, errno) in [("fdatasync", "EIO", 5), ("pwrite64", "ENOSPC", 28)] {
         let dir = tempfile::tempdir().unwrap();
         funded(dir.path(), "64").await;
         let trace = format!("trace={syscall}");
         let inject = format!("inject={syscall}:error={error}:when=200");
-        let wrapper = [
-            strace,
-            "-f",
-            // Only the traced syscall stops the tracee (a seccomp filter),
-            // not every syscall of every thread: the load runs at speed.
-            "--seccomp-bpf",
-            "-qq",
-            "-o",
-            "/dev/null",
-            "-e",
-            &trace,
-            "-e",
-            &inject,
-            "--",
-        ];
+        let wrapper = common::server::strace_injecting(&trace, &inject);
         let log_path = dir.path().join("stderr.log");
         let log = std::fs::File::create(&log_path).unwrap();
         let mut server = Server::spawn_under(&wrapper, dir.path(), &[], Stdio::from(log));

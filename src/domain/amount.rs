@@ -98,8 +98,8 @@ pub fn kept(value: Decimal) -> Option<Decimal> {
 }
 
 /// `10^k` for `k` in `0..=SCALE_MAX`.
-const POW10: [i128; SCALE_MAX as usize + 1] = {
-    let mut p = [1i128; SCALE_MAX as usize + 1];
+pub const POW10: [u128; SCALE_MAX as usize + 1] = {
+    let mut p = [1u128; SCALE_MAX as usize + 1];
     let mut i = 1;
     while i < p.len() {
         p[i] = p[i - 1] * 10;
@@ -137,8 +137,8 @@ fn fixed_sum(a: Decimal, b: Decimal, subtract: bool) -> Option<Option<Decimal>> 
         return None;
     }
     let scale = sa.max(sb);
-    let ma = a.mantissa() * POW10[(scale - sa) as usize];
-    let mb = b.mantissa() * POW10[(scale - sb) as usize];
+    let ma = a.mantissa() * POW10[(scale - sa) as usize] as i128;
+    let mb = b.mantissa() * POW10[(scale - sb) as usize] as i128;
     let sum = if subtract { ma - mb } else { ma + mb };
     if sum.unsigned_abs() >= MANTISSA_LIMITS[scale as usize] {
         return Some(None);

@@ -442,16 +442,7 @@ impl Fingerprint {
 /// they must never change. Amounts past that scale or that range (none
 /// pass validation) take `rescale` itself.
 fn fixed_scale_bytes(d: &Decimal) -> [u8; 16] {
-    const SCALE: u32 = crate::domain::amount::SCALE_MAX;
-    const POW10: [u128; SCALE as usize + 1] = {
-        let mut p = [1u128; SCALE as usize + 1];
-        let mut i = 1;
-        while i < p.len() {
-            p[i] = p[i - 1] * 10;
-            i += 1;
-        }
-        p
-    };
+    use crate::domain::amount::{POW10, SCALE_MAX as SCALE};
     let scale = d.scale();
     let magnitude = d.mantissa().unsigned_abs();
     let fixed = (scale <= SCALE)

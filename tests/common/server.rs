@@ -440,3 +440,36 @@ pub fn wal_segments(data_dir: &Path) -> usize {
         })
         .count()
 }
+
+/// `strace`, asserted installed (`scripts/test` installs it).
+pub fn strace() -> &'static str {
+    let found = Command::new("strace")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "strace is not installed: `scripts/test` installs it (Debian package strace)"
+    );
+    "strace"
+}
+
+/// A [`Server::spawn_under`] wrapper: `strace` following every thread, `-e`
+/// `trace` and `inject`, only the traced syscall stopping the tracee (a
+/// seccomp filter), so the rest runs at speed.
+pub fn strace_injecting<'a>(trace: &'a str, inject: &'a str) -> [&'a str; 11] {
+    [
+        strace(),
+        "-f",
+        "--seccomp-bpf",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        trace,
+        "-e",
+        inject,
+        "--",
+    ]
+}
