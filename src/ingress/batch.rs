@@ -301,9 +301,10 @@ type Answer<R> = std::pin::Pin<Box<dyn Future<Output = (usize, Result<Vec<R>, St
 
 /// Serves one stream. Requests are read as they arrive (HTTP/2 keeps no
 /// backlog of small frames, which it would count as abuse and close the
-/// connection for) into a pending chunk; the chunk goes to the engine as
-/// one queue entry whenever fewer than [`STREAM_CHUNKS_IN_FLIGHT`] of the
-/// stream's entries are there. At most [`STREAM_IN_FLIGHT_MAX`] items are
+/// connection for) into a pending chunk; the chunk (at most
+/// [`STREAM_CHUNK_MAX`] of its items) goes to the engine as one queue entry
+/// whenever fewer than [`STREAM_CHUNKS_IN_FLIGHT`] of the stream's entries
+/// are there. At most [`STREAM_IN_FLIGHT_MAX`] items are
 /// read and not yet answered; beyond that the stream stops reading (HTTP/2
 /// flow control). Each reply is sent once its item is durable, in order.
 /// `admit` is asked once per chunk (rate limits); `Err(message)` answers the
@@ -329,7 +330,11 @@ pub async fn serve_stream<T, S, A>(
     let mut reading = true;
     loop {
         if !pending.is_empty() && in_flight.len() < STREAM_CHUNKS_IN_FLIGHT {
-            let items = std::mem::take(&mut pending);
+            let items = if pending.len() <= STREAM_CHUNK_MAX {
+                std::mem::take(&mut pending)
+            } else {
+                pending.drain(..STREAM_CHUNK_MAX).collect()
+            };
             in_flight.push_back(answer_chunk(&engine, items, window_ms, want, &admit));
         }
         tokio::select! {
