@@ -16,17 +16,7 @@ use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 
 fn promtool() -> Command {
-    let found = Command::new("promtool")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "promtool is not installed: `scripts/test` installs it (Debian package prometheus)"
-    );
-    Command::new("promtool")
+    Command::new(common::require_tool("promtool", "--version", "prometheus"))
 }
 
 fn ops(path: &str) -> String {

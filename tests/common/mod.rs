@@ -7,6 +7,22 @@ pub mod postgres;
 pub mod server;
 pub mod strategies;
 
+/// `program` (found by `program version_arg` succeeding), asserted
+/// installed: `scripts/test` installs it (Debian package `package`).
+pub fn require_tool(program: &'static str, version_arg: &str, package: &str) -> &'static str {
+    let found = std::process::Command::new(program)
+        .arg(version_arg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "{program} is not installed: `scripts/test` installs it (Debian package {package})"
+    );
+    program
+}
+
 use account_service::domain::*;
 use account_service::state_machine::{Event, NoEvents, Outcome, State, StateConfig};
 use std::str::FromStr;

@@ -443,16 +443,7 @@ pub fn wal_segments(data_dir: &Path) -> usize {
 
 /// `strace`, asserted installed (`scripts/test` installs it).
 pub fn strace() -> &'static str {
-    let found = Command::new("strace")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        found,
-        "strace is not installed: `scripts/test` installs it (Debian package strace)"
-    );
-    "strace"
+    super::require_tool("strace", "-V", "strace")
 }
 
 /// A [`Server::spawn_under`] wrapper: `strace` following every thread, `-e`
