@@ -4,7 +4,7 @@
 mod common;
 
 use account_service::domain::*;
-use account_service::state_machine::{ResultCode, StateConfig};
+use account_service::state_machine::{Lookahead, NoEvents, Outcome, ResultCode, StateConfig};
 use common::strategies::*;
 use common::*;
 use proptest::prelude::*;
@@ -115,5 +115,47 @@ proptest! {
             h.state.digest()
         };
         prop_assert_eq!(run(), run());
+    }
+
+    /// The writer's and the replay's loop — commands prepared (hashed,
+    /// fingerprinted) a few places ahead of the one applied, then applied
+    /// with what was prepared — decides every command as `apply` does alone.
+    #[test]
+    fn prepared_ahead_same_outcomes_same_state(steps in steps()) {
+        let config = StateConfig { idempotency_window_ms: 4_000, tick_work_max: 3 };
+        let mut alone = Harness::with_config(config);
+        let mut expected: Vec<Outcome> = Vec::new();
+        for step in &steps {
+            match step {
+                Step::Advance(ms) => alone.now_ms += ms,
+                Step::Run(c) => expected.push(alone.run_quiet(*c)),
+            }
+        }
+        let mut ahead = Harness::with_config(config);
+        let mut got: Vec<Outcome> = Vec::new();
+        // Runs of commands between two advances of the clock, each run
+        // through one lookahead (as one queue entry or one replay chunk).
+        let mut run: Vec<Command> = Vec::new();
+        let mut apply_run = |h: &mut Harness, run: &mut Vec<Command>| {
+            let mut lookahead = Lookahead::start(&h.state, run);
+            for (i, c) in run.iter().enumerate() {
+                let prepared = lookahead.next(&h.state, run, i);
+                let seq = h.state.last_sequence() + 1;
+                got.push(h.state.apply_prepared(c, &prepared, seq, h.now_ms, &mut NoEvents));
+            }
+            run.clear();
+        };
+        for step in &steps {
+            match step {
+                Step::Advance(ms) => {
+                    apply_run(&mut ahead, &mut run);
+                    ahead.now_ms += ms;
+                }
+                Step::Run(c) => run.push(*c),
+            }
+        }
+        apply_run(&mut ahead, &mut run);
+        prop_assert_eq!(&got, &expected);
+        prop_assert_eq!(ahead.state.digest(), alone.state.digest());
     }
 }

@@ -6,7 +6,7 @@ use account_service::domain::*;
 use account_service::engine::{Engine, EngineConfig, Phase, RequestKind, Want};
 use account_service::metrics::Metrics;
 use account_service::snapshot::SnapshotConfig;
-use account_service::state_machine::{NoEvents, Pages, State, StateConfig, PREFETCH_AHEAD};
+use account_service::state_machine::{Lookahead, NoEvents, Pages, State, StateConfig};
 use account_service::workload;
 use std::time::Instant;
 
@@ -57,11 +57,11 @@ pub fn engine(
         chunk.clear();
         chunk.extend((n..(n + CHUNK as u64).min(commands)).map(command));
         let started = Instant::now();
+        let mut ahead = Lookahead::start(&state, &chunk);
         for (i, c) in chunk.iter().enumerate() {
-            if let Some(ahead) = chunk.get(i + PREFETCH_AHEAD) {
-                state.prefetch(ahead);
-            }
-            apply(&mut state, c, now);
+            let prepared = ahead.next(&state, &chunk, i);
+            let seq = state.last_sequence() + 1;
+            state.apply_prepared(c, &prepared, seq, now, &mut NoEvents);
             if (n + i as u64) % 1_000 == 999 {
                 now += 1;
                 apply(&mut state, &Command::Tick, now);

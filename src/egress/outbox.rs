@@ -21,7 +21,7 @@
 
 use super::spill::{self, Handed, Handshake, Window};
 use crate::domain::{Command, DeadLetterReason, Id, Source};
-use crate::state_machine::{Event, EventSink, NoEvents, Outcome, ResultCode, State};
+use crate::state_machine::{Event, EventSink, NoEvents, Outcome, Prepared, ResultCode, State};
 use crossbeam_channel::Sender;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -182,22 +182,25 @@ impl Collector {
         self.sink.watermark()
     }
 
-    /// `state.apply`, keeping the command's events and its dead letter, if any.
+    /// `state.apply_prepared`, keeping the command's events and its dead
+    /// letter, if any.
     pub fn apply(
         &mut self,
         state: &mut State,
         command: &Command,
+        prepared: &Prepared,
         sequence: u64,
         timestamp_ms: i64,
         trace: Option<crate::telemetry::TraceParent>,
     ) -> Outcome {
         if self.spilled.is_some() {
-            return state.apply(command, sequence, timestamp_ms, &mut NoEvents);
+            return state.apply_prepared(command, prepared, sequence, timestamp_ms, &mut NoEvents);
         }
         collect(
             &mut self.records,
             state,
             command,
+            prepared,
             sequence,
             timestamp_ms,
             trace,
@@ -317,6 +320,7 @@ pub fn collect(
     records: &mut Vec<OutboxRecord>,
     state: &mut State,
     command: &Command,
+    prepared: &Prepared,
     sequence: u64,
     timestamp_ms: i64,
     trace: Option<crate::telemetry::TraceParent>,
@@ -331,7 +335,7 @@ pub fn collect(
         index: 0,
         trace,
     };
-    let outcome = state.apply(command, sequence, timestamp_ms, &mut sink);
+    let outcome = state.apply_prepared(command, prepared, sequence, timestamp_ms, &mut sink);
     let emitted = records.len() - before;
     if let Some((source, reason)) = dead_letter_reason(command, &outcome, emitted) {
         records.push(OutboxRecord {
@@ -355,7 +359,18 @@ pub fn apply_command(
     records: Option<&mut Vec<OutboxRecord>>,
 ) -> Outcome {
     match records {
-        Some(records) => collect(records, state, command, sequence, timestamp_ms, None),
+        Some(records) => {
+            let prepared = Prepared::of(command);
+            collect(
+                records,
+                state,
+                command,
+                &prepared,
+                sequence,
+                timestamp_ms,
+                None,
+            )
+        }
         None => state.apply(command, sequence, timestamp_ms, &mut NoEvents),
     }
 }

@@ -1,15 +1,16 @@
 //! Start-up: rebuild the state by replaying the journal through the same pure
 //! `apply` the live path uses.
 //!
-//! Two threads: one reads the log and decodes its records, in chunks, while
-//! the calling thread applies the chunk before (a bounded hand-off of a few
+//! Two threads: one reads the log, decodes its records and prepares their
+//! commands (hashes and fingerprint, [`Prepared`]), in chunks, while the
+//! calling thread applies the chunk before (a bounded hand-off of a few
 //! chunks, recycled). Records are applied in journal order, by one thread,
-//! exactly as before; only the reading and decoding run beside it.
+//! exactly as before; only the reading, decoding and hashing run beside it.
 
 use super::codec::{self, Record};
 use super::EngineError;
 use crate::egress::Collector;
-use crate::state_machine::{NoEvents, State, PREFETCH_AHEAD};
+use crate::state_machine::{NoEvents, Prepared, State, PREFETCH_AHEAD};
 use wal::Wal;
 
 /// Replays every record after `state.last_sequence()`. Returns how many.
@@ -54,36 +55,36 @@ pub fn replay_with_outbox(
     }
     let mut outcomes = Vec::new();
     let records = decoded_in_chunks(wal, from, |chunk| {
-        let mut records = chunk.drain(..);
-        while let Some((sequence, record, timestamp_ms)) = records.next() {
-            if let Some((_, Record::Command(ahead), _)) = records.as_slice().get(PREFETCH_AHEAD - 1)
-            {
-                state.prefetch(ahead);
+        // By reference: a decoded record is a few hundred bytes, not moved.
+        for (i, decoded) in chunk.iter().enumerate() {
+            if let Some(ahead) = chunk.get(i + PREFETCH_AHEAD) {
+                state.prefetch(&ahead.prepared);
             }
+            let Decoded {
+                sequence,
+                ref record,
+                timestamp_ms,
+                ref prepared,
+            } = *decoded;
             let outbox = outbox.as_deref_mut().filter(|_| sequence > watermark);
             match (record, outbox) {
                 (Record::Command(command), Some(outbox)) => {
-                    outbox.apply(state, &command, sequence, timestamp_ms, None);
+                    outbox.apply(state, command, prepared, sequence, timestamp_ms, None);
                     outbox.hand_off_if_full(sequence, wal);
                 }
                 (Record::Command(command), None) => {
-                    state.apply(&command, sequence, timestamp_ms, &mut NoEvents);
+                    state.apply_prepared(command, prepared, sequence, timestamp_ms, &mut NoEvents);
                 }
                 (Record::Basket(items), Some(outbox)) => {
-                    outbox.apply_basket(state, &items, sequence, timestamp_ms, None, &mut outcomes);
+                    outbox.apply_basket(state, items, sequence, timestamp_ms, None, &mut outcomes);
                     outbox.hand_off_if_full(sequence, wal);
                 }
                 (Record::Basket(items), None) => {
-                    state.apply_basket(
-                        &items,
-                        sequence,
-                        timestamp_ms,
-                        &mut NoEvents,
-                        &mut outcomes,
-                    );
+                    state.apply_basket(items, sequence, timestamp_ms, &mut NoEvents, &mut outcomes);
                 }
             }
         }
+        chunk.clear();
     })?;
     if let Some(outbox) = outbox {
         outbox.hand_off(state.last_sequence(), wal);
@@ -97,7 +98,14 @@ const CHUNK_RECORDS: usize = 1_024;
 /// Chunks in flight between the two threads (each recycled once applied).
 const CHUNKS_IN_FLIGHT: usize = 4;
 
-type Decoded = (u64, Record, i64);
+/// A record as the reading thread hands it over.
+struct Decoded {
+    sequence: u64,
+    record: Record,
+    timestamp_ms: i64,
+    /// The command's (a basket's items are prepared as they apply).
+    prepared: Prepared,
+}
 
 /// Reads and decodes every record from `from` on a second thread and hands
 /// them to `apply` on this one, in order, a chunk at a time. Returns how
@@ -128,7 +136,16 @@ fn decoded_in_chunks(
                 let read = wal.replay(from, |sequence, payload| {
                     let (record, timestamp_ms) = codec::decode_record(payload)
                         .map_err(|source| EngineError::Decode { sequence, source })?;
-                    chunk.push((sequence, record, timestamp_ms));
+                    let prepared = match &record {
+                        Record::Command(command) => Prepared::of(command),
+                        Record::Basket(_) => Prepared::of(&crate::domain::Command::Tick),
+                    };
+                    chunk.push(Decoded {
+                        sequence,
+                        record,
+                        timestamp_ms,
+                        prepared,
+                    });
                     if chunk.len() == CHUNK_RECORDS {
                         let next = empty_rx.recv().map_err(|_| applier_gone())?;
                         full_tx

@@ -21,7 +21,7 @@ use super::{
 use crate::domain::Command;
 use crate::egress::Collector;
 use crate::metrics::Metrics;
-use crate::state_machine::{NoEvents, Outcome, Pages, State, PREFETCH_AHEAD};
+use crate::state_machine::{Lookahead, NoEvents, Outcome, Pages, Prepared, State, PREFETCH_AHEAD};
 use crossbeam_channel::Receiver;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -194,7 +194,8 @@ impl Writer {
         if wanted == recovered {
             return Ok(());
         }
-        self.execute(&Command::Configure(wanted), now_ms())?;
+        let configure = Command::Configure(wanted);
+        self.execute(&configure, &Prepared::of(&configure), now_ms())?;
         self.sync()?;
         tracing::info!(?recovered, configured = ?wanted, sequence = self.state.last_sequence(),
             "state machine settings journaled");
@@ -381,7 +382,7 @@ impl Writer {
             if let Some(RequestKind::Command(ahead, _)) =
                 requests.as_slice().get(PREFETCH_AHEAD - 1).map(|r| &r.kind)
             {
-                self.state.prefetch(ahead);
+                self.state.prefetch(&Prepared::of(ahead));
             }
             if let Some(trace) = &request.trace {
                 trace.apply_started();
@@ -389,16 +390,15 @@ impl Writer {
             }
             let reply = match request.kind {
                 RequestKind::Command(command, want) => {
-                    let outcome = self.execute(&command, now)?;
+                    let outcome = self.execute(&command, &Prepared::of(&command), now)?;
                     Reply::Command(self.command_reply(&command, outcome, want))
                 }
                 RequestKind::Batch(commands, want) => {
                     let mut replies = Vec::with_capacity(commands.len());
+                    let mut ahead = Lookahead::start(&self.state, &commands);
                     for (i, command) in commands.iter().enumerate() {
-                        if let Some(ahead) = commands.get(i + PREFETCH_AHEAD) {
-                            self.state.prefetch(ahead);
-                        }
-                        let outcome = self.execute(command, now)?;
+                        let prepared = ahead.next(&self.state, &commands, i);
+                        let outcome = self.execute(command, &prepared, now)?;
                         replies.push(self.command_reply(command, outcome, want));
                     }
                     Reply::Batch(replies)
@@ -502,19 +502,31 @@ impl Writer {
     }
 
     /// Journals then applies one command: append, then apply, in that order.
-    fn execute(&mut self, command: &Command, now: i64) -> Result<Outcome, EngineError> {
+    /// `prepared` is [`Prepared::of`]`(command)`.
+    fn execute(
+        &mut self,
+        command: &Command,
+        prepared: &Prepared,
+        now: i64,
+    ) -> Result<Outcome, EngineError> {
         let sequence = self.state.last_sequence() + 1;
         let timestamp_ms = now.max(self.state.last_timestamp_ms());
         codec::encode(command, timestamp_ms, &mut self.record);
         self.wal.append(sequence, &self.record)?;
         self.unsynced = true;
         let outcome = match &mut self.outbox {
-            Some(outbox) => {
-                outbox.apply(&mut self.state, command, sequence, timestamp_ms, self.trace)
+            Some(outbox) => outbox.apply(
+                &mut self.state,
+                command,
+                prepared,
+                sequence,
+                timestamp_ms,
+                self.trace,
+            ),
+            None => {
+                self.state
+                    .apply_prepared(command, prepared, sequence, timestamp_ms, &mut NoEvents)
             }
-            None => self
-                .state
-                .apply(command, sequence, timestamp_ms, &mut NoEvents),
         };
         debug_assert_eq!(self.state.last_sequence(), sequence);
         self.metrics.engine_commands_total.inc();
@@ -566,7 +578,7 @@ impl Writer {
         let due = self.state.next_deadline_ms().is_some_and(|at| at <= now);
         if due && now - self.last_tick_ms >= TICK_SPACING_MS {
             self.last_tick_ms = now;
-            self.execute(&Command::Tick, now)?;
+            self.execute(&Command::Tick, &Prepared::of(&Command::Tick), now)?;
         }
         Ok(())
     }

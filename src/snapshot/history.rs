@@ -24,7 +24,7 @@ use super::store::{load_in, paced, SnapshotError};
 use crate::egress::outbox::{collect, collect_basket};
 use crate::egress::{OutboxItem, OutboxRecord};
 use crate::engine::codec::{self, Record};
-use crate::state_machine::{Outcome, State, StateConfig};
+use crate::state_machine::{Outcome, Prepared, State, StateConfig};
 use std::time::Duration;
 use tokio_postgres::Transaction;
 
@@ -113,6 +113,7 @@ impl History {
                             &mut self.records,
                             &mut follower,
                             &command,
+                            &Prepared::of(&command),
                             sequence,
                             timestamp_ms,
                             None,

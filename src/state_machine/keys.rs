@@ -65,15 +65,22 @@ fn hash_parts(space: KeySpace, id: &Id) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), space as u64)
 }
 
+impl KeyHash {
+    /// The hash of the key (`space`, `id`).
+    pub fn of(space: KeySpace, id: &Id) -> KeyHash {
+        KeyHash(hash_parts(space, id))
+    }
+}
+
 impl KeyTable {
     pub fn hash(key: &IdempotencyKey) -> KeyHash {
         KeyHash(hash(key))
     }
 
-    /// Starts loading the index slot of the key (`space`, `id`), about to be
+    /// Starts loading the index slot of the key hashed `hash`, about to be
     /// looked up.
-    pub fn prefetch(&self, space: KeySpace, id: &Id) {
-        self.positions.prefetch(hash_parts(space, id));
+    pub fn prefetch(&self, hash: KeyHash) {
+        self.positions.prefetch(hash.0);
     }
 
     pub fn get(&self, key: &IdempotencyKey) -> Option<&IdempotencyEntry> {
@@ -121,11 +128,13 @@ impl KeyTable {
         if let Some(ahead) = self.ring.get(PRUNE_PREFETCH_AHEAD) {
             self.positions.prefetch(ahead.hash);
         }
-        let Some(record) = self.ring.pop_front() else {
+        // Only the hash is read: the record (~170 bytes) is not moved out.
+        let Some(hash) = self.ring.front().map(|r| r.hash) else {
             return;
         };
-        let removed = self.positions.remove(record.hash, self.base);
+        let removed = self.positions.remove(hash, self.base);
         assert!(removed, "every key in the ring is in the index");
+        self.ring.pop_front();
         self.base += 1;
     }
 

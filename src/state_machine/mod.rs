@@ -50,6 +50,90 @@ const PRUNE_PREFETCH_AHEAD: usize = 8;
 /// lines are still cached when the command is applied.
 pub const PREFETCH_AHEAD: usize = 4;
 
+/// What applying a command needs that depends on the command alone: the
+/// hashes of its idempotency key and of its order's reservation, and its
+/// fingerprint. Computed once per command — by the loop that prefetches for
+/// it ([`Lookahead`]), or on the replay's reading thread — and handed to
+/// [`State::apply_prepared`], so no command is hashed twice on the writer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    key: Option<keys::KeyHash>,
+    /// Reserve, Unreserve and Fill: the hash of (account, order).
+    reservation: Option<u64>,
+    /// Keyed commands only (0 otherwise).
+    fingerprint: u64,
+}
+
+impl Prepared {
+    pub fn of(command: &Command) -> Prepared {
+        let Some((space, id)) = command.key_parts() else {
+            return Prepared {
+                key: None,
+                reservation: None,
+                fingerprint: 0,
+            };
+        };
+        let order = match command {
+            Command::Reserve(c) => Some((c.account_id, &c.order_id)),
+            Command::Unreserve(c) => Some((c.account_id, &c.order_id)),
+            Command::Fill(c) => Some((c.account_id, &c.order_id)),
+            _ => None,
+        };
+        Prepared {
+            key: Some(keys::KeyHash::of(space, id)),
+            reservation: order.map(|(account, order)| reservations::hash_parts(account, order)),
+            fingerprint: command.fingerprint(),
+        }
+    }
+
+    /// The hash of the command's (account, order): Reserve, Unreserve, Fill.
+    fn order(&self) -> u64 {
+        self.reservation.expect("the command names an order")
+    }
+}
+
+/// Prepares the commands of a run [`PREFETCH_AHEAD`] places ahead of the
+/// one being applied, prefetching for each as it is prepared, and hands each
+/// its [`Prepared`] when its turn comes:
+///
+/// ```text
+/// let mut ahead = Lookahead::start(&state, &commands);
+/// for i in 0..commands.len() {
+///     let prepared = ahead.next(&state, &commands, i);
+///     state.apply_prepared(&commands[i], &prepared, ...);
+/// }
+/// ```
+pub struct Lookahead {
+    ring: VecDeque<Prepared>,
+}
+
+impl Lookahead {
+    /// Prepares (and prefetches for) the first commands of `commands`.
+    pub fn start(state: &State, commands: &[Command]) -> Lookahead {
+        let mut ring = VecDeque::with_capacity(PREFETCH_AHEAD + 1);
+        for command in commands.iter().take(PREFETCH_AHEAD) {
+            let prepared = Prepared::of(command);
+            state.prefetch(&prepared);
+            ring.push_back(prepared);
+        }
+        Lookahead { ring }
+    }
+
+    /// `commands[i]`'s [`Prepared`], after preparing the one
+    /// [`PREFETCH_AHEAD`] places further. Called for `i` = 0, 1, 2, ... in
+    /// turn, with the slice given to [`Lookahead::start`].
+    pub fn next(&mut self, state: &State, commands: &[Command], i: usize) -> Prepared {
+        if let Some(ahead) = commands.get(i + PREFETCH_AHEAD) {
+            let prepared = Prepared::of(ahead);
+            state.prefetch(&prepared);
+            self.ring.push_back(prepared);
+        }
+        self.ring
+            .pop_front()
+            .unwrap_or_else(|| Prepared::of(&commands[i]))
+    }
+}
+
 /// What the idempotency table remembers of a key.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 pub struct IdempotencyEntry {
@@ -162,23 +246,19 @@ impl State {
         self.idempotency.reserve(orders.saturating_mul(2), pages);
     }
 
-    /// Starts loading into the cache the index slots applying `command`
-    /// will probe (its key's, its reservation's); changes nothing. A loop
-    /// over a batch calls it for the command [`PREFETCH_AHEAD`] places ahead
-    /// of the one it applies, so that the cache misses of several commands
-    /// overlap instead of following one another.
-    pub fn prefetch(&self, command: &Command) {
-        let Some((space, id)) = command.key_parts() else {
-            return;
-        };
-        self.idempotency.prefetch(space, id);
-        let (account_id, order_id) = match command {
-            Command::Reserve(c) => (c.account_id, &c.order_id),
-            Command::Unreserve(c) => (c.account_id, &c.order_id),
-            Command::Fill(c) => (c.account_id, &c.order_id),
-            _ => return,
-        };
-        self.reservations.prefetch(account_id, order_id);
+    /// Starts loading into the cache the index slots applying the command
+    /// `prepared` was made from will probe (its key's, its reservation's);
+    /// changes nothing. A loop over a batch calls it for the command
+    /// [`PREFETCH_AHEAD`] places ahead of the one it applies, so that the
+    /// cache misses of several commands overlap instead of following one
+    /// another ([`Lookahead`] does both).
+    pub fn prefetch(&self, prepared: &Prepared) {
+        if let Some(key) = prepared.key {
+            self.idempotency.prefetch(key);
+        }
+        if let Some(reservation) = prepared.reservation {
+            self.reservations.prefetch(reservation);
+        }
     }
 
     /// Returns the memory of pruned keys and reservations to the allocator.
@@ -208,6 +288,30 @@ impl State {
         timestamp_ms: i64,
         events: &mut S,
     ) -> Outcome {
+        self.apply_prepared(
+            command,
+            &Prepared::of(command),
+            sequence,
+            timestamp_ms,
+            events,
+        )
+    }
+
+    /// [`State::apply`] with the command's hashes and fingerprint computed
+    /// ahead: `prepared` is [`Prepared::of`]`(command)`.
+    pub fn apply_prepared<S: EventSink>(
+        &mut self,
+        command: &Command,
+        prepared: &Prepared,
+        sequence: u64,
+        timestamp_ms: i64,
+        events: &mut S,
+    ) -> Outcome {
+        debug_assert_eq!(
+            *prepared,
+            Prepared::of(command),
+            "prepared from this command"
+        );
         let now = self.advance(sequence, timestamp_ms);
 
         if let Some(source) = command.source() {
@@ -238,7 +342,7 @@ impl State {
             self.tick(now, sequence, events);
             return Outcome::new(ResultCode::Ok, sequence);
         };
-        self.apply_keyed(command, key, sequence, now, events)
+        self.apply_keyed(command, key, prepared, sequence, now, events)
     }
 
     /// Moves to `sequence` at journaled time `timestamp_ms`; returns the time
@@ -294,7 +398,8 @@ impl State {
                 continue;
             }
             if !failed {
-                let applied = self.apply_keyed(&command, key, sequence, now, events);
+                let prepared = Prepared::of(&command);
+                let applied = self.apply_keyed(&command, key, &prepared, sequence, now, events);
                 debug_assert_eq!(applied, *outcome, "judged as applied");
                 *outcome = applied;
                 continue;
@@ -371,12 +476,13 @@ impl State {
         &mut self,
         command: &Command,
         key: IdempotencyKey,
+        prepared: &Prepared,
         sequence: u64,
         now: i64,
         events: &mut S,
     ) -> Outcome {
-        let fingerprint = command.fingerprint();
-        let hash = keys::KeyTable::hash(&key);
+        let fingerprint = prepared.fingerprint;
+        let hash = prepared.key.expect("a keyed command's key is hashed");
         if let Some(entry) = self.idempotency.get_hashed(hash, &key) {
             if entry.fingerprint == fingerprint {
                 return Outcome {
@@ -390,11 +496,11 @@ impl State {
         let outcome = match command {
             Command::OpenAccount(c) => self.open_account(c, sequence, events),
             Command::SetAccountStatus(c) => self.set_status(c, sequence, events),
-            Command::Reserve(c) => self.reserve(c, sequence, now, events),
-            Command::Unreserve(c) => self.unreserve(c, sequence, now, events),
+            Command::Reserve(c) => self.reserve(c, prepared.order(), sequence, now, events),
+            Command::Unreserve(c) => self.unreserve(c, prepared.order(), sequence, now, events),
             Command::Deposit(c) => self.deposit(c, sequence, events),
             Command::Withdraw(c) => self.withdraw(c, sequence, events),
-            Command::Fill(c) => self.fill(c, sequence, now, events),
+            Command::Fill(c) => self.fill(c, prepared.order(), sequence, now, events),
             Command::Tick | Command::DeadLetter(_) | Command::Configure(_) => {
                 unreachable!("no key")
             }
@@ -475,6 +581,7 @@ impl State {
     fn reserve<S: EventSink>(
         &mut self,
         c: &Reserve,
+        order_hash: u64,
         seq: u64,
         now: i64,
         events: &mut S,
@@ -491,7 +598,7 @@ impl State {
                 balance_of(a, c.kind, c.asset)
             });
         // One probe: the vacant slot is filled below.
-        let slot = self.reservations.find(&key);
+        let slot = self.reservations.find_hashed(order_hash, &key);
         let taken = slot.is_ok();
         let after = reserve_rules(c, now, account.as_deref(), balance, taken);
         let ((available_after, reserved_after), account, slot) = match (after, account, slot) {
@@ -538,6 +645,7 @@ impl State {
     fn unreserve<S: EventSink>(
         &mut self,
         c: &Unreserve,
+        order_hash: u64,
         seq: u64,
         now: i64,
         events: &mut S,
@@ -549,7 +657,7 @@ impl State {
             account_id: c.account_id,
             order_id: c.order_id,
         };
-        let Some((filed, reservation)) = self.reservations.get_mut(&key) else {
+        let Some((filed, reservation)) = self.reservations.get_mut_hashed(order_hash, &key) else {
             return Outcome::new(ResultCode::ReservationNotFound, seq);
         };
         if reservation.state != ReservationState::Open {
@@ -669,7 +777,14 @@ impl State {
     /// A fill already happened on the exchange: it is applied even without (or
     /// beyond) a reservation, taking the shortfall from what is free, and flags the
     /// account overdrawn if that goes negative.
-    fn fill<S: EventSink>(&mut self, c: &Fill, seq: u64, now: i64, events: &mut S) -> Outcome {
+    fn fill<S: EventSink>(
+        &mut self,
+        c: &Fill,
+        order_hash: u64,
+        seq: u64,
+        now: i64,
+        events: &mut S,
+    ) -> Outcome {
         debug_assert!(c.quantity > Decimal::ZERO && c.filled_amount >= Decimal::ZERO);
         let Some(account) = self.accounts.get_mut(&c.account_id) else {
             return Outcome::new(ResultCode::AccountNotFound, seq);
@@ -689,9 +804,12 @@ impl State {
             Side::Buy => (ReservationKind::Cash, currency, c.filled_amount),
             Side::Sell => (ReservationKind::Security, c.symbol, c.quantity),
         };
-        let reservation = self.reservations.get_mut(&key).filter(|(_, r)| {
-            r.state == ReservationState::Open && r.kind == kind && r.asset == asset
-        });
+        let reservation = self
+            .reservations
+            .get_mut_hashed(order_hash, &key)
+            .filter(|(_, r)| {
+                r.state == ReservationState::Open && r.kind == kind && r.asset == asset
+            });
         let consumed = reservation
             .as_ref()
             .map_or(Decimal::ZERO, |(_, r)| r.remaining.min(wanted));

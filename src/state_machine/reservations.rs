@@ -59,15 +59,15 @@ pub fn hash(key: &ReservationKey) -> u64 {
     hash_parts(key.account_id, &key.order_id)
 }
 
-fn hash_parts(account_id: AccountId, order_id: &Id) -> u64 {
+pub fn hash_parts(account_id: AccountId, order_id: &Id) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(order_id.as_bytes(), account_id.0 as u64)
 }
 
 impl Reservations {
-    /// Starts loading the index slot of (`account_id`, `order_id`)'s
-    /// reservation into the cache.
-    pub fn prefetch(&self, account_id: AccountId, order_id: &Id) {
-        self.index.prefetch(hash_parts(account_id, order_id));
+    /// Starts loading the index slot of the reservation hashed `hash`
+    /// (see [`hash_parts`]) into the cache.
+    pub fn prefetch(&self, hash: u64) {
+        self.index.prefetch(hash);
     }
 
     /// Starts loading the index slot of a reservation about to be pruned and
@@ -85,7 +85,12 @@ impl Reservations {
 
     /// Where `key`'s reservation is filed, or where a new one would go.
     pub fn find(&self, key: &ReservationKey) -> Result<Filed, VacantRow> {
-        let hash = hash(key);
+        self.find_hashed(hash(key), key)
+    }
+
+    /// [`Reservations::find`] with the key's hash already computed.
+    pub fn find_hashed(&self, hash: u64, key: &ReservationKey) -> Result<Filed, VacantRow> {
+        debug_assert_eq!(hash, self::hash(key));
         self.index
             .find(hash, |row| self.row(row).key() == *key)
             .map(|row| Filed {
@@ -102,7 +107,16 @@ impl Reservations {
 
     /// `key`'s reservation, and where it is filed.
     pub fn get_mut(&mut self, key: &ReservationKey) -> Option<(Filed, &mut Reservation)> {
-        let filed = self.find(key).ok()?;
+        self.get_mut_hashed(hash(key), key)
+    }
+
+    /// [`Reservations::get_mut`] with the key's hash already computed.
+    pub fn get_mut_hashed(
+        &mut self,
+        hash: u64,
+        key: &ReservationKey,
+    ) -> Option<(Filed, &mut Reservation)> {
+        let filed = self.find_hashed(hash, key).ok()?;
         let row = self.rows[filed.row.0 as usize].as_mut();
         Some((filed, row.expect("an indexed row is in use")))
     }
