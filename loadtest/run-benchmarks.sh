@@ -51,10 +51,12 @@ run_service reserve-async-10k async reserve --rate 10000 --duration "$secs"
 run_service reserve-sync-max sync max --start-rate 2000 --step 1.25 --step-duration 5 --p99-limit-ms 20
 # The high-rate path (design 4.1): Reserves only, as the seed peer does.
 run_service batch-100x1k sync batch --rate 1000 --batch-size 100 --duration "$secs" --unreserve-share 0
+# As many steps as the echo server's searches: twelve stop at 116,415 items/s, which
+# the service reached in both (2026-12-06 third session).
 run_service batch-max sync max --via batch --batch-size 100 --start-rate 100 --step 1.25 --step-duration 5 \
-    --p99-limit-ms 10 --unreserve-share 0
+    --p99-limit-ms 10 --max-steps 16 --unreserve-share 0
 run_service stream-max sync max --via stream --streams 4 --window 1024 --start-rate 10000 --step 1.25 --step-duration 5 \
-    --p99-limit-ms 10 --unreserve-share 0
+    --p99-limit-ms 10 --max-steps 16 --unreserve-share 0
 # The seed's design (PostgreSQL transaction per Reserve), same rates.
 loadtest/peers/seed-pg/run.sh --rate 1000 --duration "$secs" > $out/seed-pg-1k.json
 loadtest/peers/seed-pg/run.sh --rate 5000 --duration "$secs" --clients 16 > $out/seed-pg-5k.json
