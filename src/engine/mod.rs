@@ -118,6 +118,16 @@ pub enum RequestKind {
     Query(Query),
 }
 
+impl RequestKind {
+    /// The single command of a [`RequestKind::Command`].
+    pub fn command(&self) -> Option<&Command> {
+        match self {
+            RequestKind::Command(command, _) => Some(command),
+            _ => None,
+        }
+    }
+}
+
 /// One entry of the ingress queue.
 #[derive(Debug)]
 pub struct Request {

@@ -138,7 +138,7 @@ fn decoded_in_chunks(
                         .map_err(|source| EngineError::Decode { sequence, source })?;
                     let prepared = match &record {
                         Record::Command(command) => Prepared::of(command),
-                        Record::Basket(_) => Prepared::of(&crate::domain::Command::Tick),
+                        Record::Basket(_) => Prepared::default(),
                     };
                     chunk.push(Decoded {
                         sequence,

@@ -377,20 +377,26 @@ impl Writer {
         let now = now_ms();
         // 2. Journal + apply each command; hold its reply.
         let mut batch = std::mem::take(&mut self.batch);
+        // Single commands are prepared (and prefetched for) a few requests
+        // ahead, each once; a batch entry's commands by their own lookahead.
+        let mut ahead = Lookahead::default();
+        for request in batch.iter().take(PREFETCH_AHEAD) {
+            ahead.push(&self.state, request.kind.command());
+        }
         let mut requests = batch.drain(..);
         while let Some(request) = requests.next() {
-            if let Some(RequestKind::Command(ahead, _)) =
-                requests.as_slice().get(PREFETCH_AHEAD - 1).map(|r| &r.kind)
-            {
-                self.state.prefetch(&Prepared::of(ahead));
+            if let Some(next) = requests.as_slice().get(PREFETCH_AHEAD - 1) {
+                ahead.push(&self.state, next.kind.command());
             }
+            let prepared = ahead.pop();
             if let Some(trace) = &request.trace {
                 trace.apply_started();
                 self.trace = Some(trace.parent);
             }
             let reply = match request.kind {
                 RequestKind::Command(command, want) => {
-                    let outcome = self.execute(&command, &Prepared::of(&command), now)?;
+                    let prepared = prepared.unwrap_or_else(|| Prepared::of(&command));
+                    let outcome = self.execute(&command, &prepared, now)?;
                     Reply::Command(self.command_reply(&command, outcome, want))
                 }
                 RequestKind::Batch(commands, want) => {
@@ -799,6 +805,69 @@ mod tests {
         let counts = (of(CLIENT), of(FEED));
         writer.batch.clear();
         counts
+    }
+
+    /// Single commands mixed with reads and batch entries in one writer
+    /// batch: each is prepared a few requests ahead and applied with its own
+    /// `Prepared` (a debug assertion checks every one), and answers what
+    /// `State::apply` answers for it alone.
+    #[test]
+    fn commands_between_reads_and_batches_are_applied_with_their_own_preparation() {
+        use crate::state_machine::{NoEvents, StateConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let (mut writer, [clients, _feeds], _wake) = writer(dir.path());
+        let commands: Vec<Command> = crate::workload::funded_accounts(2)
+            .chain((0..6).flat_map(|n| crate::workload::order_life(n, 2)))
+            .collect();
+        // Command, read, command, batch of two, command, read, ...
+        let mut kinds = Vec::new();
+        let mut rest = commands.iter().copied();
+        let mut turn = 0;
+        while let Some(command) = rest.next() {
+            kinds.push(RequestKind::Command(command, Want::Nothing));
+            match turn % 3 {
+                0 => kinds.push(RequestKind::Query(Query::Account(AccountId(1)))),
+                1 => kinds.push(RequestKind::Batch(
+                    rest.by_ref().take(2).collect(),
+                    Want::Nothing,
+                )),
+                _ => {}
+            }
+            turn += 1;
+        }
+        let mut replies = Vec::new();
+        for kind in kinds {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            clients
+                .send(Request {
+                    kind,
+                    reply,
+                    trace: None,
+                })
+                .unwrap();
+            replies.push(answer);
+        }
+        while !clients.is_empty() {
+            writer.run_batch().unwrap();
+        }
+        let mut outcomes = Vec::new();
+        for answer in replies {
+            match answer.blocking_recv().unwrap() {
+                Reply::Command(reply) => outcomes.push(reply.outcome),
+                Reply::Batch(batch) => outcomes.extend(batch.into_iter().map(|r| r.outcome)),
+                Reply::Account(_) => {}
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+        let mut alone = State::new(StateConfig::default());
+        let expected: Vec<Outcome> = commands
+            .iter()
+            .map(|c| {
+                let sequence = alone.last_sequence() + 1;
+                alone.apply(c, sequence, 1_700_000_000_000, &mut NoEvents)
+            })
+            .collect();
+        assert_eq!(outcomes, expected);
     }
 
     #[test]

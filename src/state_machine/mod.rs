@@ -55,7 +55,8 @@ pub const PREFETCH_AHEAD: usize = 4;
 /// fingerprint. Computed once per command — by the loop that prefetches for
 /// it ([`Lookahead`]), or on the replay's reading thread — and handed to
 /// [`State::apply_prepared`], so no command is hashed twice on the writer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The default prepares nothing (what a command without a key gets).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Prepared {
     key: Option<keys::KeyHash>,
     /// Reserve, Unreserve and Fill: the hash of (account, order).
@@ -67,11 +68,7 @@ pub struct Prepared {
 impl Prepared {
     pub fn of(command: &Command) -> Prepared {
         let Some((space, id)) = command.key_parts() else {
-            return Prepared {
-                key: None,
-                reservation: None,
-                fingerprint: 0,
-            };
+            return Prepared::default();
         };
         let order = match command {
             Command::Reserve(c) => Some((c.account_id, &c.order_id)),
@@ -103,20 +100,25 @@ impl Prepared {
 ///     state.apply_prepared(&commands[i], &prepared, ...);
 /// }
 /// ```
+///
+/// A run of items some of which are not commands (the writer's queue
+/// entries: reads, batches) uses [`Lookahead::push`] and [`Lookahead::pop`]
+/// directly, one push per item, in order.
+#[derive(Default)]
 pub struct Lookahead {
-    ring: VecDeque<Prepared>,
+    /// One entry per item pushed and not yet popped; `None` for an item
+    /// that is not a command.
+    ring: VecDeque<Option<Prepared>>,
 }
 
 impl Lookahead {
     /// Prepares (and prefetches for) the first commands of `commands`.
     pub fn start(state: &State, commands: &[Command]) -> Lookahead {
-        let mut ring = VecDeque::with_capacity(PREFETCH_AHEAD + 1);
+        let mut ahead = Lookahead::default();
         for command in commands.iter().take(PREFETCH_AHEAD) {
-            let prepared = Prepared::of(command);
-            state.prefetch(&prepared);
-            ring.push_back(prepared);
+            ahead.push(state, Some(command));
         }
-        Lookahead { ring }
+        ahead
     }
 
     /// `commands[i]`'s [`Prepared`], after preparing the one
@@ -124,13 +126,26 @@ impl Lookahead {
     /// turn, with the slice given to [`Lookahead::start`].
     pub fn next(&mut self, state: &State, commands: &[Command], i: usize) -> Prepared {
         if let Some(ahead) = commands.get(i + PREFETCH_AHEAD) {
-            let prepared = Prepared::of(ahead);
-            state.prefetch(&prepared);
-            self.ring.push_back(prepared);
+            self.push(state, Some(ahead));
         }
-        self.ring
-            .pop_front()
-            .unwrap_or_else(|| Prepared::of(&commands[i]))
+        self.pop().unwrap_or_else(|| Prepared::of(&commands[i]))
+    }
+
+    /// Queues the next item of the run: its command prepared and prefetched
+    /// for, or `None` for an item that is not a command.
+    pub fn push(&mut self, state: &State, command: Option<&Command>) {
+        let prepared = command.map(|command| {
+            let prepared = Prepared::of(command);
+            state.prefetch(&prepared);
+            prepared
+        });
+        self.ring.push_back(prepared);
+    }
+
+    /// The oldest queued item's [`Prepared`]: `None` when it is not a
+    /// command, or when nothing is queued.
+    pub fn pop(&mut self) -> Option<Prepared> {
+        self.ring.pop_front().flatten()
     }
 }
 
