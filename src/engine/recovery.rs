@@ -9,8 +9,12 @@
 
 use super::codec::{self, Record};
 use super::EngineError;
+use crate::domain::Command;
 use crate::egress::Collector;
-use crate::state_machine::{NoEvents, Prepared, State, PREFETCH_AHEAD};
+use crate::state_machine::{
+    populate, NoEvents, Populating, Prepared, ReplayRoom, State, KEY_RECORD_BYTES, PREFETCH_AHEAD,
+    RESERVATION_ROW_BYTES,
+};
 use wal::Wal;
 
 /// Replays every record after `state.last_sequence()`. Returns how many.
@@ -54,7 +58,14 @@ pub fn replay_with_outbox(
         }
     }
     let mut outcomes = Vec::new();
+    let mut room_asked = false;
     let records = decoded_in_chunks(wal, from, |chunk| {
+        let room = if room_asked {
+            None
+        } else {
+            room_asked = true;
+            room_for_replay(wal, state, chunk.first())
+        };
         // By reference: a decoded record is a few hundred bytes, not moved.
         for (i, decoded) in chunk.iter().enumerate() {
             if let Some(ahead) = chunk.get(i + PREFETCH_AHEAD) {
@@ -85,12 +96,53 @@ pub fn replay_with_outbox(
             }
         }
         chunk.clear();
+        room
     })?;
     if let Some(outbox) = outbox {
         outbox.hand_off(state.last_sequence(), wal);
     }
     debug_assert_eq!(state.last_sequence(), wal.last_sequence().max(from - 1));
     Ok(records)
+}
+
+/// Room for the replay, made before its first record is applied, when every
+/// record from the first on stays in the idempotency window (journaled
+/// within the window of now): then each one's key and reservation stay in
+/// the state to its end, and room for as many as there are records
+/// over-reserves only what records without a key or a reservation would
+/// have taken, and only in address space (the pages are faulted in as the
+/// keys and rows come: [`Populating`]). A replay that spans more than the
+/// window grows its tables as it goes, as without.
+fn room_for_replay(wal: &Wal, state: &mut State, first: Option<&Decoded>) -> Option<ReplayRoom> {
+    let first = first?;
+    let window = state.config().idempotency_window_ms;
+    if super::now_ms().saturating_sub(first.timestamp_ms) > window {
+        return None;
+    }
+    let records = wal.last_sequence().checked_sub(first.sequence)? + 1;
+    state.make_room_for_replay(usize::try_from(records).ok()?)
+}
+
+/// Keys and new reservation rows the records read so far will add at most.
+#[derive(Default)]
+struct Counted {
+    keys: usize,
+    rows: usize,
+}
+
+impl Counted {
+    fn add(&mut self, record: &Record, prepared: &Prepared) {
+        match record {
+            Record::Command(command) => {
+                self.keys += usize::from(prepared.has_key());
+                self.rows += usize::from(matches!(command, Command::Reserve(_)));
+            }
+            Record::Basket(items) => {
+                self.keys += items.len();
+                self.rows += items.len();
+            }
+        }
+    }
 }
 
 /// Records decoded per chunk handed from the reading thread to the applying one.
@@ -110,12 +162,16 @@ struct Decoded {
 /// Reads and decodes every record from `from` on a second thread and hands
 /// them to `apply` on this one, in order, a chunk at a time. Returns how
 /// many records were read. A read or decode error stops both threads
-/// (records before it are applied) and is returned.
+/// (records before it are applied) and is returned. When `apply` returns
+/// the room it made for the replay, the reading thread faults in its
+/// indexes, then the pages of the keys and rows of the records it has read,
+/// ahead of the applying thread.
 fn decoded_in_chunks(
     wal: &Wal,
     from: u64,
-    mut apply: impl FnMut(&mut Vec<Decoded>),
+    mut apply: impl FnMut(&mut Vec<Decoded>) -> Option<ReplayRoom>,
 ) -> Result<u64, EngineError> {
+    let (room_tx, room_rx) = crossbeam_channel::bounded::<ReplayRoom>(1);
     let (full_tx, full_rx) = crossbeam_channel::bounded::<Vec<Decoded>>(CHUNKS_IN_FLIGHT);
     let (empty_tx, empty_rx) = crossbeam_channel::bounded::<Vec<Decoded>>(CHUNKS_IN_FLIGHT);
     for _ in 0..CHUNKS_IN_FLIGHT {
@@ -133,6 +189,8 @@ fn decoded_in_chunks(
                 let applier_gone =
                     || EngineError::Thread("replay: the applying thread stopped".into());
                 let mut chunk = empty_rx.recv().map_err(|_| applier_gone())?;
+                let mut counted = Counted::default();
+                let mut populating: Option<(Populating, Populating)> = None;
                 let read = wal.replay(from, |sequence, payload| {
                     let (record, timestamp_ms) = codec::decode_record(payload)
                         .map_err(|source| EngineError::Decode { sequence, source })?;
@@ -140,6 +198,7 @@ fn decoded_in_chunks(
                         Record::Command(command) => Prepared::of(command),
                         Record::Basket(_) => Prepared::default(),
                     };
+                    counted.add(&record, &prepared);
                     chunk.push(Decoded {
                         sequence,
                         record,
@@ -147,6 +206,21 @@ fn decoded_in_chunks(
                         prepared,
                     });
                     if chunk.len() == CHUNK_RECORDS {
+                        if populating.is_none() {
+                            populating = room_rx.try_recv().ok().map(|room| {
+                                for (start, bytes) in room.indexes {
+                                    populate(start, bytes);
+                                }
+                                (
+                                    Populating::new(room.keys, KEY_RECORD_BYTES),
+                                    Populating::new(room.rows, RESERVATION_ROW_BYTES),
+                                )
+                            });
+                        }
+                        if let Some((keys, rows)) = &mut populating {
+                            keys.advance(counted.keys);
+                            rows.advance(counted.rows);
+                        }
                         let next = empty_rx.recv().map_err(|_| applier_gone())?;
                         full_tx
                             .send(std::mem::replace(&mut chunk, next))
@@ -162,7 +236,9 @@ fn decoded_in_chunks(
             })
             .map_err(|e| EngineError::Thread(format!("replay: starting the reader: {e}")))?;
         for mut chunk in &full_rx {
-            apply(&mut chunk);
+            if let Some(room) = apply(&mut chunk) {
+                let _ = room_tx.try_send(room);
+            }
             // The reader may have finished: the chunk is then dropped.
             let _ = empty_tx.try_send(chunk);
         }
@@ -178,15 +254,25 @@ mod tests {
     use crate::state_machine::StateConfig;
     use crate::workload;
 
-    /// A log of `commands`, each journaled 1 ms after the one before. Returns
-    /// the log and the state the commands give applied directly.
+    /// A log of `commands`, each journaled 1 ms after the one before, the
+    /// first in 2023 (outside any idempotency window of now). Returns the log
+    /// and the state the commands give applied directly.
     fn journal(dir: &std::path::Path, commands: &[crate::domain::Command]) -> (Wal, State) {
+        journal_from(dir, commands, 1_700_000_000_000)
+    }
+
+    /// [`journal`], the first command at `start_ms`.
+    fn journal_from(
+        dir: &std::path::Path,
+        commands: &[crate::domain::Command],
+        start_ms: i64,
+    ) -> (Wal, State) {
         let mut wal = Wal::open(wal::WalOptions::new(dir)).unwrap();
         let mut expected = State::new(StateConfig::default());
         let mut payload = Vec::new();
         for (i, c) in commands.iter().enumerate() {
             let sequence = i as u64 + 1;
-            let at = 1_700_000_000_000 + i as i64;
+            let at = start_ms + i as i64;
             payload.clear();
             codec::encode(c, at, &mut payload);
             wal.append(sequence, &payload).unwrap();
@@ -212,6 +298,39 @@ mod tests {
         assert_eq!(replay(&wal, &mut state).unwrap(), commands.len() as u64);
         assert_eq!(state.last_sequence(), commands.len() as u64);
         assert_eq!(state.digest(), expected.digest());
+    }
+
+    #[test]
+    fn a_replay_within_the_window_makes_its_room_first_and_ends_in_the_same_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let commands = load(3 * CHUNK_RECORDS as u64 + 7);
+        // Journaled up to now: every record stays in the 24 h window.
+        let start = crate::engine::now_ms() - commands.len() as i64;
+        let (wal, expected) = journal_from(dir.path(), &commands, start);
+        // From the state of the first 1,000 (a snapshot's), keys in it.
+        let head_dir = tempfile::tempdir().unwrap();
+        let (_, mut state) = journal_from(head_dir.path(), &commands[..1_000], start);
+        let (keys, rows) = (state.keys_capacity(), state.reservations_capacity());
+        let replayed = replay(&wal, &mut state).unwrap();
+        assert_eq!(replayed, (commands.len() - 1_000) as u64);
+        assert_eq!(state.digest(), expected.digest());
+        // Room for a key and a row per record was made before the first, once.
+        assert!(state.keys_capacity() >= commands.len() && state.keys_capacity() > keys);
+        assert!(state.reservations_capacity() > rows);
+
+        // The first record journaled longer ago than the window: no room
+        // (its keys may leave the window during the replay), the tables
+        // grow as they fill.
+        let first = |timestamp_ms| Decoded {
+            sequence: 1,
+            record: Record::Command(commands[0]),
+            timestamp_ms,
+            prepared: Prepared::of(&commands[0]),
+        };
+        let day = 86_400_000;
+        let mut fresh = State::new(StateConfig::default());
+        assert!(room_for_replay(&wal, &mut fresh, Some(&first(start - day - 1_000))).is_none());
+        assert!(room_for_replay(&wal, &mut fresh, Some(&first(start))).is_some());
     }
 
     #[test]

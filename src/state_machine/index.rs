@@ -166,6 +166,13 @@ impl Index {
         debug_assert!(slots.is_power_of_two() && slots / 2 >= self.len);
         let fresh = super::room::filled([], slots, Slot::default(), pages);
         debug_assert_eq!(fresh.len(), slots);
+        self.rebuild_into(fresh);
+    }
+
+    /// Moves every entry into `fresh`: empty slots, a power of two of them
+    /// that holds the entries at most half full.
+    fn rebuild_into(&mut self, fresh: Vec<Slot>) {
+        debug_assert!(fresh.len().is_power_of_two() && fresh.len() / 2 >= self.len);
         let old = std::mem::replace(&mut self.slots, fresh);
         let mask = self.mask();
         for slot in old.into_iter().filter(|s| s.tag != 0) {
@@ -185,12 +192,54 @@ impl Index {
         }
     }
 
+    /// Room for `entries` in all without growing, like [`Index::reserve`],
+    /// but not written: the slots come zeroed from the allocator (a fresh
+    /// allocation of this size, from the kernel, is not even touched), and
+    /// their pages fault in as they are first written. False, and nothing
+    /// changed, when the memory cannot be had.
+    pub fn reserve_unwritten(&mut self, entries: usize) -> bool {
+        let slots = slots_for(entries);
+        if slots <= self.slots.len() {
+            return true;
+        }
+        let Some(fresh) = zeroed_slots(slots) else {
+            return false;
+        };
+        self.rebuild_into(fresh);
+        true
+    }
+
+    /// The address and length in bytes of the slots: for a thread that
+    /// faults their pages in (`room::populate`) before they are probed at
+    /// random (a probe's read of a page never touched maps the zero page,
+    /// and the write that follows faults again to replace it).
+    pub fn slots_memory(&self) -> (usize, usize) {
+        let bytes = std::mem::size_of_val(self.slots.as_slice());
+        (self.slots.as_ptr() as usize, bytes)
+    }
+
     /// The smallest size that holds what is there.
     pub fn shrink_to_fit(&mut self) {
         let slots = slots_for(self.len);
         if slots < self.slots.len() {
             self.rebuild(slots, Pages::Ordinary);
         }
+    }
+}
+
+/// `slots` empty slots, zeroed by the allocator; `None` if it has no room.
+fn zeroed_slots(slots: usize) -> Option<Vec<Slot>> {
+    let layout = std::alloc::Layout::array::<Slot>(slots).ok()?;
+    if layout.size() == 0 {
+        return Some(Vec::new());
+    }
+    // SAFETY: the layout is that of `slots` `Slot`s and not empty; all-zero
+    // bytes are a valid `Slot` (two `u64`s: the empty slot); the vector
+    // takes the allocation with that same layout, as `Vec::from_raw_parts`
+    // requires, and frees it with it.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout) as *mut Slot;
+        (!p.is_null()).then(|| Vec::from_raw_parts(p, slots, slots))
     }
 }
 
@@ -277,6 +326,29 @@ mod tests {
         // Hash 0 is stored as 1 and still found.
         index.insert(0, 4);
         assert_eq!(index.find(0, |v| v == 4).ok(), Some(4));
+    }
+
+    #[test]
+    fn room_made_unwritten_is_empty_and_keeps_the_entries() {
+        let mut index = Index::default();
+        for k in 1..=100u64 {
+            index.insert(k.wrapping_mul(0x9e37_79b9_7f4a_7c15), k);
+        }
+        assert!(index.reserve_unwritten(100_000));
+        let slots = index.slots.len();
+        assert!(slots >= 200_000);
+        assert_eq!(index.slots.iter().filter(|s| s.tag != 0).count(), 100);
+        for k in 1..=100_000u64 {
+            let hash = k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            if k > 100 {
+                index.insert(hash, k);
+            }
+            assert_eq!(index.find(hash, |v| v == k).ok(), Some(k));
+        }
+        assert_eq!((index.len(), index.slots.len()), (100_000, slots));
+        // Room it has already: nothing changes.
+        assert!(index.reserve_unwritten(10));
+        assert_eq!(index.slots.len(), slots);
     }
 
     #[test]

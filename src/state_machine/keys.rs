@@ -19,6 +19,9 @@ use super::IdempotencyEntry;
 use crate::domain::{Id, IdempotencyKey, KeySpace};
 use std::collections::VecDeque;
 
+/// The ring's bytes per key.
+pub const RECORD_BYTES: usize = std::mem::size_of::<Record>();
+
 #[derive(Clone, Copy, Debug)]
 struct Record {
     hash: u64,
@@ -118,6 +121,16 @@ impl KeyTable {
         self.ring.push_back(Record { hash, key, entry });
     }
 
+    /// Keys in the window.
+    pub fn len(&self) -> usize {
+        self.ring.len()
+    }
+
+    /// Keys it holds before the ring or the index grows.
+    pub fn capacity(&self) -> usize {
+        self.ring.capacity().min(self.positions.capacity())
+    }
+
     /// Recording time of the oldest key.
     pub fn oldest_ms(&self) -> Option<i64> {
         self.ring.front().map(|r| r.entry.recorded_at_ms)
@@ -191,6 +204,32 @@ impl KeyTable {
         super::room::touch_ring(&mut self.ring, keys, PLACEHOLDER, pages);
     }
 
+    /// Room for `keys` more keys, made without writing it (see
+    /// [`Index::reserve_unwritten`]): the ring moves into an allocation
+    /// that holds them after the keys it has, in order. Returns where the
+    /// next key's record will be written: the following ones come after it,
+    /// [`RECORD_BYTES`] apart, so a thread that knows how many keys are
+    /// coming can fault their pages in ahead (`room::Populating`), and the
+    /// index's memory, to fault in before it is probed. `None`,
+    /// with the room not made, when the memory cannot be had.
+    pub fn make_room(&mut self, keys: usize) -> Option<(usize, (usize, usize))> {
+        let total = self.ring.len().checked_add(keys)?;
+        if !self.positions.reserve_unwritten(total) {
+            return None;
+        }
+        let mut next: Vec<Record> = Vec::new();
+        next.try_reserve_exact(total).ok()?;
+        let (front, back) = self.ring.as_slices();
+        next.extend_from_slice(front);
+        next.extend_from_slice(back);
+        let at = next.as_ptr_range().end as usize;
+        // A deque made from a vector keeps its elements where they are, at
+        // the start of the allocation, and pushes after them until its
+        // capacity wraps (more than `keys` pushes away).
+        self.ring = VecDeque::from(next);
+        Some((at, self.positions.slots_memory()))
+    }
+
     pub fn shrink_to_fit(&mut self) {
         self.positions.shrink_to_fit();
         self.ring.shrink_to_fit();
@@ -239,6 +278,45 @@ mod tests {
         // Positions stay right after the base has moved.
         t.insert(a, entry(30, 4));
         assert_eq!(t.get(&a).unwrap().outcome.sequence, 4);
+    }
+
+    /// Where the ring holds its newest key.
+    fn newest_record_address(t: &KeyTable) -> usize {
+        t.ring.back().map(|r| r as *const Record as usize).unwrap()
+    }
+
+    #[test]
+    fn room_made_for_keys_is_where_the_next_ones_are_written() {
+        let mut t = KeyTable::default();
+        let key = |i: u64| request(&format!("k{i}"));
+        for i in 0..40 {
+            t.insert(key(i), entry(10, i));
+        }
+        // The ring's front off the start of its allocation.
+        for _ in 0..25 {
+            t.pop_oldest();
+        }
+        let (at, (index_at, index_bytes)) = t.make_room(1_000).unwrap();
+        assert!(index_bytes >= 2 * 1_015 * 16 && index_at != 0);
+        let capacity = t.capacity();
+        assert!(capacity >= 1_015);
+        for i in 40..1_040 {
+            t.insert(key(i), entry(20, i));
+            if i == 40 {
+                assert_eq!(newest_record_address(&t), at, "the first new key");
+            }
+        }
+        assert_eq!(
+            newest_record_address(&t),
+            at + 999 * RECORD_BYTES,
+            "the keys follow one another"
+        );
+        assert_eq!(t.capacity(), capacity, "no growth within the room");
+        assert!(t.get(&key(24)).is_none());
+        assert!((25..1_040).all(|i| t.get(&key(i)).unwrap().outcome.sequence == i));
+        let order: Vec<u64> = t.iter().map(|(_, e)| e.outcome.sequence).collect();
+        assert_eq!(order, (25..1_040).collect::<Vec<_>>());
+        assert!(t.is_consistent() && t.len() == 1_015);
     }
 
     #[test]

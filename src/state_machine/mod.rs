@@ -15,7 +15,7 @@ mod reservations;
 mod room;
 mod snapshot;
 
-pub use room::Pages;
+pub use room::{populate, Pages, Populating};
 pub use snapshot::{Delta, Rows};
 pub mod position;
 mod types;
@@ -83,6 +83,11 @@ impl Prepared {
         }
     }
 
+    /// Whether the command has an idempotency key.
+    pub fn has_key(&self) -> bool {
+        self.key.is_some()
+    }
+
     /// The hash of the command's (account, order): Reserve, Unreserve, Fill.
     fn order(&self) -> u64 {
         self.reservation.expect("the command names an order")
@@ -148,6 +153,23 @@ impl Lookahead {
         self.ring.pop_front().flatten()
     }
 }
+
+/// Where [`State::make_room_for_replay`] made room: the address of the
+/// next key's record ([`KEY_RECORD_BYTES`] each) and of the next new
+/// reservation row ([`RESERVATION_ROW_BYTES`] each), each followed by the
+/// next ones in order; and the two indexes' memory (address, bytes), probed
+/// at random, to fault in first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplayRoom {
+    pub keys: usize,
+    pub rows: usize,
+    pub indexes: [(usize, usize); 2],
+}
+
+/// Bytes of a key's record in the ring: see [`ReplayRoom`].
+pub const KEY_RECORD_BYTES: usize = keys::RECORD_BYTES;
+/// Bytes of a reservation's row: see [`ReplayRoom`].
+pub const RESERVATION_ROW_BYTES: usize = reservations::ROW_BYTES;
 
 /// What the idempotency table remembers of a key.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
@@ -225,6 +247,16 @@ impl State {
         self.reservations.values()
     }
 
+    /// Idempotency keys the state holds before its tables grow.
+    pub fn keys_capacity(&self) -> usize {
+        self.idempotency.capacity()
+    }
+
+    /// Reservations the state holds before its index grows.
+    pub fn reservations_capacity(&self) -> usize {
+        self.reservations.capacity()
+    }
+
     /// Keys in their window, oldest first.
     pub fn idempotency_entries(
         &self,
@@ -259,6 +291,30 @@ impl State {
         };
         room::touch_ring(&mut self.closed, orders, placeholder, pages);
         self.idempotency.reserve(orders.saturating_mul(2), pages);
+    }
+
+    /// Makes room for the commands of a replay of `records` journal
+    /// records that will all stay in the idempotency window, without
+    /// writing it: a key for each record, a reservation row for each
+    /// (rows are added in order at the end of the slab), the reservations'
+    /// index for half of them (it grows if more come). Where the room for
+    /// keys and rows starts is returned, for the thread that reads the
+    /// journal to fault pages in ahead of the one that applies it
+    /// ([`room::Populating`]); `None` when there is room already (made by
+    /// [`State::reserve_orders`]) or the memory cannot be had — the tables
+    /// then grow as they fill. Changes nothing observable.
+    pub fn make_room_for_replay(&mut self, records: usize) -> Option<ReplayRoom> {
+        let free_keys = self.idempotency.capacity() - self.idempotency.len();
+        if records <= free_keys {
+            return None;
+        }
+        let (keys, key_index) = self.idempotency.make_room(records)?;
+        let (rows, row_index) = self.reservations.make_room(records / 2, records)?;
+        Some(ReplayRoom {
+            keys,
+            rows,
+            indexes: [key_index, row_index],
+        })
     }
 
     /// Starts loading into the cache the index slots applying the command

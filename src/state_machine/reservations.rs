@@ -18,6 +18,9 @@ use super::room::Pages;
 use super::{Reservation, ReservationKey};
 use crate::domain::{AccountId, Id};
 
+/// The slab's bytes per row.
+pub const ROW_BYTES: usize = std::mem::size_of::<Option<Reservation>>();
+
 /// A row of the slab.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct RowId(u32);
@@ -156,6 +159,11 @@ impl Reservations {
         }
     }
 
+    /// Reservations it holds before its index grows.
+    pub fn capacity(&self) -> usize {
+        self.index.capacity()
+    }
+
     /// Removes the reservation filed at `filed`.
     pub fn remove(&mut self, filed: Filed) -> Reservation {
         let Filed { hash, row } = filed;
@@ -187,6 +195,27 @@ impl Reservations {
         let fresh = (used..self.rows.len()).rev();
         let fresh: Vec<RowId> = fresh.map(|r| RowId(r as u32)).collect();
         self.free.splice(0..0, fresh);
+    }
+
+    /// Room for `reservations` more, made without writing it: the index
+    /// as [`Index::reserve_unwritten`], and rows for `rows` more at the end
+    /// of the slab. Returns where the next new row will be written (the
+    /// following ones [`ROW_BYTES`] apart), for a thread that faults their
+    /// pages in ahead, and the index's memory (to fault in before it is
+    /// probed); `None`, with no rows added, when the memory cannot
+    /// be had.
+    pub fn make_room(
+        &mut self,
+        reservations: usize,
+        rows: usize,
+    ) -> Option<(usize, (usize, usize))> {
+        let total = self.index.len().checked_add(reservations)?;
+        if !self.index.reserve_unwritten(total) {
+            return None;
+        }
+        self.rows.try_reserve_exact(rows).ok()?;
+        let next = self.rows.as_ptr_range().end as usize;
+        Some((next, self.index.slots_memory()))
     }
 
     /// Returns the memory of free rows at the end and of index room no
@@ -231,6 +260,32 @@ mod tests {
             closed_at_ms: 0,
             closed_sequence: 0,
         }
+    }
+
+    #[test]
+    fn room_made_for_rows_is_where_the_next_new_ones_are_written() {
+        let mut table = Reservations::default();
+        let a = table.insert(reservation(1, "o1"));
+        table.insert(reservation(2, "o1"));
+        let (at, (_, index_bytes)) = table.make_room(500, 1_000).unwrap();
+        assert!(index_bytes >= 2 * 502 * 16);
+        // A freed row is still taken first; then new rows, in order, from `at`.
+        table.remove(a);
+        assert_eq!(table.insert(reservation(3, "o3")).row, a.row);
+        let rows: Vec<Filed> = (10..1_010)
+            .map(|account| table.insert(reservation(account, "o")))
+            .collect();
+        let address = |filed: Filed| &table.rows[filed.row.0 as usize] as *const _ as usize;
+        assert_eq!(address(rows[0]), at);
+        assert_eq!(address(rows[999]), at + 999 * ROW_BYTES);
+        assert!((10..1_010).all(|account| {
+            table
+                .get(&reservation(account, "o").key())
+                .unwrap()
+                .sequence
+                == account as u64
+        }));
+        assert!(table.is_consistent());
     }
 
     #[test]
