@@ -64,6 +64,8 @@ loadtest/peers/seed-pg/run.sh --rate 5000 --duration "$secs" --clients 16 > $out
 $lt engine --commands 3000000 --capacity-orders 1000000 --json-out $out/engine.json
 $lt engine --commands 3000000 --capacity-orders 1000000 --huge-pages --json-out $out/engine-huge-pages.json
 $lt replay --records 1000000 --json-out $out/replay.json
+# Design 6: 10 M records under 5 s.
+$lt replay --records 10000000 --json-out $out/replay-10m.json
 # An idle service: CPU ticks (utime + stime, 1/100 s) over 30 s, once serving.
 g=$(port) m=$(port) dir=$(mktemp -d -p "$data")
 $svc serve --data-dir "$dir" --grpc-addr 127.0.0.1:$g --metrics-addr 127.0.0.1:$m 2>/dev/null & pids+=($!)
