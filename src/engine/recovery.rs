@@ -111,8 +111,12 @@ pub fn replay_with_outbox(
 /// the state to its end, and room for as many as there are records
 /// over-reserves only what records without a key or a reservation would
 /// have taken, and only in address space (the pages are faulted in as the
-/// keys and rows come: [`Populating`]). A replay that spans more than the
-/// window grows its tables as it goes, as without.
+/// keys and rows come: [`Populating`]). The indexes are faulted in here,
+/// before the first record: probed at random, they would otherwise take
+/// two faults a page (a read maps the zero page, the write replaces it,
+/// with a TLB shootdown), most of them before the reading thread could
+/// reach them. A replay that spans more than the window grows its tables
+/// as it goes, as without.
 fn room_for_replay(wal: &Wal, state: &mut State, first: Option<&Decoded>) -> Option<ReplayRoom> {
     let first = first?;
     let window = state.config().idempotency_window_ms;
@@ -120,7 +124,11 @@ fn room_for_replay(wal: &Wal, state: &mut State, first: Option<&Decoded>) -> Opt
         return None;
     }
     let records = wal.last_sequence().checked_sub(first.sequence)? + 1;
-    state.make_room_for_replay(usize::try_from(records).ok()?)
+    let room = state.make_room_for_replay(usize::try_from(records).ok()?)?;
+    for (start, bytes) in room.indexes {
+        populate(start, bytes);
+    }
+    Some(room)
 }
 
 /// Keys and new reservation rows the records read so far will add at most.
@@ -163,9 +171,9 @@ struct Decoded {
 /// them to `apply` on this one, in order, a chunk at a time. Returns how
 /// many records were read. A read or decode error stops both threads
 /// (records before it are applied) and is returned. When `apply` returns
-/// the room it made for the replay, the reading thread faults in its
-/// indexes, then the pages of the keys and rows of the records it has read,
-/// ahead of the applying thread.
+/// the room it made for the replay, the reading thread faults in the pages
+/// of the keys and rows of the records it has read, ahead of the applying
+/// thread.
 fn decoded_in_chunks(
     wal: &Wal,
     from: u64,
@@ -208,9 +216,6 @@ fn decoded_in_chunks(
                     if chunk.len() == CHUNK_RECORDS {
                         if populating.is_none() {
                             populating = room_rx.try_recv().ok().map(|room| {
-                                for (start, bytes) in room.indexes {
-                                    populate(start, bytes);
-                                }
                                 (
                                     Populating::new(room.keys, KEY_RECORD_BYTES),
                                     Populating::new(room.rows, RESERVATION_ROW_BYTES),

@@ -158,7 +158,7 @@ impl Lookahead {
 /// next key's record ([`KEY_RECORD_BYTES`] each) and of the next new
 /// reservation row ([`RESERVATION_ROW_BYTES`] each), each followed by the
 /// next ones in order; and the two indexes' memory (address, bytes), probed
-/// at random, to fault in first.
+/// at random, to fault in before the first record is applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplayRoom {
     pub keys: usize,
