@@ -15,6 +15,7 @@ use crate::state_machine::{
     populate, NoEvents, Populating, Prepared, ReplayRoom, State, KEY_RECORD_BYTES, PREFETCH_AHEAD,
     RESERVATION_ROW_BYTES,
 };
+use std::collections::VecDeque;
 use wal::Wal;
 
 /// Replays every record after `state.last_sequence()`. Returns how many.
@@ -58,14 +59,16 @@ pub fn replay_with_outbox(
         }
     }
     let mut outcomes = Vec::new();
+    // Asked once: at the first chunk whose records all stay in the window.
     let mut room_asked = false;
     let records = decoded_in_chunks(wal, from, |chunk| {
-        let room = if room_asked {
-            None
-        } else {
+        let first = chunk
+            .first()
+            .filter(|first| !room_asked && in_window(state, first));
+        let room = first.and_then(|first| {
             room_asked = true;
-            room_for_replay(wal, state, chunk.first())
-        };
+            room_for_replay(wal, state, first).map(|room| (first.sequence, room))
+        });
         // By reference: a decoded record is a few hundred bytes, not moved.
         for (i, decoded) in chunk.iter().enumerate() {
             if let Some(ahead) = chunk.get(i + PREFETCH_AHEAD) {
@@ -105,24 +108,25 @@ pub fn replay_with_outbox(
     Ok(records)
 }
 
-/// Room for the replay, made before its first record is applied, when every
-/// record from the first on stays in the idempotency window (journaled
-/// within the window of now): then each one's key and reservation stay in
-/// the state to its end, and room for as many as there are records
-/// over-reserves only what records without a key or a reservation would
-/// have taken, and only in address space (the pages are faulted in as the
-/// keys and rows come: [`Populating`]). The indexes are faulted in here,
-/// before the first record: probed at random, they would otherwise take
-/// two faults a page (a read maps the zero page, the write replaces it,
-/// with a TLB shootdown), most of them before the reading thread could
-/// reach them. A replay that spans more than the window grows its tables
-/// as it goes, as without.
-fn room_for_replay(wal: &Wal, state: &mut State, first: Option<&Decoded>) -> Option<ReplayRoom> {
-    let first = first?;
+/// Whether `record` and every one after it stay in the idempotency window
+/// until the replay ends: journaled within the window of now.
+fn in_window(state: &State, record: &Decoded) -> bool {
     let window = state.config().idempotency_window_ms;
-    if super::now_ms().saturating_sub(first.timestamp_ms) > window {
-        return None;
-    }
+    super::now_ms().saturating_sub(record.timestamp_ms) <= window
+}
+
+/// Room for the rest of the replay, from `first` on (a record [`in_window`]),
+/// made before `first` is applied: every record's key and reservation from
+/// there on stay in the state to its end, so room for as many as there are
+/// records over-reserves only what records without a key or a reservation
+/// would have taken, and only in address space (the pages are faulted in as
+/// the keys and rows come: [`Populating`]). The records before `first` (a
+/// journal that spans more than the window: a long run without snapshots)
+/// are applied into tables that grow, as without. The indexes are faulted
+/// in here: probed at random, they would otherwise take two faults a page
+/// (a read maps the zero page, the write replaces it, with a TLB
+/// shootdown), most of them before the reading thread could reach them.
+fn room_for_replay(wal: &Wal, state: &mut State, first: &Decoded) -> Option<ReplayRoom> {
     let records = wal.last_sequence().checked_sub(first.sequence)? + 1;
     let room = state.make_room_for_replay(usize::try_from(records).ok()?)?;
     for (start, bytes) in room.indexes {
@@ -132,7 +136,7 @@ fn room_for_replay(wal: &Wal, state: &mut State, first: Option<&Decoded>) -> Opt
 }
 
 /// Keys and new reservation rows the records read so far will add at most.
-#[derive(Default)]
+#[derive(Clone, Copy, Default)]
 struct Counted {
     keys: usize,
     rows: usize,
@@ -171,15 +175,15 @@ struct Decoded {
 /// them to `apply` on this one, in order, a chunk at a time. Returns how
 /// many records were read. A read or decode error stops both threads
 /// (records before it are applied) and is returned. When `apply` returns
-/// the room it made for the replay, the reading thread faults in the pages
-/// of the keys and rows of the records it has read, ahead of the applying
-/// thread.
+/// the room it made for the records from a sequence on, the reading thread
+/// faults in the pages of the keys and rows of those it has read, ahead of
+/// the applying thread.
 fn decoded_in_chunks(
     wal: &Wal,
     from: u64,
-    mut apply: impl FnMut(&mut Vec<Decoded>) -> Option<ReplayRoom>,
+    mut apply: impl FnMut(&mut Vec<Decoded>) -> Option<(u64, ReplayRoom)>,
 ) -> Result<u64, EngineError> {
-    let (room_tx, room_rx) = crossbeam_channel::bounded::<ReplayRoom>(1);
+    let (room_tx, room_rx) = crossbeam_channel::bounded::<(u64, ReplayRoom)>(1);
     let (full_tx, full_rx) = crossbeam_channel::bounded::<Vec<Decoded>>(CHUNKS_IN_FLIGHT);
     let (empty_tx, empty_rx) = crossbeam_channel::bounded::<Vec<Decoded>>(CHUNKS_IN_FLIGHT);
     for _ in 0..CHUNKS_IN_FLIGHT {
@@ -198,7 +202,11 @@ fn decoded_in_chunks(
                     || EngineError::Thread("replay: the applying thread stopped".into());
                 let mut chunk = empty_rx.recv().map_err(|_| applier_gone())?;
                 let mut counted = Counted::default();
-                let mut populating: Option<(Populating, Populating)> = None;
+                // What the records before each chunk in flight add: where
+                // the room made at one of them starts counting.
+                let mut chunk_start = Counted::default();
+                let mut handed: VecDeque<(u64, Counted)> = VecDeque::new();
+                let mut populating: Option<(Counted, Populating, Populating)> = None;
                 let read = wal.replay(from, |sequence, payload| {
                     let (record, timestamp_ms) = codec::decode_record(payload)
                         .map_err(|source| EngineError::Decode { sequence, source })?;
@@ -214,17 +222,27 @@ fn decoded_in_chunks(
                         prepared,
                     });
                     if chunk.len() == CHUNK_RECORDS {
+                        if handed.len() == CHUNKS_IN_FLIGHT * 2 {
+                            handed.pop_front();
+                        }
+                        handed.push_back((chunk[0].sequence, chunk_start));
+                        chunk_start = counted;
                         if populating.is_none() {
-                            populating = room_rx.try_recv().ok().map(|room| {
+                            populating = room_rx.try_recv().ok().map(|(from, room)| {
+                                let before = handed
+                                    .iter()
+                                    .find(|(first, _)| *first == from)
+                                    .map_or(counted, |&(_, before)| before);
                                 (
+                                    before,
                                     Populating::new(room.keys, KEY_RECORD_BYTES),
                                     Populating::new(room.rows, RESERVATION_ROW_BYTES),
                                 )
                             });
                         }
-                        if let Some((keys, rows)) = &mut populating {
-                            keys.advance(counted.keys);
-                            rows.advance(counted.rows);
+                        if let Some((before, keys, rows)) = &mut populating {
+                            keys.advance(counted.keys - before.keys);
+                            rows.advance(counted.rows - before.rows);
                         }
                         let next = empty_rx.recv().map_err(|_| applier_gone())?;
                         full_tx
@@ -272,12 +290,21 @@ mod tests {
         commands: &[crate::domain::Command],
         start_ms: i64,
     ) -> (Wal, State) {
+        journal_at(dir, commands, &|i| start_ms + i as i64)
+    }
+
+    /// [`journal`], command `i` at `at(i)` (never decreasing).
+    fn journal_at(
+        dir: &std::path::Path,
+        commands: &[crate::domain::Command],
+        at: &dyn Fn(usize) -> i64,
+    ) -> (Wal, State) {
         let mut wal = Wal::open(wal::WalOptions::new(dir)).unwrap();
         let mut expected = State::new(StateConfig::default());
         let mut payload = Vec::new();
         for (i, c) in commands.iter().enumerate() {
             let sequence = i as u64 + 1;
-            let at = start_ms + i as i64;
+            let at = at(i);
             payload.clear();
             codec::encode(c, at, &mut payload);
             wal.append(sequence, &payload).unwrap();
@@ -323,19 +350,44 @@ mod tests {
         assert!(state.keys_capacity() >= commands.len() && state.keys_capacity() > keys);
         assert!(state.reservations_capacity() > rows);
 
-        // The first record journaled longer ago than the window: no room
-        // (its keys may leave the window during the replay), the tables
-        // grow as they fill.
+        // A record journaled longer ago than the window gets no room (its
+        // keys may leave the window during the replay).
         let first = |timestamp_ms| Decoded {
             sequence: 1,
             record: Record::Command(commands[0]),
             timestamp_ms,
             prepared: Prepared::of(&commands[0]),
         };
-        let day = 86_400_000;
-        let mut fresh = State::new(StateConfig::default());
-        assert!(room_for_replay(&wal, &mut fresh, Some(&first(start - day - 1_000))).is_none());
-        assert!(room_for_replay(&wal, &mut fresh, Some(&first(start))).is_some());
+        let fresh = State::new(StateConfig::default());
+        assert!(!in_window(&fresh, &first(start - DAY_MS - 1_000)));
+        assert!(in_window(&fresh, &first(start)));
+    }
+
+    const DAY_MS: i64 = 86_400_000;
+
+    #[test]
+    fn a_journal_longer_than_the_window_makes_room_where_the_window_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        // 5,200 commands: the first two chunks journaled two days ago, the
+        // rest within the window of now.
+        let commands = load(1_700);
+        let old = 2 * CHUNK_RECORDS;
+        let now = crate::engine::now_ms();
+        let at = |i: usize| {
+            if i < old {
+                now - 2 * DAY_MS + i as i64
+            } else {
+                now - 10_000 + i as i64
+            }
+        };
+        let (wal, expected) = journal_at(dir.path(), &commands, &at);
+        let mut state = State::new(StateConfig::default());
+        assert_eq!(replay(&wal, &mut state).unwrap(), commands.len() as u64);
+        assert_eq!(state.digest(), expected.digest());
+        // Room made at the first recent chunk for the rest: exactly the keys
+        // there were (every command here has one), where tables that grew
+        // would hold a power of two (8,192).
+        assert_eq!(state.keys_capacity(), commands.len());
     }
 
     #[test]
