@@ -11,10 +11,7 @@ use super::codec::{self, Record};
 use super::EngineError;
 use crate::domain::Command;
 use crate::egress::Collector;
-use crate::state_machine::{
-    populate, NoEvents, Populating, Prepared, ReplayRoom, State, KEY_RECORD_BYTES, PREFETCH_AHEAD,
-    RESERVATION_ROW_BYTES,
-};
+use crate::state_machine::{NoEvents, Populating, Prepared, ReplayRoom, State, PREFETCH_AHEAD};
 use std::collections::VecDeque;
 use wal::Wal;
 
@@ -120,19 +117,13 @@ fn in_window(state: &State, record: &Decoded) -> bool {
 /// there on stay in the state to its end, so room for as many as there are
 /// records over-reserves only what records without a key or a reservation
 /// would have taken, and only in address space (the pages are faulted in as
-/// the keys and rows come: [`Populating`]). The records before `first` (a
-/// journal that spans more than the window: a long run without snapshots)
-/// are applied into tables that grow, as without. The indexes are faulted
-/// in here: probed at random, they would otherwise take two faults a page
-/// (a read maps the zero page, the write replaces it, with a TLB
-/// shootdown), most of them before the reading thread could reach them.
+/// the keys and rows come: [`Populating`]; the indexes, probed at random,
+/// at once, here, before the reading thread could reach them). The records
+/// before `first` (a journal that spans more than the window: a long run
+/// without snapshots) are applied into tables that grow, as without.
 fn room_for_replay(wal: &Wal, state: &mut State, first: &Decoded) -> Option<ReplayRoom> {
     let records = wal.last_sequence().checked_sub(first.sequence)? + 1;
-    let room = state.make_room_for_replay(usize::try_from(records).ok()?)?;
-    for (start, bytes) in room.indexes {
-        populate(start, bytes);
-    }
-    Some(room)
+    state.make_room_for_replay(usize::try_from(records).ok()?)
 }
 
 /// Keys and new reservation rows the records read so far will add at most.
@@ -233,11 +224,7 @@ fn decoded_in_chunks(
                                     .iter()
                                     .find(|(first, _)| *first == from)
                                     .map_or(counted, |&(_, before)| before);
-                                (
-                                    before,
-                                    Populating::new(room.keys, KEY_RECORD_BYTES),
-                                    Populating::new(room.rows, RESERVATION_ROW_BYTES),
-                                )
+                                (before, room.keys, room.rows)
                             });
                         }
                         if let Some((before, keys, rows)) = &mut populating {

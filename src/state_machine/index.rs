@@ -193,11 +193,14 @@ impl Index {
     }
 
     /// Room for `entries` in all without growing, like [`Index::reserve`],
-    /// but not written: the slots come zeroed from the allocator (a fresh
-    /// allocation of this size, from the kernel, is not even touched), and
-    /// their pages fault in as they are first written. False, and nothing
+    /// but not written slot by slot: the slots come zeroed from the
+    /// allocator (a fresh allocation of this size, from the kernel, is not
+    /// even touched), then their pages are faulted in at once
+    /// (`room::populate`). Left to fault in as probed at random, a page
+    /// first read maps the zero page and the write that follows faults
+    /// again to replace it, with a TLB shootdown. False, and nothing
     /// changed, when the memory cannot be had.
-    pub fn reserve_unwritten(&mut self, entries: usize) -> bool {
+    pub fn reserve_faulted_in(&mut self, entries: usize) -> bool {
         let slots = slots_for(entries);
         if slots <= self.slots.len() {
             return true;
@@ -205,17 +208,12 @@ impl Index {
         let Some(fresh) = zeroed_slots(slots) else {
             return false;
         };
+        super::room::populate(
+            fresh.as_ptr() as usize,
+            std::mem::size_of_val(fresh.as_slice()),
+        );
         self.rebuild_into(fresh);
         true
-    }
-
-    /// The address and length in bytes of the slots: for a thread that
-    /// faults their pages in (`room::populate`) before they are probed at
-    /// random (a probe's read of a page never touched maps the zero page,
-    /// and the write that follows faults again to replace it).
-    pub fn slots_memory(&self) -> (usize, usize) {
-        let bytes = std::mem::size_of_val(self.slots.as_slice());
-        (self.slots.as_ptr() as usize, bytes)
     }
 
     /// The smallest size that holds what is there.
@@ -329,12 +327,12 @@ mod tests {
     }
 
     #[test]
-    fn room_made_unwritten_is_empty_and_keeps_the_entries() {
+    fn room_faulted_in_is_empty_and_keeps_the_entries() {
         let mut index = Index::default();
         for k in 1..=100u64 {
             index.insert(k.wrapping_mul(0x9e37_79b9_7f4a_7c15), k);
         }
-        assert!(index.reserve_unwritten(100_000));
+        assert!(index.reserve_faulted_in(100_000));
         let slots = index.slots.len();
         assert!(slots >= 200_000);
         assert_eq!(index.slots.iter().filter(|s| s.tag != 0).count(), 100);
@@ -347,7 +345,7 @@ mod tests {
         }
         assert_eq!((index.len(), index.slots.len()), (100_000, slots));
         // Room it has already: nothing changes.
-        assert!(index.reserve_unwritten(10));
+        assert!(index.reserve_faulted_in(10));
         assert_eq!(index.slots.len(), slots);
     }
 

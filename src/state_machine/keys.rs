@@ -14,13 +14,13 @@
 //! and compared on lookup, so two keys with the same hash are still two keys.
 
 use super::index::Index;
-use super::room::Pages;
+use super::room::{Pages, Populating};
 use super::IdempotencyEntry;
 use crate::domain::{Id, IdempotencyKey, KeySpace};
 use std::collections::VecDeque;
 
 /// The ring's bytes per key.
-pub const RECORD_BYTES: usize = std::mem::size_of::<Record>();
+const RECORD_BYTES: usize = std::mem::size_of::<Record>();
 
 #[derive(Clone, Copy, Debug)]
 struct Record {
@@ -204,17 +204,15 @@ impl KeyTable {
         super::room::touch_ring(&mut self.ring, keys, PLACEHOLDER, pages);
     }
 
-    /// Room for `keys` more keys, made without writing it (see
-    /// [`Index::reserve_unwritten`]): the ring moves into an allocation
-    /// that holds them after the keys it has, in order. Returns where the
-    /// next key's record will be written: the following ones come after it,
-    /// [`RECORD_BYTES`] apart, so a thread that knows how many keys are
-    /// coming can fault their pages in ahead (`room::Populating`), and the
-    /// index's memory, to fault in before it is probed. `None`,
-    /// with the room not made, when the memory cannot be had.
-    pub fn make_room(&mut self, keys: usize) -> Option<(usize, (usize, usize))> {
+    /// Room for `keys` more keys, the index's faulted in at once
+    /// ([`Index::reserve_faulted_in`]), the ring's not written: it moves
+    /// into an allocation that holds them after the keys it has, in order.
+    /// Returns the ring's room from the next key's record on, for a thread
+    /// that knows how many keys are coming to fault their pages in ahead.
+    /// `None`, with the ring's room not made, when the memory cannot be had.
+    pub fn make_room(&mut self, keys: usize) -> Option<Populating> {
         let total = self.ring.len().checked_add(keys)?;
-        if !self.positions.reserve_unwritten(total) {
+        if !self.positions.reserve_faulted_in(total) {
             return None;
         }
         let mut next: Vec<Record> = Vec::new();
@@ -227,7 +225,7 @@ impl KeyTable {
         // the start of the allocation, and pushes after them until its
         // capacity wraps (more than `keys` pushes away).
         self.ring = VecDeque::from(next);
-        Some((at, self.positions.slots_memory()))
+        Some(Populating::new(at, RECORD_BYTES))
     }
 
     pub fn shrink_to_fit(&mut self) {
@@ -296,8 +294,8 @@ mod tests {
         for _ in 0..25 {
             t.pop_oldest();
         }
-        let (at, (index_at, index_bytes)) = t.make_room(1_000).unwrap();
-        assert!(index_bytes >= 2 * 1_015 * 16 && index_at != 0);
+        let at = t.make_room(1_000).unwrap().start();
+        assert!(t.positions.capacity() >= 1_015);
         let capacity = t.capacity();
         assert!(capacity >= 1_015);
         for i in 40..1_040 {

@@ -15,7 +15,7 @@ mod reservations;
 mod room;
 mod snapshot;
 
-pub use room::{populate, Pages, Populating};
+pub use room::{Pages, Populating};
 pub use snapshot::{Delta, Rows};
 pub mod position;
 mod types;
@@ -154,22 +154,14 @@ impl Lookahead {
     }
 }
 
-/// Where [`State::make_room_for_replay`] made room: the address of the
-/// next key's record ([`KEY_RECORD_BYTES`] each) and of the next new
-/// reservation row ([`RESERVATION_ROW_BYTES`] each), each followed by the
-/// next ones in order; and the two indexes' memory (address, bytes), probed
-/// at random, to fault in before the first record is applied.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The room [`State::make_room_for_replay`] made, not yet faulted in: for
+/// the keys' records and for the new reservation rows, each from the next
+/// one on, in the order they are written.
+#[derive(Debug)]
 pub struct ReplayRoom {
-    pub keys: usize,
-    pub rows: usize,
-    pub indexes: [(usize, usize); 2],
+    pub keys: Populating,
+    pub rows: Populating,
 }
-
-/// Bytes of a key's record in the ring: see [`ReplayRoom`].
-pub const KEY_RECORD_BYTES: usize = keys::RECORD_BYTES;
-/// Bytes of a reservation's row: see [`ReplayRoom`].
-pub const RESERVATION_ROW_BYTES: usize = reservations::ROW_BYTES;
 
 /// What the idempotency table remembers of a key.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
@@ -294,13 +286,13 @@ impl State {
     }
 
     /// Makes room for the commands of a replay of `records` journal
-    /// records that will all stay in the idempotency window, without
-    /// writing it: a key for each record, a reservation row for each
-    /// (rows are added in order at the end of the slab), the reservations'
-    /// index for half of them (it grows if more come). Where the room for
-    /// keys and rows starts is returned, for the thread that reads the
-    /// journal to fault pages in ahead of the one that applies it
-    /// ([`room::Populating`]); `None` when there is room already (made by
+    /// records that will all stay in the idempotency window: a key for each
+    /// record, a reservation row for each (rows are added in order at the
+    /// end of the slab), the reservations' index for half of them (it grows
+    /// if more come). The indexes are faulted in here, at once; the keys'
+    /// records and the rows are not written, and their room is returned for
+    /// the thread that reads the journal to fault pages in ahead of the one
+    /// that applies it ([`room::Populating`]); `None` when there is room already (made by
     /// [`State::reserve_orders`]) or the memory cannot be had — the tables
     /// then grow as they fill. Changes nothing observable.
     pub fn make_room_for_replay(&mut self, records: usize) -> Option<ReplayRoom> {
@@ -308,13 +300,9 @@ impl State {
         if records <= free_keys {
             return None;
         }
-        let (keys, key_index) = self.idempotency.make_room(records)?;
-        let (rows, row_index) = self.reservations.make_room(records / 2, records)?;
-        Some(ReplayRoom {
-            keys,
-            rows,
-            indexes: [key_index, row_index],
-        })
+        let keys = self.idempotency.make_room(records)?;
+        let rows = self.reservations.make_room(records / 2, records)?;
+        Some(ReplayRoom { keys, rows })
     }
 
     /// Starts loading into the cache the index slots applying the command

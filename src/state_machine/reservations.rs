@@ -14,12 +14,12 @@
 //! differently and still be the same state.
 
 use super::index::{prefetch, Index, Vacant};
-use super::room::Pages;
+use super::room::{Pages, Populating};
 use super::{Reservation, ReservationKey};
 use crate::domain::{AccountId, Id};
 
 /// The slab's bytes per row.
-pub const ROW_BYTES: usize = std::mem::size_of::<Option<Reservation>>();
+const ROW_BYTES: usize = std::mem::size_of::<Option<Reservation>>();
 
 /// A row of the slab.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -197,25 +197,19 @@ impl Reservations {
         self.free.splice(0..0, fresh);
     }
 
-    /// Room for `reservations` more, made without writing it: the index
-    /// as [`Index::reserve_unwritten`], and rows for `rows` more at the end
-    /// of the slab. Returns where the next new row will be written (the
-    /// following ones [`ROW_BYTES`] apart), for a thread that faults their
-    /// pages in ahead, and the index's memory (to fault in before it is
-    /// probed); `None`, with no rows added, when the memory cannot
-    /// be had.
-    pub fn make_room(
-        &mut self,
-        reservations: usize,
-        rows: usize,
-    ) -> Option<(usize, (usize, usize))> {
+    /// Room for `reservations` more, the index's faulted in at once
+    /// ([`Index::reserve_faulted_in`]), and for `rows` more rows at the end
+    /// of the slab, not written. Returns the rows' room from the next new
+    /// row on, for a thread that faults their pages in ahead; `None`, with
+    /// no rows added, when the memory cannot be had.
+    pub fn make_room(&mut self, reservations: usize, rows: usize) -> Option<Populating> {
         let total = self.index.len().checked_add(reservations)?;
-        if !self.index.reserve_unwritten(total) {
+        if !self.index.reserve_faulted_in(total) {
             return None;
         }
         self.rows.try_reserve_exact(rows).ok()?;
         let next = self.rows.as_ptr_range().end as usize;
-        Some((next, self.index.slots_memory()))
+        Some(Populating::new(next, ROW_BYTES))
     }
 
     /// Returns the memory of free rows at the end and of index room no
@@ -267,8 +261,8 @@ mod tests {
         let mut table = Reservations::default();
         let a = table.insert(reservation(1, "o1"));
         table.insert(reservation(2, "o1"));
-        let (at, (_, index_bytes)) = table.make_room(500, 1_000).unwrap();
-        assert!(index_bytes >= 2 * 502 * 16);
+        let at = table.make_room(500, 1_000).unwrap().start();
+        assert!(table.index.capacity() >= 502);
         // A freed row is still taken first; then new rows, in order, from `at`.
         table.remove(a);
         assert_eq!(table.insert(reservation(3, "o3")).row, a.row);

@@ -129,6 +129,11 @@ impl Populating {
         }
     }
 
+    /// Where the first element is written.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
     /// `elements` will have been written, in all: faults in their pages,
     /// and a stride beyond, unless that was done already.
     pub fn advance(&mut self, elements: usize) {
