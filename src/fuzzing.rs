@@ -71,6 +71,11 @@ pub fn amount(data: &[u8]) {
         assert_eq!(amount::format(value), canonical, "{text:?}");
         assert_eq!(amount::parse_amount(&amount::format(value)), Ok(value));
         assert!(amount::in_range(value));
+        // As the state keeps it: the same value, the same text.
+        let kept = crate::domain::Amount::of(value).expect("8 places at most");
+        assert!(kept.in_range());
+        assert_eq!(kept.to_string(), canonical, "{text:?}");
+        assert_eq!(kept.to_decimal(), value);
     }
     if let Ok(value) = amount::parse_positive(text) {
         assert!(value > rust_decimal::Decimal::ZERO);

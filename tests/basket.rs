@@ -5,7 +5,7 @@
 
 mod common;
 
-use account_service::domain::{Command, Decimal, Reserve};
+use account_service::domain::{Amount, Command, Reserve};
 use account_service::state_machine::{invariants, EventKind, Outcome, ResultCode, State};
 use common::*;
 
@@ -37,7 +37,12 @@ fn funded(amount: &str) -> Harness {
     h
 }
 
-fn cash(state: &State, account: i64) -> (Decimal, Decimal) {
+/// The state's amounts are compared with hand-computed ones.
+fn d(s: &str) -> Amount {
+    common::kept(s)
+}
+
+fn cash(state: &State, account: i64) -> (Amount, Amount) {
     let a = state
         .account(account_service::domain::AccountId(account))
         .unwrap();

@@ -492,7 +492,7 @@ async fn kill9_among_all_or_nothing_batches_never_leaves_half_a_basket() {
     let (available, reserved) = common::server::first_cash(&mut accounts, 1).await;
     assert_eq!(
         available + reserved,
-        "100000000".parse().unwrap(),
+        "100000000".parse::<rust_decimal::Decimal>().unwrap(),
         "money conserved"
     );
     let reserved: u64 = reserved.to_string().parse().unwrap();

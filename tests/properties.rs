@@ -58,7 +58,8 @@ fn conserved(h: &mut Harness, steps: Vec<Step>) -> Result<usize, TestCaseError> 
     let mut held: HashMap<Asset, Decimal> = HashMap::new();
     for a in h.state.accounts() {
         for b in &a.cash {
-            *held.entry(b.currency).or_default() += b.available + b.reserved;
+            *held.entry(b.currency).or_default() +=
+                Decimal::from(b.available) + Decimal::from(b.reserved);
         }
     }
     for cur in [usd(), eur()] {

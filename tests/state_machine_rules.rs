@@ -6,7 +6,12 @@ use account_service::domain::*;
 use account_service::state_machine::{EventKind, Outcome, ReservationState, ResultCode};
 use common::*;
 
-fn cash(h: &Harness, account: i64) -> (Decimal, Decimal) {
+/// The state's amounts are compared with hand-computed ones.
+fn d(s: &str) -> Amount {
+    common::kept(s)
+}
+
+fn cash(h: &Harness, account: i64) -> (Amount, Amount) {
     let b = h
         .state
         .account(AccountId(account))

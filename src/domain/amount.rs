@@ -1,6 +1,10 @@
 //! Decimal amounts. On every interface an amount is a string of at most 18
-//! integer digits and 8 fractional digits, no sign, no exponent. Inside, it is a
-//! `rust_decimal::Decimal` (96-bit integer mantissa, exact). Floats never touch money.
+//! integer digits and 8 fractional digits, no sign, no exponent. Parsed, it is
+//! a `rust_decimal::Decimal` (96-bit integer mantissa, exact): commands carry
+//! the amounts as sent. The state keeps every balance, quantity, cost basis and
+//! P&L as an [`Amount`]: a count of 10^-8 units in a 128-bit integer, exact for
+//! every value the range allows (design 3), so a sum is an integer addition and
+//! a compare an integer compare. Floats never touch money.
 //!
 //! Rounding happens in exactly two places, both half-even to [`SCALE_MAX`]
 //! fractional digits: the notional of a fill (`price x quantity`, checked against
@@ -108,44 +112,6 @@ pub const POW10: [u128; SCALE_MAX as usize + 1] = {
     p
 };
 
-/// `a + b`, `None` if the sum leaves the range. Exact: two in-range amounts
-/// have at most 27 significant digits, within the 96-bit mantissa.
-///
-/// Amounts of the state have at most [`SCALE_MAX`] places, so the sum is
-/// done on 128-bit integers at the larger scale: the same mantissa and scale
-/// `rust_decimal` gives (its general path, taken for larger scales, aligns
-/// scales up to 28 and may round).
-#[inline]
-pub fn checked_add(a: Decimal, b: Decimal) -> Option<Decimal> {
-    fixed_sum(a, b, false).unwrap_or_else(|| kept(a.checked_add(b)?))
-}
-
-/// `a - b`, `None` if the difference leaves the range.
-#[inline]
-pub fn checked_sub(a: Decimal, b: Decimal) -> Option<Decimal> {
-    fixed_sum(a, b, true).unwrap_or_else(|| kept(a.checked_sub(b)?))
-}
-
-/// `a + b` (or `a - b`) when both have at most [`SCALE_MAX`] places:
-/// `Some(result)`, where the result is `None` out of range; `None` for
-/// other scales. A mantissa is below 2^96, times at most 10^8 below 2^123:
-/// the sum cannot overflow an `i128`.
-#[inline]
-fn fixed_sum(a: Decimal, b: Decimal, subtract: bool) -> Option<Option<Decimal>> {
-    let (sa, sb) = (a.scale(), b.scale());
-    if sa > SCALE_MAX || sb > SCALE_MAX {
-        return None;
-    }
-    let scale = sa.max(sb);
-    let ma = a.mantissa() * POW10[(scale - sa) as usize] as i128;
-    let mb = b.mantissa() * POW10[(scale - sb) as usize] as i128;
-    let sum = if subtract { ma - mb } else { ma + mb };
-    if sum.unsigned_abs() >= MANTISSA_LIMITS[scale as usize] {
-        return Some(None);
-    }
-    Some(Some(Decimal::from_i128_with_scale(sum, scale)))
-}
-
 /// `price x quantity`, half-even to [`SCALE_MAX`] places, computed exactly
 /// (128-bit product of the mantissas, then one rounding); `None` if either
 /// input or the result leaves the range. `Decimal::checked_mul` is not used:
@@ -176,9 +142,302 @@ fn div_half_even(n: i128, d: i128) -> i128 {
     }
 }
 
+/// `n * m / d` rounded half-even, from the exact 256-bit product, for
+/// `d > 0`; `None` if the quotient does not fit an `i128`.
+pub fn mul_div_half_even(n: i128, m: i128, d: i128) -> Option<i128> {
+    assert!(d > 0, "a positive divisor");
+    match n.checked_mul(m) {
+        Some(product) => Some(div_half_even(product, d)),
+        None => mul_div_wide(n, m, d),
+    }
+}
+
+/// [`mul_div_half_even`] through the 256-bit product.
+fn mul_div_wide(n: i128, m: i128, d: i128) -> Option<i128> {
+    let (high, low) = widening_mul(n.unsigned_abs(), m.unsigned_abs());
+    let d = d.unsigned_abs();
+    // A quotient of 128 bits or more: far beyond any amount.
+    if high >= d {
+        return None;
+    }
+    // Long division, a bit at a time (amounts near the limits only): the
+    // remainder stays below `2 * d`, which fits for `d < 2^127`.
+    let (mut quotient, mut remainder) = (0u128, high);
+    for bit in (0..128).rev() {
+        let carry = remainder >> 127;
+        remainder = (remainder << 1) | ((low >> bit) & 1);
+        if carry == 1 || remainder >= d {
+            remainder = remainder.wrapping_sub(d);
+            quotient |= 1 << bit;
+        }
+    }
+    let twice = remainder.checked_mul(2)?;
+    let away = twice > d || (twice == d && quotient % 2 == 1);
+    let magnitude = i128::try_from(quotient + u128::from(away)).ok()?;
+    Some(if (n < 0) != (m < 0) {
+        -magnitude
+    } else {
+        magnitude
+    })
+}
+
+/// The 256-bit product `a * b` as (high, low) halves.
+fn widening_mul(a: u128, b: u128) -> (u128, u128) {
+    let mask = u128::from(u64::MAX);
+    let (a1, a0) = (a >> 64, a & mask);
+    let (b1, b0) = (b >> 64, b & mask);
+    let (low, middle_low, middle_high, high) = (a0 * b0, a0 * b1, a1 * b0, a1 * b1);
+    let (middle, middle_carry) = middle_low.overflowing_add(middle_high);
+    let (low, low_carry) = low.overflowing_add(middle << 64);
+    let high = high + (middle >> 64) + (u128::from(middle_carry) << 64) + u128::from(low_carry);
+    (high, low)
+}
+
 /// Half-even to [`SCALE_MAX`] fractional digits.
 pub fn round(value: Decimal) -> Decimal {
     value.round_dp_with_strategy(SCALE_MAX, RoundingStrategy::MidpointNearestEven)
+}
+
+/// An exact decimal with [`SCALE_MAX`] fractional digits, as the state keeps
+/// every balance, quantity, cost basis and P&L: a signed count of 10^-8 units.
+///
+/// Every value of the range (18 integer and 8 fractional digits, either
+/// sign) is exactly one count, so sums, differences and compares are integer
+/// operations, where `Decimal` aligns scales first (the fixed point costs a
+/// few instructions; `Decimal`'s general paths cost hundreds). Values derived
+/// from kept ones (a free quantity, a sum before its range check) stay far
+/// inside the 128 bits: operators never overflow on them, and
+/// [`Amount::checked_add`] / [`Amount::checked_sub`] hold a result to the
+/// range. Held as two 64-bit halves, not an `i128`: 8-byte alignment, so the
+/// rows that hold amounts get no padding for them (an `i128` aligns to 16).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Amount {
+    low: u64,
+    high: i64,
+}
+
+/// Units of an [`Amount`] in one: `10^SCALE_MAX`.
+const UNITS_PER_ONE: u128 = POW10[SCALE_MAX as usize];
+/// The least magnitude past the range, in units: `10^(18 + 8)`.
+const UNITS_LIMIT: u128 = MANTISSA_LIMITS[SCALE_MAX as usize];
+
+impl Amount {
+    pub const ZERO: Amount = Amount::from_units(0);
+
+    /// `units` counts of 10^-8.
+    #[inline]
+    pub const fn from_units(units: i128) -> Amount {
+        Amount {
+            low: units as u64,
+            high: (units >> 64) as i64,
+        }
+    }
+
+    /// The count of 10^-8 units.
+    #[inline]
+    pub const fn units(self) -> i128 {
+        ((self.high as i128) << 64) | self.low as i128
+    }
+
+    /// `value` exactly, or `None` if it has more than 8 significant
+    /// fractional digits (never a value the edge accepts or the state
+    /// kept). Not held to the range: `Decimal`'s 96-bit mantissa times
+    /// 10^8 fits the 128 bits.
+    #[inline]
+    pub fn of(value: Decimal) -> Option<Amount> {
+        let value = if value.scale() > SCALE_MAX {
+            value.normalize()
+        } else {
+            value
+        };
+        let scale = value.scale();
+        if scale > SCALE_MAX {
+            return None;
+        }
+        let factor = POW10[(SCALE_MAX - scale) as usize] as i128;
+        Some(Amount::from_units(value.mantissa() * factor))
+    }
+
+    /// The same value as a `Decimal`, without trailing zeros. Every amount
+    /// the state holds or derives is below 2^96 units (the range is below
+    /// 2^87), so it fits a `Decimal`'s mantissa.
+    pub fn to_decimal(self) -> Decimal {
+        Decimal::from_i128_with_scale(self.units(), SCALE_MAX).normalize()
+    }
+
+    /// Within 18 integer and 8 fractional digits (design 3).
+    #[inline]
+    pub fn in_range(self) -> bool {
+        self.units().unsigned_abs() < UNITS_LIMIT
+    }
+
+    /// `self` if [`Amount::in_range`]: the last step of every checked computation.
+    #[inline]
+    pub fn kept(self) -> Option<Amount> {
+        self.in_range().then_some(self)
+    }
+
+    /// `self + other`, `None` if the sum leaves the range.
+    #[inline]
+    pub fn checked_add(self, other: Amount) -> Option<Amount> {
+        Amount::from_units(self.units().checked_add(other.units())?).kept()
+    }
+
+    /// `self - other`, `None` if the difference leaves the range.
+    #[inline]
+    pub fn checked_sub(self, other: Amount) -> Option<Amount> {
+        Amount::from_units(self.units().checked_sub(other.units())?).kept()
+    }
+
+    #[inline]
+    pub fn is_zero(self) -> bool {
+        self.units() == 0
+    }
+
+    /// Strictly below zero.
+    #[inline]
+    pub fn is_negative(self) -> bool {
+        self.high < 0
+    }
+
+    /// Strictly above zero.
+    #[inline]
+    pub fn is_positive(self) -> bool {
+        self.units() > 0
+    }
+
+    #[inline]
+    pub fn abs(self) -> Amount {
+        Amount::from_units(self.units().abs())
+    }
+}
+
+impl PartialOrd for Amount {
+    #[inline]
+    fn partial_cmp(&self, other: &Amount) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Amount {
+    #[inline]
+    fn cmp(&self, other: &Amount) -> std::cmp::Ordering {
+        self.units().cmp(&other.units())
+    }
+}
+
+impl std::ops::Add for Amount {
+    type Output = Amount;
+    #[inline]
+    fn add(self, other: Amount) -> Amount {
+        Amount::from_units(self.units() + other.units())
+    }
+}
+
+impl std::ops::Sub for Amount {
+    type Output = Amount;
+    #[inline]
+    fn sub(self, other: Amount) -> Amount {
+        Amount::from_units(self.units() - other.units())
+    }
+}
+
+impl std::ops::Neg for Amount {
+    type Output = Amount;
+    #[inline]
+    fn neg(self) -> Amount {
+        Amount::from_units(-self.units())
+    }
+}
+
+impl std::ops::AddAssign for Amount {
+    #[inline]
+    fn add_assign(&mut self, other: Amount) {
+        *self = *self + other;
+    }
+}
+
+impl std::ops::SubAssign for Amount {
+    #[inline]
+    fn sub_assign(&mut self, other: Amount) {
+        *self = *self - other;
+    }
+}
+
+/// The canonical text, as [`format`] writes a `Decimal`: no trailing
+/// zeros, no exponent ("0", "12.5", "-3").
+impl fmt::Display for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let units = self.units();
+        let magnitude = units.unsigned_abs();
+        let (whole, mut fraction) = match u64::try_from(magnitude) {
+            Ok(m) => (
+                u128::from(m / UNITS_PER_ONE as u64),
+                m % UNITS_PER_ONE as u64,
+            ),
+            Err(_) => (
+                magnitude / UNITS_PER_ONE,
+                (magnitude % UNITS_PER_ONE) as u64,
+            ),
+        };
+        if units < 0 {
+            f.write_str("-")?;
+        }
+        write!(f, "{whole}")?;
+        if fraction == 0 {
+            return Ok(());
+        }
+        let mut width = SCALE_MAX as usize;
+        while fraction % 10 == 0 {
+            fraction /= 10;
+            width -= 1;
+        }
+        write!(f, ".{fraction:0width$}")
+    }
+}
+
+impl fmt::Debug for Amount {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl From<Amount> for Decimal {
+    fn from(value: Amount) -> Decimal {
+        value.to_decimal()
+    }
+}
+
+/// Equal values, whatever the `Decimal`'s scale (1.50 == 1.5).
+impl PartialEq<Decimal> for Amount {
+    fn eq(&self, other: &Decimal) -> bool {
+        Amount::of(*other) == Some(*self)
+    }
+}
+
+impl PartialEq<Amount> for Decimal {
+    fn eq(&self, other: &Amount) -> bool {
+        other == self
+    }
+}
+
+/// Serialized as the `Decimal` of the same value (its text): what rows
+/// serialized before amounts were fixed-point read back as.
+impl serde::Serialize for Amount {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serde::Serialize::serialize(&self.to_decimal(), serializer)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Amount {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Amount, D::Error> {
+        let value = <Decimal as serde::Deserialize>::deserialize(deserializer)?;
+        Amount::of(value).ok_or_else(|| {
+            serde::de::Error::custom(format_args!(
+                "amount {value} has more than 8 fractional digits"
+            ))
+        })
+    }
 }
 
 /// Canonical text of an amount: no trailing zeros, no exponent ("0", "12.5", "-3").
@@ -267,10 +526,12 @@ mod tests {
         ] {
             assert!(!in_range(d(v)), "{v}");
         }
-        let max = d("999999999999999999.99999999");
-        assert_eq!(checked_add(max, d("0.00000001")), None);
-        assert_eq!(checked_sub(-max, d("0.00000001")), None);
-        assert_eq!(checked_add(max, -max), Some(Decimal::ZERO));
+        let max = Amount::of(d("999999999999999999.99999999")).unwrap();
+        let least = Amount::of(d("0.00000001")).unwrap();
+        assert!(max.in_range() && !(max + least).in_range());
+        assert_eq!(max.checked_add(least), None);
+        assert_eq!((-max).checked_sub(least), None);
+        assert_eq!(max.checked_add(-max), Some(Amount::ZERO));
     }
 
     #[test]
@@ -294,9 +555,51 @@ mod tests {
         );
     }
 
+    #[test]
+    fn an_amount_is_its_decimal_exactly() {
+        for text in [
+            "0",
+            "1.5",
+            "-3.1",
+            "0.00000001",
+            "999999999999999999.99999999",
+            "100",
+        ] {
+            let value = d(text);
+            let amount = Amount::of(value).unwrap();
+            assert_eq!(amount.to_decimal(), value);
+            assert_eq!(amount.to_string(), format(value), "{text}");
+            assert_eq!(amount, value);
+        }
+        // Scale is not value: 1.50 is 1.5, and 9 places with a trailing zero fit.
+        assert_eq!(Amount::of(d("1.50")), Amount::of(d("1.5")));
+        assert_eq!(Amount::of(d("1.500000000")), Amount::of(d("1.5")));
+        assert_eq!(Amount::of(d("0.000000001")), None);
+        assert_eq!(Amount::of(d("-2.25")).unwrap().units(), -225_000_000);
+    }
+
+    #[test]
+    fn the_wide_product_divides_and_rounds_half_even() {
+        let max = 10i128.pow(26) - 1;
+        // max * max / max: far past 128 bits on the way.
+        assert_eq!(mul_div_half_even(max, max, max), Some(max));
+        assert_eq!(mul_div_half_even(-max, max, max), Some(-max));
+        // (10^26 - 1) * (10^26 - 1) / (2 * 10^26): x.4999... rounds down.
+        assert_eq!(
+            mul_div_half_even(max, max, 2 * 10i128.pow(26)),
+            Some(max / 2)
+        );
+        // Ties go to even: 3 * 10^30 * 5 / (10^31) = 1.5 -> 2; 2.5 -> 2.
+        let big = 10i128.pow(30);
+        assert_eq!(mul_div_wide(3 * big, 5, 10 * big), Some(2));
+        assert_eq!(mul_div_wide(5 * big, 5, 10 * big), Some(2));
+        assert_eq!(mul_div_wide(-5 * big, 5, 10 * big), Some(-2));
+        // A quotient past 128 bits.
+        assert_eq!(mul_div_half_even(i128::MAX, i128::MAX, 1), None);
+    }
+
     proptest::proptest! {
-        /// The fixed-point sum is `rust_decimal`'s, digit for digit and scale
-        /// for scale (a zero's sign aside), in range or not.
+        /// Fixed-point sums are `rust_decimal`'s, value for value, in range or not.
         #[test]
         fn sums_match_rust_decimal(
             ma in -(10i128.pow(27))..10i128.pow(27),
@@ -309,15 +612,22 @@ mod tests {
             let cut = |m: i128, s: u32| if small { m % 10i128.pow(18 + s) } else { m };
             let a = Decimal::from_i128_with_scale(cut(ma, sa), sa);
             let b = Decimal::from_i128_with_scale(cut(mb, sb), sb);
-            let exact = |r: Option<Decimal>| r.map(|d| (d.mantissa(), d.scale()));
-            proptest::prop_assert_eq!(
-                exact(checked_add(a, b)),
-                exact(a.checked_add(b).and_then(kept))
-            );
-            proptest::prop_assert_eq!(
-                exact(checked_sub(a, b)),
-                exact(a.checked_sub(b).and_then(kept))
-            );
+            let (x, y) = (Amount::of(a).unwrap(), Amount::of(b).unwrap());
+            let kept = |r: Option<Decimal>| r.filter(|&v| in_range(v)).map(|v| Amount::of(v).unwrap());
+            proptest::prop_assert_eq!(x.checked_add(y), kept(a.checked_add(b)));
+            proptest::prop_assert_eq!(x.checked_sub(y), kept(a.checked_sub(b)));
+            proptest::prop_assert_eq!(x.cmp(&y), a.cmp(&b));
+            proptest::prop_assert_eq!(x.to_string(), format(a));
+        }
+
+        /// The 256-bit path is the 128-bit one wherever both apply.
+        #[test]
+        fn the_wide_path_is_exact(
+            n in -(10i128.pow(19))..10i128.pow(19),
+            m in -(10i128.pow(18))..10i128.pow(18),
+            d in 1i128..10i128.pow(26),
+        ) {
+            proptest::prop_assert_eq!(mul_div_wide(n, m, d), Some(div_half_even(n * m, d)));
         }
     }
 }

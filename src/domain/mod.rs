@@ -5,6 +5,7 @@ mod asset;
 mod command;
 mod ids;
 
+pub use amount::Amount;
 pub use asset::{Asset, Currency, Symbol, SYMBOL_LEN_MAX};
 pub use command::{
     AccountStatus, CashMovement, Command, DeadLetter, DeadLetterReason, Fill, IdempotencyKey,

@@ -26,7 +26,7 @@ use super::outbox::{OutboxBatch, OutboxItem, OutboxRecord, OutboxSink};
 use super::spill::{Intake, Window};
 use super::watermark::{WatermarkError, WatermarkFile};
 use crate::config::KafkaConfig;
-use crate::domain::{Decimal, Topic};
+use crate::domain::{Amount, Topic};
 use crate::metrics::{DlqLabels, Metrics};
 use crate::proto::events;
 use crate::state_machine::Event;
@@ -642,15 +642,10 @@ impl Publisher {
     }
 }
 
-/// [`crate::domain::amount::format`] into a reused string.
-fn write_amount(out: &mut String, value: Decimal) {
+/// An amount's canonical text into a reused string.
+fn write_amount(out: &mut String, value: Amount) {
     out.clear();
-    let v = value.normalize();
-    if v.is_zero() {
-        out.push('0');
-    } else {
-        let _ = write!(out, "{v}");
-    }
+    let _ = write!(out, "{value}");
 }
 
 /// The name of a produce or delivery error that no retry can cure (the

@@ -3,7 +3,9 @@
 //! state only through these (and the outcome values re-exported here), never
 //! the state machine's rows, so the state can change its layout freely.
 
-use crate::domain::{AccountId, AccountStatus, Asset, Currency, Decimal, Id, ReservationKind};
+use crate::domain::{
+    AccountId, AccountStatus, Amount, Asset, Currency, Decimal, Id, ReservationKind,
+};
 use crate::state_machine::{Account, Reservation};
 
 pub use crate::state_machine::{Outcome, ReservationState, ResultCode};
@@ -15,10 +17,10 @@ pub struct ReservationView {
     pub order_id: Id,
     pub kind: ReservationKind,
     pub asset: Asset,
-    pub amount: Decimal,
-    pub remaining: Decimal,
-    pub consumed: Decimal,
-    pub released: Decimal,
+    pub amount: Amount,
+    pub remaining: Amount,
+    pub consumed: Amount,
+    pub released: Amount,
     pub state: ReservationState,
     /// Unix ms; `None` = no expiry.
     pub expires_at_ms: Option<i64>,
@@ -47,19 +49,19 @@ impl From<&Reservation> for ReservationView {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CashView {
     pub currency: Currency,
-    pub available: Decimal,
-    pub reserved: Decimal,
+    pub available: Amount,
+    pub reserved: Amount,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PositionView {
     pub symbol: Asset,
-    pub quantity: Decimal,
-    pub reserved_quantity: Decimal,
-    pub cost_basis: Decimal,
+    pub quantity: Amount,
+    pub reserved_quantity: Amount,
+    pub cost_basis: Amount,
     /// Derived from the cost basis and quantity when the view is made.
     pub average_price: Decimal,
-    pub realized_pnl: Decimal,
+    pub realized_pnl: Amount,
     pub currency: Currency,
 }
 

@@ -21,7 +21,6 @@
 
 use super::grpc::submit_status;
 use super::validate::{self, FieldError};
-use crate::domain::amount::format;
 use crate::domain::{Command, Reserve};
 use crate::engine::{codec, CommandReply, EngineHandle, Reply, RequestKind, SubmitError, Want};
 use crate::proto::account::v1 as pb;
@@ -118,8 +117,8 @@ pub fn reserve_reply(request_id: &str, reply: &CommandReply) -> pb::ReserveReply
         replayed: o.replayed,
         sequence: o.sequence,
         reservation: reply.reservation.as_ref().map(convert::reservation),
-        available: format(o.available),
-        reserved: format(o.reserved),
+        available: o.available.to_string(),
+        reserved: o.reserved.to_string(),
         message: convert::message(o),
         request_id: request_id.to_owned(),
     }
@@ -131,10 +130,10 @@ pub fn unreserve_reply(request_id: &str, reply: &CommandReply) -> pb::UnreserveR
         result: convert::result(o.result) as i32,
         replayed: o.replayed,
         sequence: o.sequence,
-        released: format(o.released),
+        released: o.released.to_string(),
         reservation: reply.reservation.as_ref().map(convert::reservation),
-        available: format(o.available),
-        reserved: format(o.reserved),
+        available: o.available.to_string(),
+        reserved: o.reserved.to_string(),
         message: convert::message(o),
         request_id: request_id.to_owned(),
     }

@@ -17,7 +17,7 @@
 //! key space) was never deployed and is not read: a batch without this header
 //! is refused, as is an unknown space or result.
 
-use crate::domain::{Asset, Id, IdempotencyKey, KeySpace};
+use crate::domain::{Amount, Asset, Id, IdempotencyKey, KeySpace};
 use crate::state_machine::{IdempotencyEntry, Outcome, ResultCode};
 use rust_decimal::Decimal;
 
@@ -41,8 +41,8 @@ pub fn encode(keys: &[Key], out: &mut Vec<u8>) {
         let asset = o.asset.as_ref().map_or("", |a| a.as_str());
         out.push(asset.len() as u8);
         out.extend_from_slice(asset.as_bytes());
-        for d in [o.available, o.reserved, o.released] {
-            out.extend_from_slice(&d.serialize());
+        for amount in [o.available, o.reserved, o.released] {
+            out.extend_from_slice(&Decimal::from(amount).serialize());
         }
         out.extend_from_slice(&e.recorded_at_ms.to_le_bytes());
     }
@@ -59,8 +59,8 @@ pub fn decode(mut data: &[u8], out: &mut Vec<Key>) -> Option<()> {
     fn u64_le(data: &mut &[u8]) -> Option<u64> {
         Some(u64::from_le_bytes(take(data, 8)?.try_into().ok()?))
     }
-    fn decimal(data: &mut &[u8]) -> Option<Decimal> {
-        Some(Decimal::deserialize(take(data, 16)?.try_into().ok()?))
+    fn amount(data: &mut &[u8]) -> Option<Amount> {
+        Amount::of(Decimal::deserialize(take(data, 16)?.try_into().ok()?))
     }
     if take(&mut data, HEADER.len())? != HEADER {
         return None;
@@ -84,9 +84,9 @@ pub fn decode(mut data: &[u8], out: &mut Vec<Key>) -> Option<()> {
             replayed: false,
             sequence,
             asset,
-            available: decimal(&mut data)?,
-            reserved: decimal(&mut data)?,
-            released: decimal(&mut data)?,
+            available: amount(&mut data)?,
+            reserved: amount(&mut data)?,
+            released: amount(&mut data)?,
         };
         let recorded_at_ms = u64_le(&mut data)? as i64;
         let entry = IdempotencyEntry {
@@ -115,9 +115,9 @@ mod tests {
                 replayed: false,
                 sequence: 1_000 + position,
                 asset: asset.map(|a| Asset::currency(a).unwrap()),
-                available: Decimal::new(-123_456_789, 4),
-                reserved: Decimal::new(5, 0),
-                released: Decimal::ZERO,
+                available: Amount::from_units(-1_234_567_890_000),
+                reserved: Amount::from_units(500_000_000),
+                released: Amount::ZERO,
             },
             recorded_at_ms: 1_700_000_000_000 + position as i64,
         };

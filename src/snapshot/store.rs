@@ -2,7 +2,8 @@
 
 use super::schema::MIGRATIONS;
 use crate::domain::{
-    AccountId, AccountStatus, Asset, Id, IdempotencyKey, ReservationKind, StateConfig, Topic,
+    AccountId, AccountStatus, Amount, Asset, Id, IdempotencyKey, ReservationKind, StateConfig,
+    Topic,
 };
 use crate::state_machine::{
     Account, CashBalance, Delta, IdempotencyEntry, Position, Reservation, ReservationKey,
@@ -381,8 +382,8 @@ async fn write_accounts(
     if !cash.is_empty() {
         let owners: Vec<i64> = cash.iter().map(|(id, _)| *id).collect();
         let currencies: Vec<&str> = cash.iter().map(|(_, b)| b.currency.as_str()).collect();
-        let available: Vec<Decimal> = cash.iter().map(|(_, b)| b.available).collect();
-        let reserved: Vec<Decimal> = cash.iter().map(|(_, b)| b.reserved).collect();
+        let available: Vec<Decimal> = cash.iter().map(|(_, b)| b.available.into()).collect();
+        let reserved: Vec<Decimal> = cash.iter().map(|(_, b)| b.reserved.into()).collect();
         tx.execute(
             "INSERT INTO cash_balances (account_id, currency, available, reserved, ordinal)
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::numeric[], $4::numeric[], $5::int2[])",
@@ -400,8 +401,8 @@ async fn write_accounts(
         .flat_map(|a| (0..a.positions.len()).map(|i| i as i16))
         .collect();
     if !positions.is_empty() {
-        let col = |f: fn(&Position) -> Decimal| -> Vec<Decimal> {
-            positions.iter().map(|(_, p)| f(p)).collect()
+        let col = |f: fn(&Position) -> Amount| -> Vec<Decimal> {
+            positions.iter().map(|(_, p)| f(p).into()).collect()
         };
         let owners: Vec<i64> = positions.iter().map(|(id, _)| *id).collect();
         let symbols: Vec<&str> = positions.iter().map(|(_, p)| p.symbol.as_str()).collect();
@@ -431,8 +432,9 @@ async fn write_reservations(
     tx: &tokio_postgres::Transaction<'_>,
     reservations: &[Reservation],
 ) -> Result<(), SnapshotError> {
-    let col =
-        |f: fn(&Reservation) -> Decimal| -> Vec<Decimal> { reservations.iter().map(f).collect() };
+    let col = |f: fn(&Reservation) -> Amount| -> Vec<Decimal> {
+        reservations.iter().map(|r| f(r).into()).collect()
+    };
     let accounts: Vec<i64> = reservations.iter().map(|r| r.account_id.0).collect();
     let orders: Vec<&str> = reservations.iter().map(|r| r.order_id.as_str()).collect();
     let kinds: Vec<&str> = reservations.iter().map(|r| r.kind.name()).collect();
@@ -511,6 +513,12 @@ fn status(s: &str) -> Result<AccountStatus, SnapshotError> {
 
 fn asset(s: &str) -> Result<Asset, SnapshotError> {
     Asset::from_bytes(s.as_bytes()).ok_or(SnapshotError::Row("asset"))
+}
+
+/// A numeric column as the state keeps it; `field` names a value with more
+/// than 8 fractional digits (never written by a snapshot).
+fn amount(value: Decimal, field: &'static str) -> Result<Amount, SnapshotError> {
+    Amount::of(value).ok_or(SnapshotError::Row(field))
 }
 
 fn id(s: &str) -> Result<Id, SnapshotError> {
@@ -603,8 +611,8 @@ pub(super) async fn load_in(
             .ok_or(SnapshotError::Row("cash account"))?;
         a.cash.push(CashBalance {
             currency: asset(r.get(1))?,
-            available: r.get(2),
-            reserved: r.get(3),
+            available: amount(r.get(2), "available")?,
+            reserved: amount(r.get(3), "reserved")?,
         });
     }
     const POSITIONS: &str =
@@ -617,10 +625,10 @@ pub(super) async fn load_in(
             .ok_or(SnapshotError::Row("position account"))?;
         a.positions.push(Position {
             symbol: asset(r.get(1))?,
-            quantity: r.get(2),
-            reserved_quantity: r.get(3),
-            cost_basis: r.get(4),
-            realized_pnl: r.get(5),
+            quantity: amount(r.get(2), "quantity")?,
+            reserved_quantity: amount(r.get(3), "reserved_quantity")?,
+            cost_basis: amount(r.get(4), "cost_basis")?,
+            realized_pnl: amount(r.get(5), "realized_pnl")?,
             currency: asset(r.get(6))?,
         });
     }
@@ -654,10 +662,10 @@ pub(super) async fn load_in(
             order_id: id(r.get(1))?,
             kind,
             asset: asset(r.get(3))?,
-            amount: r.get(4),
-            remaining: r.get(5),
-            consumed: r.get(6),
-            released: r.get(7),
+            amount: amount(r.get(4), "amount")?,
+            remaining: amount(r.get(5), "remaining")?,
+            consumed: amount(r.get(6), "consumed")?,
+            released: amount(r.get(7), "released")?,
             state,
             expires_at_ms: (expires != 0).then_some(expires),
             sequence: r.get::<_, i64>(10) as u64,

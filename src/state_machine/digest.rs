@@ -3,11 +3,13 @@
 //! and one rebuilt from the journal.
 
 use super::State;
-use crate::domain::Decimal;
+use crate::domain::{Amount, Decimal};
 use xxhash_rust::xxh3::Xxh3;
 
-fn dec(h: &mut Xxh3, d: Decimal) {
-    h.update(&d.normalize().serialize());
+/// The bytes of the amount's normalized `Decimal`: the digest of a state
+/// is the same whether its amounts were kept as decimals or fixed-point.
+fn dec(h: &mut Xxh3, a: Amount) {
+    h.update(&Decimal::from(a).serialize());
 }
 
 impl State {

@@ -11,22 +11,22 @@
 //! * a flat position has a cost basis of exactly zero;
 //! * every balance (and a balance's total, available + reserved), quantity,
 //!   reserved quantity, cost basis and realized P&L is within 18 integer and 8
-//!   fractional digits ([`amount::in_range`]);
+//!   fractional digits ([`Amount::in_range`]);
 //! * the overdrawn flag and counter agree with the balances.
 
 use super::Account;
 use super::{ReservationState, State};
-use crate::domain::{amount, AccountId, Decimal, ReservationKind};
+use crate::domain::{AccountId, Amount, ReservationKind};
 use rustc_hash::FxHashMap;
 
 /// The first kept amount of `account` outside the range, by name.
 fn out_of_range(account: &Account) -> Option<&'static str> {
     for b in &account.cash {
         let total = b.available.checked_add(b.reserved);
-        if !amount::in_range(b.available) || !amount::in_range(b.reserved) {
+        if !b.available.in_range() || !b.reserved.in_range() {
             return Some("cash balance");
         }
-        if !total.is_some_and(amount::in_range) {
+        if total.is_none() {
             return Some("cash total (available + reserved)");
         }
     }
@@ -37,7 +37,7 @@ fn out_of_range(account: &Account) -> Option<&'static str> {
             p.cost_basis,
             p.realized_pnl,
         ];
-        if !kept.into_iter().all(amount::in_range) {
+        if !kept.into_iter().all(Amount::in_range) {
             return Some("position");
         }
     }
@@ -56,15 +56,15 @@ pub fn check_account_local(state: &State, id: AccountId) {
         "overdrawn flag of {id}"
     );
     for b in &account.cash {
-        assert!(b.reserved >= Decimal::ZERO, "reserved cash >= 0 on {id}");
+        assert!(b.reserved >= Amount::ZERO, "reserved cash >= 0 on {id}");
         assert!(
-            account.overdrawn || b.available >= Decimal::ZERO,
+            account.overdrawn || b.available >= Amount::ZERO,
             "available >= 0 on {id}"
         );
     }
     for p in &account.positions {
         assert!(
-            p.reserved_quantity >= Decimal::ZERO,
+            p.reserved_quantity >= Amount::ZERO,
             "reserved shares >= 0 on {id}"
         );
         assert!(
@@ -80,9 +80,9 @@ pub fn check_account_local(state: &State, id: AccountId) {
 
 /// Every invariant over the whole state. `Err` names the first one broken.
 pub fn check(state: &State) -> Result<(), String> {
-    let mut cash_locked: FxHashMap<(AccountId, crate::domain::Asset), Decimal> =
+    let mut cash_locked: FxHashMap<(AccountId, crate::domain::Asset), Amount> =
         FxHashMap::default();
-    let mut shares_locked: FxHashMap<(AccountId, crate::domain::Asset), Decimal> =
+    let mut shares_locked: FxHashMap<(AccountId, crate::domain::Asset), Amount> =
         FxHashMap::default();
     let mut open_count: FxHashMap<AccountId, u32> = FxHashMap::default();
     for r in state.reservations() {
@@ -93,11 +93,11 @@ pub fn check(state: &State) -> Result<(), String> {
                 r.order_id
             ));
         }
-        if r.remaining < Decimal::ZERO || r.consumed < Decimal::ZERO || r.released < Decimal::ZERO {
+        if r.remaining < Amount::ZERO || r.consumed < Amount::ZERO || r.released < Amount::ZERO {
             return Err(format!("{id}/{}: negative part", r.order_id));
         }
         let open = r.state == ReservationState::Open;
-        if open != (r.remaining > Decimal::ZERO) {
+        if open != (r.remaining > Amount::ZERO) {
             return Err(format!("{id}/{}: open iff remaining > 0", r.order_id));
         }
         if state.account(id).is_none() {
@@ -144,7 +144,7 @@ pub fn check(state: &State) -> Result<(), String> {
                     b.currency, b.reserved
                 ));
             }
-            if b.available < Decimal::ZERO && !a.overdrawn {
+            if b.available < Amount::ZERO && !a.overdrawn {
                 return Err(format!("{id} {}: negative available", b.currency));
             }
         }

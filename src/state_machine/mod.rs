@@ -26,7 +26,7 @@ pub use types::*;
 pub use crate::domain::StateConfig;
 
 use crate::domain::{
-    amount, AccountId, AccountStatus, CashMovement, Command, Currency, Decimal, Fill, Id,
+    AccountId, AccountStatus, Amount, CashMovement, Command, Currency, Decimal, Fill, Id,
     IdempotencyKey, OpenAccount, ReservationKind, Reserve, SetAccountStatus, Side, Topic,
     Unreserve,
 };
@@ -512,7 +512,7 @@ impl State {
         let balance = match (trial.balances.get(&asset), account) {
             (Some(&balance), _) => balance,
             (None, Some(account)) => balance_of(account, c.kind, c.asset),
-            (None, None) => (Decimal::ZERO, Decimal::ZERO),
+            (None, None) => (Amount::ZERO, Amount::ZERO),
         };
         let order = ReservationKey {
             account_id: c.account_id,
@@ -521,7 +521,7 @@ impl State {
         let taken = self.reservations.contains_key(&order) || trial.orders.contains(&order);
         match reserve_rules(c, now, account, balance, taken) {
             Err(code) => reserve_refused(c, code, seq, account.is_some(), balance),
-            Ok(after) => {
+            Ok((_, after)) => {
                 trial.balances.insert(asset, after);
                 trial.orders.insert(order);
                 Outcome::new(ResultCode::Ok, seq).with_balance(c.asset, after.0, after.1)
@@ -653,23 +653,24 @@ impl State {
         let account = self.accounts.get_mut(&c.account_id);
         let balance = account
             .as_deref()
-            .map_or((Decimal::ZERO, Decimal::ZERO), |a| {
+            .map_or((Amount::ZERO, Amount::ZERO), |a| {
                 balance_of(a, c.kind, c.asset)
             });
         // One probe: the vacant slot is filled below.
         let slot = self.reservations.find_hashed(order_hash, &key);
         let taken = slot.is_ok();
         let after = reserve_rules(c, now, account.as_deref(), balance, taken);
-        let ((available_after, reserved_after), account, slot) = match (after, account, slot) {
-            (Ok(after), Some(account), Err(slot)) => (after, account, slot),
-            (Err(code), account, _) => {
-                return reserve_refused(c, code, seq, account.is_some(), balance)
-            }
-            (Ok(_), _, _) => unreachable!("the rules need the account and a free order"),
-        };
+        let ((amount, (available_after, reserved_after)), account, slot) =
+            match (after, account, slot) {
+                (Ok(after), Some(account), Err(slot)) => (after, account, slot),
+                (Err(code), account, _) => {
+                    return reserve_refused(c, code, seq, account.is_some(), balance)
+                }
+                (Ok(_), _, _) => unreachable!("the rules need the account and a free order"),
+            };
         set_balance(account, c.kind, c.asset, available_after, reserved_after);
         let (available, reserved) = balance_of(account, c.kind, c.asset);
-        debug_assert!(available >= Decimal::ZERO || account.overdrawn);
+        debug_assert!(available >= Amount::ZERO || account.overdrawn);
         self.reservations.insert_vacant(
             slot,
             Reservation {
@@ -677,10 +678,10 @@ impl State {
                 order_id: c.order_id,
                 kind: c.kind,
                 asset: c.asset,
-                amount: c.amount,
-                remaining: c.amount,
-                consumed: Decimal::ZERO,
-                released: Decimal::ZERO,
+                amount,
+                remaining: amount,
+                consumed: Amount::ZERO,
+                released: Amount::ZERO,
                 state: ReservationState::Open,
                 expires_at_ms: c.expires_at_ms,
                 sequence: seq,
@@ -696,7 +697,7 @@ impl State {
             event(EventKind::Reserved, c.account_id)
                 .order(c.order_id)
                 .asset(c.asset)
-                .moved(c.amount, available, reserved),
+                .moved(amount, available, reserved),
         );
         Outcome::new(ResultCode::Ok, seq).with_balance(c.asset, available, reserved)
     }
@@ -727,15 +728,19 @@ impl State {
                 reserved,
             );
         }
-        let amount = c.amount.unwrap_or(reservation.remaining);
-        if amount > reservation.remaining {
+        // An amount the edge accepted always converts (at most 8 places).
+        let amount = match c.amount.map(Amount::of) {
+            None => Some(reservation.remaining),
+            Some(converted) => converted,
+        };
+        let Some(amount) = amount.filter(|&a| a <= reservation.remaining) else {
             let (available, reserved) = balance_of(account, reservation.kind, reservation.asset);
             return Outcome::new(ResultCode::AmountExceedsReservation, seq).with_balance(
                 reservation.asset,
                 available,
                 reserved,
             );
-        }
+        };
         let Some((available, reserved)) = release(account, reservation, amount) else {
             let (available, reserved) = balance_of(account, reservation.kind, reservation.asset);
             return Outcome::new(ResultCode::AmountOverflow, seq).with_balance(
@@ -778,11 +783,15 @@ impl State {
         let Some(account) = self.accounts.get_mut(&c.account_id) else {
             return Outcome::new(ResultCode::AccountNotFound, seq);
         };
+        let Some(amount) = Amount::of(c.amount) else {
+            return Outcome::new(ResultCode::AmountOverflow, seq);
+        };
         if account.status == AccountStatus::Closed {
             return Outcome::new(ResultCode::AccountNotActive, seq);
         }
         let (available, reserved) = balance_of(account, ReservationKind::Cash, c.currency);
-        let Some(available) = amount::checked_add(available, c.amount)
+        let Some(available) = available
+            .checked_add(amount)
             .filter(|&after| cash_in_range(after, reserved))
         else {
             return Outcome::new(ResultCode::AmountOverflow, seq)
@@ -792,7 +801,7 @@ impl State {
         events.push(
             event(EventKind::Deposited, c.account_id)
                 .asset(c.currency)
-                .moved(c.amount, available, reserved),
+                .moved(amount, available, reserved),
         );
         refresh_overdrawn(account, &[c.currency], &mut self.overdrawn_accounts, events);
         Outcome::new(ResultCode::Ok, seq).with_balance(c.currency, available, reserved)
@@ -803,10 +812,13 @@ impl State {
         let Some(account) = self.accounts.get_mut(&c.account_id) else {
             return Outcome::new(ResultCode::AccountNotFound, seq);
         };
+        let Some(amount) = Amount::of(c.amount) else {
+            return Outcome::new(ResultCode::AmountOverflow, seq);
+        };
         let (available, reserved) = balance_of(account, ReservationKind::Cash, c.currency);
         let result = if account.status != AccountStatus::Active {
             ResultCode::AccountNotActive
-        } else if available < c.amount {
+        } else if available < amount {
             ResultCode::InsufficientFunds
         } else {
             ResultCode::Ok
@@ -814,21 +826,21 @@ impl State {
         if result != ResultCode::Ok {
             let mut e = event(EventKind::WithdrawalRejected, c.account_id)
                 .asset(c.currency)
-                .moved(Decimal::ZERO, available, reserved);
+                .moved(Amount::ZERO, available, reserved);
             e.reason = Id::literal(result.name());
             events.push(e);
             return Outcome::new(result, seq).with_balance(c.currency, available, reserved);
         }
         // `amount <= available`: the difference is in range.
-        let Some(available) = amount::checked_sub(available, c.amount) else {
+        let Some(available) = available.checked_sub(amount) else {
             unreachable!("0 <= available - amount < available");
         };
         account.cash_entry(c.currency).available = available;
-        debug_assert!(available >= Decimal::ZERO);
+        debug_assert!(available >= Amount::ZERO);
         events.push(
             event(EventKind::Withdrawn, c.account_id)
                 .asset(c.currency)
-                .moved(c.amount, available, reserved),
+                .moved(amount, available, reserved),
         );
         Outcome::new(ResultCode::Ok, seq).with_balance(c.currency, available, reserved)
     }
@@ -848,6 +860,17 @@ impl State {
         let Some(account) = self.accounts.get_mut(&c.account_id) else {
             return Outcome::new(ResultCode::AccountNotFound, seq);
         };
+        let (Some(quantity), Some(filled_amount)) =
+            (Amount::of(c.quantity), Amount::of(c.filled_amount))
+        else {
+            return Outcome::new(ResultCode::AmountOverflow, seq);
+        };
+        let traded = Traded {
+            side: c.side,
+            symbol: c.symbol,
+            quantity,
+            filled_amount,
+        };
         let currency = c.currency.unwrap_or(account.base_currency);
         if account
             .position(c.symbol)
@@ -860,8 +883,8 @@ impl State {
             order_id: c.order_id,
         };
         let (kind, asset, wanted) = match c.side {
-            Side::Buy => (ReservationKind::Cash, currency, c.filled_amount),
-            Side::Sell => (ReservationKind::Security, c.symbol, c.quantity),
+            Side::Buy => (ReservationKind::Cash, currency, filled_amount),
+            Side::Sell => (ReservationKind::Security, c.symbol, quantity),
         };
         let reservation = self
             .reservations
@@ -871,9 +894,9 @@ impl State {
             });
         let consumed = reservation
             .as_ref()
-            .map_or(Decimal::ZERO, |(_, r)| r.remaining.min(wanted));
+            .map_or(Amount::ZERO, |(_, r)| r.remaining.min(wanted));
         // Everything is computed first: a fill refused for overflow changes nothing.
-        let Some(settled) = settle(account, c, currency, consumed) else {
+        let Some(settled) = settle(account, &traded, currency, consumed) else {
             let (available, reserved) = balance_of(account, ReservationKind::Cash, currency);
             return Outcome::new(ResultCode::AmountOverflow, seq)
                 .with_balance(currency, available, reserved);
@@ -902,9 +925,9 @@ impl State {
         let fill = event(EventKind::FillApplied, c.account_id).order(c.order_id);
         events.push(
             fill.asset(currency)
-                .moved(c.filled_amount, cash_available, cash_reserved),
+                .moved(filled_amount, cash_available, cash_reserved),
         );
-        events.push(fill.asset(c.symbol).moved(c.quantity, free, locked));
+        events.push(fill.asset(c.symbol).moved(quantity, free, locked));
         refresh_overdrawn(
             account,
             &[currency, c.symbol],
@@ -995,9 +1018,9 @@ fn reserve_rules(
     c: &Reserve,
     now: i64,
     account: Option<&Account>,
-    (available, reserved): (Decimal, Decimal),
+    (available, reserved): (Amount, Amount),
     taken: bool,
-) -> Result<(Decimal, Decimal), ResultCode> {
+) -> Result<(Amount, (Amount, Amount)), ResultCode> {
     // Judged at the journaled time, not at the edge: a retry of an
     // acknowledged Reserve replays even once its expiry has passed.
     if c.expires_at_ms.is_some_and(|at| at <= now) {
@@ -1012,7 +1035,9 @@ fn reserve_rules(
     if taken {
         return Err(ResultCode::OrderAlreadyReserved);
     }
-    if available < c.amount {
+    // An amount the edge accepted always converts (at most 8 places).
+    let amount = Amount::of(c.amount).ok_or(ResultCode::AmountOverflow)?;
+    if available < amount {
         return Err(match c.kind {
             ReservationKind::Cash => ResultCode::InsufficientFunds,
             ReservationKind::Security => ResultCode::InsufficientPosition,
@@ -1020,9 +1045,10 @@ fn reserve_rules(
     }
     // Cash moves within one balance (its total stays in range), shares
     // lock at most the quantity: checked all the same.
-    amount::checked_sub(available, c.amount)
-        .zip(amount::checked_add(reserved, c.amount))
-        .ok_or(ResultCode::AmountOverflow)
+    let after = available
+        .checked_sub(amount)
+        .zip(reserved.checked_add(amount));
+    Ok((amount, after.ok_or(ResultCode::AmountOverflow)?))
 }
 
 /// The outcome of a Reserve the rules refused: with the asset's balances
@@ -1032,7 +1058,7 @@ fn reserve_refused(
     code: ResultCode,
     seq: u64,
     account_found: bool,
-    (available, reserved): (Decimal, Decimal),
+    (available, reserved): (Amount, Amount),
 ) -> Outcome {
     if account_found && code != ResultCode::ExpiryPassed {
         Outcome::new(code, seq).with_balance(c.asset, available, reserved)
@@ -1045,7 +1071,7 @@ fn reserve_refused(
 #[derive(Default)]
 struct Trial {
     /// (available, reserved) after the earlier items, per (account, kind, asset).
-    balances: FxHashMap<(AccountId, ReservationKind, crate::domain::Asset), (Decimal, Decimal)>,
+    balances: FxHashMap<(AccountId, ReservationKind, crate::domain::Asset), (Amount, Amount)>,
     orders: rustc_hash::FxHashSet<ReservationKey>,
     keys: rustc_hash::FxHashSet<Id>,
 }
@@ -1055,25 +1081,31 @@ fn balance_of(
     account: &Account,
     kind: ReservationKind,
     asset: crate::domain::Asset,
-) -> (Decimal, Decimal) {
+) -> (Amount, Amount) {
     match kind {
         ReservationKind::Cash => account
             .cash(asset)
-            .map_or((Decimal::ZERO, Decimal::ZERO), |b| {
-                (b.available, b.reserved)
-            }),
+            .map_or((Amount::ZERO, Amount::ZERO), |b| (b.available, b.reserved)),
         ReservationKind::Security => account
             .position(asset)
-            .map_or((Decimal::ZERO, Decimal::ZERO), |p| {
+            .map_or((Amount::ZERO, Amount::ZERO), |p| {
                 (p.free_quantity(), p.reserved_quantity)
             }),
     }
 }
 
+/// A fill's trade, its amounts as the state keeps them.
+struct Traded {
+    side: Side,
+    symbol: crate::domain::Symbol,
+    quantity: Amount,
+    filled_amount: Amount,
+}
+
 /// What a fill leaves: the settlement currency's balance and the position.
 struct Settlement {
-    available: Decimal,
-    reserved: Decimal,
+    available: Amount,
+    reserved: Amount,
     position: Position,
 }
 
@@ -1082,17 +1114,17 @@ struct Settlement {
 /// would leave the range. Reads only.
 fn settle(
     account: &Account,
-    c: &Fill,
+    c: &Traded,
     currency: Currency,
-    consumed: Decimal,
+    consumed: Amount,
 ) -> Option<Settlement> {
     let (available, reserved) = balance_of(account, ReservationKind::Cash, currency);
     let (available, reserved) = match c.side {
         Side::Buy => (
-            amount::checked_sub(available, c.filled_amount.checked_sub(consumed)?)?,
-            amount::checked_sub(reserved, consumed)?,
+            available.checked_sub(c.filled_amount - consumed)?,
+            reserved.checked_sub(consumed)?,
         ),
-        Side::Sell => (amount::checked_add(available, c.filled_amount)?, reserved),
+        Side::Sell => (available.checked_add(c.filled_amount)?, reserved),
     };
     if !cash_in_range(available, reserved) {
         return None;
@@ -1103,10 +1135,7 @@ fn settle(
         .unwrap_or(Position::flat(c.symbol, currency));
     let (dq, reserved_quantity) = match c.side {
         Side::Buy => (c.quantity, before.reserved_quantity),
-        Side::Sell => (
-            -c.quantity,
-            amount::checked_sub(before.reserved_quantity, consumed)?,
-        ),
+        Side::Sell => (-c.quantity, before.reserved_quantity.checked_sub(consumed)?),
     };
     let mut position = position::traded(&before, dq, c.filled_amount)?;
     position.reserved_quantity = reserved_quantity;
@@ -1123,8 +1152,8 @@ fn set_balance(
     account: &mut Account,
     kind: ReservationKind,
     asset: crate::domain::Asset,
-    available: Decimal,
-    reserved: Decimal,
+    available: Amount,
+    reserved: Amount,
 ) {
     match kind {
         ReservationKind::Cash => {
@@ -1146,8 +1175,8 @@ fn set_balance(
 /// A cash balance the state may keep: each part in range, and their total
 /// too, so that releasing reserved cash (an Unreserve, or an expiry, which
 /// cannot be refused) always stays in range.
-fn cash_in_range(available: Decimal, reserved: Decimal) -> bool {
-    amount::checked_add(available, reserved).is_some()
+fn cash_in_range(available: Amount, reserved: Amount) -> bool {
+    available.checked_add(reserved).is_some()
 }
 
 /// Moves `amount` of an open reservation back to free; returns the asset's
@@ -1156,19 +1185,19 @@ fn cash_in_range(available: Decimal, reserved: Decimal) -> bool {
 fn release(
     account: &mut Account,
     reservation: &mut Reservation,
-    amount: Decimal,
-) -> Option<(Decimal, Decimal)> {
+    amount: Amount,
+) -> Option<(Amount, Amount)> {
     assert!(
         amount <= reservation.remaining,
         "release at most what remains"
     );
     debug_assert_eq!(reservation.state, ReservationState::Open);
     let (available, reserved) = balance_of(account, reservation.kind, reservation.asset);
-    let reserved_after = amount::checked_sub(reserved, amount)?;
+    let reserved_after = reserved.checked_sub(amount)?;
     let available_after = match reservation.kind {
-        ReservationKind::Cash => amount::checked_add(available, amount)?,
+        ReservationKind::Cash => available.checked_add(amount)?,
         // Derived (quantity - reserved), not kept: may be anything a short makes it.
-        ReservationKind::Security => available.checked_add(amount)?,
+        ReservationKind::Security => available + amount,
     };
     reservation.remaining -= amount;
     reservation.released += amount;
@@ -1237,9 +1266,9 @@ fn event(kind: EventKind, account_id: AccountId) -> Event {
         account_id,
         order_id: None,
         asset: None,
-        amount: Decimal::ZERO,
-        available_after: Decimal::ZERO,
-        reserved_after: Decimal::ZERO,
+        amount: Amount::ZERO,
+        available_after: Amount::ZERO,
+        reserved_after: Amount::ZERO,
         reason: Id::default(),
     }
 }
@@ -1255,12 +1284,7 @@ impl Event {
         self
     }
 
-    fn moved(
-        mut self,
-        amount: Decimal,
-        available_after: Decimal,
-        reserved_after: Decimal,
-    ) -> Event {
+    fn moved(mut self, amount: Amount, available_after: Amount, reserved_after: Amount) -> Event {
         self.amount = amount;
         self.available_after = available_after;
         self.reserved_after = reserved_after;

@@ -17,97 +17,79 @@
 
 //!
 //! Every value kept stays within 18 integer and 8 fractional digits
-//! ([`amount::in_range`]): a trade that would leave that range is `None`
+//! ([`Amount::in_range`](crate::domain::Amount::in_range)): a trade that would leave that range is `None`
 //! and the caller refuses the fill (`RESULT_AMOUNT_OVERFLOW`).
 
 use super::Position;
-use crate::domain::amount::{self, kept, round};
-use crate::domain::Decimal;
+use crate::domain::amount::mul_div_half_even;
+use crate::domain::Amount;
 
-/// `value * part / whole`, rounded half-even; exact `value` when `part == whole`.
-/// `|result| <= |value|`, so it never leaves the range.
-fn pro_rata(value: Decimal, part: Decimal, whole: Decimal) -> Option<Decimal> {
-    debug_assert!(part > Decimal::ZERO && whole > Decimal::ZERO && part <= whole);
+/// `value * part / whole`, rounded half-even once (exact intermediate);
+/// exactly `value` when `part == whole`. `|result| <= |value|`, so it never
+/// leaves the range.
+fn pro_rata(value: Amount, part: Amount, whole: Amount) -> Option<Amount> {
+    debug_assert!(part.is_positive() && whole.is_positive() && part <= whole);
     if part == whole {
         return Some(value);
     }
-    // Multiply first for precision. A product past 96 bits (amounts near the
-    // limits) would lose digits, so then divide first: the quotient keeps 28
-    // significant digits, of which 8 fractional ones survive the rounding.
-    let share = match value.checked_mul(part) {
-        Some(product) if product.scale() == value.scale() + part.scale() => {
-            product.checked_div(whole)?
-        }
-        _ => value.checked_div(whole)?.checked_mul(part)?,
-    };
-    Some(round(share))
+    // Units: value * 10^8 * part * 10^8 / (whole * 10^8) = share * 10^8.
+    let share = mul_div_half_even(value.units(), part.units(), whole.units())?;
+    Some(Amount::from_units(share))
 }
 
 /// The position after a trade of signed quantity `dq` (buy > 0, never 0)
 /// worth `amount` (>= 0); `None` if a kept value would leave the range.
-pub fn traded(before: &Position, dq: Decimal, amount: Decimal) -> Option<Position> {
+pub fn traded(before: &Position, dq: Amount, amount: Amount) -> Option<Position> {
     assert!(!dq.is_zero(), "a trade moves shares");
     assert!(
-        amount >= Decimal::ZERO,
+        !amount.is_negative(),
         "a trade's cash amount is not negative"
     );
     let mut p = *before;
-    let value = if dq.is_sign_positive() {
-        amount
-    } else {
-        -amount
-    };
+    let value = if dq.is_positive() { amount } else { -amount };
     let q = p.quantity;
-    let same_direction = q.is_zero() || q.is_sign_positive() == dq.is_sign_positive();
+    let same_direction = q.is_zero() || q.is_positive() == dq.is_positive();
     if same_direction {
-        p.quantity = amount::checked_add(q, dq)?;
-        p.cost_basis = amount::checked_add(p.cost_basis, value)?;
+        p.quantity = q.checked_add(dq)?;
+        p.cost_basis = p.cost_basis.checked_add(value)?;
         return Some(p);
     }
     let closed = dq.abs().min(q.abs());
     let removed = pro_rata(p.cost_basis, closed, q.abs())?;
     let closing_value = pro_rata(value, closed, dq.abs())?;
-    // Intermediate sums of in-range values fit the mantissa; only what is
-    // kept is held to the range.
-    p.realized_pnl = kept(
-        p.realized_pnl
-            .checked_sub(closing_value)?
-            .checked_sub(removed)?,
-    )?;
-    p.cost_basis = kept(p.cost_basis.checked_sub(removed)?)?;
-    let signed_closed = if dq.is_sign_positive() {
-        closed
-    } else {
-        -closed
-    };
-    p.quantity = kept(q.checked_add(signed_closed)?)?;
+    // Intermediate sums of in-range values are far inside the 128 bits;
+    // only what is kept is held to the range.
+    p.realized_pnl = (p.realized_pnl - closing_value - removed).kept()?;
+    p.cost_basis = (p.cost_basis - removed).kept()?;
+    let signed_closed = if dq.is_positive() { closed } else { -closed };
+    p.quantity = (q + signed_closed).kept()?;
     if p.quantity.is_zero() {
         debug_assert!(p.cost_basis.is_zero(), "flat position keeps no cost");
-        p.cost_basis = Decimal::ZERO;
+        p.cost_basis = Amount::ZERO;
     }
-    let opened = dq.checked_sub(signed_closed)?;
+    let opened = dq - signed_closed;
     if !opened.is_zero() {
         debug_assert!(p.quantity.is_zero());
-        p.quantity = kept(opened)?;
-        p.cost_basis = kept(value.checked_sub(closing_value)?)?;
+        p.quantity = opened.kept()?;
+        p.cost_basis = (value - closing_value).kept()?;
     }
     Some(p)
 }
 
 /// [`traded`] in place, for trades known to stay in range (tests).
 #[cfg(test)]
-fn trade(position: &mut Position, dq: Decimal, amount: Decimal) {
+fn trade(position: &mut Position, dq: Amount, amount: Amount) {
     *position = traded(position, dq, amount).expect("in range");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::Asset;
+    use crate::domain::{Asset, Decimal};
     use std::str::FromStr;
 
-    fn d(s: &str) -> Decimal {
-        Decimal::from_str(s).unwrap()
+    fn d(s: &str) -> Amount {
+        Amount::of(Decimal::from_str(s).unwrap()).unwrap()
     }
 
     fn flat() -> Position {
@@ -124,7 +106,7 @@ mod tests {
         trade(&mut p, d("5"), d("560"));
         assert_eq!(p.quantity, d("15"));
         assert_eq!(p.cost_basis, d("1560"));
-        assert_eq!(p.average_price(), d("104"));
+        assert_eq!(p.average_price(), Decimal::from(104));
     }
 
     #[test]
@@ -146,8 +128,8 @@ mod tests {
         assert_eq!(p.cost_basis, d("66.66666667"));
         assert_eq!(p.realized_pnl, d("6.66666667"));
         trade(&mut p, d("-2"), d("70"));
-        assert_eq!(p.quantity, Decimal::ZERO);
-        assert_eq!(p.cost_basis, Decimal::ZERO);
+        assert_eq!(p.quantity, Amount::ZERO);
+        assert_eq!(p.cost_basis, Amount::ZERO);
         // Total P&L of the round trip is exactly proceeds - cost: 110 - 100.
         assert_eq!(p.realized_pnl, d("10"));
     }
@@ -160,10 +142,10 @@ mod tests {
         assert_eq!(p.quantity, d("-3"));
         assert_eq!(p.realized_pnl, d("20"));
         assert_eq!(p.cost_basis, d("-330"));
-        assert_eq!(p.average_price(), d("110"));
+        assert_eq!(p.average_price(), Decimal::from(110));
         trade(&mut p, d("3"), d("300")); // cover at 100
-        assert_eq!(p.quantity, Decimal::ZERO);
-        assert_eq!(p.cost_basis, Decimal::ZERO);
+        assert_eq!(p.quantity, Amount::ZERO);
+        assert_eq!(p.cost_basis, Amount::ZERO);
         assert_eq!(p.realized_pnl, d("50"));
     }
 
@@ -175,7 +157,7 @@ mod tests {
         // Cost basis: max + 0.00000001.
         assert_eq!(traded(&p, d("1"), d("0.00000001")), None);
         // Quantity: 1 + max.
-        assert_eq!(traded(&p, max, Decimal::ZERO), None);
+        assert_eq!(traded(&p, max, Amount::ZERO), None);
         // Realized P&L: a short covered far above its proceeds.
         let mut short = flat();
         trade(&mut short, d("-1"), d("0.00000001"));

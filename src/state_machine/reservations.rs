@@ -235,7 +235,7 @@ impl Reservations {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{Asset, Decimal, ReservationKind};
+    use crate::domain::{Amount, Asset, ReservationKind};
     use crate::state_machine::ReservationState;
 
     fn reservation(account: i64, order: &str) -> Reservation {
@@ -244,10 +244,10 @@ mod tests {
             order_id: Id::new(order).unwrap(),
             kind: ReservationKind::Cash,
             asset: Asset::currency("USD").unwrap(),
-            amount: Decimal::from(account),
-            remaining: Decimal::from(account),
-            consumed: Decimal::ZERO,
-            released: Decimal::ZERO,
+            amount: Amount::from_units(i128::from(account) * 100_000_000),
+            remaining: Amount::from_units(i128::from(account) * 100_000_000),
+            consumed: Amount::ZERO,
+            released: Amount::ZERO,
             state: ReservationState::Open,
             expires_at_ms: None,
             sequence: account as u64,
@@ -295,11 +295,11 @@ mod tests {
         assert_eq!(table.get(&reservation(2, "o1").key()).unwrap().sequence, 2);
         let (filed, r) = table.get_mut(&reservation(1, "o1").key()).unwrap();
         assert_eq!(filed, a);
-        r.remaining = Decimal::ZERO;
+        r.remaining = Amount::ZERO;
         let removed = table.remove(a);
         assert_eq!(
             (removed.key(), removed.remaining),
-            (reservation(1, "o1").key(), Decimal::ZERO)
+            (reservation(1, "o1").key(), Amount::ZERO)
         );
         assert!(table.get(&removed.key()).is_none());
         // The freed row is the next one taken.

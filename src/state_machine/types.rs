@@ -1,7 +1,7 @@
 //! The state's rows and the values `apply` returns.
 
 use crate::domain::{
-    AccountId, AccountStatus, Asset, Currency, Decimal, Id, ReservationKind, Symbol,
+    AccountId, AccountStatus, Amount, Asset, Currency, Decimal, Id, ReservationKind, Symbol,
 };
 
 /// Business outcome of a command. Mirrors `account.v1.Result` value for value.
@@ -95,10 +95,10 @@ pub struct Outcome {
     pub sequence: u64,
     /// The asset whose balances follow (cash currency or symbol), if any.
     pub asset: Option<Asset>,
-    pub available: Decimal,
-    pub reserved: Decimal,
+    pub available: Amount,
+    pub reserved: Amount,
     /// What an Unreserve released.
-    pub released: Decimal,
+    pub released: Amount,
 }
 
 impl Outcome {
@@ -108,13 +108,13 @@ impl Outcome {
             replayed: false,
             sequence,
             asset: None,
-            available: Decimal::ZERO,
-            reserved: Decimal::ZERO,
-            released: Decimal::ZERO,
+            available: Amount::ZERO,
+            reserved: Amount::ZERO,
+            released: Amount::ZERO,
         }
     }
 
-    pub fn with_balance(mut self, asset: Asset, available: Decimal, reserved: Decimal) -> Outcome {
+    pub fn with_balance(mut self, asset: Asset, available: Amount, reserved: Amount) -> Outcome {
         self.asset = Some(asset);
         self.available = available;
         self.reserved = reserved;
@@ -168,10 +168,10 @@ pub struct Reservation {
     pub order_id: Id,
     pub kind: ReservationKind,
     pub asset: Asset,
-    pub amount: Decimal,
-    pub remaining: Decimal,
-    pub consumed: Decimal,
-    pub released: Decimal,
+    pub amount: Amount,
+    pub remaining: Amount,
+    pub consumed: Amount,
+    pub released: Amount,
     pub state: ReservationState,
     /// Unix ms; `None` = no expiry.
     pub expires_at_ms: Option<i64>,
@@ -197,8 +197,8 @@ impl Reservation {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 pub struct CashBalance {
     pub currency: Currency,
-    pub available: Decimal,
-    pub reserved: Decimal,
+    pub available: Amount,
+    pub reserved: Amount,
 }
 
 /// A holding. Cost basis is the exact total cost of what is held (negative for a
@@ -206,10 +206,10 @@ pub struct CashBalance {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Position {
     pub symbol: Symbol,
-    pub quantity: Decimal,
-    pub reserved_quantity: Decimal,
-    pub cost_basis: Decimal,
-    pub realized_pnl: Decimal,
+    pub quantity: Amount,
+    pub reserved_quantity: Amount,
+    pub cost_basis: Amount,
+    pub realized_pnl: Amount,
     /// Settlement currency, fixed by the first fill.
     pub currency: Currency,
 }
@@ -219,24 +219,26 @@ impl Position {
     pub fn flat(symbol: Symbol, currency: Currency) -> Position {
         Position {
             symbol,
-            quantity: Decimal::ZERO,
-            reserved_quantity: Decimal::ZERO,
-            cost_basis: Decimal::ZERO,
-            realized_pnl: Decimal::ZERO,
+            quantity: Amount::ZERO,
+            reserved_quantity: Amount::ZERO,
+            cost_basis: Amount::ZERO,
+            realized_pnl: Amount::ZERO,
             currency,
         }
     }
 
     /// `cost_basis / quantity`, half-even to 8 fractional digits; 0 when flat.
+    /// For readers (exact `Decimal` division, then one rounding), never kept.
     pub fn average_price(&self) -> Decimal {
         if self.quantity.is_zero() {
             return Decimal::ZERO;
         }
-        crate::domain::amount::round(self.cost_basis / self.quantity)
+        let quotient = self.cost_basis.to_decimal() / self.quantity.to_decimal();
+        crate::domain::amount::round(quotient)
     }
 
     /// Shares not locked by an open sell reservation.
-    pub fn free_quantity(&self) -> Decimal {
+    pub fn free_quantity(&self) -> Amount {
         self.quantity - self.reserved_quantity
     }
 }
@@ -308,11 +310,10 @@ impl Account {
     /// Whether the balance or position in `asset` is negative (see
     /// [`Account::computes_overdrawn`]).
     pub fn is_negative_in(&self, asset: crate::domain::Asset) -> bool {
-        self.cash(asset)
-            .is_some_and(|b| b.available.is_sign_negative() && !b.available.is_zero())
+        self.cash(asset).is_some_and(|b| b.available.is_negative())
             || self
                 .position(asset)
-                .is_some_and(|p| p.free_quantity() < Decimal::ZERO)
+                .is_some_and(|p| p.free_quantity().is_negative())
     }
 
     /// The balance in `currency`, created at zero if absent.
@@ -322,8 +323,8 @@ impl Account {
             None => {
                 self.cash.push(CashBalance {
                     currency,
-                    available: Decimal::ZERO,
-                    reserved: Decimal::ZERO,
+                    available: Amount::ZERO,
+                    reserved: Amount::ZERO,
                 });
                 self.cash.len() - 1
             }
@@ -345,13 +346,11 @@ impl Account {
 
     /// Negative available cash, or fewer shares than are locked (an oversell).
     pub fn computes_overdrawn(&self) -> bool {
-        self.cash
-            .iter()
-            .any(|b| b.available.is_sign_negative() && !b.available.is_zero())
+        self.cash.iter().any(|b| b.available.is_negative())
             || self
                 .positions
                 .iter()
-                .any(|p| p.free_quantity() < Decimal::ZERO)
+                .any(|p| p.free_quantity().is_negative())
     }
 
     /// Closing needs every balance, position and reservation at zero.
@@ -408,9 +407,9 @@ pub struct Event {
     pub account_id: AccountId,
     pub order_id: Option<Id>,
     pub asset: Option<Asset>,
-    pub amount: Decimal,
-    pub available_after: Decimal,
-    pub reserved_after: Decimal,
+    pub amount: Amount,
+    pub available_after: Amount,
+    pub reserved_after: Amount,
     pub reason: Id,
 }
 

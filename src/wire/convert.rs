@@ -93,10 +93,10 @@ pub fn reservation(r: &ReservationView) -> pb::Reservation {
         order_id: r.order_id.as_str().to_owned(),
         kind: kind(r.kind) as i32,
         asset: r.asset.as_str().to_owned(),
-        amount: format(r.amount),
-        remaining: format(r.remaining),
-        consumed: format(r.consumed),
-        released: format(r.released),
+        amount: r.amount.to_string(),
+        remaining: r.remaining.to_string(),
+        consumed: r.consumed.to_string(),
+        released: r.released.to_string(),
         state: reservation_state(r.state) as i32,
         expires_at_ms: r.expires_at_ms.unwrap_or(0),
         sequence: r.sequence,
@@ -113,8 +113,8 @@ pub fn account(a: &AccountView) -> pb::Account {
             .iter()
             .map(|b| pb::CashBalance {
                 currency: b.currency.as_str().to_owned(),
-                available: format(b.available),
-                reserved: format(b.reserved),
+                available: b.available.to_string(),
+                reserved: b.reserved.to_string(),
             })
             .collect(),
         positions: a
@@ -122,11 +122,11 @@ pub fn account(a: &AccountView) -> pb::Account {
             .iter()
             .map(|p| pb::Position {
                 symbol: p.symbol.as_str().to_owned(),
-                quantity: format(p.quantity),
-                reserved_quantity: format(p.reserved_quantity),
-                cost_basis: format(p.cost_basis),
+                quantity: p.quantity.to_string(),
+                reserved_quantity: p.reserved_quantity.to_string(),
+                cost_basis: p.cost_basis.to_string(),
                 average_price: format(p.average_price),
-                realized_pnl: format(p.realized_pnl),
+                realized_pnl: p.realized_pnl.to_string(),
                 currency: p.currency.as_str().to_owned(),
             })
             .collect(),

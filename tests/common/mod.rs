@@ -31,6 +31,11 @@ pub fn d(s: &str) -> Decimal {
     Decimal::from_str(s).unwrap()
 }
 
+/// An amount as the state keeps it.
+pub fn kept(s: &str) -> Amount {
+    Amount::of(d(s)).unwrap()
+}
+
 pub fn id(s: &str) -> Id {
     Id::new(s).unwrap()
 }
@@ -98,8 +103,8 @@ impl Harness {
             .state
             .account(AccountId(account))
             .and_then(|a| a.cash(usd()))
-            .map_or(Decimal::ZERO, |b| b.available);
-        if available > Decimal::ZERO {
+            .map_or(Amount::ZERO, |b| b.available);
+        if available.is_positive() {
             let key = format!("withdraw-all-{}", self.state.last_sequence());
             self.run(withdraw(&key, account, usd(), &available.to_string()));
         }
