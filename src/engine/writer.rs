@@ -15,8 +15,8 @@
 
 use super::view::{AccountView, ReservationView};
 use super::{
-    codec, now_ms, CommandReply, Durability, EngineConfig, EngineError, Phase, PhaseCell, Query,
-    Reply, Request, RequestKind, Want,
+    codec, now_ms, CommandReply, Durability, EngineConfig, EngineError, Phase, PhaseCell,
+    Preparation, Query, Reply, Request, RequestKind, Want,
 };
 use crate::domain::Command;
 use crate::egress::Collector;
@@ -377,16 +377,17 @@ impl Writer {
         let now = now_ms();
         // 2. Journal + apply each command; hold its reply.
         let mut batch = std::mem::take(&mut self.batch);
-        // Single commands are prepared (and prefetched for) a few requests
-        // ahead, each once; a batch entry's commands by their own lookahead.
+        // Single commands are prefetched for a few requests ahead; a batch
+        // entry's commands a few commands ahead. Each was prepared by the
+        // thread that submitted it (else here, once).
         let mut ahead = Lookahead::default();
         for request in batch.iter().take(PREFETCH_AHEAD) {
-            ahead.push(&self.state, request.kind.command());
+            ahead.push_prepared(&self.state, single_prepared(request));
         }
         let mut requests = batch.drain(..);
         while let Some(request) = requests.next() {
             if let Some(next) = requests.as_slice().get(PREFETCH_AHEAD - 1) {
-                ahead.push(&self.state, next.kind.command());
+                ahead.push_prepared(&self.state, single_prepared(next));
             }
             let prepared = ahead.pop();
             if let Some(trace) = &request.trace {
@@ -400,11 +401,19 @@ impl Writer {
                     Reply::Command(self.command_reply(&command, outcome, want))
                 }
                 RequestKind::Batch(commands, want) => {
+                    let prepared = match request.prepared {
+                        Preparation::Many(prepared) if prepared.len() == commands.len() => prepared,
+                        _ => commands.iter().map(Prepared::of).collect(),
+                    };
+                    for ahead in prepared.iter().take(PREFETCH_AHEAD) {
+                        self.state.prefetch(ahead);
+                    }
                     let mut replies = Vec::with_capacity(commands.len());
-                    let mut ahead = Lookahead::start(&self.state, &commands);
-                    for (i, command) in commands.iter().enumerate() {
-                        let prepared = ahead.next(&self.state, &commands, i);
-                        let outcome = self.execute(command, &prepared, now)?;
+                    for (i, (command, prepared_i)) in commands.iter().zip(&prepared).enumerate() {
+                        if let Some(ahead) = prepared.get(i + PREFETCH_AHEAD) {
+                            self.state.prefetch(ahead);
+                        }
+                        let outcome = self.execute(command, prepared_i, now)?;
                         replies.push(self.command_reply(command, outcome, want));
                     }
                     Reply::Batch(replies)
@@ -701,6 +710,16 @@ pub(crate) fn query(state: &State, query: Query) -> Reply {
 }
 
 /// Moves requests from `rx` into `batch` until it holds `up_to` or `rx` is empty.
+/// A single command's [`Prepared`]: the submitter's, or made here. `None`
+/// for any other request.
+fn single_prepared(request: &Request) -> Option<Prepared> {
+    match (&request.kind, &request.prepared) {
+        (RequestKind::Command(_, _), Preparation::One(prepared)) => Some(*prepared),
+        (RequestKind::Command(command, _), _) => Some(Prepared::of(command)),
+        _ => None,
+    }
+}
+
 fn take(rx: &Receiver<Request>, batch: &mut Vec<Request>, up_to: usize) {
     while batch.len() < up_to {
         match rx.try_recv() {
@@ -785,6 +804,7 @@ mod tests {
             let kind = RequestKind::Query(Query::Account(AccountId(id)));
             lane.send(Request {
                 kind,
+                prepared: Preparation::None,
                 reply,
                 trace: None,
             })
@@ -836,11 +856,18 @@ mod tests {
             turn += 1;
         }
         let mut replies = Vec::new();
-        for kind in kinds {
+        for (i, kind) in kinds.into_iter().enumerate() {
             let (reply, answer) = tokio::sync::oneshot::channel();
+            // Every other request prepared by its submitter, as the
+            // engine's handle does; the others by the writer.
+            let prepared = match i % 2 {
+                0 => Preparation::of(&kind),
+                _ => Preparation::None,
+            };
             clients
                 .send(Request {
                     kind,
+                    prepared,
                     reply,
                     trace: None,
                 })

@@ -52,9 +52,11 @@ pub const PREFETCH_AHEAD: usize = 4;
 
 /// What applying a command needs that depends on the command alone: the
 /// hashes of its idempotency key and of its order's reservation, and its
-/// fingerprint. Computed once per command — by the loop that prefetches for
-/// it ([`Lookahead`]), or on the replay's reading thread — and handed to
-/// [`State::apply_prepared`], so no command is hashed twice on the writer.
+/// fingerprint. Computed once per command, off the thread that applies it
+/// where there is one — by the ingress thread that submits it (the
+/// engine's `Preparation`), on the replay's reading thread — or else by the
+/// loop that prefetches for it ([`Lookahead`]), and handed to
+/// [`State::apply_prepared`], so no command is hashed twice.
 /// The default prepares nothing (what a command without a key gets).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Prepared {
@@ -139,11 +141,14 @@ impl Lookahead {
     /// Queues the next item of the run: its command prepared and prefetched
     /// for, or `None` for an item that is not a command.
     pub fn push(&mut self, state: &State, command: Option<&Command>) {
-        let prepared = command.map(|command| {
-            let prepared = Prepared::of(command);
-            state.prefetch(&prepared);
-            prepared
-        });
+        self.push_prepared(state, command.map(Prepared::of));
+    }
+
+    /// [`Lookahead::push`] of an item already prepared (or not a command).
+    pub fn push_prepared(&mut self, state: &State, prepared: Option<Prepared>) {
+        if let Some(prepared) = &prepared {
+            state.prefetch(prepared);
+        }
         self.ring.push_back(prepared);
     }
 
