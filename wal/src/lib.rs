@@ -23,8 +23,9 @@
 //!   of zeros are skipped, not decoded).
 //! * **Roll-over.** A record that does not fit starts a new segment, after the
 //!   old one's tail is written and synced. The next segment file is
-//!   preallocated (zero-filled, synced) by a background thread ahead of time,
-//!   so a roll-over costs a rename, not 64 MiB of writes.
+//!   preallocated (its blocks allocated with `fallocate`, reading as zeros,
+//!   nothing written; synced) by a background thread ahead of time, so a
+//!   roll-over costs a rename, not 64 MiB of writes.
 //! * **Identity.** Each log has a random 128-bit id ([`Wal::log_id`]) in every
 //!   segment header and in `LOG_ID`; a segment of another log is refused.
 //! * **Failures are fatal.** Once a write, sync, rename or directory sync of

@@ -1,4 +1,4 @@
-//! Segment files: creation (preallocated, zero-filled, then renamed into place),
+//! Segment files: creation (preallocated, reading as zeros, then renamed into place),
 //! validation on open, and the writable mapping of the active segment.
 
 use crate::error::{io, IoOp, WalError};
