@@ -4,7 +4,7 @@
 mod common;
 
 use account_service::domain::*;
-use account_service::state_machine::{Lookahead, NoEvents, Outcome, ResultCode, StateConfig};
+use account_service::state_machine::{NoEvents, Outcome, Prepared, ResultCode, StateConfig};
 use common::strategies::*;
 use common::*;
 use proptest::prelude::*;
@@ -119,8 +119,9 @@ proptest! {
     }
 
     /// The writer's and the replay's loop — commands prepared (hashed,
-    /// fingerprinted) a few places ahead of the one applied, then applied
-    /// with what was prepared — decides every command as `apply` does alone.
+    /// fingerprinted) before their turn, prefetched for a few places ahead
+    /// of the one applied, then applied with what was prepared — decides
+    /// every command as `apply` does alone.
     #[test]
     fn prepared_ahead_same_outcomes_same_state(steps in steps()) {
         let config = StateConfig { idempotency_window_ms: 4_000, tick_work_max: 3 };
@@ -138,11 +139,11 @@ proptest! {
         // through one lookahead (as one queue entry or one replay chunk).
         let mut run: Vec<Command> = Vec::new();
         let mut apply_run = |h: &mut Harness, run: &mut Vec<Command>| {
-            let mut lookahead = Lookahead::start(&h.state, run);
+            let prepared: Vec<Prepared> = run.iter().map(Prepared::of).collect();
             for (i, c) in run.iter().enumerate() {
-                let prepared = lookahead.next(&h.state, run, i);
+                h.state.prefetch_ahead(&prepared, i);
                 let seq = h.state.last_sequence() + 1;
-                got.push(h.state.apply_prepared(c, &prepared, seq, h.now_ms, &mut NoEvents));
+                got.push(h.state.apply_prepared(c, &prepared[i], seq, h.now_ms, &mut NoEvents));
             }
             run.clear();
         };

@@ -141,7 +141,7 @@ fn buy_fill_consumes_reservation_and_builds_position() {
     assert_eq!(cash(&h, 1), (d("8990"), d("12")));
     let p = position(&h, 1, "ACME");
     assert_eq!((p.quantity, p.cost_basis), (d("10"), d("998")));
-    assert_eq!(p.average_price(), d("99.8"));
+    assert_eq!(p.average_price(), common::d("99.8"));
     // The order ends: the 12 left (fee estimate) comes back.
     let o = h.run(unreserve("u1", 1, "o1", None));
     assert_eq!(o.released, d("12"));

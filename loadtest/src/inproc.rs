@@ -6,9 +6,7 @@ use account_service::domain::*;
 use account_service::engine::{Engine, EngineConfig, Phase, RequestKind, Want};
 use account_service::metrics::Metrics;
 use account_service::snapshot::SnapshotConfig;
-use account_service::state_machine::{
-    Lookahead, NoEvents, Pages, Prepared, State, StateConfig, PREFETCH_AHEAD,
-};
+use account_service::state_machine::{NoEvents, Pages, Prepared, State, StateConfig};
 use account_service::workload;
 use std::time::Instant;
 
@@ -69,17 +67,10 @@ pub fn engine(
         prepared.extend(chunk.iter().map(Prepared::of));
         preparing += started.elapsed();
         let started = Instant::now();
-        let mut ahead = Lookahead::default();
-        for p in prepared.iter().take(PREFETCH_AHEAD) {
-            ahead.push_prepared(&state, Some(*p));
-        }
         for (i, c) in chunk.iter().enumerate() {
-            if let Some(p) = prepared.get(i + PREFETCH_AHEAD) {
-                ahead.push_prepared(&state, Some(*p));
-            }
-            let prepared = ahead.pop().expect("every command is prepared");
+            state.prefetch_ahead(&prepared, i);
             let seq = state.last_sequence() + 1;
-            state.apply_prepared(c, &prepared, seq, now, &mut NoEvents);
+            state.apply_prepared(c, &prepared[i], seq, now, &mut NoEvents);
             if (n + i as u64) % 1_000 == 999 {
                 now += 1;
                 apply(&mut state, &Command::Tick, now);

@@ -118,16 +118,6 @@ pub enum RequestKind {
     Query(Query),
 }
 
-impl RequestKind {
-    /// The single command of a [`RequestKind::Command`].
-    pub fn command(&self) -> Option<&Command> {
-        match self {
-            RequestKind::Command(command, _) => Some(command),
-            _ => None,
-        }
-    }
-}
-
 /// The [`Prepared`] of a request's commands, computed by the thread that
 /// submits it (an ingress thread, in parallel with the others), so the
 /// writer only prefetches and probes: hashing and fingerprinting a command

@@ -382,12 +382,12 @@ impl Writer {
         // thread that submitted it (else here, once).
         let mut ahead = Lookahead::default();
         for request in batch.iter().take(PREFETCH_AHEAD) {
-            ahead.push_prepared(&self.state, single_prepared(request));
+            ahead.push(&self.state, single_prepared(request));
         }
         let mut requests = batch.drain(..);
         while let Some(request) = requests.next() {
             if let Some(next) = requests.as_slice().get(PREFETCH_AHEAD - 1) {
-                ahead.push_prepared(&self.state, single_prepared(next));
+                ahead.push(&self.state, single_prepared(next));
             }
             let prepared = ahead.pop();
             if let Some(trace) = &request.trace {
@@ -405,15 +405,10 @@ impl Writer {
                         Preparation::Many(prepared) if prepared.len() == commands.len() => prepared,
                         _ => commands.iter().map(Prepared::of).collect(),
                     };
-                    for ahead in prepared.iter().take(PREFETCH_AHEAD) {
-                        self.state.prefetch(ahead);
-                    }
                     let mut replies = Vec::with_capacity(commands.len());
-                    for (i, (command, prepared_i)) in commands.iter().zip(&prepared).enumerate() {
-                        if let Some(ahead) = prepared.get(i + PREFETCH_AHEAD) {
-                            self.state.prefetch(ahead);
-                        }
-                        let outcome = self.execute(command, prepared_i, now)?;
+                    for (i, command) in commands.iter().enumerate() {
+                        self.state.prefetch_ahead(&prepared, i);
+                        let outcome = self.execute(command, &prepared[i], now)?;
                         replies.push(self.command_reply(command, outcome, want));
                     }
                     Reply::Batch(replies)
@@ -709,7 +704,6 @@ pub(crate) fn query(state: &State, query: Query) -> Reply {
     }
 }
 
-/// Moves requests from `rx` into `batch` until it holds `up_to` or `rx` is empty.
 /// A single command's [`Prepared`]: the submitter's, or made here. `None`
 /// for any other request.
 fn single_prepared(request: &Request) -> Option<Prepared> {
@@ -720,6 +714,7 @@ fn single_prepared(request: &Request) -> Option<Prepared> {
     }
 }
 
+/// Moves requests from `rx` into `batch` until it holds `up_to` or `rx` is empty.
 fn take(rx: &Receiver<Request>, batch: &mut Vec<Request>, up_to: usize) {
     while batch.len() < up_to {
         match rx.try_recv() {

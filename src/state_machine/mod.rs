@@ -55,7 +55,7 @@ pub const PREFETCH_AHEAD: usize = 4;
 /// fingerprint. Computed once per command, off the thread that applies it
 /// where there is one — by the ingress thread that submits it (the
 /// engine's `Preparation`), on the replay's reading thread — or else by the
-/// loop that prefetches for it ([`Lookahead`]), and handed to
+/// writer as it queues the command for prefetching, and handed to
 /// [`State::apply_prepared`], so no command is hashed twice.
 /// The default prepares nothing (what a command without a key gets).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -96,21 +96,11 @@ impl Prepared {
     }
 }
 
-/// Prepares the commands of a run [`PREFETCH_AHEAD`] places ahead of the
-/// one being applied, prefetching for each as it is prepared, and hands each
-/// its [`Prepared`] when its turn comes:
-///
-/// ```text
-/// let mut ahead = Lookahead::start(&state, &commands);
-/// for i in 0..commands.len() {
-///     let prepared = ahead.next(&state, &commands, i);
-///     state.apply_prepared(&commands[i], &prepared, ...);
-/// }
-/// ```
-///
-/// A run of items some of which are not commands (the writer's queue
-/// entries: reads, batches) uses [`Lookahead::push`] and [`Lookahead::pop`]
-/// directly, one push per item, in order.
+/// Prefetches for a run of items some of which are not commands (the
+/// writer's queue entries: reads, batches) [`PREFETCH_AHEAD`] items ahead of
+/// the one being applied: one [`Lookahead::push`] per item, in order, and a
+/// [`Lookahead::pop`] when its turn comes. A run of commands alone, all
+/// prepared, uses [`State::prefetch_ahead`].
 #[derive(Default)]
 pub struct Lookahead {
     /// One entry per item pushed and not yet popped; `None` for an item
@@ -119,33 +109,9 @@ pub struct Lookahead {
 }
 
 impl Lookahead {
-    /// Prepares (and prefetches for) the first commands of `commands`.
-    pub fn start(state: &State, commands: &[Command]) -> Lookahead {
-        let mut ahead = Lookahead::default();
-        for command in commands.iter().take(PREFETCH_AHEAD) {
-            ahead.push(state, Some(command));
-        }
-        ahead
-    }
-
-    /// `commands[i]`'s [`Prepared`], after preparing the one
-    /// [`PREFETCH_AHEAD`] places further. Called for `i` = 0, 1, 2, ... in
-    /// turn, with the slice given to [`Lookahead::start`].
-    pub fn next(&mut self, state: &State, commands: &[Command], i: usize) -> Prepared {
-        if let Some(ahead) = commands.get(i + PREFETCH_AHEAD) {
-            self.push(state, Some(ahead));
-        }
-        self.pop().unwrap_or_else(|| Prepared::of(&commands[i]))
-    }
-
-    /// Queues the next item of the run: its command prepared and prefetched
-    /// for, or `None` for an item that is not a command.
-    pub fn push(&mut self, state: &State, command: Option<&Command>) {
-        self.push_prepared(state, command.map(Prepared::of));
-    }
-
-    /// [`Lookahead::push`] of an item already prepared (or not a command).
-    pub fn push_prepared(&mut self, state: &State, prepared: Option<Prepared>) {
+    /// Queues the next item of the run: its command's [`Prepared`],
+    /// prefetched for, or `None` for an item that is not a command.
+    pub fn push(&mut self, state: &State, prepared: Option<Prepared>) {
         if let Some(prepared) = &prepared {
             state.prefetch(prepared);
         }
@@ -315,13 +281,34 @@ impl State {
     /// changes nothing. A loop over a batch calls it for the command
     /// [`PREFETCH_AHEAD`] places ahead of the one it applies, so that the
     /// cache misses of several commands overlap instead of following one
-    /// another ([`Lookahead`] does both).
+    /// another ([`State::prefetch_ahead`], [`Lookahead`]).
     pub fn prefetch(&self, prepared: &Prepared) {
         if let Some(key) = prepared.key {
             self.idempotency.prefetch(key);
         }
         if let Some(reservation) = prepared.reservation {
             self.reservations.prefetch(reservation);
+        }
+    }
+
+    /// For a loop that applies `prepared[i]` for `i` = 0, 1, 2, ... in
+    /// turn: [`State::prefetch`] for the command [`PREFETCH_AHEAD`] places
+    /// further (at `i` = 0, for the first ones too).
+    ///
+    /// ```text
+    /// for (i, command) in commands.iter().enumerate() {
+    ///     state.prefetch_ahead(&prepared, i);
+    ///     state.apply_prepared(command, &prepared[i], ...);
+    /// }
+    /// ```
+    pub fn prefetch_ahead(&self, prepared: &[Prepared], i: usize) {
+        if i == 0 {
+            for first in prepared.iter().take(PREFETCH_AHEAD) {
+                self.prefetch(first);
+            }
+        }
+        if let Some(ahead) = prepared.get(i + PREFETCH_AHEAD) {
+            self.prefetch(ahead);
         }
     }
 

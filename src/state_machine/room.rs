@@ -109,7 +109,7 @@ const POPULATE_STRIDE_BYTES: usize = 2 << 20;
 /// decoded will add before the applying thread writes them. The applying
 /// thread then takes no page faults there (the kernel's zeroing of fresh
 /// pages cost a replay into growing tables about a third of its time).
-/// Changes no memory's contents ([`populate`]): a wrong count costs only
+/// Changes no memory's contents (`room::populate`): a wrong count costs only
 /// time.
 #[derive(Debug)]
 pub struct Populating {
