@@ -55,6 +55,7 @@ pub fn engine(
     }
     let mut timed = std::time::Duration::ZERO;
     let mut preparing = std::time::Duration::ZERO;
+    let mut ticking = std::time::Duration::ZERO;
     let mut n = 0;
     // One buffer for every chunk: its pages are faulted in once, untimed.
     let mut chunk: Vec<Command> = Vec::with_capacity(CHUNK);
@@ -73,7 +74,9 @@ pub fn engine(
             state.apply_prepared(c, &prepared[i], seq, now, &mut NoEvents);
             if (n + i as u64) % 1_000 == 999 {
                 now += 1;
+                let pruning = Instant::now();
                 apply(&mut state, &Command::Tick, now);
+                ticking += pruning.elapsed();
             }
         }
         timed += started.elapsed();
@@ -89,6 +92,7 @@ pub fn engine(
         "commands_per_s": (commands as f64 / timed.as_secs_f64()).round(),
         "ns_per_command": (timed.as_nanos() as f64 / commands as f64).round(),
         "preparing_ns_per_command": (preparing.as_nanos() as f64 / commands as f64).round(),
+        "ticks_ns_per_command": (ticking.as_nanos() as f64 / commands as f64).round(),
         "with_preparation_commands_per_s":
             (commands as f64 / (timed + preparing).as_secs_f64()).round(),
     })

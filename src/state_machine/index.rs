@@ -72,11 +72,16 @@ impl Index {
         tag as usize & self.mask()
     }
 
-    /// Starts loading the slot `hash` is probed from into the cache.
+    /// Starts loading the slot `hash` is probed from into the cache, and
+    /// the slot after it: a removal always reads it (to know whether to
+    /// shift it back), as does a probe past an occupied home, and for one
+    /// home in four it lies on the next line — a miss that, not prefetched,
+    /// was most of the time a prune spent.
     #[inline]
     pub fn prefetch(&self, hash: u64) {
-        let slot = &self.slots[self.home(tag(hash))];
-        prefetch(slot as *const Slot);
+        let home = self.home(tag(hash));
+        prefetch(&self.slots[home] as *const Slot);
+        prefetch(&self.slots[(home + 1) & self.mask()] as *const Slot);
     }
 
     /// The value of the entry with `hash` for which `is_key(value)` holds;

@@ -13,41 +13,57 @@
 //! unrelated keys at no extra hashing cost. The full key is kept in the ring
 //! and compared on lookup, so two keys with the same hash are still two keys.
 
-use super::index::Index;
+use super::index::{prefetch, Index};
 use super::room::{Pages, Populating};
-use super::IdempotencyEntry;
+use super::{IdempotencyEntry, Outcome};
 use crate::domain::{Id, IdempotencyKey, KeySpace};
 use std::collections::VecDeque;
 
 /// The ring's bytes per key.
 const RECORD_BYTES: usize = std::mem::size_of::<Record>();
 
+/// A key as the ring holds it: what pruning reads of it — the hash, to find
+/// its index slot, and when it was recorded — first, in 16 bytes, so a prune
+/// reads one line of the record (written a window ago, no longer cached),
+/// not two.
+#[repr(C)]
 #[derive(Clone, Copy, Debug)]
 struct Record {
     hash: u64,
+    recorded_at_ms: i64,
+    fingerprint: u64,
+    outcome: Outcome,
     key: IdempotencyKey,
-    entry: IdempotencyEntry,
+}
+
+impl Record {
+    fn entry(&self) -> IdempotencyEntry {
+        IdempotencyEntry {
+            fingerprint: self.fingerprint,
+            outcome: self.outcome,
+            recorded_at_ms: self.recorded_at_ms,
+        }
+    }
 }
 
 /// A key's hash, computed once per command for both the lookup and the insert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyHash(u64);
 
-/// How far ahead of the key it removes pruning prefetches: enough misses in
-/// flight to overlap, few enough that the lines are still cached when used.
-const PRUNE_PREFETCH_AHEAD: usize = 8;
+/// How far ahead of the key it removes pruning prefetches its index slot
+/// (twice as far, the record's head): enough misses in flight to overlap,
+/// few enough that the lines are still cached when used.
+const PRUNE_PREFETCH_AHEAD: usize = 32;
 
 /// Fills room made ahead in the ring; never read.
 const PLACEHOLDER: Record = Record {
     hash: 0,
+    recorded_at_ms: 0,
+    fingerprint: 0,
+    outcome: Outcome::new(super::ResultCode::Ok, 0),
     key: IdempotencyKey {
         space: KeySpace::Requests,
         id: Id::EMPTY,
-    },
-    entry: IdempotencyEntry {
-        fingerprint: 0,
-        outcome: super::Outcome::new(super::ResultCode::Ok, 0),
-        recorded_at_ms: 0,
     },
 };
 
@@ -86,18 +102,18 @@ impl KeyTable {
         self.positions.prefetch(hash.0);
     }
 
-    pub fn get(&self, key: &IdempotencyKey) -> Option<&IdempotencyEntry> {
+    pub fn get(&self, key: &IdempotencyKey) -> Option<IdempotencyEntry> {
         self.get_hashed(KeyTable::hash(key), key)
     }
 
     /// [`KeyTable::get`] with the key's hash already computed.
-    pub fn get_hashed(&self, hash: KeyHash, key: &IdempotencyKey) -> Option<&IdempotencyEntry> {
+    pub fn get_hashed(&self, hash: KeyHash, key: &IdempotencyKey) -> Option<IdempotencyEntry> {
         debug_assert_eq!(hash, KeyTable::hash(key));
         let position = self
             .positions
             .find(hash.0, |position| self.record(position).key == *key)
             .ok()?;
-        Some(&self.record(position).entry)
+        Some(self.record(position).entry())
     }
 
     fn record(&self, position: u64) -> &Record {
@@ -115,10 +131,16 @@ impl KeyTable {
         debug_assert!(self
             .ring
             .back()
-            .is_none_or(|r| r.entry.recorded_at_ms <= entry.recorded_at_ms));
+            .is_none_or(|r| r.recorded_at_ms <= entry.recorded_at_ms));
         let hash = hash.0;
         self.positions.insert(hash, self.end());
-        self.ring.push_back(Record { hash, key, entry });
+        self.ring.push_back(Record {
+            hash,
+            recorded_at_ms: entry.recorded_at_ms,
+            fingerprint: entry.fingerprint,
+            outcome: entry.outcome,
+            key,
+        });
     }
 
     /// Keys in the window.
@@ -133,15 +155,23 @@ impl KeyTable {
 
     /// Recording time of the oldest key.
     pub fn oldest_ms(&self) -> Option<i64> {
-        self.ring.front().map(|r| r.entry.recorded_at_ms)
+        self.ring.front().map(|r| r.recorded_at_ms)
     }
 
     /// Forgets the oldest key.
     pub fn pop_oldest(&mut self) {
+        // Two steps ahead: the heads of the records further on (the hash
+        // and time pruning reads, 16 bytes that may straddle two lines),
+        // then the index slots of the nearer ones, whose hashes they hold.
+        if let Some(far) = self.ring.get(2 * PRUNE_PREFETCH_AHEAD) {
+            let head = far as *const Record as *const u8;
+            prefetch(head);
+            prefetch(head.wrapping_add(15));
+        }
         if let Some(ahead) = self.ring.get(PRUNE_PREFETCH_AHEAD) {
             self.positions.prefetch(ahead.hash);
         }
-        // Only the hash is read: the record (~170 bytes) is not moved out.
+        // Only the head is read: the record (~170 bytes) is not moved out.
         let Some(hash) = self.ring.front().map(|r| r.hash) else {
             return;
         };
@@ -165,13 +195,13 @@ impl KeyTable {
     pub fn since(
         &self,
         from: u64,
-    ) -> impl Iterator<Item = (u64, &IdempotencyKey, &IdempotencyEntry)> {
+    ) -> impl Iterator<Item = (u64, &IdempotencyKey, IdempotencyEntry)> {
         let skip = from.saturating_sub(self.base) as usize;
         self.ring
             .iter()
             .enumerate()
             .skip(skip)
-            .map(move |(i, r)| (self.base + i as u64, &r.key, &r.entry))
+            .map(move |(i, r)| (self.base + i as u64, &r.key, r.entry()))
     }
 
     /// A table holding `keys` (sorted by position, contiguous from `base`).
@@ -188,8 +218,8 @@ impl KeyTable {
         table
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&IdempotencyKey, &IdempotencyEntry)> {
-        self.ring.iter().map(|r| (&r.key, &r.entry))
+    pub fn iter(&self) -> impl Iterator<Item = (&IdempotencyKey, IdempotencyEntry)> {
+        self.ring.iter().map(|r| (&r.key, r.entry()))
     }
 
     /// Index and ring agree (the invariant checker's view).

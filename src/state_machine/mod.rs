@@ -43,7 +43,7 @@ struct Closed {
 }
 
 /// How far ahead of the closed reservation it removes pruning prefetches.
-const PRUNE_PREFETCH_AHEAD: usize = 8;
+const PRUNE_PREFETCH_AHEAD: usize = 32;
 
 /// How many commands ahead of the one it applies a batch loop calls
 /// [`State::prefetch`]: enough to overlap a few misses, near enough that the
@@ -221,9 +221,7 @@ impl State {
     }
 
     /// Keys in their window, oldest first.
-    pub fn idempotency_entries(
-        &self,
-    ) -> impl Iterator<Item = (&IdempotencyKey, &IdempotencyEntry)> {
+    pub fn idempotency_entries(&self) -> impl Iterator<Item = (&IdempotencyKey, IdempotencyEntry)> {
         self.idempotency.iter()
     }
 
@@ -996,9 +994,14 @@ impl State {
                 self.reservations.prefetch_filed(ahead.filed);
             }
             self.closed.pop_front();
-            let removed = self.reservations.remove(filed);
+            let removed = self.reservations.filed(filed);
             debug_assert!(removed.state != ReservationState::Open);
-            self.mark_removed(removed.key(), removed.sequence);
+            if self.dirty.enabled {
+                // Only what a snapshot needs is read of the row.
+                let (key, sequence) = (removed.key(), removed.sequence);
+                self.mark_removed(key, sequence);
+            }
+            self.reservations.remove(filed);
         }
     }
 }

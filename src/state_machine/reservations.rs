@@ -74,10 +74,19 @@ impl Reservations {
     }
 
     /// Starts loading the index slot of a reservation about to be pruned and
-    /// its row (which the next Reserve reuses).
+    /// its row, every line of it: the next Reserve reuses the row.
     pub fn prefetch_filed(&self, filed: Filed) {
         self.index.prefetch(filed.hash);
-        prefetch(&self.rows[filed.row.0 as usize] as *const Option<Reservation>);
+        let row = &self.rows[filed.row.0 as usize] as *const Option<Reservation> as *const u8;
+        for offset in (0..ROW_BYTES).step_by(64) {
+            prefetch(row.wrapping_add(offset));
+        }
+        prefetch(row.wrapping_add(ROW_BYTES - 1));
+    }
+
+    /// The reservation filed at `filed`.
+    pub fn filed(&self, filed: Filed) -> &Reservation {
+        self.row(u64::from(filed.row.0))
     }
 
     fn row(&self, row: u64) -> &Reservation {
@@ -164,16 +173,16 @@ impl Reservations {
         self.index.capacity()
     }
 
-    /// Removes the reservation filed at `filed`.
-    pub fn remove(&mut self, filed: Filed) -> Reservation {
+    /// Removes the reservation filed at `filed`. Its row is not read, only
+    /// marked free ([`Reservations::filed`] reads it first if need be).
+    pub fn remove(&mut self, filed: Filed) {
         let Filed { hash, row } = filed;
         let removed = self.index.remove(hash, u64::from(row.0));
         assert!(removed, "a filed reservation is in the index");
-        let reservation = self.rows[row.0 as usize]
-            .take()
-            .expect("an indexed row is in use");
+        let slot = &mut self.rows[row.0 as usize];
+        debug_assert!(slot.is_some(), "an indexed row is in use");
+        *slot = None;
         self.free.push(row);
-        reservation
     }
 
     pub fn values(&self) -> impl Iterator<Item = &Reservation> {
@@ -296,12 +305,13 @@ mod tests {
         let (filed, r) = table.get_mut(&reservation(1, "o1").key()).unwrap();
         assert_eq!(filed, a);
         r.remaining = Amount::ZERO;
-        let removed = table.remove(a);
+        let filed = table.filed(a);
         assert_eq!(
-            (removed.key(), removed.remaining),
+            (filed.key(), filed.remaining),
             (reservation(1, "o1").key(), Amount::ZERO)
         );
-        assert!(table.get(&removed.key()).is_none());
+        table.remove(a);
+        assert!(table.get(&reservation(1, "o1").key()).is_none());
         // The freed row is the next one taken.
         let c = table.insert(reservation(3, "o3"));
         assert_eq!(c.row, a.row);

@@ -135,7 +135,7 @@ impl State {
             keys: self
                 .idempotency
                 .since(keys_from)
-                .map(|(p, k, e)| (p, *k, *e))
+                .map(|(p, k, e)| (p, *k, e))
                 .collect(),
             keys_base: self.idempotency.base(),
             offsets: self.offsets().collect(),
@@ -157,7 +157,7 @@ impl State {
             keys: self
                 .idempotency
                 .since(self.idempotency.base())
-                .map(|(p, k, e)| (p, *k, *e))
+                .map(|(p, k, e)| (p, *k, e))
                 .collect(),
             keys_base: self.idempotency.base(),
             offsets: self.offsets().collect(),
