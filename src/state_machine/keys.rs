@@ -55,6 +55,15 @@ pub struct KeyHash(u64);
 /// few enough that the lines are still cached when used.
 const PRUNE_PREFETCH_AHEAD: usize = 32;
 
+/// How many records past the one it writes a key's insert prefetches the
+/// ring's lines, for the record written then: the ring is written in order
+/// through hundreds of megabytes (a window ago those lines held the keys
+/// pruned since), so each record's write first reads its lines — about
+/// three misses a key that, left to the store buffer, stalled the writer
+/// (alternated: 4.26-4.69 M/s without, 5.10-5.52 at 8 ahead; 4 and 16 ahead
+/// the same within the noise).
+const WRITE_PREFETCH_AHEAD: usize = 8;
+
 /// Fills room made ahead in the ring; never read.
 const PLACEHOLDER: Record = Record {
     hash: 0,
@@ -82,6 +91,18 @@ fn hash(key: &IdempotencyKey) -> u64 {
 
 fn hash_parts(space: KeySpace, id: &Id) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(id.as_bytes(), space as u64)
+}
+
+/// Starts loading every line of the record `records` places after `record`
+/// in the ring's memory. Past the end of the allocation (the ring wraps
+/// there) it is a hint about memory that is not the ring's: harmless, a
+/// prefetch never faults nor changes anything.
+fn prefetch_record(record: &Record, records: usize) {
+    let start = (record as *const Record as *const u8).wrapping_add(records * RECORD_BYTES);
+    for offset in (0..RECORD_BYTES).step_by(64) {
+        prefetch(start.wrapping_add(offset));
+    }
+    prefetch(start.wrapping_add(RECORD_BYTES - 1));
 }
 
 impl KeyHash {
@@ -141,6 +162,9 @@ impl KeyTable {
             outcome: entry.outcome,
             key,
         });
+        if let Some(back) = self.ring.back() {
+            prefetch_record(back, WRITE_PREFETCH_AHEAD);
+        }
     }
 
     /// Keys in the window.
