@@ -60,7 +60,7 @@ const PRUNE_PREFETCH_AHEAD: usize = 32;
 /// through hundreds of megabytes (a window ago those lines held the keys
 /// pruned since), so each record's write first reads its lines — about
 /// three misses a key that, left to the store buffer, stalled the writer
-/// (alternated: 4.26-4.69 M/s without, 5.10-5.52 at 8 ahead; 4 and 16 ahead
+/// (alternated: 4.26-4.69 M/s without, 4.88-5.26 at 8 ahead; 4 and 16 ahead
 /// the same within the noise).
 const WRITE_PREFETCH_AHEAD: usize = 8;
 
