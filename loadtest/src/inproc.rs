@@ -30,7 +30,9 @@ fn command(n: u64) -> Command {
 /// apply each command, [`Prepared`] by the threads that submit them, as the
 /// service's ingress does), `with_preparation_commands_per_s` all of it on
 /// one core (hashes and fingerprints too, as this mode measured before the
-/// preparation moved off the writer). A tick every 1,000 commands (1 ms of journaled time) prunes the
+/// preparation moved off the writer), `ticks_ns_per_command` the ticks'
+/// share of the writer's (the pruning; none in the first `window_ms` of
+/// journaled time, while the window fills). A tick every 1,000 commands (1 ms of journaled time) prunes the
 /// idempotency window (`window_ms`: at 1,000, about a million keys). With
 /// `capacity_orders`, room for that many orders is made first, as the
 /// service's `--capacity-orders` does.

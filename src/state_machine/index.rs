@@ -253,6 +253,16 @@ pub struct Vacant {
     tag: u64,
 }
 
+/// Asks the CPU to load every cache line of the `bytes` from `start` (hints:
+/// an address outside any allocation is harmless, a prefetch never faults).
+#[inline(always)]
+pub fn prefetch_lines(start: *const u8, bytes: usize) {
+    for offset in (0..bytes).step_by(64) {
+        prefetch(start.wrapping_add(offset));
+    }
+    prefetch(start.wrapping_add(bytes.saturating_sub(1)));
+}
+
 /// Asks the CPU to load the cache line at `p` (a hint: never faults, changes
 /// nothing observable).
 #[inline(always)]

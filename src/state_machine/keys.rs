@@ -13,7 +13,7 @@
 //! unrelated keys at no extra hashing cost. The full key is kept in the ring
 //! and compared on lookup, so two keys with the same hash are still two keys.
 
-use super::index::{prefetch, Index};
+use super::index::{prefetch_lines, Index};
 use super::room::{Pages, Populating};
 use super::{IdempotencyEntry, Outcome};
 use crate::domain::{Id, IdempotencyKey, KeySpace};
@@ -99,10 +99,7 @@ fn hash_parts(space: KeySpace, id: &Id) -> u64 {
 /// prefetch never faults nor changes anything.
 fn prefetch_record(record: &Record, records: usize) {
     let start = (record as *const Record as *const u8).wrapping_add(records * RECORD_BYTES);
-    for offset in (0..RECORD_BYTES).step_by(64) {
-        prefetch(start.wrapping_add(offset));
-    }
-    prefetch(start.wrapping_add(RECORD_BYTES - 1));
+    prefetch_lines(start, RECORD_BYTES);
 }
 
 impl KeyHash {
@@ -188,9 +185,7 @@ impl KeyTable {
         // and time pruning reads, 16 bytes that may straddle two lines),
         // then the index slots of the nearer ones, whose hashes they hold.
         if let Some(far) = self.ring.get(2 * PRUNE_PREFETCH_AHEAD) {
-            let head = far as *const Record as *const u8;
-            prefetch(head);
-            prefetch(head.wrapping_add(15));
+            prefetch_lines(far as *const Record as *const u8, 16);
         }
         if let Some(ahead) = self.ring.get(PRUNE_PREFETCH_AHEAD) {
             self.positions.prefetch(ahead.hash);

@@ -13,7 +13,7 @@
 //! depends on them, so a state rebuilt from a snapshot may number its rows
 //! differently and still be the same state.
 
-use super::index::{prefetch, Index, Vacant};
+use super::index::{prefetch_lines, Index, Vacant};
 use super::room::{Pages, Populating};
 use super::{Reservation, ReservationKey};
 use crate::domain::{AccountId, Id};
@@ -77,11 +77,8 @@ impl Reservations {
     /// its row, every line of it: the next Reserve reuses the row.
     pub fn prefetch_filed(&self, filed: Filed) {
         self.index.prefetch(filed.hash);
-        let row = &self.rows[filed.row.0 as usize] as *const Option<Reservation> as *const u8;
-        for offset in (0..ROW_BYTES).step_by(64) {
-            prefetch(row.wrapping_add(offset));
-        }
-        prefetch(row.wrapping_add(ROW_BYTES - 1));
+        let row = &self.rows[filed.row.0 as usize] as *const Option<Reservation>;
+        prefetch_lines(row as *const u8, ROW_BYTES);
     }
 
     /// The reservation filed at `filed`.
