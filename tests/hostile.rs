@@ -134,8 +134,13 @@ async fn a_deadline_already_past_is_refused_before_anything_is_journaled() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>()
     };
+    // The call with 1 ns reaches the server, which refuses it. The one with
+    // 50 µs may not: when the client's timer fires first it resets the
+    // stream, and a handler dropped unanswered counts no outcome — so only
+    // the first refusal is certain. Either way nothing may be journaled,
+    // which the checks below hold for both.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while refused() < 2.0 {
+    while refused() < 1.0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the server refused {} calls",
