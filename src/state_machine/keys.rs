@@ -15,7 +15,7 @@
 
 use super::index::{prefetch_lines, Index};
 use super::room::{Pages, Populating};
-use super::{IdempotencyEntry, Outcome};
+use super::{IdempotencyEntry, Outcome, PRUNE_PREFETCH_AHEAD};
 use crate::domain::{Id, IdempotencyKey, KeySpace};
 use std::collections::VecDeque;
 
@@ -49,11 +49,6 @@ impl Record {
 /// A key's hash, computed once per command for both the lookup and the insert.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyHash(u64);
-
-/// How far ahead of the key it removes pruning prefetches its index slot
-/// (twice as far, the record's head): enough misses in flight to overlap,
-/// few enough that the lines are still cached when used.
-const PRUNE_PREFETCH_AHEAD: usize = 32;
 
 /// How many records past the one it writes a key's insert prefetches the
 /// ring's lines, for the record written then: the ring is written in order

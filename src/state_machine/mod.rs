@@ -42,7 +42,10 @@ struct Closed {
     filed: Filed,
 }
 
-/// How far ahead of the closed reservation it removes pruning prefetches.
+/// How far ahead of the key or closed reservation it removes pruning
+/// prefetches its index slot (a key's record head twice as far): enough
+/// misses in flight to overlap, few enough that the lines are still cached
+/// when used.
 const PRUNE_PREFETCH_AHEAD: usize = 32;
 
 /// How many commands ahead of the one it applies a batch loop calls
@@ -997,13 +1000,8 @@ impl State {
                 self.reservations.prefetch_filed(ahead.filed);
             }
             self.closed.pop_front();
-            let removed = self.reservations.filed(filed);
-            debug_assert!(removed.state != ReservationState::Open);
-            if self.dirty.enabled {
-                // Only what a snapshot needs is read of the row.
-                let (key, sequence) = (removed.key(), removed.sequence);
-                self.mark_removed(key, sequence);
-            }
+            debug_assert!(self.reservations.filed(filed).state != ReservationState::Open);
+            self.mark_removed(filed);
             self.reservations.remove(filed);
         }
     }

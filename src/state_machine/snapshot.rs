@@ -94,11 +94,15 @@ impl State {
         }
     }
 
-    /// A closed reservation left the state. `created` is the sequence of its
-    /// Reserve: one created since the last delta never reached the tables,
-    /// and a full delta replaces them anyway, so neither needs a delete.
-    pub(super) fn mark_removed(&mut self, key: ReservationKey, created: u64) {
+    /// The closed reservation filed at `filed` is about to leave the state
+    /// (call it before removing it). Its row is read only while tracking:
+    /// pruning otherwise never reads it. One created (its Reserve's
+    /// sequence) since the last delta never reached the tables, and a full
+    /// delta replaces them anyway, so neither needs a delete.
+    pub(super) fn mark_removed(&mut self, filed: Filed) {
         if self.dirty.enabled {
+            let removed = self.reservations.filed(filed);
+            let (key, created) = (removed.key(), removed.sequence);
             self.dirty.reservations.remove(&key);
             if !self.dirty.full && created <= self.dirty.since {
                 self.dirty.removed.insert(key);
